@@ -1,9 +1,7 @@
 """Sample a grid of images from a DiT (full precision) into one PNG, like upstream's sample.py."""
-import argparse
-
 import torch
 
-from cli import UserError, run
+from cli import ArgumentParser, UserError, run
 from pipeline import add_model_args, build_model, decode, load_vae, make_sampler, sample_inputs, save_grid
 
 
@@ -25,7 +23,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     add_model_args(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--labels", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279],

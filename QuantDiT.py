@@ -1,0 +1,167 @@
+"""Quantize a pretrained DiT with DiTAS (data-free): calibrate, search alphas, fit LoRA, save.
+
+    python QuantDiT.py --image-size 256 --seed 1 --model DiT-XL/2 --act-bit 8 --weight-bit 4 \
+        --num-sampling-steps 100
+
+writes a self-contained checkpoint directory (see quant/checkpoint.py) that
+sample_merge_TAS.py and sample.py load without the FP checkpoint.
+"""
+import argparse
+import os
+import time
+
+import torch
+
+from cli import ArgumentParser, UserError, run
+from config import DEFAULTS, calib_labels
+from pipeline import add_model_args, build_model, decode, load_vae, make_sampler, sample_inputs, save_grid
+from quant.calibrate import QuantConfig, check_layers, quantizable_layers, quantize_dit
+from quant.checkpoint import is_quantized_checkpoint, save_quantized
+
+
+def quant_config_from_args(args):
+    granularity = args.act_granularity or (
+        DEFAULTS.act_granularity_reference if args.scheme == "reference" else DEFAULTS.act_granularity_ditas)
+    smoothing = args.smoothing or ("fixed" if args.alpha is not None else DEFAULTS.smoothing)
+    try:
+        return QuantConfig(
+            scheme=args.scheme, weight_bit=args.weight_bit, act_bit=args.act_bit,
+            group_size=args.group_size or None, act_granularity=granularity, smoothing=smoothing,
+            alpha=DEFAULTS.alpha if args.alpha is None else args.alpha, alpha_step=args.alpha_step,
+            lora_rank=args.lora_rank, lora_iters=args.lora_iters, svd=args.svd,
+            search_steps=args.search_steps if args.search_steps is not None else (
+                DEFAULTS.reference_search_steps if args.scheme == "reference" else None),
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def default_out_dir(args, cfg):
+    """results/<model>-<size>-W<w>A<a>-<scheme>[-ablation...]: one directory per setting."""
+    parts = [args.model.replace("/", "-"), str(args.image_size), f"W{cfg.weight_bit}A{cfg.act_bit}", cfg.scheme]
+    if cfg.smoothing == "none":
+        parts.append("rtn")
+    elif cfg.smoothing == "fixed":
+        parts.append(f"alpha{cfg.alpha:g}")
+    if cfg.lora_rank != DEFAULTS.lora_rank:
+        parts.append(f"r{cfg.lora_rank}")
+    default_gran = DEFAULTS.act_granularity_reference if cfg.scheme == "reference" else DEFAULTS.act_granularity_ditas
+    if cfg.act_granularity != default_gran:
+        parts.append(cfg.act_granularity)
+    return os.path.join(args.results_dir, "-".join(parts))
+
+
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+    return name
+
+
+def main(args):
+    torch.set_grad_enabled(False)
+    cfg = quant_config_from_args(args)
+    out_dir = args.out or default_out_dir(args, cfg)
+    if os.path.exists(out_dir) and not args.overwrite:
+        what = "a quantized checkpoint" if is_quantized_checkpoint(out_dir) else "files"
+        raise UserError(f"{out_dir} already holds {what}; pass --overwrite to replace it or choose --out")
+    labels = args.calib_labels or calib_labels(args.num_classes)
+    args.preview_labels = args.preview_labels or labels[:8]
+    device = pick_device(args.device)
+    model = build_model(args)
+    if any(not 0 <= y < args.num_classes for y in labels + args.preview_labels):
+        raise UserError(f"calibration/preview labels must lie in [0, {args.num_classes})")
+    try:
+        check_layers(quantizable_layers(model), cfg)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    vae = load_vae(args.vae, device) if args.preview else None
+    model = model.to(device)
+    torch.manual_seed(args.seed)
+    shape = (model.in_channels, model.x_embedder.img_size, model.x_embedder.img_size)
+    clip = args.vae == "none"
+    calib = make_sampler(model, args.num_sampling_steps, args.calib_cfg_scale, clip_denoised=clip)
+
+    def calibration_loop():
+        # the same fixed noise batch every pass: the FP trajectory is identical each time
+        gens, y, z = sample_inputs(args.seed, range(len(labels)), args.num_classes, shape, labels)
+        calib(z, y, gens, progress=True)
+
+    print(f"calibrating {args.model} ({len(labels)} labels, cfg {args.calib_cfg_scale}, "
+          f"{args.num_sampling_steps} steps); {cfg}")
+    t0 = time.time()
+    preview = None
+    if args.preview:
+        # FP preview before the layers are swapped: the quantized one below uses the same noise
+        sampler = make_sampler(model, args.num_sampling_steps, args.cfg_scale, clip_denoised=clip)
+        gens, y, z = sample_inputs(args.seed, range(len(args.preview_labels)), args.num_classes, shape,
+                                   args.preview_labels)
+        preview = [decode(vae, sampler(z, y, gens, progress=True))]
+    report = quantize_dit(model, cfg, calibration_loop)
+    if args.preview:
+        t1 = time.time()
+        gens, y, z = sample_inputs(args.seed, range(len(args.preview_labels)), args.num_classes, shape,
+                                   args.preview_labels)
+        preview.append(decode(vae, sampler(z, y, gens, progress=True)))
+        report["timings"]["quantized_preview_s"] = time.time() - t1
+    report["timings"]["total_s"] = time.time() - t0
+
+    meta = {
+        "model": args.model, "image_size": args.image_size, "num_classes": args.num_classes, "vae": args.vae,
+        "in_channels": model.in_channels, "seed": args.seed, "num_sampling_steps": args.num_sampling_steps,
+        "calib_cfg_scale": args.calib_cfg_scale, "calib_labels": labels, "ckpt": args.ckpt,
+        **cfg.to_dict(),
+        "alphas": {name: r["alpha"] for name, r in report["layers"].items()},
+    }
+    extra = {}
+    if preview:
+        grid = torch.cat(preview)
+        extra["samples.png"] = lambda p: save_grid(grid, p, nrow=len(args.preview_labels), upscale=args.upscale)
+    save_quantized(model, meta, report, out_dir, overwrite=args.overwrite, extra_files=extra)
+    errs = [r["output_error"] / max(r["output_error_rtn"], 1e-30) for r in report["layers"].values()]
+    print(f"saved {out_dir} in {report['timings']['total_s']:.0f}s; mean output error vs round-to-nearest: "
+          f"{sum(errs) / len(errs):.3f}x")
+    return out_dir
+
+
+def build_parser():
+    d = DEFAULTS
+    parser = ArgumentParser(description=__doc__)
+    add_model_args(parser, image_size=d.image_size, num_classes=d.num_classes, vae=d.vae, cfg_scale=d.cfg_scale,
+                   steps=d.num_sampling_steps)
+    parser.add_argument("--seed", type=int, default=d.seed, help="calibration / preview noise seed")
+    parser.add_argument("--act-bit", type=int, default=d.act_bit)
+    parser.add_argument("--weight-bit", type=int, default=d.weight_bit)
+    parser.add_argument("--scheme", choices=("ditas", "reference"), default=d.scheme,
+                        help="ditas: deployable integer form (default); reference: the released code's numerics")
+    parser.add_argument("--group-size", type=int, default=d.group_size,
+                        help="ditas weight group size along the input dim; 0 = per output channel")
+    parser.add_argument("--act-granularity", choices=("tensor", "row", "token"), default=None,
+                        help="dynamic activation ranges (default: row for ditas, tensor for reference)")
+    parser.add_argument("--smoothing", choices=("search", "fixed", "none"), default=None,
+                        help="search: layer-wise alpha grid search (default); fixed: --alpha; none: plain RTN")
+    parser.add_argument("--alpha", type=float, default=None, help="fixed smoothing exponent in [0, 1]")
+    parser.add_argument("--alpha-step", type=float, default=d.alpha_step, help="alpha grid spacing")
+    parser.add_argument("--lora-rank", type=int, default=d.lora_rank, help="0 disables the LoRA branch")
+    parser.add_argument("--lora-iters", type=int, default=d.lora_iters)
+    parser.add_argument("--svd", choices=("full", "lowrank"), default=d.svd)
+    parser.add_argument("--search-steps", type=int, default=None,
+                        help="search loss over the first N steps only (default: all for ditas, 50 for reference)")
+    parser.add_argument("--calib-cfg-scale", type=float, default=d.calib_cfg_scale)
+    parser.add_argument("--calib-labels", type=int, nargs="+", default=None,
+                        help="calibration class labels (default: the released 16 ImageNet labels)")
+    parser.add_argument("--preview-labels", type=int, nargs="+", default=None,
+                        help="preview class labels (default: the first 8 calibration labels)")
+    parser.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True,
+                        help="write samples.png: FP (top) vs quantized (bottom) from the same noise")
+    parser.add_argument("--upscale", type=int, default=1, help="nearest upscaling of preview images")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--results-dir", type=str, default="results")
+    parser.add_argument("--out", type=str, default=None, help="output directory (default: named from the setting)")
+    parser.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+if __name__ == "__main__":
+    run(main, build_parser().parse_args())

@@ -1,0 +1,1 @@
+"""DiTAS post-training quantization: quantizers, smoothing, LoRA fit, alpha search, QuantLinear."""

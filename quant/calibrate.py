@@ -1,0 +1,169 @@
+"""Data-free calibration and quantization of a DiT (METHOD.md sections 2-5, 8).
+
+Every statistic the method needs is a running max or sum over denoising steps, so it is
+accumulated by forward pre-hooks while the full-precision model samples a fixed noise
+batch; no step's activations are kept. Two FP sampling loops, whatever the depth:
+
+    pass 1  TAS statistics: a_j = max over steps and rows of |X_t[:, j]| per layer
+    pass 2  alpha search: every layer's candidates scored on every step's FP input
+
+then every layer is replaced by a QuantLinear built for its chosen alpha.
+"""
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from quant.qlinear import QuantLinear
+from quant.quantizer import ActQuantConfig, WeightQuantConfig
+from quant.search import AlphaSearch, alpha_grid
+from quant.smoothing import RunningAbsMax
+
+# The four linears of every block that DiTAS quantizes (METHOD.md section 1).
+BLOCK_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a DiT: the explicit config object of quantize_dit()."""
+    scheme: str = "ditas"
+    weight_bit: int = 4
+    act_bit: int = 8
+    group_size: int | None = 128      # ditas: None = per output channel; ignored by reference
+    act_granularity: str = "row"
+    smoothing: str = "search"         # search | fixed | none
+    alpha: float = 0.5                # for smoothing == "fixed"
+    alpha_step: float = 0.05
+    lora_rank: int = 32
+    lora_iters: int = 10
+    svd: str = "full"
+    search_steps: int | None = None   # loss over the first N steps only (reference: 50)
+
+    def __post_init__(self):
+        if self.smoothing not in ("search", "fixed", "none"):
+            raise ValueError(f"smoothing must be search, fixed or none, got {self.smoothing!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"the fixed alpha must be in [0, 1], got {self.alpha}")
+        if self.lora_rank < 0 or self.lora_iters < 1:
+            raise ValueError(f"LoRA rank must be >= 0 and iterations >= 1, got {self.lora_rank}, {self.lora_iters}")
+        self.weight_cfg()  # validates bits, scheme, group size
+        self.act_cfg()
+
+    def weight_cfg(self):
+        return WeightQuantConfig(bits=self.weight_bit, group_size=self.group_size, scheme=self.scheme)
+
+    def act_cfg(self):
+        return ActQuantConfig(bits=self.act_bit, granularity=self.act_granularity, scheme=self.scheme)
+
+    def alphas(self):
+        if self.smoothing == "none":
+            return [None]
+        if self.smoothing == "fixed":
+            return [self.alpha]
+        return alpha_grid(self.alpha_step)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def quantizable_layers(model):
+    """{name: nn.Linear} of the four linears of every block, in block order (any depth)."""
+    return {f"blocks.{i}.{n}": block.get_submodule(n) for i, block in enumerate(model.blocks) for n in BLOCK_LAYERS}
+
+
+def check_layers(layers, cfg):
+    """Raise ValueError for a setting that does not fit some layer, before any work is done."""
+    for name, lin in layers.items():
+        out, inp = lin.weight.shape
+        if cfg.scheme == "ditas" and cfg.group_size is not None and inp % cfg.group_size:
+            raise ValueError(f"--group-size {cfg.group_size} does not divide the input width {inp} of {name}")
+        if cfg.scheme == "reference" and out % 32:
+            raise ValueError(f"the reference scheme needs output widths divisible by 32; {name} has {out}")
+        if cfg.lora_rank > min(out, inp):
+            raise ValueError(f"--lora-rank {cfg.lora_rank} exceeds min(in, out) = {min(out, inp)} of {name}")
+
+
+def _pre_hooks(layers, fn):
+    """Register fn(name, x) as a forward pre-hook on each layer (observing only); returns the handles."""
+    def hook(name):
+        def observe(module, inputs):
+            fn(name, inputs[0])  # returning None leaves the input untouched
+        return observe
+    return [lin.register_forward_pre_hook(hook(name)) for name, lin in layers.items()]
+
+
+def run_hooked(layers, fn, loop):
+    """Run loop() with fn(name, x) observing every layer's input; hooks are always removed."""
+    handles = _pre_hooks(layers, fn)
+    try:
+        with torch.no_grad():
+            loop()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def collect_tas(layers, loop):
+    """Pass 1: the temporal-aggregated channel max a_j of every layer's input."""
+    stats = {name: RunningAbsMax() for name in layers}
+    run_hooked(layers, lambda name, x: stats[name].update(x), loop)
+    return {name: s.value for name, s in stats.items()}
+
+
+def quantize_dit(model, cfg, loop, progress=True):
+    """Calibrate on `loop` (a callable running one FP sampling loop of model) and swap in QuantLinears.
+
+    Returns the report: per layer alpha, search losses, weight errors before/after LoRA,
+    output errors (mean squared error per step, and plain round-to-nearest's for reference);
+    and wall time per phase.
+    """
+    layers = quantizable_layers(model)
+    check_layers(layers, cfg)
+    wcfg, acfg = cfg.weight_cfg(), cfg.act_cfg()
+    timings = {}
+
+    t0 = time.time()
+    act_absmax = collect_tas(layers, loop) if cfg.smoothing != "none" else {n: None for n in layers}
+    timings["tas_statistics_s"] = time.time() - t0
+
+    t0 = time.time()
+    alphas = cfg.alphas()
+    searches, baselines = {}, {}
+    for name, lin in tqdm(layers.items(), desc="preparing candidates", disable=not progress, leave=False):
+        searches[name] = AlphaSearch(lin.weight, lin.bias, act_absmax[name], alphas, wcfg, acfg,
+                                     lora_rank=cfg.lora_rank, lora_iters=cfg.lora_iters, svd=cfg.svd,
+                                     max_steps=cfg.search_steps)
+        # plain round-to-nearest on the same inputs: the "before smoothing, before LoRA" error
+        baselines[name] = AlphaSearch(lin.weight, lin.bias, None, [None], wcfg, acfg, lora_rank=0,
+                                      max_steps=cfg.search_steps)
+    timings["prepare_candidates_s"] = time.time() - t0
+
+    t0 = time.time()
+
+    def observe(name, x):
+        searches[name].update(x)
+        baselines[name].update(x)
+
+    run_hooked(layers, observe, loop)
+    timings["alpha_search_s"] = time.time() - t0
+
+    t0 = time.time()
+    report = {}
+    for name in layers:
+        search = searches[name]
+        best = search.best()
+        steps = max(search.steps, 1)
+        report[name] = {
+            "alpha": best.alpha,
+            "search_losses": {str(a): loss / steps for a, loss in zip(search.alphas, search.losses)},
+            "weight_error_before_lora": best.weight_error_rtn,
+            "weight_error_after_lora": best.weight_error_lora,
+            "lora_errors": best.lora_errors,
+            "output_error": search.losses[search.alphas.index(best.alpha)] / steps,
+            "output_error_rtn": baselines[name].losses[0] / max(baselines[name].steps, 1),
+            "search_steps": search.steps,
+        }
+        model.set_submodule(name, QuantLinear.from_search(best, acfg))
+    timings["build_layers_s"] = time.time() - t0
+    return {"layers": report, "timings": timings}

@@ -1,0 +1,50 @@
+"""Temporal-aggregated smoothing (TAS), METHOD.md section 3.
+
+Y = X W^T + b = (X / s) (W diag(s))^T + b for any positive s: dividing the
+activation channels by s moves their outliers into the weight columns.
+s_j = clamp(a_j^alpha / w_j^(1 - alpha), min=1e-4), where a_j is the channel's
+absolute maximum over all calibration steps and w_j the weight column's.
+"""
+import torch
+
+
+def channel_absmax(x):
+    """max |x| over every dim but the last -> (C,) float32."""
+    x = x.detach()
+    return x.abs().amax(dim=tuple(range(x.dim() - 1))).float() if x.dim() > 1 else x.abs().float()
+
+
+def weight_channel_absmax(w):
+    """max_i |W[i, j]| -> (in,) float32."""
+    return w.detach().abs().amax(dim=-2).float()
+
+
+def smoothing_factors(act_absmax, w_absmax, alpha, min_value=1e-4, w_floor=1e-5):
+    """s_j = clamp(a_j^alpha / w_j^(1 - alpha), min=min_value).
+
+    alpha may be a float or a 1-D sequence/tensor of n alphas (result (n, C)).
+    Degenerate channels stay finite: w_j is floored at `w_floor` (as SmoothQuant
+    does), so an all-zero weight column gets a large finite s rather than inf;
+    a_j = 0 gives 0^alpha = 0 (1 at alpha = 0) and hence s_j = min_value, as the
+    released formula does.
+    """
+    a = act_absmax.float()
+    w = w_absmax.float().clamp(min=w_floor)
+    alpha = torch.as_tensor(alpha, dtype=torch.float32, device=a.device)
+    if alpha.dim() == 1:
+        alpha = alpha[:, None]
+    return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=min_value)
+
+
+class RunningAbsMax:
+    """Per-channel max |x| aggregated over calibration steps (the TAS statistic a_j)."""
+
+    def __init__(self):
+        self.value = None
+        self.steps = 0
+
+    def update(self, x):
+        m = channel_absmax(x)
+        self.value = m if self.value is None else torch.maximum(self.value, m)
+        self.steps += 1
+        return self

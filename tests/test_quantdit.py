@@ -1,0 +1,138 @@
+"""QuantDiT.py and the calibrate -> checkpoint -> load path, on a tiny random DiT."""
+import json
+import os
+
+import pytest
+import torch
+
+from helpers import assert_user_error, run_script
+from models import DiT_models
+from pipeline import make_sampler, sample_inputs
+from quant.calibrate import QuantConfig, quantizable_layers, quantize_dit
+from quant.checkpoint import load_quantized, save_quantized
+from quant.qlinear import QuantLinear
+
+
+def tiny_model(seed=0, depth_name="DiT-XS/2"):
+    torch.manual_seed(seed)
+    m = DiT_models[depth_name](input_size=8, in_channels=3, num_classes=10)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n != "pos_embed":
+                p.add_(torch.randn_like(p) * 0.05)
+    return m.eval()
+
+
+def calib_loop(model, steps=3, n=4):
+    sampler = make_sampler(model, steps, 1.5, clip_denoised=True)
+
+    def loop():
+        gens, y, z = sample_inputs(1, range(n), 10, (3, 8, 8), [i % 10 for i in range(n)])
+        sampler(z, y, gens)
+    return loop
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "xs.pt"
+    torch.save(tiny_model().state_dict(), path)
+    return str(path)
+
+
+TINY = ["--model", "DiT-XS/2", "--image-size", "8", "--num-classes", "10", "--vae", "none",
+        "--num-sampling-steps", "3", "--calib-labels", "0", "1", "2", "3", "--group-size", "32",
+        "--lora-rank", "4", "--lora-iters", "3"]
+
+
+def test_every_layer_gets_an_alpha_and_checkpoint_roundtrips(tmp_path):
+    model = tiny_model()
+    x = torch.randn(4, 3, 8, 8)
+    t = torch.tensor([1, 200, 500, 999])
+    y = torch.tensor([0, 1, 2, 10])
+    cfg = QuantConfig(weight_bit=4, act_bit=8, group_size=32, lora_rank=4, lora_iters=3)
+    report = quantize_dit(model, cfg, calib_loop(model), progress=False)
+    names = [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert list(report["layers"]) == names
+    for name in names:
+        r = report["layers"][name]
+        assert r["alpha"] in [round(k * 0.05, 10) for k in range(21)]
+        assert len(r["search_losses"]) == 21
+        assert r["output_error"] == min(r["search_losses"].values())
+        assert r["weight_error_after_lora"] < r["weight_error_before_lora"]
+        assert isinstance(model.get_submodule(name), QuantLinear)
+    with torch.no_grad():
+        ref = model(x, t, y)
+    meta = {"model": "DiT-XS/2", "image_size": 8, "num_classes": 10, "vae": "none", "in_channels": 3,
+            **cfg.to_dict()}
+    out = save_quantized(model, meta, report, str(tmp_path / "q"))
+    assert sorted(os.listdir(out)) == ["model.safetensors", "quant_config.json", "report.json"]
+    loaded, meta2 = load_quantized(out)
+    assert meta2["layers"]["blocks.1.mlp.fc2"]["packed_int4"] is True
+    with torch.no_grad():
+        again = loaded(x, t, y)
+    assert torch.equal(ref, again)
+
+
+def test_8bit_weights_beat_4bit(tmp_path):
+    errs = {}
+    for bits in (4, 8):
+        model = tiny_model()
+        cfg = QuantConfig(weight_bit=bits, act_bit=8, group_size=32, lora_rank=0, smoothing="fixed", alpha=0.5)
+        report = quantize_dit(model, cfg, calib_loop(model), progress=False)
+        errs[bits] = sum(r["output_error"] for r in report["layers"].values())
+    assert errs[8] < errs[4] / 4, errs
+
+
+def test_lora_and_search_reduce_output_error():
+    model = tiny_model()
+    report = quantize_dit(model, QuantConfig(group_size=32, lora_rank=8, lora_iters=4), calib_loop(model),
+                          progress=False)["layers"]
+    better = sum(r["output_error"] < r["output_error_rtn"] for r in report.values())
+    assert better == len(report)  # searched alpha + LoRA never worse than plain RTN on the calibration data
+
+
+def test_reference_scheme_uses_first_steps_only():
+    model = tiny_model()
+    cfg = QuantConfig(scheme="reference", act_granularity="tensor", lora_rank=4, lora_iters=2, search_steps=2,
+                      group_size=None)
+    report = quantize_dit(model, cfg, calib_loop(model, steps=4), progress=False)["layers"]
+    assert all(r["search_steps"] == 2 for r in report.values())
+
+
+def test_quantdit_cli_writes_complete_directory(tiny_ckpt, tmp_path):
+    out = tmp_path / "q"
+    proc = run_script("QuantDiT.py", *TINY, "--ckpt", tiny_ckpt, "--out", out, "--weight-bit", "8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["model.safetensors", "quant_config.json", "report.json", "samples.png"]
+    meta = json.loads((out / "quant_config.json").read_text())
+    assert meta["weight_bit"] == 8 and meta["act_bit"] == 8 and meta["group_size"] == 32
+    assert meta["act_granularity"] == "row" and meta["lora_rank"] == 4
+    assert len(meta["alphas"]) == 8
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["timings"]) >= {"tas_statistics_s", "alpha_search_s", "total_s"}
+    # refuses to overwrite
+    again = run_script("QuantDiT.py", *TINY, "--ckpt", tiny_ckpt, "--out", out)
+    assert_user_error(again, "already holds a quantized checkpoint")
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--weight-bit", "9"], "bits must be an integer in 2..8"),
+    (["--act-bit", "1"], "bits must be an integer in 2..8"),
+    (["--group-size", "24"], "does not divide the input width"),
+    (["--scheme", "fancy"], "invalid choice"),
+    (["--alpha", "1.5"], "alpha must be in [0, 1]"),
+    (["--lora-rank", "100"], "exceeds min(in, out)"),
+    (["--model", "DiT-Q/2"], "unknown model"),
+    (["--image-size", "16"], "has shape"),
+    (["--calib-labels", "10"], "labels must lie in"),
+])
+def test_quantdit_bad_input(tiny_ckpt, tmp_path, flags, fragment):
+    out = tmp_path / "q"
+    proc = run_script("QuantDiT.py", *TINY, "--ckpt", tiny_ckpt, "--out", out, *flags)
+    assert_user_error(proc, fragment)
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith("q")]
+
+
+def test_quantdit_missing_checkpoint(tmp_path):
+    proc = run_script("QuantDiT.py", *TINY, "--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "q")
+    assert_user_error(proc, "not found")

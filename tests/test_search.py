@@ -1,0 +1,144 @@
+"""Streaming alpha search against an independent brute-force evaluation."""
+from functools import partial
+
+import pytest
+import torch
+
+from quant.lora import fit_lora
+from quant.quantizer import ActQuantConfig, WeightQuantConfig, fake_quantize_act, quantize_weight
+from quant.search import AlphaSearch, alpha_grid, select_alpha
+from quant.smoothing import RunningAbsMax, smoothing_factors, weight_channel_absmax
+
+torch.set_num_threads(1)
+RANK, ITERS = 4, 3
+
+
+def _problem(seed=0, steps=3, out=96, inp=64):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * 0.05
+    w[:, [2, 30]] *= 8.0
+    b = torch.randn(out, generator=g) * 0.1
+    xs = []
+    for t in range(steps):
+        x = torch.randn(4, 5, inp, generator=g) * (1 + 0.3 * t)
+        x[..., [7, 41, 50]] *= 40.0  # activation outlier channels
+        xs.append(x)
+    return w, b, xs
+
+
+def _brute_force(w, b, xs, alphas, wcfg, acfg, scheme):
+    """Build each quantized layer with the public functions and sum the per-step losses."""
+    a = RunningAbsMax()
+    for x in xs:
+        a.update(x)
+    qfn = partial(quantize_weight, cfg=wcfg)
+    if scheme == "reference":
+        fit = fit_lora(w, qfn, rank=RANK, iters=ITERS)
+    losses = []
+    for alpha in alphas:
+        if scheme == "reference":
+            s = smoothing_factors(a.value, weight_channel_absmax(fit.q), alpha)
+            total = 0.0
+            for x in xs:
+                xq = fake_quantize_act(x / s, acfg)
+                y = xq @ (fit.q * s).T + (xq @ (fit.R * s).T) @ fit.L.T + b
+                total += ((y - (x @ w.T + b)) ** 2).mean().item()
+        else:
+            s = smoothing_factors(a.value, weight_channel_absmax(w), alpha)
+            fit = fit_lora(w * s, qfn, rank=RANK, iters=ITERS)
+            total = 0.0
+            for x in xs:
+                y = fake_quantize_act(x / s, acfg) @ (fit.q + fit.L @ fit.R).T + b
+                total += ((y - (x @ w.T + b)) ** 2).mean().item()
+        losses.append(total)
+    return losses
+
+
+def _search(w, b, xs, alphas, wcfg, acfg, scheme, **kw):
+    a = RunningAbsMax()
+    for x in xs:
+        a.update(x)
+    search = AlphaSearch(w, b, a.value, alphas, wcfg, acfg, lora_rank=RANK, lora_iters=ITERS, scheme=scheme, **kw)
+    for x in xs:
+        search.update(x)
+    return search
+
+
+def test_alpha_grid():
+    grid = alpha_grid()
+    assert len(grid) == 21 and grid[0] == 0.0 and grid[-1] == 1.0
+    assert grid[3] == 0.15 and grid[7] == 0.35
+    assert alpha_grid(0.25) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    with pytest.raises(ValueError):
+        alpha_grid(0.3)
+
+
+@pytest.mark.parametrize("scheme,granularity,group_size", [
+    ("ditas", "row", 32), ("ditas", "tensor", None), ("reference", "tensor", None)])
+def test_search_matches_brute_force(scheme, granularity, group_size):
+    w, b, xs = _problem()
+    alphas = alpha_grid()
+    wcfg = WeightQuantConfig(bits=4, group_size=group_size, scheme=scheme)
+    acfg = ActQuantConfig(bits=6, granularity=granularity, scheme=scheme)
+    search = _search(w, b, xs, alphas, wcfg, acfg, scheme)
+    expected = _brute_force(w, b, xs, alphas, wcfg, acfg, scheme)
+    best, losses = search.result()
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-4, atol=0)
+    assert best == alphas[min(range(len(alphas)), key=expected.__getitem__)]
+    assert losses[alphas.index(best)] < losses[0] and losses[alphas.index(best)] < losses[-1]  # an interior optimum
+
+
+def test_reference_weight_error_is_alpha_independent():
+    w, b, xs = _problem()
+    wcfg, acfg = WeightQuantConfig(scheme="reference"), ActQuantConfig(scheme="reference")
+    search = _search(w, b, xs, [0.2, 0.8], wcfg, acfg, "reference")
+    c0, c1 = search.candidate(0), search.candidate(1)
+    assert c0.weight_error_lora == c1.weight_error_lora
+    assert torch.equal(c0.qweight.codes, c1.qweight.codes)
+
+
+def test_chunked_candidates_match():
+    w, b, xs = _problem(steps=2)
+    args = (w, b, xs, alpha_grid(0.1), WeightQuantConfig(bits=4, group_size=32), ActQuantConfig(granularity="row"), "ditas")
+    torch.testing.assert_close(torch.tensor(_search(*args, chunk=4).losses), torch.tensor(_search(*args).losses),
+                               rtol=1e-4, atol=0)
+
+
+def test_ties_go_to_smaller_alpha():
+    assert select_alpha([1.0, 0.5, 0.5], [0.9, 0.3, 0.1]) == 2
+    assert select_alpha([0.5, 0.5], [0.0, None]) == 1
+    assert select_alpha([0.2, 0.1, 0.3], [0.0, 0.5, 1.0]) == 1
+    # an all-zero input: every candidate is exact, all losses tie at 0
+    w, b, _ = _problem()
+    search = AlphaSearch(w, b, torch.ones(64), [0.5, 0.2, 0.8], WeightQuantConfig(bits=4, group_size=32),
+                         ActQuantConfig(), lora_rank=RANK, lora_iters=ITERS)
+    search.update(torch.zeros(2, 3, 64))
+    assert search.result() == (0.2, [0.0, 0.0, 0.0])
+
+
+def test_max_steps_ignores_later_updates():
+    w, b, xs = _problem(steps=3)
+    wcfg, acfg = WeightQuantConfig(scheme="reference"), ActQuantConfig(scheme="reference")
+    capped = _search(w, b, xs, [0.0, 0.5, 1.0], wcfg, acfg, "reference", max_steps=2)
+    a = RunningAbsMax()
+    for x in xs:
+        a.update(x)
+    two = AlphaSearch(w, b, a.value, [0.0, 0.5, 1.0], wcfg, acfg, lora_rank=RANK, lora_iters=ITERS)
+    for x in xs[:2]:
+        two.update(x)
+    assert capped.steps == 2 and capped.losses == two.losses
+
+
+def test_no_smoothing_and_fixed_alpha_modes():
+    w, b, xs = _problem(steps=1)
+    wcfg, acfg = WeightQuantConfig(bits=4, group_size=32), ActQuantConfig()
+    plain = AlphaSearch(w, b, None, [None], wcfg, acfg, lora_rank=RANK, lora_iters=ITERS)
+    plain.update(xs[0])
+    best = plain.best()
+    assert best.alpha is None and best.smooth is None
+    y = fake_quantize_act(xs[0], acfg) @ (fit_lora(w, partial(quantize_weight, cfg=wcfg), RANK, ITERS).effective).T
+    assert plain.losses[0] == pytest.approx(((y - xs[0] @ w.T) ** 2).mean().item(), rel=1e-4)
+    fixed = _search(w, b, xs, [0.5], wcfg, acfg, "ditas")
+    assert fixed.result()[0] == 0.5 and fixed.best().smooth.shape == (64,)
+    with pytest.raises(RuntimeError):
+        AlphaSearch(w, b, None, [None], wcfg, acfg, lora_rank=0).result()
