@@ -59,3 +59,12 @@ def load_classifier(path=DEFAULT_PATH):
     model = DigitClassifier(**{k: int(meta[k]) for k in ("num_classes", "width", "feature_dim") if k in meta})
     model.load_state_dict(load_file(path))
     return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def label_accuracy(images_uint8, labels, classifier=None):
+    """Fraction of images (uint8 NHWC) that the bundled classifier assigns to their conditioning label."""
+    classifier = classifier or load_classifier()
+    x = uint8_to_input(images_uint8)
+    pred = torch.cat([classifier(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
+    return float((pred.cpu() == torch.as_tensor(labels).cpu()).float().mean())

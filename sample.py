@@ -22,7 +22,7 @@ def main(args):
     print(f"saved {len(labels)} samples to {args.out}")
 
 
-if __name__ == "__main__":
+def build_parser():
     parser = ArgumentParser(description=__doc__)
     add_model_args(parser)
     parser.add_argument("--seed", type=int, default=0)
@@ -31,4 +31,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=str, default="sample.png")
     parser.add_argument("--nrow", type=int, default=4)
     parser.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscaling of each image")
-    run(main, parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    run(main, build_parser().parse_args())

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from helpers import assert_user_error, run_script
+import QuantDiT
+from helpers import assert_one_line_error, assert_user_error, call_main, run_script
 from models import DiT_models
 from pipeline import make_sampler, sample_inputs
 from quant.calibrate import QuantConfig, quantizable_layers, quantize_dit
@@ -128,11 +129,11 @@ def test_quantdit_cli_writes_complete_directory(tiny_ckpt, tmp_path):
 ])
 def test_quantdit_bad_input(tiny_ckpt, tmp_path, flags, fragment):
     out = tmp_path / "q"
-    proc = run_script("QuantDiT.py", *TINY, "--ckpt", tiny_ckpt, "--out", out, *flags)
-    assert_user_error(proc, fragment)
+    code, err = call_main(QuantDiT, *TINY, "--ckpt", tiny_ckpt, "--out", out, *flags)
+    assert_one_line_error(code, err, fragment)
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith("q")]
 
 
 def test_quantdit_missing_checkpoint(tmp_path):
-    proc = run_script("QuantDiT.py", *TINY, "--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "q")
-    assert_user_error(proc, "not found")
+    code, err = call_main(QuantDiT, *TINY, "--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "q")
+    assert_one_line_error(code, err, "not found")
