@@ -10,6 +10,10 @@ import torch.nn.functional as F
 
 IMAGE_SIZE = 16
 NUM_CLASSES = 10
+# The flags that select the bundled model in every script (also the `flags:` line of assets/README.md).
+BUNDLED_CKPT = "assets/dit_t2_digits16.safetensors"
+BUNDLED_FLAGS = ["--model", "DiT-T/2", "--ckpt", BUNDLED_CKPT, "--image-size", str(IMAGE_SIZE),
+                 "--num-classes", str(NUM_CLASSES), "--vae", "none"]
 
 
 def load_digits_tensors(size=IMAGE_SIZE):

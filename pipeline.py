@@ -120,6 +120,15 @@ def sample_seed(seed, index):
     return (int(seed) % (1 << 31)) * (1 << 32) + int(index)
 
 
+def _draw_label(gen, num_classes):
+    return int(torch.randint(0, num_classes, (1,), generator=gen))
+
+
+def sample_labels(seed, n, num_classes):
+    """The labels sample_inputs draws for samples 0..n-1 (to score class-conditional batches)."""
+    return [_draw_label(torch.Generator().manual_seed(sample_seed(seed, i)), num_classes) for i in range(n)]
+
+
 def sample_inputs(seed, indices, num_classes, shape, labels=None):
     """Per-sample generators, labels and x_T for the given global sample indices.
 
@@ -127,7 +136,7 @@ def sample_inputs(seed, indices, num_classes, shape, labels=None):
     """
     gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
     if labels is None:
-        labels = [int(torch.randint(0, num_classes, (1,), generator=g)) for g in gens]
+        labels = [_draw_label(g, num_classes) for g in gens]
     else:
         for y in labels:
             if not 0 <= int(y) < num_classes:

@@ -17,6 +17,11 @@ from digits import NUM_CLASSES, load_digits_tensors
 from models import DiT_models
 
 
+def ema_decay(target, ema_steps):
+    """EMA decay with warmup: (1 + n) / (10 + n) early on, so a short run's EMA is not dominated by the init."""
+    return min(target, (1 + ema_steps) / (10 + ema_steps))
+
+
 @torch.no_grad()
 def update_ema(ema_model, model, decay=0.9999):
     """Step the EMA model towards the current model."""
@@ -50,7 +55,7 @@ def main(args):
     ema = deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
     diffusion = create_diffusion(timestep_respacing="")
-    step = 0
+    step = ema_start = 0
     ckpt_path = os.path.join(args.results_dir, "last.pt")
     if args.resume and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, weights_only=True)
@@ -58,8 +63,12 @@ def main(args):
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
+        ema_start = ckpt.get("ema_start", 0)
+        if args.reset_ema:
+            ema.load_state_dict(model.state_dict())
+            ema_start = step
         torch.manual_seed(args.seed + step)
-        print(f"resumed from {ckpt_path} at step {step}")
+        print(f"resumed from {ckpt_path} at step {step}" + (" (EMA restarted from the model)" if args.reset_ema else ""))
     print(f"DiT parameters: {sum(p.numel() for p in model.parameters()):,}; {len(images)} training images")
 
     model.train()
@@ -75,7 +84,7 @@ def main(args):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        update_ema(ema, model, args.ema_decay)
+        update_ema(ema, model, ema_decay(args.ema_decay, step - ema_start))
         step += 1
         running += loss.item()
         if step % args.log_every == 0:
@@ -84,7 +93,7 @@ def main(args):
             running = 0.0
         if step % args.ckpt_every == 0 or step == args.steps:
             save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                         "args": vars(args), "step": step}, ckpt_path)
+                         "args": vars(args), "step": step, "ema_start": ema_start}, ckpt_path)
     if args.export:
         export_ema(ema, args.export, torch.float16 if args.export_fp16 else torch.float32)
         print(f"wrote EMA weights to {args.export}")
@@ -107,6 +116,7 @@ if __name__ == "__main__":
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--ckpt-every", type=int, default=250)
     parser.add_argument("--resume", action="store_true", help="continue from RESULTS_DIR/last.pt")
+    parser.add_argument("--reset-ema", action="store_true", help="with --resume: restart the EMA from the model")
     parser.add_argument("--export", type=str, default="", help="write the final EMA weights here (.safetensors)")
     parser.add_argument("--export-fp16", action="store_true", help="store the exported weights in fp16")
     main(parser.parse_args())

@@ -1,0 +1,89 @@
+"""The bundled digits model: its model card, its sample quality, and W8A8 staying close to FP."""
+import os
+import re
+
+import pytest
+import torch
+
+import sample
+from digits import BUNDLED_CKPT, BUNDLED_FLAGS, to_uint8
+from digits_classifier import label_accuracy
+from download import find_model, load_model_state
+from helpers import ROOT, assert_one_line_error, call_main
+from models import DiT_models
+from pipeline import make_sampler, sample_inputs
+from quant.calibrate import QuantConfig, quantize_dit
+
+
+def bundled_model():
+    model = DiT_models["DiT-T/2"](input_size=16, in_channels=3, num_classes=10)
+    load_model_state(model, find_model(os.path.join(ROOT, BUNDLED_CKPT)), BUNDLED_CKPT)
+    return model.eval()
+
+
+def test_model_card_flags_line_selects_the_bundled_model():
+    card = open(os.path.join(ROOT, "assets", "README.md")).read()
+    lines = [l for l in card.splitlines() if l.startswith("flags:")]
+    assert len(lines) == 1
+    assert lines[0].split()[1:] == BUNDLED_FLAGS
+    assert re.search(r"python train\.py", card)  # the exact training command is recorded
+
+
+@torch.no_grad()
+def test_bundled_samples_are_classified_as_their_label():
+    model = bundled_model()
+    n = 100
+    labels = [i % 10 for i in range(n)]
+    gens, y, z = sample_inputs(0, range(n), 10, (3, 16, 16), labels)
+    x = make_sampler(model, 50, 4.0, clip_denoised=True)(z, y, gens)
+    acc = label_accuracy(to_uint8(x), labels)
+    print(f"bundled model, cfg 4, 50 steps: {acc:.1%} of {n} samples classified as their label")
+    assert acc >= 0.8
+
+
+@torch.no_grad()
+def test_w8a8_output_stays_close_to_fp():
+    model = bundled_model()
+    x = torch.randn(8, 3, 16, 16)
+    t = torch.tensor([999, 800, 600, 400, 250, 100, 20, 0])
+    y = torch.arange(8)
+    ref = model(x, t, y)
+    sampler = make_sampler(model, 10, 1.5, clip_denoised=True)
+
+    def loop():
+        gens, yy, z = sample_inputs(1, range(8), 10, (3, 16, 16), list(range(8)))
+        sampler(z, yy, gens)
+
+    cfg = QuantConfig(weight_bit=8, act_bit=8, group_size=128, lora_rank=8, lora_iters=3, alpha_step=0.25)
+    quantize_dit(model, cfg, loop, progress=False)
+    out = model(x, t, y)
+    rel = float((out - ref).norm() / ref.norm())
+    print(f"bundled model W8A8 relative output error: {rel:.4f}")
+    assert rel < 0.05
+
+
+def test_sample_py_writes_grid(tmp_path):
+    out = tmp_path / "grid.png"
+    code, err = call_main(sample, *BUNDLED_FLAGS, "--labels", "3", "7", "--num-sampling-steps", "5",
+                          "--out", out, "--cfg-scale", "4")
+    assert code in (0, None), err
+    from PIL import Image
+    img = Image.open(out)
+    assert img.size == (2 * 16 + 3 * 2, 16 + 2 * 2)
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--labels", "10"], "label 10 outside [0, 10)"),
+    (["--image-size", "32"], "has shape"),
+    (["--model", "DiT-T/4"], "has shape"),
+])
+def test_sample_py_bad_input(tmp_path, flags, fragment):
+    argv = list(BUNDLED_FLAGS)
+    for i in range(0, len(flags), 2):
+        if flags[i] in argv:
+            argv[argv.index(flags[i]) + 1] = flags[i + 1]
+        else:
+            argv += flags[i:i + 2]
+    code, err = call_main(sample, *argv, "--num-sampling-steps", "2", "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "x.png").exists()

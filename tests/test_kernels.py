@@ -1,0 +1,312 @@
+"""Integer backend: exact int8 GEMMs, the shared activation quantizer, IntLinear == QuantLinear."""
+import pytest
+import torch
+import torch.nn as nn
+
+import quant.kernels as kernels
+from quant.kernels import (IntLinear, int8_matmul, linear_w4a8, linear_w8a8, quantize_act_int8,
+                           to_int_backend)
+from quant.qlinear import QuantLinear
+from quant.quantizer import (ActQuantConfig, WeightQuantConfig, quantize_act, quantize_weight,
+                             scale_qweight_rows)
+
+torch.set_num_threads(1)
+
+
+def _rel(y, ref):
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _qlinear(k=256, n=192, bits=8, group=None, gran="token", rank=0, smooth=False, bias=True,
+             symmetric=False, a_bits=8, act_scheme="ditas", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[:, 3] *= 10
+    qw = quantize_weight(w, WeightQuantConfig(bits=bits, group_size=group, symmetric=symmetric))
+    L = torch.randn(n, rank, generator=g) * 0.01 if rank else None
+    R = torch.randn(rank, k, generator=g) * 0.1 if rank else None
+    s = torch.rand(k, generator=g) + 0.5 if smooth else None
+    b = torch.randn(n, generator=g) if bias else None
+    return QuantLinear(qw, b, L, R, s, ActQuantConfig(a_bits, gran, scheme=act_scheme))
+
+
+def _x(shape=(3, 40, 256), seed=1, kind="outliers"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    x[..., 7] *= 20
+    if kind == "gelu":  # codes crowd near the bottom of the range: zero point far from 128
+        x = torch.nn.functional.gelu(3 * x)
+    return x
+
+
+# ---------------------------------------------------------------------------
+# int8 GEMM
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 8, 8), (5, 7, 3), (17, 64, 40), (64, 768, 96), (33, 130, 17)])
+def test_int8_matmul_exact(m, k, n):
+    g = torch.Generator().manual_seed(m * k + n)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=g)
+    out = int8_matmul(a, b)
+    assert out.dtype == torch.int32 and out.shape == (m, n)
+    assert torch.equal(out.long(), a.long() @ b.long())
+
+
+def test_int8_matmul_extremes_and_layouts():
+    k = 4096  # worst case magnitude and pairs that would saturate an int16 pair sum
+    a = torch.full((20, k), -128, dtype=torch.int8)
+    a[:, 1::3] = 127
+    b = torch.full((k, 24), -128, dtype=torch.int8)
+    b[1::2] = 127
+    assert torch.equal(int8_matmul(a, b).long(), a.long() @ b.long())
+    big = torch.randint(-128, 128, (64, 200), dtype=torch.int8)
+    bt = torch.randint(-128, 128, (50, 128), dtype=torch.int8).t()  # non-contiguous both sides
+    assert torch.equal(int8_matmul(big[:, :128], bt).long(), big[:, :128].long() @ bt.long())
+    assert int8_matmul(torch.zeros(0, 8, dtype=torch.int8), torch.zeros(8, 4, dtype=torch.int8)).shape == (0, 4)
+
+
+def test_int8_matmul_fallback_exact_and_errors():
+    a = torch.randint(-128, 128, (9, 300), dtype=torch.int8)
+    b = torch.randint(-128, 128, (300, 11), dtype=torch.int8)
+    assert torch.equal(kernels._int_mm_reference(a, b).long(), a.long() @ b.long())
+    with pytest.raises(ValueError, match="int8"):
+        int8_matmul(a.to(torch.uint8), b)
+    with pytest.raises(ValueError, match="shapes"):
+        int8_matmul(a, b[:10])
+
+
+# ---------------------------------------------------------------------------
+# activation quantizer
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gran", ["tensor", "row", "token"])
+@pytest.mark.parametrize("shape", [(3, 40, 64), (2, 3, 5, 64), (40, 64), (64,)])
+@pytest.mark.parametrize("bits", [8, 6])
+def test_quantize_act_int8_matches_quantizer(gran, shape, bits):
+    cfg = ActQuantConfig(bits, gran)
+    x = _x(shape)
+    codes, scale, zero = quantize_act(x, cfg)
+    a, t, s2, z2 = quantize_act_int8(x.reshape(-1, 64), cfg, kernels._batch_of(x.shape, gran))
+    assert a.dtype == torch.int8
+    assert torch.equal(a.long() + 128, codes.reshape(-1, 64).long())
+    assert torch.equal(t, a.float())
+    assert torch.equal(torch.broadcast_to(s2, (a.shape[0], 1)).reshape(-1),
+                       torch.broadcast_to(scale, x.shape)[..., 0].reshape(-1))
+    assert torch.equal(torch.broadcast_to(z2, (a.shape[0], 1)).reshape(-1),
+                       torch.broadcast_to(zero, x.shape)[..., 0].reshape(-1))
+
+
+# ---------------------------------------------------------------------------
+# IntLinear == QuantLinear
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group", [(8, None), (8, 64), (4, 64), (4, 128)])
+@pytest.mark.parametrize("gran", ["tensor", "row", "token"])
+@pytest.mark.parametrize("rank", [0, 8])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_intlinear_matches_fake(bits, group, gran, rank, smooth):
+    ql = _qlinear(bits=bits, group=group, gran=gran, rank=rank, smooth=smooth)
+    il = IntLinear.from_quantlinear(ql)
+    assert il.packed == (bits <= 4)
+    for kind in ("outliers", "gelu"):
+        x = _x(kind=kind)
+        with torch.no_grad():
+            ref, y = ql(x), il(x)
+        assert y.shape == ref.shape and y.dtype == ref.dtype
+        assert _rel(y, ref) < 1e-4, (kind, _rel(y, ref))
+        assert (y - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("bits,group,sym,a_bits,act_scheme", [
+    (3, 32, False, 8, "ditas"), (4, None, True, 8, "ditas"), (8, 32, True, 6, "ditas"),
+    (6, 64, False, 7, "ditas"), (2, 16, False, 8, "ditas"), (4, 64, False, 8, "reference")])
+def test_intlinear_other_bit_widths_and_symmetric(bits, group, sym, a_bits, act_scheme):
+    """Any weight bits 2..8, symmetric weights, A < 8, and the reference activation quantizer (2^A steps)."""
+    ql = _qlinear(bits=bits, group=group, symmetric=sym, a_bits=a_bits, act_scheme=act_scheme, rank=4, bias=False)
+    il = IntLinear.from_quantlinear(ql)
+    x = _x()
+    with torch.no_grad():
+        assert _rel(il(x), ql(x)) < 1e-4
+
+
+def test_intlinear_input_layouts_and_dtypes():
+    ql = _qlinear(bits=4, group=64, gran="row", rank=8, smooth=True)
+    il = IntLinear.from_quantlinear(ql)
+    x = _x()
+    with torch.no_grad():
+        x2 = x.reshape(-1, 256)  # (M, C): "row" means per row = per token
+        assert _rel(il(x2), ql(x2)) < 1e-4
+        xt = _x((256, 120)).t()  # non-contiguous input
+        assert _rel(il(xt), ql(xt)) < 1e-4
+        assert _rel(il(x[0, 0]), ql(x[0, 0])) < 1e-4  # 1-D input
+        assert il(x[:0]).shape == (0, 40, 192)
+        for inp in (x, x[1:], xt, x.bfloat16()):  # the caller's input is never overwritten
+            before = inp.clone()
+            il(inp)
+            IntLinear.from_quantlinear(_qlinear(bits=4, group=64))(inp)  # no smooth
+            assert torch.equal(inp, before)
+        yb = il(x.bfloat16())  # bf16 in -> bf16 out, computed from the same codes in float32
+        ref = ql(x.bfloat16().float())
+        assert yb.dtype == torch.bfloat16 and _rel(yb.float(), ref) < 1e-2
+
+
+def test_extreme_zero_point_uses_exact_wide_path():
+    """x far from 0 relative to its range: zx is huge, the int32 bound fails, float64 keeps it exact."""
+    ql = _qlinear(bits=8, group=64, gran="token", rank=4)
+    il = IntLinear.from_quantlinear(ql)
+    x = 50.0 + 1e-3 * torch.randn(2, 8, 256)
+    _, _, _, zx = quantize_act_int8(x.reshape(-1, 256), ql.act_cfg)
+    assert not il._int32_safe(float((128 - zx).abs().max()))
+    with torch.no_grad():
+        assert _rel(il(x), ql(x)) < 1e-4
+
+
+def test_folded_row_scales_and_real_lora_fit():
+    """A folded V-row scale (ditas) stays integer; a real LoRA fit from QuantLinear.from_float."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 96)
+    x = _x((4, 5, 64))
+    absmax = x.abs().amax((0, 1))
+    ql = QuantLinear.from_float(lin, 0.5, absmax, WeightQuantConfig(bits=4, group_size=32),
+                                ActQuantConfig(8, "row"), lora_rank=8, lora_iters=3)
+    r = torch.rand(96) + 0.5
+    ql.set_qweight(scale_qweight_rows(ql.qweight, r))
+    with torch.no_grad():
+        assert _rel(IntLinear.from_quantlinear(ql)(x), ql(x)) < 1e-4
+
+
+def test_packed_storage_state_dict_and_casts():
+    ql = _qlinear(bits=4, group=128, rank=8, smooth=True)
+    il = IntLinear.from_quantlinear(ql)
+    sd = il.state_dict()
+    assert "codes_packed" in sd and "codes" not in sd and sd["codes_packed"].shape == (192, 128)
+    assert not any(key in sd for key in ("w_op", "cb_t", "d_t", "w_scale_t", "lora_Lt", "lora_rsum"))
+    other = IntLinear.from_quantlinear(_qlinear(bits=4, group=128, rank=8, smooth=True, seed=5))
+    other.load_state_dict(sd)
+    x = _x()
+    with torch.no_grad():
+        assert torch.equal(other(x), il(x))
+        il.bfloat16()  # dtype casts leave integer operands and float32 scales alone
+        assert il.w_op.dtype == torch.int8 and il.scale.dtype == torch.float32
+        assert torch.equal(il(x), other(x))
+    assert "codes" in IntLinear.from_quantlinear(_qlinear(bits=8)).state_dict()
+
+
+def _one_line_error(exc):
+    msg = str(exc.value)
+    assert "\n" not in msg and "use --backend fake" in msg, msg
+
+
+def test_unsupported_layouts_raise_clear_error():
+    w = torch.randn(64, 32)
+    act = ActQuantConfig(8, "tensor", scheme="reference")
+    ref = QuantLinear(quantize_weight(w, WeightQuantConfig(bits=4, scheme="reference")), act_cfg=act)
+    with pytest.raises(ValueError) as exc:
+        IntLinear.from_quantlinear(ref)
+    _one_line_error(exc)
+    assert "reference" in str(exc.value)
+    no_act = QuantLinear(quantize_weight(w, WeightQuantConfig(bits=8, group_size=16)))
+    with pytest.raises(ValueError) as exc:
+        IntLinear.from_quantlinear(no_act)
+    _one_line_error(exc)
+    ql = _qlinear(bits=8, group=32)
+    ql.fake_quant_only = True
+    with pytest.raises(ValueError) as exc:
+        IntLinear.from_quantlinear(ql)
+    _one_line_error(exc)
+    ql = _qlinear(bits=8, group=32)
+    ql.weight[0, 0] += 1.0  # weight no longer what the codes say
+    with pytest.raises(ValueError) as exc:
+        IntLinear.from_quantlinear(ql)
+    _one_line_error(exc)
+    ql = _qlinear(bits=8, group=32)
+    ql.zero[0, 0] += 0.5  # non-integer zero point
+    with pytest.raises(ValueError) as exc:
+        IntLinear(ql.codes, ql.scale, ql.zero, ql.weight_cfg, ql.act_cfg)
+    _one_line_error(exc)
+
+
+def test_functional_entry_points():
+    x = _x()
+    q8, q4 = _qlinear(bits=8, group=64, rank=4), _qlinear(bits=4, group=64, rank=4)
+    with torch.no_grad():
+        assert _rel(linear_w8a8(x, q8), q8(x)) < 1e-4
+        assert _rel(linear_w4a8(x, IntLinear.from_quantlinear(q4)), q4(x)) < 1e-4
+        with pytest.raises(ValueError, match="linear_w4a8"):
+            linear_w8a8(x, q4)
+        with pytest.raises(ValueError, match="linear_w8a8"):
+            linear_w4a8(x, q8)
+
+
+def test_to_int_backend_swaps_every_quantlinear():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = _qlinear(k=256, n=128, bits=4, group=64, rank=4, seed=1)
+            self.act = nn.GELU()
+            self.fc2 = _qlinear(k=128, n=256, bits=8, group=None, rank=4, smooth=True, seed=2)
+            self.other = nn.Linear(256, 256)
+
+        def forward(self, x):
+            return self.other(self.fc2(self.act(self.fc1(x))))
+
+    model = nn.Sequential(Block(), Block())
+    x = _x((2, 10, 256))
+    with torch.no_grad():
+        ref = model(x)
+        assert to_int_backend(model) is model
+        assert not any(isinstance(m, QuantLinear) for m in model.modules())
+        assert sum(isinstance(m, IntLinear) for m in model.modules()) == 4
+        assert _rel(model(x), ref) < 1e-4
+    assert isinstance(to_int_backend(_qlinear()), IntLinear)
+    float_acts = QuantLinear(quantize_weight(torch.randn(8, 16), WeightQuantConfig(bits=8, group_size=None)))
+    bad = nn.Sequential(_qlinear(), float_acts)
+    with pytest.raises(ValueError, match=r"^1: .*use --backend fake"):
+        to_int_backend(bad)
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (8, 64), (4, 128)])
+def test_row_tiles(monkeypatch, bits, group):
+    """Several row tiles (last one partial) give the same result as one."""
+    ql = _qlinear(bits=bits, group=group, gran="token", rank=4, smooth=True)
+    il = IntLinear.from_quantlinear(ql)
+    x = _x()  # 120 rows
+    with torch.no_grad():
+        whole = il(x)
+        monkeypatch.setattr(kernels, "_TILE_BYTES", {True: 4 * 192 * 16, False: 4 * 192 * 16})
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+        assert kernels._tile_rows(120, 192, group is None) == 16
+        assert _rel(il(x), whole) < 1e-6  # BLAS blocking may differ per tile size
+        assert _rel(il(x), ql(x)) < 1e-4
+
+
+def test_folded_dit_end_to_end():
+    """A small DiT with ditas QuantLinears, smoothing folded, then swapped to the integer backend."""
+    from models import DiT_models
+    from quant.fold import fold_smoothing
+    from quant.lora import fit_lora
+
+    torch.manual_seed(0)
+    model = DiT_models["DiT-XS/2"](input_size=8, in_channels=3, num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    wcfg, acfg = WeightQuantConfig(bits=4, group_size=32), ActQuantConfig(8, "row")
+    for block in model.blocks:
+        for parent, attr in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
+            lin = getattr(parent, attr)
+            s = torch.exp(torch.randn(lin.in_features, generator=g) * 0.5)
+            fit = fit_lora(lin.weight.detach() * s, lambda w: quantize_weight(w, wcfg), rank=4, iters=2)
+            setattr(parent, attr, QuantLinear(fit.qweight, lin.bias, fit.L, fit.R, smooth=s, act_cfg=acfg))
+    model = fold_smoothing(model.eval())
+    x, t, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g), torch.arange(4)
+    with torch.no_grad():
+        ref = model(x, t, y)
+        to_int_backend(model)
+        assert sum(isinstance(m, IntLinear) for m in model.modules()) == 4 * len(model.blocks)
+        out = model(x, t, y)
+    # same codes layer by layer up to float-rounding ties: agreement far below the quantization error
+    assert _rel(out, ref) < 1e-4, _rel(out, ref)
