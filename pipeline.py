@@ -30,6 +30,60 @@ def add_model_args(parser, image_size=256, num_classes=1000, vae="mse", cfg_scal
                              "(default: the upstream DiT-XL/2 checkpoint for --image-size)")
 
 
+def pick_device(spec):
+    """auto | cpu | cuda -> the device kind; cuda without a GPU is a one-line error."""
+    if spec == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is available (use --device cpu or auto)")
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return spec
+
+
+def read_quant_config(path):
+    """quant_config.json of a quantized checkpoint dir (quant.checkpoint.read_meta: one-line error otherwise)."""
+    from quant.checkpoint import read_meta
+    meta = read_meta(path)
+    missing = [k for k in ("vae", "scheme", "weight_bit", "act_bit") if k not in meta]
+    if missing:
+        raise UserError(f"{path}: its quant_config.json lacks {', '.join(missing)}")
+    return meta
+
+
+def resolve_model_args(args, defaults):
+    """Fill --model/--image-size/--num-classes/--vae from the checkpoint (--path) or `defaults`.
+
+    Flags given explicitly must agree with a quantized checkpoint. Returns its config (or None).
+    """
+    if args.path is None:
+        for flag in ("act_bit", "weight_bit"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag.replace('_', '-')} only applies to a quantized checkpoint (--path)")
+        for key, default in defaults.items():
+            if getattr(args, key) is None:
+                setattr(args, key, default)
+        return None
+    if args.ckpt is not None:
+        raise UserError("--ckpt and --path exclude each other (a quantized checkpoint directory is self-contained)")
+    meta = read_quant_config(args.path)
+    for key in ("model", "image_size", "num_classes"):
+        given, stored = getattr(args, key), meta[key]
+        if given is None:
+            setattr(args, key, stored)
+        elif given != stored:
+            raise UserError(f"--{key.replace('_', '-')} {given} does not match the checkpoint {args.path}, "
+                            f"made for {key.replace('_', '-')} {stored}")
+    if args.vae is None:
+        args.vae = meta["vae"]
+    elif (args.vae == "none") != (meta["vae"] == "none"):
+        raise UserError(f"--vae {args.vae} does not match the checkpoint {args.path}, made for vae {meta['vae']}")
+    for flag, key in (("act_bit", "act_bit"), ("weight_bit", "weight_bit")):
+        given = getattr(args, flag)
+        if given is not None and given != meta[key]:
+            raise UserError(f"--{flag.replace('_', '-')} {given} does not match the checkpoint's {key} "
+                            f"{meta[key]} ({args.path})")
+    return meta
+
+
 def latent_shape(args):
     """(channels, size) of the space the DiT works in; validates --image-size against --vae."""
     if args.model not in DiT_models:

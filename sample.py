@@ -1,36 +1,59 @@
-"""Sample a grid of images from a DiT (full precision) into one PNG, like upstream's sample.py."""
+"""Sample a grid of images from a DiT into one PNG, like upstream's sample.py.
+
+Full precision from --ckpt, or a quantized checkpoint directory from --path (folded, on the
+fake or integer backend).
+"""
 import torch
 
 from cli import ArgumentParser, UserError, run
-from pipeline import add_model_args, build_model, decode, load_vae, make_sampler, sample_inputs, save_grid
+from pipeline import (add_model_args, build_model, decode, load_vae, make_sampler, pick_device, resolve_model_args,
+                      sample_inputs, save_grid)
+
+# upstream sample.py's defaults for the flags a quantized checkpoint may supply instead
+MODEL_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "vae": "mse"}
 
 
 def main(args):
     torch.set_grad_enabled(False)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(args)
-    labels = args.labels
-    if not labels:
+    if not args.labels:
         raise UserError("--labels needs at least one class label")
+    if args.backend == "int" and not args.path:
+        raise UserError("--backend int needs a quantized checkpoint (--path); the FP model has no integer form")
+    device = pick_device(args.device)
+    meta = resolve_model_args(args, MODEL_DEFAULTS)
+    if meta is None:
+        model = build_model(args)
+    else:
+        from quant.inference import load_for_sampling
+        model, _ = load_for_sampling(args.path, args.backend)
     vae = load_vae(args.vae, device)
     model = model.to(device)
     channels, size = model.in_channels, model.x_embedder.img_size
-    gens, y, z = sample_inputs(args.seed, range(len(labels)), args.num_classes, (channels, size, size), labels)
+    gens, y, z = sample_inputs(args.seed, range(len(args.labels)), args.num_classes, (channels, size, size),
+                               args.labels)
     sample = make_sampler(model, args.num_sampling_steps, args.cfg_scale, clip_denoised=args.vae == "none")
     images = decode(vae, sample(z, y, gens, progress=True))
     save_grid(images, args.out, nrow=args.nrow, upscale=args.upscale)
-    print(f"saved {len(labels)} samples to {args.out}")
+    print(f"saved {len(args.labels)} samples to {args.out}")
 
 
 def build_parser():
     parser = ArgumentParser(description=__doc__)
     add_model_args(parser)
+    # None = "not given": taken from --path's checkpoint, else upstream's defaults (MODEL_DEFAULTS)
+    parser.set_defaults(model=None, image_size=None, num_classes=None, vae=None)
+    parser.add_argument("--path", type=str, default=None, help="a quantized checkpoint directory (QuantDiT.py)")
+    parser.add_argument("--backend", choices=["fake", "int"], default="fake",
+                        help="with --path: fake (quantize-dequantize) or int (integer GEMMs)")
+    parser.add_argument("--weight-bit", type=int, default=None, help="optional check against the checkpoint")
+    parser.add_argument("--act-bit", type=int, default=None, help="optional check against the checkpoint")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--labels", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279],
                         help="class labels, one sample each")
     parser.add_argument("--out", type=str, default="sample.png")
     parser.add_argument("--nrow", type=int, default=4)
     parser.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscaling of each image")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return parser
 
 

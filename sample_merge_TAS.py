@@ -41,7 +41,7 @@ import torch.distributed as dist
 from cli import ArgumentParser, UserError, run
 from digits import to_uint8
 from pipeline import add_model_args, build_model, check_common_args, decode, latent_shape, load_vae, make_sampler, \
-    sample_inputs
+    pick_device, resolve_model_args, sample_inputs
 
 # upstream sample_ddp.py's defaults for the flags a quantized checkpoint may supply instead
 MODEL_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "vae": "ema"}
@@ -78,60 +78,9 @@ def _init_distributed(device_kind):
 
 # ---------------------------------------------------------------------------- arguments and model
 
-def _resolve_device(spec):
-    if spec == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is available (use --device cpu or auto)")
-    if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return spec
-
-
-def _read_quant_config(path):
-    """quant_config.json of a quantized checkpoint dir (quant.checkpoint.read_meta: one-line error otherwise)."""
-    from quant.checkpoint import read_meta
-    meta = read_meta(path)
-    missing = [k for k in ("vae", "scheme", "weight_bit", "act_bit") if k not in meta]
-    if missing:
-        raise UserError(f"{path}: its quant_config.json lacks {', '.join(missing)}")
-    return meta
-
-
-def _resolve_model_args(args):
-    """Fill --model/--image-size/--num-classes/--vae from the checkpoint (--path) or upstream's defaults.
-
-    Flags given explicitly must agree with a quantized checkpoint. Returns its config (or None).
-    """
-    if args.path is None:
-        for flag in ("act_bit", "weight_bit"):
-            if getattr(args, flag) is not None:
-                raise UserError(f"--{flag.replace('_', '-')} only applies to a quantized checkpoint (--path)")
-        for key, default in MODEL_DEFAULTS.items():
-            if getattr(args, key) is None:
-                setattr(args, key, default)
-        return None
-    if args.ckpt is not None:
-        raise UserError("--ckpt and --path exclude each other (a quantized checkpoint directory is self-contained)")
-    meta = _read_quant_config(args.path)
-    for key in ("model", "image_size", "num_classes"):
-        given, stored = getattr(args, key), meta[key]
-        if given is None:
-            setattr(args, key, stored)
-        elif given != stored:
-            raise UserError(f"--{key.replace('_', '-')} {given} does not match the checkpoint {args.path}, "
-                            f"made for {key.replace('_', '-')} {stored}")
-    if args.vae is None:
-        args.vae = meta["vae"]
-    elif (args.vae == "none") != (meta["vae"] == "none"):
-        raise UserError(f"--vae {args.vae} does not match the checkpoint {args.path}, made for vae {meta['vae']}")
-    for flag, key in (("act_bit", "act_bit"), ("weight_bit", "weight_bit")):
-        given = getattr(args, flag)
-        if given is not None and given != meta[key]:
-            raise UserError(f"--{flag.replace('_', '-')} {given} does not match the checkpoint's {key} "
-                            f"{meta[key]} ({args.path})")
-    return meta
-
-
 def _check_args(args):
+    if args.backend == "int" and not args.path:
+        raise UserError("--backend int needs a quantized checkpoint (--path); the FP model has no integer form")
     if args.num_fid_samples <= 0:
         raise UserError(f"--num-fid-samples must be positive, got {args.num_fid_samples}")
     if args.per_proc_batch_size <= 0:
@@ -154,17 +103,16 @@ def _load_model(args, meta):
     """(model on CPU in eval mode, quantized?)."""
     if meta is None:
         return build_model(args), False
-    from quant.checkpoint import load_quantized
-    from quant.fold import fold_smoothing
+    from quant.inference import load_for_sampling
     try:
-        model, loaded_meta = load_quantized(args.path, device="cpu")
+        model, loaded_meta = load_for_sampling(args.path, args.backend, device="cpu")
     except UserError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(f"cannot load the quantized checkpoint {args.path} ({type(e).__name__}: {first})") from None
     meta.update(loaded_meta or {})
-    return fold_smoothing(model).eval(), True
+    return model, True
 
 
 def output_name(args, meta):
@@ -175,7 +123,8 @@ def output_name(args, meta):
     if meta is None:
         return name + "-fp"
     act = meta["act_bit"]
-    return name + f"-W{meta['weight_bit']}A{act if act is not None else 'fp'}-{meta['scheme']}"
+    name += f"-W{meta['weight_bit']}A{act if act is not None else 'fp'}-{meta['scheme']}"
+    return name + "-int" if args.backend == "int" else name
 
 
 def fingerprint(model, args, meta, device):
@@ -325,8 +274,8 @@ def main(args):
 
 def _main(args):
     _check_args(args)
-    device_kind = _resolve_device(args.device)
-    meta = _resolve_model_args(args)
+    device_kind = pick_device(args.device)
+    meta = resolve_model_args(args, MODEL_DEFAULTS)
     check_common_args(args)
     channels, size = latent_shape(args)
     if device_kind == "cuda":
@@ -442,6 +391,8 @@ def build_parser():
     parser.add_argument("--path", type=str, default=None, help="a quantized checkpoint directory (QuantDiT.py)")
     parser.add_argument("--weight-bit", type=int, default=None, help="optional check against the checkpoint")
     parser.add_argument("--act-bit", type=int, default=None, help="optional check against the checkpoint")
+    parser.add_argument("--backend", choices=["fake", "int"], default="fake",
+                        help="fake: quantize-dequantize in float; int: integer GEMMs (torch._int_mm)")
     parser.add_argument("--save-png", action="store_true", help="also write one PNG per sample")
     parser.add_argument("--keep-shards", action="store_true", help="keep the shard files after writing the .npz")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

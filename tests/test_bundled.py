@@ -29,16 +29,38 @@ def test_model_card_flags_line_selects_the_bundled_model():
     assert re.search(r"python train\.py", card)  # the exact training command is recorded
 
 
-@torch.no_grad()
-def test_bundled_samples_are_classified_as_their_label():
+@pytest.fixture(scope="module")
+def fp_samples():
+    """100 samples of the bundled model at cfg 4, 50 steps: (uint8 NHWC, labels)."""
     model = bundled_model()
     n = 100
     labels = [i % 10 for i in range(n)]
     gens, y, z = sample_inputs(0, range(n), 10, (3, 16, 16), labels)
-    x = make_sampler(model, 50, 4.0, clip_denoised=True)(z, y, gens)
-    acc = label_accuracy(to_uint8(x), labels)
-    print(f"bundled model, cfg 4, 50 steps: {acc:.1%} of {n} samples classified as their label")
+    with torch.no_grad():
+        x = make_sampler(model, 50, 4.0, clip_denoised=True)(z, y, gens)
+    return to_uint8(x).numpy(), labels
+
+
+def test_bundled_samples_are_classified_as_their_label(fp_samples):
+    images, labels = fp_samples
+    acc = label_accuracy(images, labels)
+    print(f"bundled model, cfg 4, 50 steps: {acc:.1%} of {len(labels)} samples classified as their label")
     assert acc >= 0.8
+
+
+def test_evaluator_scores_bundled_samples_above_noise(fp_samples):
+    import numpy as np
+
+    from evaluator import evaluate, make_extractor
+    images, _ = fp_samples
+    ref = np.load(os.path.join(ROOT, "assets", "digits_ref.npz"))["arr_0"]
+    extractor = make_extractor("digits")
+    fp = evaluate(ref, images, extractor, progress=False)
+    noise = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
+    bad = evaluate(ref, noise, extractor, progress=False)
+    print(f"FID-digits: bundled FP samples {fp['fid']:.2f}, uniform noise {bad['fid']:.2f}")
+    assert np.isfinite(fp["fid"]) and fp["fid"] >= 0
+    assert bad["fid"] > 5 * fp["fid"] and bad["inception_score"] < fp["inception_score"]
 
 
 @torch.no_grad()
