@@ -388,6 +388,8 @@ def linear_w4a8(x, layer):
 def to_int_backend(model):
     """Replace every QuantLinear in `model` (in place) by its IntLinear; returns the model.
 
+    Weight-only layers (act_cfg None, e.g. the adaLN linears of --quantize-adaln) have no integer
+    activations to multiply and stay QuantLinear (their weight is dequantized once at load).
     Raises ValueError naming the layer if one has no integer form.
     """
     if isinstance(model, QuantLinear):
@@ -395,7 +397,7 @@ def to_int_backend(model):
     swaps = []
     for name, mod in model.named_modules():
         for child_name, child in mod.named_children():
-            if isinstance(child, QuantLinear):
+            if isinstance(child, QuantLinear) and child.act_cfg is not None:
                 swaps.append((mod, child_name, f"{name}.{child_name}" if name else child_name, child))
     for parent, child_name, full, child in swaps:
         try:

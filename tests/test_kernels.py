@@ -260,10 +260,15 @@ def test_to_int_backend_swaps_every_quantlinear():
         assert sum(isinstance(m, IntLinear) for m in model.modules()) == 4
         assert _rel(model(x), ref) < 1e-4
     assert isinstance(to_int_backend(_qlinear()), IntLinear)
-    float_acts = QuantLinear(quantize_weight(torch.randn(8, 16), WeightQuantConfig(bits=8, group_size=None)))
-    bad = nn.Sequential(_qlinear(), float_acts)
-    with pytest.raises(ValueError, match=r"^1: .*use --backend fake"):
-        to_int_backend(bad)
+    # a weight-only layer (float activations, e.g. --quantize-adaln) stays QuantLinear, unchanged
+    float_acts = QuantLinear(quantize_weight(torch.randn(16, 16), WeightQuantConfig(bits=8, group_size=None)))
+    mixed = nn.Sequential(_qlinear(k=16, n=16), float_acts)
+    xin = _x((3, 16))
+    with torch.no_grad():
+        before = mixed(xin)
+        to_int_backend(mixed)
+        assert isinstance(mixed[0], IntLinear) and mixed[1] is float_acts
+        assert _rel(mixed(xin), before) < 1e-4
 
 
 @pytest.mark.parametrize("bits,group", [(8, None), (8, 64), (4, 128)])
