@@ -4,7 +4,11 @@
         --num-sampling-steps 100
 
 writes a self-contained checkpoint directory (see quant/checkpoint.py) that
-sample_merge_TAS.py and sample.py load without the FP checkpoint.
+sample_merge_TAS.py and sample.py load without the FP checkpoint. Scales, LoRA factors and the
+untouched FP tensors are stored in fp16 (--storage-dtype fp32 for exactness studies); the
+quantized model is rounded to what is stored before the preview, so samples.png shows exactly
+the model that loads back. --quantize-adaln also quantizes every block's adaLN linear
+(weight-only 8-bit per output channel), which shrinks a DiT-XL/2 checkpoint by another third.
 """
 import argparse
 import os
@@ -14,9 +18,10 @@ import torch
 
 from cli import ArgumentParser, UserError, run
 from config import DEFAULTS, calib_labels
-from pipeline import add_model_args, build_model, decode, load_vae, make_sampler, sample_inputs, save_grid
+from pipeline import add_model_args, build_model, decode, load_vae, make_sampler, pick_device, sample_inputs, save_grid
 from quant.calibrate import QuantConfig, check_layers, quantizable_layers, quantize_dit
-from quant.checkpoint import is_quantized_checkpoint, save_quantized
+from quant.checkpoint import (DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES, is_quantized_checkpoint, round_for_storage,
+                              save_quantized)
 
 
 def quant_config_from_args(args):
@@ -31,6 +36,8 @@ def quant_config_from_args(args):
             lora_rank=args.lora_rank, lora_iters=args.lora_iters, svd=args.svd,
             search_steps=args.search_steps if args.search_steps is not None else (
                 DEFAULTS.reference_search_steps if args.scheme == "reference" else None),
+            quantize_adaln=args.quantize_adaln, search_dtype=args.search_dtype,
+            search=getattr(args, "search", "exact"),
         )
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -48,15 +55,13 @@ def default_out_dir(args, cfg):
     default_gran = DEFAULTS.act_granularity_reference if cfg.scheme == "reference" else DEFAULTS.act_granularity_ditas
     if cfg.act_granularity != default_gran:
         parts.append(cfg.act_granularity)
+    if cfg.quantize_adaln:
+        parts.append("adaln8")
+    if cfg.search != "exact":
+        parts.append(f"{cfg.search}search")
+    if args.storage_dtype != DEFAULT_STORAGE_DTYPE:
+        parts.append(args.storage_dtype)
     return os.path.join(args.results_dir, "-".join(parts))
-
-
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but no CUDA GPU is available; use --device cpu")
-    return name
 
 
 def main(args):
@@ -99,6 +104,8 @@ def main(args):
                                    args.preview_labels)
         preview = [decode(vae, sampler(z, y, gens, progress=True))]
     report = quantize_dit(model, cfg, calibration_loop)
+    # from here on the model is exactly what the checkpoint stores (and load_quantized returns)
+    round_for_storage(model, args.storage_dtype)
     if args.preview:
         t1 = time.time()
         gens, y, z = sample_inputs(args.seed, range(len(args.preview_labels)), args.num_classes, shape,
@@ -118,7 +125,8 @@ def main(args):
     if preview:
         grid = torch.cat(preview)
         extra["samples.png"] = lambda p: save_grid(grid, p, nrow=len(args.preview_labels), upscale=args.upscale)
-    save_quantized(model, meta, report, out_dir, overwrite=args.overwrite, extra_files=extra)
+    save_quantized(model, meta, report, out_dir, overwrite=args.overwrite, extra_files=extra,
+                   storage_dtype=args.storage_dtype)
     errs = [r["output_error"] / max(r["output_error_rtn"], 1e-30) for r in report["layers"].values()]
     print(f"saved {out_dir} in {report['timings']['total_s']:.0f}s; mean output error vs round-to-nearest: "
           f"{sum(errs) / len(errs):.3f}x")
@@ -148,6 +156,17 @@ def build_parser():
     parser.add_argument("--svd", choices=("full", "lowrank"), default=d.svd)
     parser.add_argument("--search-steps", type=int, default=None,
                         help="search loss over the first N steps only (default: all for ditas, 50 for reference)")
+    parser.add_argument("--search", choices=("exact", "approx"), default="exact",
+                        help="alpha search loss: exact (a second FP loop scores every candidate, the paper) or "
+                             "approx (predicted from the single TAS pass; quant/approx_search.py)")
+    parser.add_argument("--search-dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="reference scheme: dtype of the alpha search's candidate products (bf16: ~1.5x "
+                             "faster calibration, losses within ~1e-5 relative; see bench/results/calibration.md)")
+    parser.add_argument("--quantize-adaln", action="store_true",
+                        help="also quantize every block's adaLN linear: weight-only 8-bit per output channel")
+    parser.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default=DEFAULT_STORAGE_DTYPE,
+                        help="dtype of scales, LoRA factors and the FP tensors in the checkpoint "
+                             "(fp32 for exactness studies)")
     parser.add_argument("--calib-cfg-scale", type=float, default=d.calib_cfg_scale)
     parser.add_argument("--calib-labels", type=int, nargs="+", default=None,
                         help="calibration class labels (default: the released 16 ImageNet labels)")

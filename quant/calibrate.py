@@ -7,7 +7,9 @@ batch; no step's activations are kept. Two FP sampling loops, whatever the depth
     pass 1  TAS statistics: a_j = max over steps and rows of |X_t[:, j]| per layer
     pass 2  alpha search: every layer's candidates scored on every step's FP input
 
-then every layer is replaced by a QuantLinear built for its chosen alpha.
+then every layer is replaced by a QuantLinear built for its chosen alpha. With
+`quantize_adaln`, every block's adaLN linear is then quantized weight-only (8-bit, per
+output channel, round-to-nearest; see quantize_adaln()).
 """
 import time
 from dataclasses import asdict, dataclass
@@ -16,12 +18,15 @@ import torch
 from tqdm.auto import tqdm
 
 from quant.qlinear import QuantLinear
-from quant.quantizer import ActQuantConfig, WeightQuantConfig
-from quant.search import AlphaSearch, alpha_grid
+from quant.quantizer import ActQuantConfig, WeightQuantConfig, dequantize_weight
+from quant.search import MATMUL_DTYPES, AlphaSearch, alpha_grid
 from quant.smoothing import RunningAbsMax
 
 # The four linears of every block that DiTAS quantizes (METHOD.md section 1).
 BLOCK_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+# --quantize-adaln: weight-only quantization of every block's adaLN linear (Linear(D, 6D)).
+ADALN_LAYER = "adaLN_modulation.1"
+ADALN_WEIGHT_CFG = WeightQuantConfig(bits=8, group_size=None, scheme="ditas")  # per output channel, RTN
 
 
 @dataclass(frozen=True)
@@ -39,12 +44,19 @@ class QuantConfig:
     lora_iters: int = 10
     svd: str = "full"
     search_steps: int | None = None   # loss over the first N steps only (reference: 50)
+    quantize_adaln: bool = False      # also quantize every block's adaLN linear, weight-only 8-bit
+    search_dtype: str = "fp32"        # reference scheme: candidate products in fp32 or bf16 (quant/search.py)
+    search: str = "exact"             # exact: pass 2 scores candidates; approx: predicted from pass 1 (approx_search.py)
 
     def __post_init__(self):
+        if self.search not in ("exact", "approx"):
+            raise ValueError(f"search must be exact or approx, got {self.search!r}")
         if self.smoothing not in ("search", "fixed", "none"):
             raise ValueError(f"smoothing must be search, fixed or none, got {self.smoothing!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"the fixed alpha must be in [0, 1], got {self.alpha}")
+        if self.search_dtype not in MATMUL_DTYPES:
+            raise ValueError(f"search dtype must be one of {tuple(MATMUL_DTYPES)}, got {self.search_dtype!r}")
         if self.lora_rank < 0 or self.lora_iters < 1:
             raise ValueError(f"LoRA rank must be >= 0 and iterations >= 1, got {self.lora_rank}, {self.lora_iters}")
         self.weight_cfg()  # validates bits, scheme, group size
@@ -70,6 +82,33 @@ class QuantConfig:
 def quantizable_layers(model):
     """{name: nn.Linear} of the four linears of every block, in block order (any depth)."""
     return {f"blocks.{i}.{n}": block.get_submodule(n) for i, block in enumerate(model.blocks) for n in BLOCK_LAYERS}
+
+
+def adaln_layers(model):
+    """{name: adaLN linear} of every block (not final_layer's: 2D x D, 0.4 % of DiT-XL/2's weights,
+    and it modulates the FP output projection directly)."""
+    return {f"blocks.{i}.{ADALN_LAYER}": block.get_submodule(ADALN_LAYER) for i, block in enumerate(model.blocks)}
+
+
+@torch.no_grad()
+def quantize_adaln(model):
+    """Replace every block's adaLN linear by a weight-only QuantLinear (ADALN_WEIGHT_CFG: 8-bit, ditas
+    scheme, one scale per output channel, round-to-nearest; no smoothing, no LoRA, float activations).
+
+    Its input is SiLU(c), one vector per sample, so there is nothing to smooth or search; folding
+    (quant/fold.py) rescales its output rows through the per-row scales exactly. Returns
+    {name: {"weight_error", "weight_rel_error"}} (Frobenius norms).
+    """
+    report = {}
+    for name, lin in adaln_layers(model).items():
+        if isinstance(lin, QuantLinear):
+            continue
+        q = QuantLinear.from_float(lin, None, None, ADALN_WEIGHT_CFG, None, lora_rank=0)
+        err = float(torch.linalg.matrix_norm(lin.weight.float() - dequantize_weight(q.qweight)))
+        report[name] = {"weight_error": err,
+                        "weight_rel_error": err / max(float(torch.linalg.matrix_norm(lin.weight.float())), 1e-30)}
+        model.set_submodule(name, q.to(lin.weight.device))
+    return report
 
 
 def check_layers(layers, cfg):
@@ -118,6 +157,9 @@ def quantize_dit(model, cfg, loop, progress=True):
     output errors (mean squared error per step, and plain round-to-nearest's for reference);
     and wall time per phase.
     """
+    if cfg.search == "approx":  # one FP loop; losses predicted from its statistics (quant/approx_search.py)
+        from quant.approx_search import quantize_dit_approx
+        return quantize_dit_approx(model, cfg, loop, progress)
     layers = quantizable_layers(model)
     check_layers(layers, cfg)
     wcfg, acfg = cfg.weight_cfg(), cfg.act_cfg()
@@ -133,10 +175,10 @@ def quantize_dit(model, cfg, loop, progress=True):
     for name, lin in tqdm(layers.items(), desc="preparing candidates", disable=not progress, leave=False):
         searches[name] = AlphaSearch(lin.weight, lin.bias, act_absmax[name], alphas, wcfg, acfg,
                                      lora_rank=cfg.lora_rank, lora_iters=cfg.lora_iters, svd=cfg.svd,
-                                     max_steps=cfg.search_steps)
+                                     max_steps=cfg.search_steps, matmul_dtype=cfg.search_dtype)
         # plain round-to-nearest on the same inputs: the "before smoothing, before LoRA" error
         baselines[name] = AlphaSearch(lin.weight, lin.bias, None, [None], wcfg, acfg, lora_rank=0,
-                                      max_steps=cfg.search_steps)
+                                      max_steps=cfg.search_steps, matmul_dtype=cfg.search_dtype)
     timings["prepare_candidates_s"] = time.time() - t0
 
     t0 = time.time()
@@ -166,4 +208,9 @@ def quantize_dit(model, cfg, loop, progress=True):
         }
         model.set_submodule(name, QuantLinear.from_search(best, acfg))
     timings["build_layers_s"] = time.time() - t0
-    return {"layers": report, "timings": timings}
+    out = {"layers": report, "timings": timings}
+    if cfg.quantize_adaln:
+        t0 = time.time()
+        out["adaln_layers"] = quantize_adaln(model)
+        timings["quantize_adaln_s"] = time.time() - t0
+    return out

@@ -23,6 +23,10 @@ before it emit x / s directly, so the run-time divide disappears:
 * fc2 -- its input is GELU(fc1(.)), not linear in anything foldable: its `smooth`
   stays and the divide runs on the fly.
 
+The adaLN linear may itself be a weight-only QuantLinear (--quantize-adaln: ditas scheme, one
+scale per output row): dividing its shift/scale rows by s multiplies those rows' scales by 1/s
+(quantizer.scale_qweight_rows), codes unchanged; its bias gets b_sh / s, (b_sc + 1 - s) / s.
+
 With activation quantization off the folded model is the same function up to float
 rounding. With it on, the quantizer input is the same value computed by a different
 float expression, so a handful of elements lying on a rounding boundary may land one
@@ -39,21 +43,49 @@ def _smooth_of(layer):
     return getattr(layer, "smooth", None) if isinstance(layer, QuantLinear) else None
 
 
+def _div_rows(t, rows, s64):
+    t[rows] = (t[rows].to(torch.float64) / s64.view(-1, *[1] * (t.dim() - 1))).to(t.dtype)
+
+
+@torch.no_grad()
+def _div_weight_rows(layer, rows, s64):
+    """Divide output rows `rows` of the layer's weight (not its bias) by s64.
+
+    nn.Linear: the float weight. QuantLinear: the rows of lora_L, and
+      - ditas scheme: the rows' group scales (exact: codes and integer zero points unchanged);
+      - reference scheme (groups span rows): the dequantized weight, marking the layer
+        fake_quant_only with fold_row_scale (see the module docstring).
+    """
+    if not isinstance(layer, QuantLinear):
+        _div_rows(layer.weight, rows, s64)
+        return
+    if layer.lora_L.numel():
+        _div_rows(layer.lora_L, rows, s64)
+    r = torch.ones(layer.out_features, dtype=torch.float64, device=s64.device)
+    r[rows] = 1 / s64
+    if layer.weight_cfg.scheme == "ditas" and not getattr(layer, "fake_quant_only", False):
+        # exact: r_i multiplies every group scale of row i; codes and zero points unchanged
+        layer.set_qweight(scale_qweight_rows(layer.qweight, r))
+    else:
+        _div_rows(layer.weight, rows, s64)
+        prev = getattr(layer, "fold_row_scale", None)
+        total = r.to(layer.weight.dtype) if prev is None else prev * r.to(prev)
+        layer.register_buffer("fold_row_scale", total, persistent=False)
+        layer.fake_quant_only = True
+
+
 @torch.no_grad()
 def _fold_into_modulation(ada, chunk_shift, chunk_scale, hidden, s):
-    """Make adaLN's (shift, scale) chunks produce the modulation of h / s."""
-    w, b = ada.weight, ada.bias
+    """Make adaLN's (shift, scale) chunks produce the modulation of h / s (nn.Linear or a QuantLinear
+    from --quantize-adaln: then the row divisor goes into its per-row group scales)."""
+    b = ada.bias
     s64 = s.to(torch.float64)
     sh = slice(chunk_shift * hidden, (chunk_shift + 1) * hidden)
     sc = slice(chunk_scale * hidden, (chunk_scale + 1) * hidden)
-    w[sh] = (w[sh].to(torch.float64) / s64[:, None]).to(w.dtype)
-    w[sc] = (w[sc].to(torch.float64) / s64[:, None]).to(w.dtype)
+    _div_weight_rows(ada, sh, s64)
+    _div_weight_rows(ada, sc, s64)
     b[sh] = (b[sh].to(torch.float64) / s64).to(b.dtype)
     b[sc] = ((b[sc].to(torch.float64) + 1 - s64) / s64).to(b.dtype)
-
-
-def _div_rows(t, rows, s64):
-    t[rows] = (t[rows].to(torch.float64) / s64.view(-1, *[1] * (t.dim() - 1))).to(t.dtype)
 
 
 @torch.no_grad()
@@ -63,29 +95,14 @@ def _fold_into_v_rows(qkv, hidden, s):
     rows = slice(2 * hidden, 3 * hidden)
     if qkv.bias is not None:
         _div_rows(qkv.bias, rows, s64)
-    if not isinstance(qkv, QuantLinear):
-        _div_rows(qkv.weight, rows, s64)
-        return
-    if qkv.lora_L.numel():
-        _div_rows(qkv.lora_L, rows, s64)
-    r = torch.ones(qkv.out_features, dtype=torch.float64, device=s.device)
-    r[rows] = 1 / s64
-    if qkv.weight_cfg.scheme == "ditas" and not getattr(qkv, "fake_quant_only", False):
-        # exact: r_i multiplies every group scale of row i; codes and zero points unchanged
-        qkv.set_qweight(scale_qweight_rows(qkv.qweight, r))
-    else:
-        _div_rows(qkv.weight, rows, s64)
-        prev = getattr(qkv, "fold_row_scale", None)
-        total = r.to(qkv.weight.dtype) if prev is None else prev * r.to(prev)
-        qkv.register_buffer("fold_row_scale", total, persistent=False)
-        qkv.fake_quant_only = True
+    _div_weight_rows(qkv, rows, s64)
 
 
 def fold_block(block):
     """Fold the qkv, fc1 and proj smoothing factors of one DiTBlock (in place); returns the folded names."""
     hidden = block.attn.qkv.in_features
     ada = block.adaLN_modulation[-1]
-    if not isinstance(ada, nn.Linear) or ada.out_features != 6 * hidden:
+    if not isinstance(ada, (nn.Linear, QuantLinear)) or ada.out_features != 6 * hidden or ada.bias is None:
         raise ValueError(f"expected the block's adaLN linear to be Linear({hidden}, {6 * hidden}), got {ada}")
     folded = []
     for name, layer, chunks in (("attn.qkv", block.attn.qkv, (0, 1)), ("mlp.fc1", block.mlp.fc1, (3, 4))):

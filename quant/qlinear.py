@@ -18,7 +18,8 @@ from quant.search import AlphaSearch
 class QuantLinear(nn.Module):
     """Linear layer with a low-bit weight, a LoRA branch and optional activation quantization.
 
-    act_cfg None keeps activations in float. lora_L (out, r) and lora_R (r, in) may have r = 0.
+    act_cfg None keeps activations in float (weight-only quantization, e.g. the adaLN linears of
+    --quantize-adaln). lora_L (out, r) and lora_R (r, in) may have r = 0.
     """
 
     def __init__(self, qweight, bias=None, lora_L=None, lora_R=None, smooth=None, act_cfg=None):
@@ -45,7 +46,12 @@ class QuantLinear(nn.Module):
     def set_qweight(self, qweight):
         """Replace the low-bit weight (e.g. after folding a row scale into its group scales)."""
         self.codes, self.scale, self.zero = qweight.codes, qweight.scale, qweight.zero
-        self.weight = dequantize_weight(qweight).to(self.weight)
+        self.recompute_weight()
+
+    def recompute_weight(self):
+        """weight = dequant(codes, scale, zero) again (after scale or zero changed in place, e.g. the
+        fp16 rounding of quant.checkpoint.round_for_storage)."""
+        self.weight = dequantize_weight(self.qweight).to(self.weight)
 
     def forward(self, x):
         if self.smooth is not None:

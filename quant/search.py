@@ -2,8 +2,28 @@
 
 For every candidate alpha the fully quantized layer is prepared once; each
 calibration step then adds mean((Y_q(alpha) - Y_fp)^2) to a running sum, so no
-activation history is kept. All candidates are evaluated with one batched
-product over the stacked (n_alpha, out, in) weights.
+activation history is kept.
+
+Evaluating 21 candidates per step is the cost of calibration, so update() avoids
+everything that does not change the result beyond float rounding (impl="naive" keeps
+the direct evaluation, one batched product per candidate stack, as a check and as the
+cost model of the released code's search):
+* dynamic activation ranges of x/s for tensor/row granularity come from the
+  per-channel min/max of x: min_i fl(x_ij / s_j) = fl(min_i x_ij / s_j) for s_j > 0,
+  so they are exact without materializing x/s first; the quantizer's lower clamp never
+  acts (see _fake_quant), so codes - zero = min(round(x/s/scale), qmax - zero);
+* rows are processed in cache-sized chunks with in-place ops into reused buffers;
+* reference scheme (one weight for every alpha; all candidates of a row chunk at once):
+  the residual is written as Y_q - Y_fp = E_k Weff^T + X D^T, E_k = fq(X/s_k) s_k - X
+  (activation error), D = Weff - W (weight error, alpha-independent), so P = X D^T is
+  computed once per step. When in < out (qkv, fc1), Weff = U S V^T gives
+  ||E Weff^T + P||^2 = ||E V S + P U||^2 + ||P (I - U U^T)||^2: an (in x in) product per
+  candidate instead of (in x out). Forming the small error E first also avoids the
+  cancellation of Y_q - Y_fp, which is what makes matmul_dtype="bf16" usable: only the
+  candidate products E_k M run in bfloat16 (P, the constant and all sums stay float32);
+  losses move by ~1e-5 relative (tests/test_search.py, bench/calibration.py);
+* ditas scheme (a weight per alpha): one (in x out) float32 product per candidate and row
+  chunk, against Y_fp computed once per step.
 
 Schemes (METHOD.md section 8):
 * ditas: s from w_j = max|W[:, j]|; W diag(s) is re-quantized with the LoRA loop
@@ -14,13 +34,14 @@ Schemes (METHOD.md section 8):
 
 A candidate alpha of None means "no smoothing" (s = 1).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 
 from quant.lora import LoraFit, fit_lora
-from quant.quantizer import QWeight, fake_quantize_act, quantize_weight, scale_qweight_columns
+from quant.quantizer import (QWeight, affine_params, dequantize_weight, fake_quantize_act, num_steps,
+                             quantize_weight, scale_qweight_columns)
 from quant.smoothing import smoothing_factors, weight_channel_absmax
 
 
@@ -64,6 +85,24 @@ def _chunks(n, size):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_CHUNK_ELEMENTS = 1 << 18  # candidates x rows x in per row chunk: ~1 MB of float32, stays in L2
+
+
+def _range_groups(x, granularity):
+    """Number of row groups of x (..., in) that share one dynamic range (quantizer._act_reduce_dims
+    with one stacking dim): 1 for tensor, x.shape[0] for row, every row for token; None when the
+    range must be taken per row from x/s itself (token, or row on a 2-D input)."""
+    rows = x.numel() // x.shape[-1]
+    if granularity == "tensor":
+        return 1
+    if granularity == "row" and x.dim() >= 3:
+        return x.shape[0]
+    if granularity == "row" and x.dim() == 1:
+        return 1
+    return None if rows > 1 else 1
+
+
 class AlphaSearch:
     """Streaming grid search of alpha for one linear layer.
 
@@ -71,10 +110,13 @@ class AlphaSearch:
     unused when every alpha is None. act_cfg None leaves activations unquantized.
     scheme defaults to weight_cfg.scheme. max_steps: updates after that many are
     ignored (reference: 50). chunk: candidates processed together (bounds memory).
+    matmul_dtype: "fp32", or "bf16" for the reference scheme's candidate products (see the
+    module docstring). impl: "fast" (default) or "naive" (direct evaluation; same results up
+    to float rounding).
     """
 
     def __init__(self, weight, bias, act_absmax, alphas, weight_cfg, act_cfg, lora_rank=32, lora_iters=10,
-                 scheme=None, max_steps=None, svd="full", chunk=None):
+                 scheme=None, max_steps=None, svd="full", chunk=None, matmul_dtype="fp32", impl="fast"):
         self.alphas = list(alphas)
         if not self.alphas:
             raise ValueError("AlphaSearch needs at least one candidate alpha")
@@ -84,19 +126,30 @@ class AlphaSearch:
         self.weight = weight.detach().float()
         self.bias = None if bias is None else bias.detach()
         self.act_cfg, self.max_steps, self.chunk = act_cfg, max_steps, chunk
+        if matmul_dtype not in MATMUL_DTYPES:
+            raise ValueError(f"matmul_dtype must be one of {tuple(MATMUL_DTYPES)}, got {matmul_dtype!r}")
+        if impl not in ("fast", "naive"):
+            raise ValueError(f"impl must be 'fast' or 'naive', got {impl!r}")
+        self.matmul_dtype, self.impl = matmul_dtype, impl
+        self._ops = None  # fast-path operands (reference: replace the dense effective weight)
         self.steps = 0
         self._loss = torch.zeros(len(self.alphas), dtype=torch.float64, device=self.weight.device)
         quantize_fn = partial(quantize_weight, cfg=weight_cfg)
         fit = partial(fit_lora, quantize_fn=quantize_fn, rank=lora_rank, iters=lora_iters, svd=svd)
         if self.scheme == "reference":
-            self._fit = fit(self.weight)
-            self._smooth = self._factors(act_absmax, weight_channel_absmax(self._fit.q))
-            self._weff = self._fit.effective
+            f = fit(self.weight)
+            self._smooth = self._factors(act_absmax, weight_channel_absmax(f.q))
+            self._weff = f.effective
+            if impl == "fast" and act_cfg is not None:  # the fast path needs only its operands
+                self._operands()
+                self._weff = None
         else:
             self._smooth = self._factors(act_absmax, weight_channel_absmax(self.weight))
             fits = [fit(self.weight * self._smooth[sl, None, :]) for sl in _chunks(len(self.alphas), chunk)]
-            self._fit = LoraFit.cat(fits)
-            self._weff = self._fit.effective
+            f = LoraFit.cat(fits)
+            self._weff = f.effective
+        # the dequantized q (= dequant(qweight)) is not needed any more: do not keep a dense copy per layer
+        self._fit = replace(f, q=None)
 
     def _factors(self, act_absmax, w_absmax):
         """(n_alpha, in) smoothing factors, rows of ones for alpha None."""
@@ -112,6 +165,22 @@ class AlphaSearch:
         if self.max_steps is not None and self.steps >= self.max_steps:
             return
         x = x.detach().to(self.weight.device, torch.float32)
+        if self.impl == "naive" or self.act_cfg is None:
+            self._update_naive(x)
+        else:
+            self._update_fast(x)
+        self.steps += 1
+
+    def _effective(self):
+        """Q + L R (reference) or the (n_alpha, out, in) stack (ditas)."""
+        if self._weff is None:
+            f = self._fit
+            self._weff = dequantize_weight(f.qweight).to(self.weight) + f.L @ f.R
+        return self._weff
+
+    def _update_naive(self, x):
+        """Direct evaluation: y_k = fq(x/s_k) W_k^T per candidate, minus y_fp."""
+        weff = self._effective()
         y_fp = x.reshape(-1, x.shape[-1]) @ self.weight.T  # bias cancels in Y_q - Y_fp
         for sl in _chunks(len(self.alphas), self.chunk):
             s = self._smooth[sl]
@@ -119,11 +188,133 @@ class AlphaSearch:
             xq = xs if self.act_cfg is None else fake_quantize_act(xs, self.act_cfg, stack_dims=1)
             xq = xq.reshape(s.shape[0], -1, x.shape[-1])
             if self.scheme == "reference":
-                y = (xq * s.unsqueeze(1)) @ self._weff.T
+                y = (xq * s.unsqueeze(1)) @ weff.T
             else:
-                y = torch.bmm(xq, self._weff[sl].transpose(1, 2))
+                y = torch.bmm(xq, weff[sl].transpose(1, 2))
             self._loss[sl] += (y - y_fp).pow(2).mean(dim=(1, 2)).double()
-        self.steps += 1
+
+    def _operands(self):
+        """Per-layer constants of the fast path (see the module docstring)."""
+        if self._ops is not None:
+            return self._ops
+        w = self.weight
+        ops = {"qmax": 2 ** self.act_cfg.bits - 1, "steps": num_steps(self.act_cfg.bits, self.act_cfg.scheme)}
+        if self.scheme == "reference":
+            weff = self._effective().double()
+            d = weff - w.double()
+            out, inp = w.shape
+            if inp < out:  # project onto Weff's column space: (in x in) products per candidate
+                u, sv, vh = torch.linalg.svd(weff, full_matrices=False)
+                m, n = vh.T * sv, d.T @ u
+                d_perp = d - u @ (u.T @ d)
+                ops["h"] = (d_perp.T @ d_perp).float()
+            else:
+                m, n = weff.T, d.T
+                ops["h"] = None
+            mdt = MATMUL_DTYPES[self.matmul_dtype]
+            ops["m"] = m.to(mdt).contiguous()
+            ops["n"] = n.float().contiguous()
+        else:
+            ops["w_t"] = w.T
+        self._ops = ops
+        return ops
+
+    def _ranges(self, x2, groups, s):
+        """(scale, qmax - zero) per candidate and row, (k, rows), from per-group channel min/max of x."""
+        rows, c = x2.shape
+        xg = x2.view(groups, rows // groups, c)
+        gmin, gmax = xg.amin(1), xg.amax(1)  # (groups, in)
+        lo = torch.stack([(gmin / sk).amin(1) for sk in s])  # == min of x/s_k: division by s_k > 0 is monotone
+        hi = torch.stack([(gmax / sk).amax(1) for sk in s])
+        scale, zero = affine_params(lo, hi, self._ops["steps"])
+        rep = rows // groups
+        return scale.repeat_interleave(rep, 1), (self._ops["qmax"] - zero).repeat_interleave(rep, 1)
+
+    def _update_fast(self, x):
+        ops = self._operands()
+        c = x.shape[-1]
+        x2 = x.reshape(-1, c)
+        groups = _range_groups(x, self.act_cfg.granularity)
+        for sl in _chunks(len(self.alphas), self.chunk):
+            s = self._smooth[sl]
+            ranges = None if groups is None else self._ranges(x2, groups, s)
+            if self.scheme == "reference":
+                acc = self._reference_losses(x2, s, ranges, groups == 1)
+            else:
+                acc = self._ditas_losses(x2, s, ranges, sl)
+            self._loss[sl] += acc / (x2.shape[0] * self.weight.shape[0])
+
+    def _fake_quant(self, t, ranges, r0):
+        """t (..., n, in) = x/s for rows r0..r0+n -> in place codes - zero; returns (t, scale): fq = t * scale.
+
+        quantizer.encode/decode compute fq = (clamp(round(t / scale) + zero, 0, qmax) - zero) * scale.
+        The lower clamp never acts: t >= m (the group's min, the same float values) and round is
+        monotone, so round(t / scale) >= round(m / scale) = -zero. Hence codes - zero =
+        min(round(t / scale), qmax - zero), one pass instead of three.
+        """
+        n = t.shape[-2]
+        if ranges is None:
+            sc, zc = affine_params(t.amin(-1, keepdim=True), t.amax(-1, keepdim=True), self._ops["steps"])
+            top = self._ops["qmax"] - zc
+        else:
+            sc, top = ranges[0][..., r0:r0 + n, None], ranges[1][..., r0:r0 + n, None]
+        torch.minimum(t.div_(sc).round_(), top, out=t)
+        return t, sc
+
+    def _reference_losses(self, x2, s, ranges, one_range):
+        """Sum over rows of ||E_k M + P||^2 (+ const), all candidates per row chunk (one shared M)."""
+        ops = self._ops
+        rows, c = x2.shape
+        k = s.shape[0]
+        s3 = s.view(k, 1, c)
+        mdt = MATMUL_DTYPES[self.matmul_dtype]
+        p = x2 @ ops["n"]  # X D^T (or X D^T U), float32: shared by every candidate
+        # ||P (I - U U^T)||^2 = <X^T X, H>: float32 (the sum cancels, bf16 entries would not do)
+        const = 0.0 if ops["h"] is None else float(((x2.T @ x2) * ops["h"]).sum())
+        if one_range:  # one scale per candidate: x / s / scale as one multiply, the two output multiplies as one
+            scale_s = ranges[0][:, :1, None] * s3
+            inv = (1.0 / scale_s.double()).float()
+        step = max(16, _CHUNK_ELEMENTS // (k * c))
+        size = k * min(step, rows) * c
+        buf = x2.new_empty(size)  # flat: the first k*n*c elements are a contiguous (k, n, c) for any n
+        ebuf = buf if mdt == torch.float32 else torch.empty(size, dtype=mdt, device=buf.device)
+        acc = torch.zeros(k, dtype=torch.float64, device=x2.device)
+        for r0 in range(0, rows, step):
+            xc = x2[r0:r0 + step]
+            n = xc.shape[0]
+            t = buf[:k * n * c].view(k, n, c)
+            if one_range:
+                # x * (1 / (s scale)) instead of (x / s) / scale: the codes can differ only where x/s/scale
+                # lies within float rounding of a .5 boundary (float rounding of the loss, nothing more)
+                torch.minimum(torch.mul(xc, inv, out=t).round_(), ranges[1][:, :1, None], out=t)
+                e = torch.addcmul(-xc, t, scale_s, out=ebuf[:k * n * c].view(k, n, c))
+            else:
+                t, sc = self._fake_quant(torch.div(xc, s3, out=t), ranges, r0)
+                # activation error fq(x/s) s - x (small), written in the product's dtype
+                e = torch.addcmul(-xc, t.mul_(sc), s3, out=ebuf[:k * n * c].view(k, n, c))
+            z = torch.mm(e.view(k * n, c), ops["m"]).view(k, n, -1)
+            z = torch.add(p[r0:r0 + n], z)  # float32
+            acc += torch.linalg.vector_norm(z.view(k, -1), dim=1).double().pow(2)
+        return acc + const
+
+    def _ditas_losses(self, x2, s, ranges, sl):
+        """Sum over rows of ||fq(x/s_k) Weff_k^T - x W^T||^2, one candidate at a time (own weight)."""
+        ops = self._ops
+        rows, c = x2.shape
+        y_fp = x2 @ ops["w_t"]  # bias cancels in Y_q - Y_fp
+        step = max(64, _CHUNK_ELEMENTS // c)
+        buf = x2.new_empty(min(step, rows), c)
+        acc = torch.zeros(s.shape[0], dtype=torch.float64, device=x2.device)
+        for j, k in enumerate(range(sl.start, sl.stop)):
+            sk = s[j]
+            rk = None if ranges is None else (ranges[0][j], ranges[1][j])
+            for r0 in range(0, rows, step):
+                xc = x2[r0:r0 + step]
+                n = xc.shape[0]
+                t, sc = self._fake_quant(torch.div(xc, sk, out=buf[:n]), rk, r0)
+                z = torch.mm(t.mul_(sc), self._weff[k].T).sub_(y_fp[r0:r0 + n])
+                acc[j] += float(torch.linalg.vector_norm(z)) ** 2
+        return acc
 
     @property
     def losses(self):
@@ -143,13 +334,16 @@ class AlphaSearch:
     def candidate(self, k):
         """LayerQuant of candidate k (no update needed, e.g. for a fixed alpha)."""
         alpha, s = self.alphas[k], self._smooth[k]
-        f = self._fit if self.scheme == "reference" else self._fit[k]
-        qweight, R = f.qweight, f.R
+        f = self._fit
+        if self.scheme == "reference":
+            qweight, L, R, errors, rtn = f.qweight, f.L, f.R, f.errors, f.rtn_error
+        else:
+            qweight, L, R, errors, rtn = f.qweight[k], f.L[k], f.R[k], f.errors[:, k], f.rtn_error[k]
         if self.scheme == "reference" and alpha is not None:
             qweight, R = scale_qweight_columns(qweight, s), R * s
         # clones: the returned layer must not keep the whole candidate stack alive
         return LayerQuant(alpha=alpha, smooth=None if alpha is None else s.clone(), qweight=qweight.clone(),
-                          lora_L=f.L.clone(), lora_R=R.clone(), bias=self.bias,
-                          weight_error_rtn=float(f.rtn_error), weight_error_lora=float(f.errors[-1]),
-                          lora_errors=f.errors.tolist())
+                          lora_L=L.clone(), lora_R=R.clone(), bias=self.bias,
+                          weight_error_rtn=float(rtn), weight_error_lora=float(errors[-1]),
+                          lora_errors=errors.tolist())
 

@@ -76,13 +76,14 @@ def test_reference_layer_is_quantized_then_smoothed():
     wcfg = WeightQuantConfig(bits=4, scheme="reference")
     search = AlphaSearch(lin.weight, lin.bias, channel_absmax(x), [0.6], wcfg, None, lora_rank=4, lora_iters=3)
     fit, s = search._fit, search.candidate(0).smooth
-    torch.testing.assert_close(s, smoothing_factors(channel_absmax(x), weight_channel_absmax(fit.q), 0.6))
+    q = dequantize_weight(fit.qweight)  # the search keeps the integer form only
+    torch.testing.assert_close(s, smoothing_factors(channel_absmax(x), weight_channel_absmax(q), 0.6))
     ql = QuantLinear.from_search(search.candidate(0), None)
-    torch.testing.assert_close(ql.weight, fit.q * s)
+    torch.testing.assert_close(ql.weight, q * s)
     torch.testing.assert_close(ql.lora_R, fit.R * s)
     assert torch.equal(ql.codes, fit.qweight.codes)
     with torch.no_grad():  # unquantized activations: smoothing cancels, the layer is Q + L R on x
-        torch.testing.assert_close(ql(x), x @ fit.effective.T + lin.bias, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ql(x), x @ (q + fit.L @ fit.R).T + lin.bias, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("scheme", ["ditas", "reference"])

@@ -142,3 +142,31 @@ def test_no_smoothing_and_fixed_alpha_modes():
     assert fixed.result()[0] == 0.5 and fixed.best().smooth.shape == (64,)
     with pytest.raises(RuntimeError):
         AlphaSearch(w, b, None, [None], wcfg, acfg, lora_rank=0).result()
+
+
+@pytest.mark.parametrize("scheme,granularity,shape", [
+    ("reference", "tensor", (3, 37, 64)), ("reference", "row", (5, 7, 64)), ("reference", "token", (41, 64)),
+    ("ditas", "row", (3, 37, 64)), ("ditas", "tensor", (2, 300, 64)), ("ditas", "row", (29, 64)),
+    ("ditas", "token", (4, 9, 64))])
+@pytest.mark.parametrize("out", [96, 32])  # reference: in < out (projected products) and in > out (direct)
+def test_fast_update_matches_naive(scheme, granularity, shape, out):
+    """The optimized update (range shortcut, row chunks, error form) gives the direct evaluation's losses."""
+    w, b, _ = _problem(out=out)
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(shape, generator=g) * torch.exp(torch.randn(64, generator=g)) for _ in range(2)]
+    wcfg = WeightQuantConfig(bits=4, group_size=32 if scheme == "ditas" else None, scheme=scheme)
+    acfg = ActQuantConfig(bits=8, granularity=granularity, scheme=scheme)
+    absmax = torch.stack([x.abs().amax(dim=tuple(range(x.dim() - 1))) for x in xs]).amax(0)
+    losses = {}
+    for impl, dtype, chunk in (("naive", "fp32", None), ("fast", "fp32", None), ("fast", "fp32", 5),
+                               ("fast", "bf16", None)):
+        search = AlphaSearch(w, b, absmax, alpha_grid(0.1) + [None], wcfg, acfg, lora_rank=RANK, lora_iters=ITERS,
+                             impl=impl, matmul_dtype=dtype, chunk=chunk)
+        for x in xs:
+            search.update(x)
+        losses[impl, dtype, chunk] = torch.tensor(search.losses)
+    ref = losses["naive", "fp32", None]
+    torch.testing.assert_close(losses["fast", "fp32", None], ref, rtol=1e-4, atol=0)
+    torch.testing.assert_close(losses["fast", "fp32", 5], ref, rtol=1e-4, atol=0)
+    tol = 1e-3 if scheme == "reference" else 1e-4  # bf16 products: reference scheme only
+    torch.testing.assert_close(losses["fast", "bf16", None], ref, rtol=tol, atol=0)

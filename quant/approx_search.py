@@ -1,0 +1,255 @@
+"""Approximate alpha search from one calibration pass (beyond the paper; `--search approx`).
+
+The exact search (quant/search.py) needs a second FP sampling loop in which every
+layer runs all 21 candidate quantized layers on every step's input. Here the
+per-alpha loss is predicted from statistics of the single TAS pass (pass 1):
+
+    L(alpha) = sum_t mean((Y_q,t - Y_fp,t)^2)
+
+With W_s the effective weight the layer applies to X/s (ditas: Q_s + L_s R_s, the
+quantized smoothed weight with its LoRA branch; reference: (Q + L R) diag(s)), and
+fq(X/s) = X/s + E_t (E_t the activation rounding error),
+
+    Y_q,t - Y_fp,t = X_t D^T + E_t W_s^T,     D = W_s diag(1/s) - W
+
+(D is the quantization error of the weight mapped back to the unsmoothed domain).
+Treating E_t as zero-mean uniform noise, independent of X_t, of variance
+Delta_t(alpha)^2 / 12 per element (Delta_t: the activation quantizer's step on
+X_t/s), the cross term vanishes in expectation and
+
+    L(alpha) ~ sum_t [ tr(D M_t D^T) / (n_t out)  +  (Delta_t^2 / 12) ||W_s||_F^2 / out ]
+
+with M_t = X_t^T X_t and n_t rows. The first (weight) term is exact; we keep
+M = sum_t M_t (C x C per layer) and divide by the per-step row count n (constant in
+calibration: batch x tokens; if it varied, n would be the mean row count, which
+weights steps by their size). The second (activation) term needs, per step,
+mean over rows of Delta^2, from statistics that do not depend on alpha:
+
+* tensor: one range for the whole X_t/s. Since s > 0, max(X_t/s) =
+  max_j cmax_t[j] / s_j and min likewise, with the per-step per-channel min/max
+  cmax_t, cmin_t (C each): Delta_t is exact.
+* row: one range per batch row (x[b] over its tokens); keeping per-step
+  per-row per-channel min/max (B x C) makes every Delta_{t,b} exact.
+* token: one range per token. Exact ranges would need the whole X_t, so a fixed
+  subsample of `token_samples` tokens per step (evenly spaced over the flattened
+  rows) is kept and mean(Delta^2) is estimated on it (an unbiased estimate of the
+  mean over all tokens; memory steps x token_samples x C).
+
+What is approximated: the rounding error is modelled as uniform, independent of X
+and between elements (it is not exactly: values at the range ends round exactly,
+and the reference scheme's 2^A-step scale clips the top of the range by up to a
+step), and the token estimate is a subsample. With activation quantization off
+the approximation is exact.
+
+One FP sampling loop in total: pass 1 collects the TAS maxima and these
+statistics; candidates (with their LoRA fits) are prepared as in the exact search;
+losses are evaluated from the statistics.
+"""
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from quant.quantizer import num_steps
+from quant.search import AlphaSearch, select_alpha
+from quant.smoothing import channel_absmax
+
+DEFAULT_TOKEN_SAMPLES = 64
+
+
+class InputStats:
+    """Everything the approximate search needs from one layer's inputs, accumulated step by step.
+
+    absmax: the TAS statistic a_j over all steps (like RunningAbsMax).
+    Over the first `max_steps` steps (all if None):
+      xtx: sum_t X_t^T X_t (C x C, float64); rows: n_t per step;
+      tensor: cmin/cmax (steps, C); row: (steps, B, C); token: tokens (steps, K, C).
+    granularity None keeps only absmax and xtx (activation quantization off).
+    """
+
+    def __init__(self, granularity="tensor", max_steps=None, token_samples=DEFAULT_TOKEN_SAMPLES,
+                 dtype=torch.float64):
+        if granularity not in (None, "tensor", "row", "token"):
+            raise ValueError(f"granularity must be tensor, row, token or None, got {granularity!r}")
+        self.granularity, self.max_steps, self.token_samples, self.dtype = granularity, max_steps, token_samples, dtype
+        self.absmax = None
+        self.xtx = None
+        self.rows = []
+        self.cmin, self.cmax, self.tokens = [], [], []
+        self.seen = 0  # all updates (TAS); len(self.rows) counts the ones in the loss
+
+    @property
+    def steps(self):
+        return len(self.rows)
+
+    @torch.no_grad()
+    def update(self, x):
+        x = x.detach()
+        m = channel_absmax(x)
+        self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
+        self.seen += 1
+        if self.max_steps is not None and self.steps >= self.max_steps:
+            return self
+        c = x.shape[-1]
+        flat = x.reshape(-1, c)
+        xd = flat.to(self.dtype)
+        self.xtx = xd.T @ xd if self.xtx is None else self.xtx.addmm_(xd.T, xd)
+        self.rows.append(flat.shape[0])
+        g = self.granularity
+        if g == "tensor":
+            self.cmin.append(flat.amin(0).float())
+            self.cmax.append(flat.amax(0).float())
+        elif g == "row":
+            per_row = x.reshape(x.shape[0], -1, c) if x.dim() >= 2 else x.reshape(1, 1, c)
+            self.cmin.append(per_row.amin(1).float())
+            self.cmax.append(per_row.amax(1).float())
+        elif g == "token":
+            k = min(self.token_samples, flat.shape[0])
+            idx = torch.linspace(0, flat.shape[0] - 1, k, device=flat.device).round().long()
+            self.tokens.append(flat[idx].float())
+        return self
+
+    def mean_rows(self):
+        return sum(self.rows) / max(len(self.rows), 1)
+
+
+def _quant_step(lo, hi, act_cfg):
+    """The activation quantizer's step for a range (affine_params: a constant range gets no error)."""
+    return (hi - lo) / num_steps(act_cfg.bits, act_cfg.scheme)
+
+
+@torch.no_grad()
+def noise_variance(stats, smooth, act_cfg, step_chunk=16):
+    """sum over steps of mean over rows of Delta_t^2 / 12, per candidate: (A,) float64.
+
+    smooth: (A, C) smoothing factors (rows of ones for no smoothing).
+    """
+    A = smooth.shape[0]
+    total = torch.zeros(A, dtype=torch.float64, device=smooth.device)
+    if act_cfg is None or stats.steps == 0:
+        return total
+    inv = (1.0 / smooth.float())
+    g = stats.granularity
+    if g != act_cfg.granularity:
+        raise ValueError(f"statistics were gathered for granularity {g}, the quantizer uses {act_cfg.granularity}")
+    if g == "token":
+        data = [(t,) for t in stats.tokens]
+    else:
+        data = list(zip(stats.cmin, stats.cmax))
+    for i in range(0, len(data), step_chunk):
+        part = data[i:i + step_chunk]
+        if g == "token":
+            x = torch.stack([p[0] for p in part]).to(inv.device)            # (T, K, C)
+            xs = x.unsqueeze(0) * inv[:, None, None, :]                     # (A, T, K, C)
+            delta = _quant_step(xs.amin(-1), xs.amax(-1), act_cfg)          # (A, T, K)
+            total += delta.double().pow(2).mean(-1).sum(-1) / 12
+        else:
+            lo = torch.stack([p[0] for p in part]).to(inv.device)           # (T, C) or (T, B, C)
+            hi = torch.stack([p[1] for p in part]).to(inv.device)
+            shape = (A,) + (1,) * (lo.dim() - 1) + (lo.shape[-1],)
+            # s > 0: min/max of x/s over a row are min/max over channels of cmin/s, cmax/s
+            lo_s, hi_s = lo.unsqueeze(0) * inv.view(shape), hi.unsqueeze(0) * inv.view(shape)
+            delta = _quant_step(lo_s.amin(-1), hi_s.amax(-1), act_cfg)      # (A, T) or (A, T, B)
+            d2 = delta.double().pow(2)
+            total += (d2.mean(-1) if d2.dim() == 3 else d2).sum(-1) / 12
+    return total
+
+
+def _smoothed_effective(search):
+    """(s (A, C), W_s (A, out, in)): the weight each candidate applies to X/s."""
+    s = search._smooth
+    weff = search._effective() if hasattr(search, "_effective") else search._weff  # Q + L R, dense
+    if search.scheme == "reference":
+        return s, weff.unsqueeze(0) * s[:, None, :]
+    return s, weff
+
+
+@torch.no_grad()
+def approx_losses(search, stats, act_cfg, chunk=None):
+    """Predicted loss sum_t mean((Y_q - Y_fp)^2) of every candidate of `search` (an AlphaSearch
+    that received no update): returns (total, weight_term, noise_term) as lists of floats."""
+    s_all, ws_all = _smoothed_effective(search)
+    out = search.weight.shape[0]
+    n = stats.mean_rows()
+    m = stats.xtx.to(search.weight.device)
+    weight_terms, noise_terms = [], []
+    A = s_all.shape[0]
+    size = A if chunk is None else chunk
+    for i in range(0, A, size):
+        s, ws = s_all[i:i + size], ws_all[i:i + size]
+        d = (ws / s[:, None, :] - search.weight).to(m.dtype)                  # (a, out, in)
+        weight_terms.append(((d @ m) * d).sum(dim=(1, 2)) / (n * out))
+        frob = ws.double().pow(2).sum(dim=(1, 2)) / out
+        noise_terms.append(noise_variance(stats, s, act_cfg).to(frob.device) * frob)
+    wt, nt = torch.cat(weight_terms), torch.cat(noise_terms)
+    return (wt + nt).tolist(), wt.tolist(), nt.tolist()
+
+
+def quantize_dit_approx(model, cfg, loop, progress=True, token_samples=DEFAULT_TOKEN_SAMPLES):
+    """quantize_dit with cfg.search == "approx": one FP loop, same report layout.
+
+    The report's output_error / output_error_rtn / search_losses are the *predicted*
+    per-step losses (report["search"] == "approx"); search_losses_weight_term and
+    search_losses_act_term split them.
+    """
+    from quant.calibrate import check_layers, quantizable_layers, run_hooked
+    from quant.qlinear import QuantLinear
+
+    layers = quantizable_layers(model)
+    check_layers(layers, cfg)
+    wcfg, acfg = cfg.weight_cfg(), cfg.act_cfg()
+    timings = {}
+
+    t0 = time.time()
+    stats = {name: InputStats(acfg.granularity, max_steps=cfg.search_steps, token_samples=token_samples)
+             for name in layers}
+    run_hooked(layers, lambda name, x: stats[name].update(x), loop)
+    timings["tas_statistics_s"] = time.time() - t0  # pass 1: TAS maxima + second moments + ranges
+
+    t0 = time.time()
+    alphas = cfg.alphas()
+    searches, baselines = {}, {}
+    for name, lin in tqdm(layers.items(), desc="preparing candidates", disable=not progress, leave=False):
+        absmax = stats[name].absmax if cfg.smoothing != "none" else None
+        searches[name] = AlphaSearch(lin.weight, lin.bias, absmax, alphas, wcfg, acfg, lora_rank=cfg.lora_rank,
+                                     lora_iters=cfg.lora_iters, svd=cfg.svd, max_steps=cfg.search_steps)
+        baselines[name] = AlphaSearch(lin.weight, lin.bias, None, [None], wcfg, acfg, lora_rank=0,
+                                      max_steps=cfg.search_steps)
+    timings["prepare_candidates_s"] = time.time() - t0
+
+    t0 = time.time()
+    predicted = {}
+    for name in layers:
+        predicted[name] = (approx_losses(searches[name], stats[name], acfg),
+                           approx_losses(baselines[name], stats[name], acfg)[0][0])
+    timings["alpha_search_s"] = time.time() - t0
+
+    t0 = time.time()
+    report = {}
+    for name in layers:
+        search, st = searches[name], stats[name]
+        (losses, wterm, nterm), rtn = predicted[name]
+        k = select_alpha(losses, search.alphas)
+        best = search.candidate(k)
+        steps = max(st.steps, 1)
+        report[name] = {
+            "alpha": best.alpha,
+            "search_losses": {str(a): v / steps for a, v in zip(search.alphas, losses)},
+            "search_losses_weight_term": {str(a): v / steps for a, v in zip(search.alphas, wterm)},
+            "search_losses_act_term": {str(a): v / steps for a, v in zip(search.alphas, nterm)},
+            "weight_error_before_lora": best.weight_error_rtn,
+            "weight_error_after_lora": best.weight_error_lora,
+            "lora_errors": best.lora_errors,
+            "output_error": losses[k] / steps,
+            "output_error_rtn": rtn / steps,
+            "search_steps": st.steps,
+        }
+        model.set_submodule(name, QuantLinear.from_search(best, acfg))
+    timings["build_layers_s"] = time.time() - t0
+    out = {"layers": report, "timings": timings, "search": "approx", "calibration_loops": 1}
+    if getattr(cfg, "quantize_adaln", False):  # as quantize_dit does after its layers
+        from quant.calibrate import quantize_adaln
+        t0 = time.time()
+        out["adaln_layers"] = quantize_adaln(model)
+        timings["quantize_adaln_s"] = time.time() - t0
+    return out

@@ -1,0 +1,168 @@
+"""quant/approx_search.py: the one-pass approximate alpha search."""
+import pytest
+import torch
+
+from quant.approx_search import InputStats, approx_losses, noise_variance, quantize_dit_approx
+from quant.calibrate import QuantConfig, quantizable_layers
+from quant.qlinear import QuantLinear
+from quant.quantizer import ActQuantConfig, WeightQuantConfig, fake_quantize_act
+from quant.search import AlphaSearch, alpha_grid
+
+torch.set_num_threads(1)
+RANK, ITERS = 4, 2
+
+
+def _problem(seed=0, steps=3, out=64, inp=64, batch=4, tokens=6):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * 0.05
+    w[:, [2, 30]] *= 8.0
+    b = torch.randn(out, generator=g) * 0.1
+    xs = []
+    for t in range(steps):
+        x = torch.randn(batch, tokens, inp, generator=g) * (1 + 0.3 * t) + 0.2
+        x[..., [7, 41, 50]] *= 40.0  # activation outlier channels
+        xs.append(x)
+    return w, b, xs
+
+
+def _close(a, b, rtol, atol=0.0):
+    """torch.allclose with a message (the first assert_close call costs seconds of lazy imports)."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    assert a.shape == b.shape and torch.allclose(a, b, rtol=rtol, atol=atol), (a, b)
+
+
+def _stats(xs, granularity, **kw):
+    st = InputStats(granularity, **kw)
+    for x in xs:
+        st.update(x)
+    return st
+
+
+def _exact(w, b, xs, absmax, alphas, wcfg, acfg):
+    search = AlphaSearch(w, b, absmax, alphas, wcfg, acfg, lora_rank=RANK, lora_iters=ITERS)
+    for x in xs:
+        search.update(x)
+    return search
+
+
+def test_second_moment_is_the_sum_of_xtx_and_tas_max():
+    _, _, xs = _problem()
+    st = _stats(xs, "row")
+    expected = sum(x.reshape(-1, x.shape[-1]).double().T @ x.reshape(-1, x.shape[-1]).double() for x in xs)
+    _close(st.xtx, expected, rtol=1e-12, atol=1e-9)
+    assert torch.equal(st.absmax, torch.stack([x.abs().amax(dim=(0, 1)) for x in xs]).amax(0))
+    assert st.steps == 3 and st.rows == [24, 24, 24]
+    assert st.cmin[0].shape == (4, 64)  # per batch row, per channel
+    capped = _stats(xs, "tensor", max_steps=2)  # the search's step cap; TAS still sees every step
+    assert capped.steps == 2 and capped.seen == 3 and torch.equal(capped.absmax, st.absmax)
+
+
+@pytest.mark.parametrize("scheme,group_size", [("ditas", 32), ("ditas", None), ("reference", None)])
+def test_exact_when_activations_are_not_quantized(scheme, group_size):
+    """Without activation quantization the predicted loss is the exact loss (the weight term is exact)."""
+    w, b, xs = _problem()
+    alphas = [None] + alpha_grid(0.25)
+    wcfg = WeightQuantConfig(bits=4, group_size=group_size, scheme=scheme)
+    st = _stats(xs, None)
+    exact = _exact(w, b, xs, st.absmax, alphas, wcfg, None)
+    fresh = AlphaSearch(w, b, st.absmax, alphas, wcfg, None, lora_rank=RANK, lora_iters=ITERS)
+    predicted, weight_term, act_term = approx_losses(fresh, st, None)
+    _close(predicted, exact.losses, rtol=1e-4)
+    assert act_term == [0.0] * len(alphas)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_activation_step_is_exact_for_tensor_and_row(granularity):
+    """The per-step range of X/s (hence Delta) comes out exactly from the per-channel min/max."""
+    _, _, xs = _problem()
+    acfg = ActQuantConfig(bits=8, granularity=granularity)
+    st = _stats(xs, granularity)
+    s = torch.rand(2, 64) + 0.5
+    got = noise_variance(st, s, acfg)
+    for k in range(2):
+        want = 0.0
+        for x in xs:
+            xs_ = x / s[k]
+            dims = (0, 1, 2) if granularity == "tensor" else (1, 2)
+            delta = (xs_.amax(dims) - xs_.amin(dims)) / 255
+            want += float(delta.double().pow(2).mean()) / 12
+        assert float(got[k]) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("scheme,granularity", [("ditas", "tensor"), ("ditas", "row"), ("ditas", "token"),
+                                                ("reference", "tensor")])
+def test_prediction_tracks_the_exact_loss_with_activation_quantization(scheme, granularity):
+    w, b, xs = _problem(steps=2, batch=4, tokens=16)
+    alphas = alpha_grid(0.1)
+    wcfg = WeightQuantConfig(bits=4, group_size=32 if scheme == "ditas" else None, scheme=scheme)
+    acfg = ActQuantConfig(bits=6, granularity=granularity, scheme=scheme)
+    st = _stats(xs, granularity, token_samples=64)
+    exact = _exact(w, b, xs, st.absmax, alphas, wcfg, acfg)
+    predicted = approx_losses(AlphaSearch(w, b, st.absmax, alphas, wcfg, acfg, lora_rank=RANK, lora_iters=ITERS),
+                              st, acfg)[0]
+    ratio = torch.tensor(predicted) / torch.tensor(exact.losses)
+    assert ratio.min() > 0.5 and ratio.max() < 2.0, ratio
+    # the predicted choice costs little under the exact loss
+    k = min(range(len(alphas)), key=predicted.__getitem__)
+    assert exact.losses[k] <= 1.5 * min(exact.losses)
+
+
+def test_quantize_dit_approx_uses_one_loop():
+    from models import DiT_models
+    from pipeline import make_sampler, sample_inputs
+    torch.manual_seed(0)
+    model = DiT_models["DiT-XS/2"](input_size=8, in_channels=3, num_classes=10).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n != "pos_embed":
+                p.add_(torch.randn_like(p) * 0.05)
+    sampler = make_sampler(model, 3, 1.5, clip_denoised=True)
+    calls = []
+
+    def loop():
+        calls.append(1)
+        gens, y, z = sample_inputs(1, range(4), 10, (3, 8, 8), [0, 1, 2, 3])
+        sampler(z, y, gens)
+
+    cfg = QuantConfig(weight_bit=4, act_bit=8, group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25,
+                      search="approx")
+    report = quantize_dit_approx(model, cfg, loop, progress=False)
+    assert len(calls) == 1 and report["calibration_loops"] == 1 and report["search"] == "approx"
+    for name in quantizable_layers(model):
+        r = report["layers"][name]
+        assert isinstance(model.get_submodule(name), QuantLinear)
+        assert len(r["search_losses"]) == 5 and r["search_steps"] == 3
+        assert r["output_error"] == min(r["search_losses"].values())
+
+
+def test_quantize_dit_dispatches_on_search():
+    from quant.calibrate import quantize_dit
+    with pytest.raises(ValueError):
+        QuantConfig(search="fast")
+    assert QuantConfig().search == "exact"
+    assert callable(quantize_dit)
+
+
+def test_quantdit_search_flag(tmp_path):
+    """QuantDiT.py --search approx: one loop, the report says so, the default directory name too."""
+    import json
+    import os
+
+    import QuantDiT
+    from models import DiT_models
+    torch.manual_seed(0)
+    m = DiT_models["DiT-XS/2"](input_size=8, in_channels=3, num_classes=10)
+    ckpt = tmp_path / "xs.pt"
+    torch.save(m.state_dict(), ckpt)
+    argv = ["--model", "DiT-XS/2", "--ckpt", str(ckpt), "--image-size", "8", "--num-classes", "10", "--vae", "none",
+            "--num-sampling-steps", "2", "--calib-labels", "0", "1", "--group-size", "32", "--lora-rank", "2",
+            "--lora-iters", "1", "--alpha-step", "0.5", "--no-preview", "--results-dir", str(tmp_path),
+            "--search", "approx"]
+    out = QuantDiT.main(QuantDiT.build_parser().parse_args(argv))
+    assert os.path.basename(out).endswith("-approxsearch")
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    assert report["search"] == "approx" and report["calibration_loops"] == 1
+    with open(os.path.join(out, "quant_config.json")) as f:
+        assert json.load(f)["search"] == "approx"
+    assert QuantDiT.build_parser().parse_args(argv[:-2]).search == "exact"
