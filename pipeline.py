@@ -169,9 +169,21 @@ def decode(vae, x):
     return vae.decode(x / VAE_SCALE).sample
 
 
+SEED_BITS, INDEX_BITS = 12, 20
+
+
 def sample_seed(seed, index):
-    """The generator seed of sample `index`: depends on (seed, index) only."""
-    return (int(seed) % (1 << 31)) * (1 << 32) + int(index)
+    """The generator seed of sample `index`: depends on (seed, index) only, and differs for every pair.
+
+    torch's CPU generator seeds mt19937 with the low 32 bits only, so (seed, index) is packed into
+    32 bits: 12 for the seed, 20 for the index (1,048,576 samples per seed).
+    """
+    seed, index = int(seed), int(index)
+    if not 0 <= seed < 1 << SEED_BITS:
+        raise UserError(f"seed must be in [0, {1 << SEED_BITS}), got {seed}")
+    if not 0 <= index < 1 << INDEX_BITS:
+        raise UserError(f"sample index {index} exceeds the {1 << INDEX_BITS} samples a seed can address")
+    return (seed << INDEX_BITS) | index
 
 
 def _draw_label(gen, num_classes):
