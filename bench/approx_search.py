@@ -1,10 +1,11 @@
 """The one-pass approximate alpha search (quant/approx_search.py) against the exact search.
 
-    python bench/approx_search.py [--steps 20 --bits W4A8 W8A8 --num-samples 200 --seeds 0 1 2]
+    python bench/approx_search.py [--steps 10 --bits W4A8 W8A8 --num-samples 100 --seeds 0 1 2]
+        [--schemes ditas reference] [--variants default token] [--retime]
 
-For each bit width (ditas scheme, full DiTAS: searched alpha + LoRA r32, per-row activations) two
-checkpoints are made with identical calibration (QuantDiT.py ... --search exact | approx; the
-exact one is quality.py's cached "DiTAS" checkpoint). Both report.json files hold the loss of
+For each bit width, scheme and variant (full DiTAS: searched alpha + LoRA r32, with the scheme's
+default activation granularity or per-token) two checkpoints are made with identical calibration
+(QuantDiT.py ... --search exact | approx; the exact one is quality.py's cached checkpoint). Both report.json files hold the loss of
 every alpha of every layer (exact: measured in the second FP loop; approx: predicted), and the
 candidates (smoothing factors, LoRA fits) are identical, so per layer we compare
   - the chosen alpha (same exactly / within +-0.05),
@@ -27,6 +28,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality  # noqa: E402  (puts the repository root on sys.path)
 
 from digits import BUNDLED_CKPT  # noqa: E402
+
+
+# variant -> (exact method, approx method) of quality.METHODS
+VARIANTS = {"default": ("ditas", "approx"), "token": ("token", "approx-token")}
+
+
+def same_file(a, b, name="model.safetensors"):
+    import filecmp
+    return filecmp.cmp(os.path.join(a, name), os.path.join(b, name), shallow=False)
 
 
 def load_report(qdir):
@@ -93,7 +103,9 @@ def main(argv=None):
     p.add_argument("--num-samples", type=int, default=quality.QUICK["num_samples"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--bits", type=quality.parse_bits, nargs="+", default=[(4, 8), (8, 8)])
-    p.add_argument("--scheme", choices=("ditas", "reference"), default="ditas")
+    p.add_argument("--schemes", nargs="+", choices=("ditas", "reference"), default=["ditas"])
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["default"],
+                   help="default: the scheme's default activation granularity; token: per-token activations")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--ckpt", default=BUNDLED_CKPT)
@@ -108,34 +120,38 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     t_start = time.time()
-    seeding_note = quality.check_seeding()
     bench = quality.Bench(args.ckpt, args.results_dir, args.cfg_scale, calib_steps=args.calib_steps)
     n, steps = args.num_samples, args.steps
     fp = {s: bench.samples(None, s, n, steps) for s in args.seeds}
 
     results = []
-    for bits in args.bits:
-        dirs = {m: bench.checkpoint(bits, args.scheme, m, steps) for m in ("ditas", "approx")}
-        reps = {m: load_report(d) for m, d in dirs.items()}
-        cmp = compare(reps["ditas"], reps["approx"])
-        scores = {m: [bench.score(bench.samples(d, s, n, steps), s, fp[s]) for s in args.seeds]
-                  for m, d in dirs.items()}
-        results.append({"bits": bits, "dirs": dirs, "compare": cmp, "scores": scores,
-                        "timings": {m: r["timings"] for m, r in reps.items()}})
-        quality.log(f"W{bits[0]}A{bits[1]}: {cmp}")
+    for scheme in args.schemes:
+        for variant in args.variants:
+            exact_m, approx_m = VARIANTS[variant]
+            for bits in args.bits:
+                dirs = {"ditas": bench.checkpoint(bits, scheme, exact_m, steps),
+                        "approx": bench.checkpoint(bits, scheme, approx_m, steps)}
+                reps = {m: load_report(d) for m, d in dirs.items()}
+                cmp = compare(reps["ditas"], reps["approx"])
+                scores = {m: [bench.score(bench.samples(d, s, n, steps), s, fp[s]) for s in args.seeds]
+                          for m, d in dirs.items()}
+                label = f"W{bits[0]}A{bits[1]} {scheme}" + (" per-token" if variant == "token" else "")
+                results.append({"label": label, "bits": bits, "scheme": scheme, "variant": variant, "dirs": dirs,
+                                "compare": cmp, "scores": scores, "timings": {m: r["timings"] for m, r in reps.items()},
+                                "same_weights": same_file(dirs["ditas"], dirs["approx"])})
+                quality.log(f"{label}: {cmp}")
 
-    retimed = retime(bench, args.bits, args.scheme, steps) if args.retime else []
+    retimed = retime(bench, args.bits, args.schemes[0], steps) if args.retime else []
 
     command = "python bench/approx_search.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     calib = args.calib_steps or steps
     lines = [
         "# Approximate alpha search (one FP loop) vs the exact search (two FP loops)", "",
         f"Command: `{command}`", "",
-        f"Model `{args.ckpt}` (sha256 {bench.digest}…), scheme {args.scheme}, full DiTAS (searched alpha, LoRA r32, "
-        f"default activation granularity), calibration: QuantDiT.py defaults at {calib} steps. Sampling: {n} samples "
+        f"Model `{args.ckpt}` (sha256 {bench.digest}…), full DiTAS (searched alpha, LoRA r32; activations per "
+        f"batch row for ditas, per tensor for reference, unless per-token), calibration: QuantDiT.py defaults at {calib} steps. Sampling: {n} samples "
         f"per seed, {steps} steps, cfg {args.cfg_scale}, seeds {' '.join(map(str, args.seeds))}. "
         f"Machine: {quality.machine()}.", "",
-        *([f"Note: {seeding_note}", ""] if seeding_note else []),
         "## Choice of alpha (per layer, exact losses from the exact run's report)", "",
         "| setting | layers | same alpha | within ±0.05 | exact-loss ratio at approx alpha: mean / median / max | "
         "summed over layers | predicted vs exact loss, all alphas: median / p90 abs. rel. error | "
@@ -144,7 +160,7 @@ def main(argv=None):
     ]
     for r in results:
         c, b = r["compare"], r["bits"]
-        lines.append(f"| W{b[0]}A{b[1]} | {c['layers']} | {c['same']} ({100 * c['same'] / c['layers']:.0f} %) | "
+        lines.append(f"| {r['label']} | {c['layers']} | {c['same']} ({100 * c['same'] / c['layers']:.0f} %) | "
                      f"{c['within_0.05']} ({100 * c['within_0.05'] / c['layers']:.0f} %) | "
                      f"{c['ratio_mean']:.4f} / {c['ratio_median']:.4f} / {c['ratio_max']:.4f} | "
                      f"{c['total_ratio']:.4f} | {100 * c['pred_rel_err_median']:.1f} % / "
@@ -156,7 +172,7 @@ def main(argv=None):
         b = r["bits"]
         for m, label, loops in (("ditas", "exact", 2), ("approx", "approx", 1)):
             t = r["timings"][m]
-            lines.append(f"| W{b[0]}A{b[1]} | {label} | {t['tas_statistics_s']:.1f} | {t['prepare_candidates_s']:.1f} | "
+            lines.append(f"| {r['label']} | {label} | {t['tas_statistics_s']:.1f} | {t['prepare_candidates_s']:.1f} | "
                          f"{t['alpha_search_s']:.1f} | {t.get('total_s', float('nan')):.1f} | {loops} |")
     if retimed:
         lines += ["", "Back to back in one process (--retime; order alternates per bit width to balance drift on a "
@@ -166,7 +182,7 @@ def main(argv=None):
         for b, t in retimed:
             for m in ("exact", "approx"):
                 x = t[m]
-                lines.append(f"| W{b[0]}A{b[1]} | {m} | {x['tas_statistics_s']:.1f} | {x['prepare_candidates_s']:.1f} | "
+                lines.append(f"| W{b[0]}A{b[1]} {args.schemes[0]} | {m} | {x['tas_statistics_s']:.1f} | {x['prepare_candidates_s']:.1f} | "
                              f"{x['alpha_search_s']:.1f} | {x['total_s']:.1f} | "
                              f"{t['exact']['total_s'] / x['total_s']:.2f}x |")
     lines += ["", "## Sample quality (mean ± std over seeds; difference = approx − exact, per seed)", "",
@@ -175,12 +191,13 @@ def main(argv=None):
         b, sc = r["bits"], r["scores"]
         for m, label in (("ditas", "exact"), ("approx", "approx")):
             ps = sc[m]
-            lines.append(f"| W{b[0]}A{b[1]} | {label} | {quality.fmt([x['fid'] for x in ps])} | "
+            lines.append(f"| {r['label']} | {label} | {quality.fmt([x['fid'] for x in ps])} | "
                          f"{quality.fmt([x['label_acc'] for x in ps], 1, 100)} % | "
                          f"{quality.fmt([x['psnr'] for x in ps])} |")
         d = {k: [a[k] - e[k] for a, e in zip(sc["approx"], sc["ditas"])] for k in ("fid", "label_acc", "psnr")}
-        lines.append(f"| W{b[0]}A{b[1]} | difference | {quality.fmt(d['fid'])} | "
+        lines.append(f"| {r['label']} | difference | {quality.fmt(d['fid'])} | "
                      f"{quality.fmt(d['label_acc'], 1, 100)} pp | {quality.fmt(d['psnr'])} |")
+        lines.append(f"| {r['label']} | model.safetensors identical? | {'yes' if r['same_weights'] else 'no'} | | |")
     lines += ["", f"Bench wall time {(time.time() - t_start) / 60:.1f} min (cached stages excluded).", ""]
     text = "\n".join(lines)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -141,7 +141,6 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    quality.check_seeding()
     bench = quality.Bench(args.ckpt, args.results_dir, args.cfg_scale, calib_steps=args.calib_steps)
     os.makedirs(args.out_dir, exist_ok=True)
     command = "python bench/pictures.py " + shlex.join(argv if argv is not None else sys.argv[1:])

@@ -52,6 +52,8 @@ METHODS = {
     "token": ("DiTAS + per-token activations", ["--smoothing", "search", "--act-granularity", "token"]),
     # not a default row: the one-pass approximate search (bench/approx_search.py)
     "approx": ("DiTAS, approximate search", ["--smoothing", "search", "--search", "approx"]),
+    "approx-token": ("DiTAS + per-token, approximate search",
+                     ["--smoothing", "search", "--act-granularity", "token", "--search", "approx"]),
 }
 DEFAULT_METHODS = ["rtn", "fixed", "search", "ditas", "token"]
 FULL = dict(num_samples=1000, steps=50)
@@ -64,25 +66,6 @@ def seeding_tag():
     import pipeline
     probe = [pipeline.sample_seed(s, i) % (1 << 64) for s in (0, 1, 7) for i in (0, 1, 999)]
     return hashlib.sha256(json.dumps(probe).encode()).hexdigest()[:6]
-
-
-def check_seeding():
-    """torch's CPU generator keeps only the low 32 bits of a seed (mt19937). If pipeline.sample_seed puts the
-    global seed above bit 32, every --global-seed draws the same samples; then patch it (in this process only)
-    to (seed * 2^20 + index) mod 2^32 and say so. Returns a note for the report, or ''."""
-    import pipeline
-    if pipeline.sample_seed(0, 0) % (1 << 32) != pipeline.sample_seed(1, 0) % (1 << 32):
-        return ""
-
-    def sample_seed(seed, index):
-        return ((int(seed) % (1 << 12)) * (1 << 20) + int(index)) % (1 << 32)
-
-    pipeline.sample_seed = sample_seed
-    note = ("pipeline.sample_seed(seed, i) = seed * 2^32 + i loses the seed in torch.Generator.manual_seed "
-            "(only the low 32 bits seed mt19937), so every global seed gives the same samples; this run "
-            "patches it in-process to (seed * 2^20 + i) mod 2^32 (unique for i < 2^20, seed < 4096).")
-    log("WARNING: " + note)
-    return note
 
 
 def log(msg):
@@ -166,14 +149,32 @@ class Bench:
         return np.load(npz)["arr_0"]
 
     # ------------------------------------------------------------------ score
-    def score(self, images, seed, fp_images=None):
-        from digits_classifier import label_accuracy, load_classifier
-        from evaluator import evaluate, load_images, make_extractor
-        from pipeline import sample_labels
+    def score_real(self, n, seed):
+        """The metrics of n real digits drawn (without replacement) from the reference batch: the floor."""
+        from digits_classifier import label_accuracy
+        from evaluator import evaluate
+        self._load()
+        idx = np.random.default_rng(seed).choice(len(self._ref), n, replace=False)
+        with np.load(REF_NPZ) as f:
+            labels = f["labels"][idx]
+        images = self._ref[idx]
+        m = evaluate(self._ref, images, self._extractor, progress=False)
+        return {"fid": m["fid"], "is": m["inception_score"], "precision": m["precision"], "recall": m["recall"],
+                "label_acc": label_accuracy(images, labels, self._classifier)}
+
+    def _load(self):
+        from digits_classifier import load_classifier
+        from evaluator import load_images, make_extractor
         if self._ref is None:
             self._ref = load_images(REF_NPZ)
             self._extractor = make_extractor("digits")
             self._classifier = load_classifier()
+
+    def score(self, images, seed, fp_images=None):
+        from digits_classifier import label_accuracy
+        from evaluator import evaluate
+        from pipeline import sample_labels
+        self._load()
         m = evaluate(self._ref, images, self._extractor, progress=False)
         out = {"fid": m["fid"], "is": m["inception_score"], "precision": m["precision"], "recall": m["recall"],
                "label_acc": label_accuracy(images, sample_labels(seed, len(images), NUM_CLASSES), self._classifier)}
@@ -215,7 +216,8 @@ def machine():
 
 def run_rows(bench, settings, methods, seeds, n, steps, fp=True):
     """{row key: {"label", "bits", "scheme", "method", "ckpt", "per_seed": [metrics...]}} (FP first)."""
-    rows = {}
+    rows = {"real": {"label": f"real digits ({n} drawn from the reference per seed)", "bits": None, "scheme": None,
+                     "method": "real", "ckpt": None, "per_seed": [bench.score_real(n, s) for s in seeds]}}
     fp_images = {}
     for seed in seeds:
         fp_images[seed] = bench.samples(None, seed, n, steps)
@@ -223,8 +225,8 @@ def run_rows(bench, settings, methods, seeds, n, steps, fp=True):
         rows["FP"] = {"label": "FP", "bits": None, "scheme": None, "method": "fp", "ckpt": bench.ckpt,
                       "per_seed": [bench.score(fp_images[s], s) for s in seeds]}
         log(f"FP: {summary(rows['FP'])}")
-    for bits in settings:
-        for scheme in bench_schemes(settings, bits):
+    for bits, schemes in settings.items():
+        for scheme in schemes:
             for method in methods:
                 qdir = bench.checkpoint(bits, scheme, method, steps)
                 per_seed = [bench.score(bench.samples(qdir, s, n, steps), s, fp_images[s]) for s in seeds]
@@ -233,10 +235,6 @@ def run_rows(bench, settings, methods, seeds, n, steps, fp=True):
                              "ckpt": qdir, "per_seed": per_seed}
                 log(f"{key}: {summary(rows[key])}")
     return rows
-
-
-def bench_schemes(settings, bits):
-    return settings[bits]
 
 
 def summary(row):
@@ -260,7 +258,7 @@ def table(rows):
              "calibration (s) |", "|---|---|---|---|---|---|---|"]
     for key, r in rows.items():
         ps = r["per_seed"]
-        setting = "FP" if r["bits"] is None else f"W{r['bits'][0]}A{r['bits'][1]} {r['scheme']}"
+        setting = {"real": "data", "fp": "FP"}.get(r["method"]) or f"W{r['bits'][0]}A{r['bits'][1]} {r['scheme']}"
         ct = calib_time(r["ckpt"]) if r["bits"] is not None else None
         lines.append(f"| {setting} | {r['label']} | {fmt([p['fid'] for p in ps])} | {fmt([p['is'] for p in ps])} | "
                      f"{fmt([p['label_acc'] for p in ps], 1, 100)} % | "
@@ -301,7 +299,6 @@ def main(argv=None):
         sys.exit(f"error: {args.ckpt} not found (the bundled model; pass --ckpt results/train/last.pt while it "
                  f"trains)")
     t_start = time.time()
-    seeding_note = check_seeding()
     bench = Bench(args.ckpt, args.results_dir, args.cfg_scale, args.batch_size, args.calib_steps)
     settings = {tuple(b): list(args.schemes) for b in args.bits}
     rows = run_rows(bench, settings, args.methods, args.seeds, n, steps)
@@ -318,13 +315,12 @@ def main(argv=None):
         f"Machine: {machine()}. Wall time {wall / 60:.1f} min (cached stages excluded).", "",
         "Each cell: mean ± standard deviation over the sampling seeds (same quantized checkpoint). "
         "FID-digits / IS-digits: evaluator.evaluate with the bundled digit classifier's features against "
-        f"the 1797 real digits (assets/digits_ref.npz; the FID of {n} real digits against it is the floor, "
-        "see assets/README.md). PSNR: per sample against the FP sample from the same noise and label, "
+        f"the 1797 real digits (assets/digits_ref.npz); the first row, {n} real digits drawn from that batch, "
+        "is the floor at this N. PSNR: per sample against the FP sample from the same noise and label, "
         f"averaged (identical images count as {PSNR_CAP_DB:g} dB). "
         "The no-LoRA rows use --lora-rank 0 to isolate smoothing; ditas quantizes activations per batch row "
         "and reference per tensor unless the row says per-token. Calibration (s): QuantDiT's total time "
         "for that checkpoint.", "",
-        *([f"Note: {seeding_note}", ""] if seeding_note else []),
         table(rows), "",
     ])
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

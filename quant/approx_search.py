@@ -36,10 +36,13 @@ mean over rows of Delta^2, from statistics that do not depend on alpha:
   mean over all tokens; memory steps x token_samples x C).
 
 What is approximated: the rounding error is modelled as uniform, independent of X
-and between elements (it is not exactly: values at the range ends round exactly,
-and the reference scheme's 2^A-step scale clips the top of the range by up to a
-step), and the token estimate is a subsample. With activation quantization off
-the approximation is exact.
+and between elements, and the token estimate is a subsample. One systematic effect
+is modelled: the reference scheme's 2^A-step scale puts each range's maximum on a
+clamped code, one element per range with an error of about a whole step (see
+noise_variance; it matters for per-token ranges, ~12/C relative). The model breaks
+down when tokens are nearly identical (rounding errors then correlate with X): on a
+near-init checkpoint it chose other alphas than the exact search in most layers.
+With activation quantization off the approximation is exact.
 
 One FP sampling loop in total: pass 1 collects the TAS maxima and these
 statistics; candidates (with their LoRA fits) are prepared as in the exact search;
@@ -119,40 +122,61 @@ def _quant_step(lo, hi, act_cfg):
 
 
 @torch.no_grad()
-def noise_variance(stats, smooth, act_cfg, step_chunk=16):
-    """sum over steps of mean over rows of Delta_t^2 / 12, per candidate: (A,) float64.
+def noise_variance(stats, smooth, act_cfg, colnorm2=None, step_chunk=16):
+    """The activation term's ingredients per candidate, summed over steps: (uniform, clamped), (A,) float64.
 
-    smooth: (A, C) smoothing factors (rows of ones for no smoothing).
+    uniform: mean over rows of Delta_t^2 / 12 (multiply by ||W_s||_F^2 / out for the loss).
+    clamped: the reference scheme only (zeros otherwise; needs colnorm2 (A, C) = squared column
+    norms of W_s): its scale (max - min) / 2^A puts each range's maximum on code 2^A, clamped to
+    2^A - 1, an error of (1 + u) Delta (u uniform in +-1/2, from the integer zero point) instead of
+    u Delta. That one element per range, in the channel j* holding the maximum of x/s, adds
+    E((1 + u)^2 - u^2) Delta^2 ||W_s[:, j*]||^2 = Delta^2 ||W_s[:, j*]||^2 to its row's squared
+    output error; `clamped` is that averaged over all rows (divide by out for the loss). Negligible
+    per tensor or row; per token it is about 12/C relative, more where the maximum sits in an
+    outlier channel whose W_s column smoothing has inflated.
+    smooth: (A, C) smoothing factors (ones for no smoothing).
     """
     A = smooth.shape[0]
-    total = torch.zeros(A, dtype=torch.float64, device=smooth.device)
+    uniform = torch.zeros(A, dtype=torch.float64, device=smooth.device)
+    clamped = torch.zeros_like(uniform)
     if act_cfg is None or stats.steps == 0:
-        return total
+        return uniform, clamped
     inv = (1.0 / smooth.float())
     g = stats.granularity
     if g != act_cfg.granularity:
         raise ValueError(f"statistics were gathered for granularity {g}, the quantizer uses {act_cfg.granularity}")
+    clip = act_cfg.scheme == "reference" and colnorm2 is not None
     if g == "token":
         data = [(t,) for t in stats.tokens]
+        rows_per_range = [1] * len(data)
     else:
         data = list(zip(stats.cmin, stats.cmax))
+        rows_per_range = [n / lo.shape[0] if g == "row" else n for n, (lo, _) in zip(stats.rows, data)]
     for i in range(0, len(data), step_chunk):
         part = data[i:i + step_chunk]
+        m = torch.tensor(rows_per_range[i:i + step_chunk], dtype=torch.float64, device=uniform.device)  # (T,)
         if g == "token":
             x = torch.stack([p[0] for p in part]).to(inv.device)            # (T, K, C)
             xs = x.unsqueeze(0) * inv[:, None, None, :]                     # (A, T, K, C)
-            delta = _quant_step(xs.amin(-1), xs.amax(-1), act_cfg)          # (A, T, K)
-            total += delta.double().pow(2).mean(-1).sum(-1) / 12
+            hi_s, top = xs.max(-1)                                          # (A, T, K)
+            delta = _quant_step(xs.amin(-1), hi_s, act_cfg)
         else:
             lo = torch.stack([p[0] for p in part]).to(inv.device)           # (T, C) or (T, B, C)
             hi = torch.stack([p[1] for p in part]).to(inv.device)
             shape = (A,) + (1,) * (lo.dim() - 1) + (lo.shape[-1],)
-            # s > 0: min/max of x/s over a row are min/max over channels of cmin/s, cmax/s
-            lo_s, hi_s = lo.unsqueeze(0) * inv.view(shape), hi.unsqueeze(0) * inv.view(shape)
-            delta = _quant_step(lo_s.amin(-1), hi_s.amax(-1), act_cfg)      # (A, T) or (A, T, B)
-            d2 = delta.double().pow(2)
-            total += (d2.mean(-1) if d2.dim() == 3 else d2).sum(-1) / 12
-    return total
+            # s > 0: min/max of x/s over a range are min/max over channels of cmin/s, cmax/s
+            hi_s, top = (hi.unsqueeze(0) * inv.view(shape)).max(-1)         # (A, T) or (A, T, B)
+            delta = _quant_step((lo.unsqueeze(0) * inv.view(shape)).amin(-1), hi_s, act_cfg)
+        d2 = delta.double().pow(2)
+        if d2.dim() == 2:
+            d2, top = d2.unsqueeze(-1), top.unsqueeze(-1)                   # one range per step
+        uniform += (d2.mean(-1) / 12).sum(-1)  # every row's ranges have m rows: the row mean is the range mean
+        if clip:
+            col = torch.gather(colnorm2.to(d2).unsqueeze(1).expand(-1, top.shape[1], -1), 2,
+                               top.reshape(A, top.shape[1], -1)).reshape(top.shape)
+            # one clamped element per range, i.e. per m rows
+            clamped += ((d2 * col).mean(-1) / m).sum(-1)
+    return uniform, clamped
 
 
 def _smoothed_effective(search):
@@ -179,8 +203,9 @@ def approx_losses(search, stats, act_cfg, chunk=None):
         s, ws = s_all[i:i + size], ws_all[i:i + size]
         d = (ws / s[:, None, :] - search.weight).to(m.dtype)                  # (a, out, in)
         weight_terms.append(((d @ m) * d).sum(dim=(1, 2)) / (n * out))
-        frob = ws.double().pow(2).sum(dim=(1, 2)) / out
-        noise_terms.append(noise_variance(stats, s, act_cfg).to(frob.device) * frob)
+        ws2 = ws.double().pow(2)
+        uniform, clamped = noise_variance(stats, s, act_cfg, colnorm2=ws2.sum(1))
+        noise_terms.append((uniform.to(ws2.device) * ws2.sum(dim=(1, 2)) + clamped.to(ws2.device)) / out)
     wt, nt = torch.cat(weight_terms), torch.cat(noise_terms)
     return (wt + nt).tolist(), wt.tolist(), nt.tolist()
 
