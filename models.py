@@ -97,7 +97,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
-        return self.mlp(t_freq)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # float32 sinusoids; a bf16 model takes bf16
 
 
 class LabelEmbedder(nn.Module):

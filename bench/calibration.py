@@ -1,6 +1,8 @@
 """Calibration cost: QuantDiT's quantize_dit vs an emulation of the released procedure.
 
-    python bench/calibration.py                       # DiT-S/2, 64 tokens, 20 steps, batch 32 (16 labels x CFG)
+    python bench/calibration.py                       # bundled DiT-T/2, 64 tokens, 20 steps, batch 32 (16 labels x CFG)
+    python bench/calibration.py --model DiT-S/2 --steps 10 --released-search naive \
+        --out bench/results/calibration_s2.md        # random DiT-S/2 weights, 64 tokens
     python bench/calibration.py --steps 4 --labels 4  # smaller
 
 Both run on the same model, sampler, steps, seed, labels and QuantConfig (reference scheme by

@@ -50,7 +50,8 @@ METHODS = {
     "search": ("TAS, searched alpha, no LoRA", ["--smoothing", "search", "--lora-rank", "0"]),
     "ditas": ("DiTAS (searched alpha + LoRA r32)", ["--smoothing", "search"]),
     "token": ("DiTAS + per-token activations", ["--smoothing", "search", "--act-granularity", "token"]),
-    # not a default row: the one-pass approximate search (bench/approx_search.py)
+    # not default rows: adaLN linears quantized too (weight-only 8-bit); the one-pass approximate search
+    "adaln": ("DiTAS + adaLN weight-only W8 (--quantize-adaln)", ["--smoothing", "search", "--quantize-adaln"]),
     "approx": ("DiTAS, approximate search", ["--smoothing", "search", "--search", "approx"]),
     "approx-token": ("DiTAS + per-token, approximate search",
                      ["--smoothing", "search", "--act-granularity", "token", "--search", "approx"]),

@@ -134,14 +134,15 @@ def _batch_of(shape, granularity):
 def quantize_act_int8(x2, cfg, batch=1, inplace=False):
     """Activation codes of x2 (M, C) float32, shifted to int8: the fake path's quantizer exactly.
 
-    Returns (a, t, scale, zero): a int8 (M, C) = codes - 128, t the same values as
-    float32, scale/zero (M, 1) or (1, 1) with codes = clamp(round(x/scale) + zero, 0, 2^A-1)
+    x2 may be bf16/fp16 (read upcast). Returns (a, t, scale, zero): a int8 (M, C) = codes - 128,
+    t the same values as float32, scale/zero (M, 1) or (1, 1) with codes = clamp(round(x/scale) + zero, 0, 2^A-1)
     bit for bit as quant.quantizer.quantize_act. `batch`: number of leading x[b] blocks
     for granularity "row" (their rows are consecutive in x2). inplace: x2 is a private
     temporary and becomes t (saves a fresh (M, C) float buffer: page faults dominate
     elementwise passes over fresh memory).
     """
-    mn, mx = _act_range(x2, cfg.granularity, batch)
+    mn, mx = _act_range(x2, cfg.granularity, batch)  # exact in x2's dtype; the arithmetic is float32
+    mn, mx = mn.float(), mx.float()
     scale, zero = affine_params(mn, mx, num_steps(cfg.bits, cfg.scheme))
     t = x2.div_(scale) if inplace else torch.div(x2, scale)
     t.round_()

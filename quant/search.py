@@ -214,6 +214,12 @@ class AlphaSearch:
             mdt = MATMUL_DTYPES[self.matmul_dtype]
             ops["m"] = m.to(mdt).contiguous()
             ops["n"] = n.float().contiguous()
+            # cross term <E M, P> = <E, X (N M^T)>: worth it when M has at least as many columns as rows
+            # (then X (N M^T) costs no more than P); otherwise P is added to E M (see _reference_losses)
+            ops["nm"] = (n @ m.to(mdt).double().T).float().contiguous() if m.shape[1] >= m.shape[0] else None
+            if ops["nm"] is not None:  # ||P||^2 (+ ||P (I - U U^T)||^2) = <X^T X, N N^T (+ H)>
+                g = n @ n.T
+                ops["h"] = (g if ops["h"] is None else g + ops["h"].double()).float()
         else:
             ops["w_t"] = w.T
         self._ops = ops
@@ -262,22 +268,29 @@ class AlphaSearch:
         return t, sc
 
     def _reference_losses(self, x2, s, ranges, one_range):
-        """Sum over rows of ||E_k M + P||^2 (+ const), all candidates per row chunk (one shared M)."""
+        """Sum over rows of ||E_k M + P||^2 (+ const), all candidates per row chunk (one shared M).
+
+        When M has at least as many columns as rows, this is ||E_k M||^2 + 2 <E_k, X N M^T> + const
+        with the constant from the Gram matrix X^T X: the product's output is only squared and summed.
+        Otherwise P is added to the (narrower) product E_k M before squaring.
+        """
         ops = self._ops
         rows, c = x2.shape
         k = s.shape[0]
         s3 = s.view(k, 1, c)
         mdt = MATMUL_DTYPES[self.matmul_dtype]
-        p = x2 @ ops["n"]  # X D^T (or X D^T U), float32: shared by every candidate
-        # ||P (I - U U^T)||^2 = <X^T X, H>: float32 (the sum cancels, bf16 entries would not do)
+        split = ops["nm"] is not None
+        # float32 throughout (the constant's sum cancels, bf16 entries would not do)
         const = 0.0 if ops["h"] is None else float(((x2.T @ x2) * ops["h"]).sum())
+        partner = x2 @ ops["nm"] if split else x2 @ ops["n"]  # X N M^T, or P = X N: shared by every candidate
         if one_range:  # one scale per candidate: x / s / scale as one multiply, the two output multiplies as one
             scale_s = ranges[0][:, :1, None] * s3
             inv = (1.0 / scale_s.double()).float()
         step = max(16, _CHUNK_ELEMENTS // (k * c))
         size = k * min(step, rows) * c
+        neg_x = -x2
         buf = x2.new_empty(size)  # flat: the first k*n*c elements are a contiguous (k, n, c) for any n
-        ebuf = buf if mdt == torch.float32 else torch.empty(size, dtype=mdt, device=buf.device)
+        ebuf = None if mdt == torch.float32 else torch.empty(size, dtype=mdt, device=buf.device)
         acc = torch.zeros(k, dtype=torch.float64, device=x2.device)
         for r0 in range(0, rows, step):
             xc = x2[r0:r0 + step]
@@ -287,14 +300,18 @@ class AlphaSearch:
                 # x * (1 / (s scale)) instead of (x / s) / scale: the codes can differ only where x/s/scale
                 # lies within float rounding of a .5 boundary (float rounding of the loss, nothing more)
                 torch.minimum(torch.mul(xc, inv, out=t).round_(), ranges[1][:, :1, None], out=t)
-                e = torch.addcmul(-xc, t, scale_s, out=ebuf[:k * n * c].view(k, n, c))
+                e = torch.addcmul(neg_x[r0:r0 + n], t, scale_s, out=t)
             else:
                 t, sc = self._fake_quant(torch.div(xc, s3, out=t), ranges, r0)
-                # activation error fq(x/s) s - x (small), written in the product's dtype
-                e = torch.addcmul(-xc, t.mul_(sc), s3, out=ebuf[:k * n * c].view(k, n, c))
+                e = torch.addcmul(neg_x[r0:r0 + n], t.mul_(sc), s3, out=t)  # activation error fq(x/s) s - x
+            if split:
+                acc += 2 * torch.mv(e.view(k, -1), partner[r0:r0 + n].reshape(-1)).double()
+            if ebuf is not None:  # only the candidate product runs in bfloat16
+                e = ebuf[:k * n * c].view(k, n, c).copy_(e)
             z = torch.mm(e.view(k * n, c), ops["m"]).view(k, n, -1)
-            z = torch.add(p[r0:r0 + n], z)  # float32
-            acc += torch.linalg.vector_norm(z.view(k, -1), dim=1).double().pow(2)
+            if not split:
+                z = torch.add(partner[r0:r0 + n], z) if ebuf is not None else z.add_(partner[r0:r0 + n])
+            acc += torch.linalg.vector_norm(z.view(k, -1), dim=1, dtype=torch.float32).double().pow(2)
         return acc + const
 
     def _ditas_losses(self, x2, s, ranges, sl):

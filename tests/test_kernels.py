@@ -118,6 +118,27 @@ def test_intlinear_matches_fake(bits, group, gran, rank, smooth):
         assert (y - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+@pytest.mark.parametrize("bits,group,gran,smooth", [(8, None, "row", False), (4, 64, "token", True),
+                                                   (8, 128, "tensor", True), (4, None, "row", True)])
+def test_intlinear_low_precision_input_reads_the_same_codes(bits, group, gran, smooth):
+    """bf16/fp16 input (a bf16 model): the integer part is the float32 path's on the upcast input;
+    only the output is rounded to the input dtype."""
+    ql = _qlinear(k=256, n=192, bits=bits, group=group, gran=gran, rank=8, smooth=smooth)
+    il = IntLinear.from_quantlinear(ql)
+    for dt in (torch.bfloat16, torch.float16):
+        xl = _x().to(dt)
+        xf = xl.float()
+        codes_l = quantize_act_int8(xl.reshape(-1, 256), ql.act_cfg, batch=3)
+        codes_f = quantize_act_int8(xf.reshape(-1, 256), ql.act_cfg, batch=3)
+        assert torch.equal(codes_l[0], codes_f[0]) and torch.equal(codes_l[2], codes_f[2])
+        with torch.no_grad():
+            yl, yf = il(xl), il(xf)
+        assert yl.dtype == dt and yl.shape == yf.shape
+        # rounding of the output to dt, nothing more
+        assert _rel(yl.float(), yf) < 2 * torch.finfo(dt).eps, (dt, _rel(yl.float(), yf))
+        assert _rel(yf, ql(xf)) < 1e-4
+
+
 @pytest.mark.parametrize("bits,group,sym,a_bits,act_scheme", [
     (3, 32, False, 8, "ditas"), (4, None, True, 8, "ditas"), (8, 32, True, 6, "ditas"),
     (6, 64, False, 7, "ditas"), (2, 16, False, 8, "ditas"), (4, 64, False, 8, "reference")])

@@ -101,6 +101,19 @@ def test_forward_with_cfg_scale_one_equals_forward():
     assert not torch.allclose(g4[:3, :3], guided[:3, :3])
 
 
+def test_bf16_model_runs_and_tracks_fp32():
+    """model.bfloat16() works as is (the float32 timestep sinusoids are cast to the MLP's dtype)."""
+    torch.manual_seed(0)
+    model = _randomize(DiT_models["DiT-XS/2"](input_size=8, in_channels=3, num_classes=10)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    t, y = torch.tensor([3, 700]), torch.tensor([1, 10])
+    with torch.no_grad():
+        ref = model(x, t, y)
+        out = model.bfloat16()(x.bfloat16(), t, y)
+    assert out.dtype == torch.bfloat16
+    assert float((out.float() - ref).norm() / ref.norm()) < 0.05
+
+
 def test_timestep_embedding_matches_closed_form():
     t = torch.tensor([0.0, 10.0, 999.0])
     emb = TimestepEmbedder.timestep_embedding(t, 8)
