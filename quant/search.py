@@ -16,12 +16,17 @@ cost model of the released code's search):
 * reference scheme (one weight for every alpha; all candidates of a row chunk at once):
   the residual is written as Y_q - Y_fp = E_k Weff^T + X D^T, E_k = fq(X/s_k) s_k - X
   (activation error), D = Weff - W (weight error, alpha-independent), so P = X D^T is
-  computed once per step. When in < out (qkv, fc1), Weff = U S V^T gives
+  shared by every candidate. When in < out (qkv, fc1), Weff = U S V^T gives
   ||E Weff^T + P||^2 = ||E V S + P U||^2 + ||P (I - U U^T)||^2: an (in x in) product per
-  candidate instead of (in x out). Forming the small error E first also avoids the
-  cancellation of Y_q - Y_fp, which is what makes matmul_dtype="bf16" usable: only the
-  candidate products E_k M run in bfloat16 (P, the constant and all sums stay float32);
-  losses move by ~1e-5 relative (tests/test_search.py, bench/calibration.py);
+  candidate instead of (in x out). With M the candidate matrix (V S, or Weff^T) and P' the
+  matching P, a square or wide M is expanded as ||E M||^2 + 2 <E, P' M^T> + ||P'||^2: P' M^T =
+  X (N M^T) is one product per step and the constants come from the Gram matrix X^T X, so
+  each candidate costs its product, squared and summed, and one pass for the cross term
+  (a tall M, fc2, adds P' to the narrow product instead). Forming the small error E first
+  also avoids the cancellation of Y_q - Y_fp, which is what makes matmul_dtype="bf16"
+  usable: only the candidate products E_k M run in bfloat16 (the cross term, the constants
+  and all sums stay float32); losses move by ~1e-5 relative (tests/test_search.py,
+  bench/calibration.py);
 * ditas scheme (a weight per alpha): one (in x out) float32 product per candidate and row
   chunk, against Y_fp computed once per step.
 
@@ -207,19 +212,24 @@ class AlphaSearch:
                 u, sv, vh = torch.linalg.svd(weff, full_matrices=False)
                 m, n = vh.T * sv, d.T @ u
                 d_perp = d - u @ (u.T @ d)
-                ops["h"] = (d_perp.T @ d_perp).float()
+                h = d_perp.T @ d_perp
             else:
                 m, n = weff.T, d.T
-                ops["h"] = None
+                h = None
             mdt = MATMUL_DTYPES[self.matmul_dtype]
             ops["m"] = m.to(mdt).contiguous()
-            ops["n"] = n.float().contiguous()
             # cross term <E M, P> = <E, X (N M^T)>: worth it when M has at least as many columns as rows
             # (then X (N M^T) costs no more than P); otherwise P is added to E M (see _reference_losses)
-            ops["nm"] = (n @ m.to(mdt).double().T).float().contiguous() if m.shape[1] >= m.shape[0] else None
-            if ops["nm"] is not None:  # ||P||^2 (+ ||P (I - U U^T)||^2) = <X^T X, N N^T (+ H)>
-                g = n @ n.T
-                ops["h"] = (g if ops["h"] is None else g + ops["h"].double()).float()
+            ops["split"] = m.shape[1] >= m.shape[0]
+            if ops["split"]:  # the constant ||P||^2 (+ ||P (I - U U^T)||^2) = <X^T X, N N^T (+ H)>
+                h = n @ n.T if h is None else n @ n.T + h
+            # constant = ||X F||^2 with H = F F^T: a sum of squares (a sum over X^T X * H would cancel)
+            if h is not None:
+                lam, vec = torch.linalg.eigh(h)
+                h = vec * lam.clamp(min=0).sqrt()
+            parts = ([n @ m.to(mdt).double().T] if ops["split"] else [n]) + ([] if h is None else [h])
+            ops["xmul"] = torch.cat(parts, 1).float().contiguous()  # X @ xmul = [X N M^T or P, X F]
+            ops["const_from"] = parts[0].shape[1]
         else:
             ops["w_t"] = w.T
         self._ops = ops
@@ -279,10 +289,10 @@ class AlphaSearch:
         k = s.shape[0]
         s3 = s.view(k, 1, c)
         mdt = MATMUL_DTYPES[self.matmul_dtype]
-        split = ops["nm"] is not None
-        # float32 throughout (the constant's sum cancels, bf16 entries would not do)
-        const = 0.0 if ops["h"] is None else float(((x2.T @ x2) * ops["h"]).sum())
-        partner = x2 @ ops["nm"] if split else x2 @ ops["n"]  # X N M^T, or P = X N: shared by every candidate
+        split = ops["split"]
+        xm = x2 @ ops["xmul"]  # float32: shared by every candidate
+        partner = xm[:, :ops["const_from"]]  # X N M^T (split), or P = X N
+        const = float(torch.linalg.vector_norm(xm[:, ops["const_from"]:])) ** 2
         if one_range:  # one scale per candidate: x / s / scale as one multiply, the two output multiplies as one
             scale_s = ranges[0][:, :1, None] * s3
             inv = (1.0 / scale_s.double()).float()

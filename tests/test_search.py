@@ -148,7 +148,8 @@ def test_no_smoothing_and_fixed_alpha_modes():
     ("reference", "tensor", (3, 37, 64)), ("reference", "row", (5, 7, 64)), ("reference", "token", (41, 64)),
     ("ditas", "row", (3, 37, 64)), ("ditas", "tensor", (2, 300, 64)), ("ditas", "row", (29, 64)),
     ("ditas", "token", (4, 9, 64))])
-@pytest.mark.parametrize("out", [96, 32])  # reference: in < out (projected products) and in > out (direct)
+# reference: in < out (projected products, cross term), in == out (direct, cross term), in > out (direct, P added)
+@pytest.mark.parametrize("out", [96, 64, 32])
 def test_fast_update_matches_naive(scheme, granularity, shape, out):
     """The optimized update (range shortcut, row chunks, error form) gives the direct evaluation's losses."""
     w, b, _ = _problem(out=out)
@@ -166,7 +167,9 @@ def test_fast_update_matches_naive(scheme, granularity, shape, out):
             search.update(x)
         losses[impl, dtype, chunk] = torch.tensor(search.losses)
     ref = losses["naive", "fp32", None]
-    torch.testing.assert_close(losses["fast", "fp32", None], ref, rtol=1e-4, atol=0)
-    torch.testing.assert_close(losses["fast", "fp32", 5], ref, rtol=1e-4, atol=0)
+    # x * (1 / (s scale)) can flip a code where x / s / scale lies within rounding of a .5 boundary: one
+    # element of these ~7000 moves a loss by ~1e-4 (out=64, alpha 0.8, the same before the cross-term form)
+    torch.testing.assert_close(losses["fast", "fp32", None], ref, rtol=2e-4, atol=0)
+    torch.testing.assert_close(losses["fast", "fp32", 5], ref, rtol=2e-4, atol=0)
     tol = 1e-3 if scheme == "reference" else 1e-4  # bf16 products: reference scheme only
     torch.testing.assert_close(losses["fast", "bf16", None], ref, rtol=tol, atol=0)
