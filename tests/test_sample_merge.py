@@ -271,3 +271,32 @@ def test_bad_inputs_in_process(ckpt, tmp_path, capsys):
         assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error:"), err
         assert fragment in err, err
     assert not glob.glob(str(tmp_path / "**" / "*.npz"), recursive=True)
+
+
+# ------------------------------------------------------------------ --backend int
+
+def test_backend_int_samples_like_fake(qdir, tmp_path):
+    """The integer backend draws the images of fake quantization: layer outputs agree to float rounding, so
+    only an activation code that sits on a rounding boundary can flip (and the flip propagates)."""
+    fake = np.load(_main(_qflags(qdir[0], tmp_path / "f")))["arr_0"]
+    npz = _main(_qflags(qdir[0], tmp_path / "i", "--backend", "int"))
+    assert os.path.basename(npz).endswith("-W4A8-ditas-int.npz")
+    real = np.load(npz)["arr_0"]
+    assert real.shape == fake.shape and real.dtype == np.uint8
+    diff = np.abs(real.astype(int) - fake.astype(int))
+    assert diff.mean() < 0.5 and (diff == 0).mean() > 0.9, (diff.mean(), (diff == 0).mean())
+
+
+def test_backend_int_without_integer_form_is_user_error(tmp_path, capsys):
+    import quant.checkpoint
+    meta = dict(META, scheme="reference", act_granularity="tensor")
+    path = quant.checkpoint.save_quantized(_quantized_dit("reference"), meta, {}, str(tmp_path / "ref"))
+    cases = [(_qflags(path, tmp_path / "s", "--backend", "int"), ["no integer form", "--backend fake"]),
+             (_qflags(path, tmp_path / "s", "--backend", "int")[2:], ["--backend int", "--path"])]
+    for argv, fragments in cases:
+        with pytest.raises(SystemExit) as e:
+            _main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error:"), err
+        assert all(f in err for f in fragments), err
+    assert not glob.glob(str(tmp_path / "**" / "*.npz"), recursive=True)
