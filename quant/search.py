@@ -20,9 +20,9 @@ cost model of the released code's search):
   ||E Weff^T + P||^2 = ||E V S + P U||^2 + ||P (I - U U^T)||^2: an (in x in) product per
   candidate instead of (in x out). With M the candidate matrix (V S, or Weff^T) and P' the
   matching P, a square or wide M is expanded as ||E M||^2 + 2 <E, P' M^T> + ||P'||^2: P' M^T =
-  X (N M^T) is one product per step and the constants come from the Gram matrix X^T X, so
-  each candidate costs its product, squared and summed, and one pass for the cross term
-  (a tall M, fc2, adds P' to the narrow product instead). Forming the small error E first
+  X (N M^T) is one product per step, and so is the constant ||P'||^2 (+ ||P (I - U U^T)||^2)
+  = ||X F||^2 with F F^T = N N^T (+ H): each candidate costs its product, squared and summed,
+  and one pass for the cross term (a tall M, fc2, adds P' to the narrow product instead). Forming the small error E first
   also avoids the cancellation of Y_q - Y_fp, which is what makes matmul_dtype="bf16"
   usable: only the candidate products E_k M run in bfloat16 (the cross term, the constants
   and all sums stay float32); losses move by ~1e-5 relative (tests/test_search.py,
@@ -280,9 +280,9 @@ class AlphaSearch:
     def _reference_losses(self, x2, s, ranges, one_range):
         """Sum over rows of ||E_k M + P||^2 (+ const), all candidates per row chunk (one shared M).
 
-        When M has at least as many columns as rows, this is ||E_k M||^2 + 2 <E_k, X N M^T> + const
-        with the constant from the Gram matrix X^T X: the product's output is only squared and summed.
-        Otherwise P is added to the (narrower) product E_k M before squaring.
+        When M has at least as many columns as rows, this is ||E_k M||^2 + 2 <E_k, X N M^T> + ||X F||^2:
+        the product's output is only squared and summed. Otherwise P is added to the (narrower)
+        product E_k M before squaring. One product X [N M^T or N, F] per step feeds both.
         """
         ops = self._ops
         rows, c = x2.shape
