@@ -30,6 +30,29 @@ def add_model_args(parser, image_size=256, num_classes=1000, vae="mse", cfg_scal
                              "(default: the upstream DiT-XL/2 checkpoint for --image-size)")
 
 
+MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def add_dtype_arg(parser):
+    parser.add_argument("--dtype", choices=tuple(MODEL_DTYPES), default="fp32",
+                        help="dtype the model runs in while sampling (the diffusion arithmetic stays float32); "
+                             "bf16: FP models, or quantized ones with --backend int")
+
+
+def check_sampling_dtype(dtype, quantized, backend):
+    """bf16 suits FP models and the int backend (integer layers keep their codes and float32 scales,
+    accumulate exactly and return bf16); fake-quantized layers would run their own quantizer in bf16."""
+    if dtype != "fp32" and quantized and backend != "int":
+        raise UserError(f"--dtype {dtype} with a quantized checkpoint needs --backend int (fake quantization "
+                        f"would round its own quantizer arithmetic to {dtype}); or use --dtype fp32")
+
+
+def cast_for_sampling(model, dtype, quantized, backend):
+    """The sampling model in --dtype (check_sampling_dtype's rule)."""
+    check_sampling_dtype(dtype, quantized, backend)
+    return model if dtype == "fp32" else model.to(MODEL_DTYPES[dtype])
+
+
 def pick_device(spec):
     """auto | cpu | cuda -> the device kind; cuda without a GPU is a one-line error."""
     if spec == "cuda" and not torch.cuda.is_available():
@@ -211,8 +234,10 @@ def sample_inputs(seed, indices, num_classes, shape, labels=None):
     return gens, torch.tensor([int(y) for y in labels]), z
 
 
-def make_sampler(model, num_sampling_steps, cfg_scale, clip_denoised):
-    """A function (z, y, gens) -> samples in model space, DDPM with classifier-free guidance."""
+def make_sampler(model, num_sampling_steps, cfg_scale, clip_denoised, dtype="fp32"):
+    """A function (z, y, gens) -> samples in model space, DDPM with classifier-free guidance.
+
+    dtype: the model's dtype (cast_for_sampling); its input is cast to it and its output back to float32."""
     diffusion = create_diffusion(str(num_sampling_steps))
     using_cfg = cfg_scale > 1.0
 
@@ -227,6 +252,8 @@ def make_sampler(model, num_sampling_steps, cfg_scale, clip_denoised):
         else:
             kwargs = dict(y=y.to(device))
             fn = model.forward
+        if dtype != "fp32":
+            fn = _in_dtype(fn, MODEL_DTYPES[dtype])
 
         def noise_fn(x):
             eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, x.dtype)
@@ -237,6 +264,12 @@ def make_sampler(model, num_sampling_steps, cfg_scale, clip_denoised):
         return out[:n]
 
     return sample
+
+
+def _in_dtype(fn, dtype):
+    def run(x, t, **kwargs):
+        return fn(x.to(dtype), t, **kwargs).float()
+    return run
 
 
 def save_grid(images, path, nrow=4, pad=2, upscale=1):

@@ -6,8 +6,8 @@ fake or integer backend).
 import torch
 
 from cli import ArgumentParser, UserError, run
-from pipeline import (add_model_args, build_model, decode, load_vae, make_sampler, pick_device, resolve_model_args,
-                      sample_inputs, save_grid)
+from pipeline import (add_dtype_arg, add_model_args, build_model, cast_for_sampling, check_sampling_dtype, decode,
+                      load_vae, make_sampler, pick_device, resolve_model_args, sample_inputs, save_grid)
 
 # upstream sample.py's defaults for the flags a quantized checkpoint may supply instead
 MODEL_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "vae": "mse"}
@@ -19,6 +19,7 @@ def main(args):
         raise UserError("--labels needs at least one class label")
     if args.backend == "int" and not args.path:
         raise UserError("--backend int needs a quantized checkpoint (--path); the FP model has no integer form")
+    check_sampling_dtype(args.dtype, bool(args.path), args.backend)
     device = pick_device(args.device)
     meta = resolve_model_args(args, MODEL_DEFAULTS)
     if meta is None:
@@ -26,12 +27,14 @@ def main(args):
     else:
         from quant.inference import load_for_sampling
         model, _ = load_for_sampling(args.path, args.backend)
+    model = cast_for_sampling(model, args.dtype, meta is not None, args.backend)
     vae = load_vae(args.vae, device)
     model = model.to(device)
     channels, size = model.in_channels, model.x_embedder.img_size
     gens, y, z = sample_inputs(args.seed, range(len(args.labels)), args.num_classes, (channels, size, size),
                                args.labels)
-    sample = make_sampler(model, args.num_sampling_steps, args.cfg_scale, clip_denoised=args.vae == "none")
+    sample = make_sampler(model, args.num_sampling_steps, args.cfg_scale, clip_denoised=args.vae == "none",
+                          dtype=args.dtype)
     images = decode(vae, sample(z, y, gens, progress=True))
     save_grid(images, args.out, nrow=args.nrow, upscale=args.upscale)
     print(f"saved {len(args.labels)} samples to {args.out}")
@@ -43,6 +46,7 @@ def build_parser():
     # None = "not given": taken from --path's checkpoint, else upstream's defaults (MODEL_DEFAULTS)
     parser.set_defaults(model=None, image_size=None, num_classes=None, vae=None)
     parser.add_argument("--path", type=str, default=None, help="a quantized checkpoint directory (QuantDiT.py)")
+    add_dtype_arg(parser)
     parser.add_argument("--backend", choices=["fake", "int"], default="fake",
                         help="with --path: fake (quantize-dequantize) or int (integer GEMMs)")
     parser.add_argument("--weight-bit", type=int, default=None, help="optional check against the checkpoint")

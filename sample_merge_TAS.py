@@ -40,8 +40,8 @@ import torch.distributed as dist
 
 from cli import ArgumentParser, UserError, run
 from digits import to_uint8
-from pipeline import add_model_args, build_model, check_common_args, decode, latent_shape, load_vae, make_sampler, \
-    pick_device, resolve_model_args, sample_inputs
+from pipeline import add_dtype_arg, add_model_args, build_model, cast_for_sampling, check_common_args, \
+    check_sampling_dtype, decode, latent_shape, load_vae, make_sampler, pick_device, resolve_model_args, sample_inputs
 
 # upstream sample_ddp.py's defaults for the flags a quantized checkpoint may supply instead
 MODEL_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "vae": "ema"}
@@ -81,6 +81,7 @@ def _init_distributed(device_kind):
 def _check_args(args):
     if args.backend == "int" and not args.path:
         raise UserError("--backend int needs a quantized checkpoint (--path); the FP model has no integer form")
+    check_sampling_dtype(args.dtype, bool(args.path), args.backend)
     if args.num_fid_samples <= 0:
         raise UserError(f"--num-fid-samples must be positive, got {args.num_fid_samples}")
     if args.per_proc_batch_size <= 0:
@@ -120,11 +121,12 @@ def output_name(args, meta):
     vae = os.path.basename(os.path.normpath(args.vae)) if os.path.isdir(args.vae) else args.vae
     name = (f"{args.model.replace('/', '-')}-size-{args.image_size}-vae-{vae}-cfg-{args.cfg_scale}"
             f"-seed-{args.global_seed}-steps-{args.num_sampling_steps}")
+    dtype = "" if args.dtype == "fp32" else f"-{args.dtype}"
     if meta is None:
-        return name + "-fp"
+        return name + "-fp" + dtype
     act = meta["act_bit"]
     name += f"-W{meta['weight_bit']}A{act if act is not None else 'fp'}-{meta['scheme']}"
-    return name + "-int" if args.backend == "int" else name
+    return name + ("-int" if args.backend == "int" else "") + dtype
 
 
 def fingerprint(model, args, meta, device):
@@ -134,7 +136,7 @@ def fingerprint(model, args, meta, device):
         "version": STATE_VERSION, "model": args.model, "image_size": args.image_size,
         "num_classes": args.num_classes, "vae": args.vae, "cfg_scale": args.cfg_scale,
         "steps": args.num_sampling_steps, "seed": args.global_seed, "batch": args.per_proc_batch_size,
-        "device": device.type, "quant": meta,
+        "device": device.type, "quant": meta, "dtype": args.dtype,
     }
     if device.type == "cuda":
         settings.update(tf32=args.tf32, gpu=torch.cuda.get_device_name(device))
@@ -283,6 +285,7 @@ def _main(args):
         torch.backends.cudnn.allow_tf32 = args.tf32
     _check_writable(args.sample_dir)
     model, quantized = _load_model(args, meta)
+    model = cast_for_sampling(model, args.dtype, quantized, args.backend)
     device = _init_distributed(device_kind)
     rank, world = _rank(), _world()
 
@@ -316,7 +319,8 @@ def _main(args):
     mine = [k for k in range(len(starts)) if k % world == rank]
     vae = load_vae(args.vae, device)
     model = model.to(device)
-    sample = make_sampler(model, args.num_sampling_steps, args.cfg_scale, clip_denoised=args.vae == "none")
+    sample = make_sampler(model, args.num_sampling_steps, args.cfg_scale, clip_denoised=args.vae == "none",
+                          dtype=args.dtype)
     if args.save_png:
         os.makedirs(png_dir, exist_ok=True)
     if rank == 0:
@@ -393,6 +397,7 @@ def build_parser():
     parser.add_argument("--act-bit", type=int, default=None, help="optional check against the checkpoint")
     parser.add_argument("--backend", choices=["fake", "int"], default="fake",
                         help="fake: quantize-dequantize in float; int: integer GEMMs (torch._int_mm)")
+    add_dtype_arg(parser)
     parser.add_argument("--save-png", action="store_true", help="also write one PNG per sample")
     parser.add_argument("--keep-shards", action="store_true", help="keep the shard files after writing the .npz")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

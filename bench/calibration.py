@@ -11,7 +11,9 @@ default), each in its own subprocess (so peak memory is its own), single-threade
 * ours: quant.calibrate.quantize_dit -- one FP sampling loop for the TAS statistics, one
   more in which every layer's AlphaSearch scores all candidates on each step's input as it
   streams by (plus the round-to-nearest baseline search of the report); with the candidate
-  products in float32 (`ours-fp32`) and in bfloat16 (`ours-bf16`, QuantConfig.search_dtype).
+  products in float32 (`ours-fp32`) and in bfloat16 (`ours-bf16`, QuantConfig.search_dtype), and
+  with bf16 products scoring every 2nd (or 4th) token row only (`ours-bf16-rows2`, an approximation:
+  QuantConfig.search_row_stride).
 * released (METHOD.md section 9, emulated): one TAS loop, then for EACH layer one full FP
   sampling loop whose forward pre-hook keeps that layer's input at every step in memory,
   then the 21-point search on the captured list. The numerics are ours (the same
@@ -65,13 +67,19 @@ def build_model(args):
     return model.eval()
 
 
-def quant_config(args, search_dtype="fp32"):
+# our methods: (search dtype, search row stride)
+OURS = {"ours-fp32": ("fp32", 1), "ours-bf16": ("bf16", 1), "ours-bf16-rows2": ("bf16", 2),
+        "ours-bf16-rows4": ("bf16", 4)}
+
+
+def quant_config(args, search_dtype="fp32", row_stride=1):
     if args.scheme == "reference":
         return QuantConfig(scheme="reference", weight_bit=args.weight_bit, act_bit=args.act_bit, group_size=None,
                            act_granularity="tensor", lora_rank=args.lora_rank, lora_iters=args.lora_iters,
-                           search_steps=50, search_dtype=search_dtype)
+                           search_steps=50, search_dtype=search_dtype, search_row_stride=row_stride)
     return QuantConfig(weight_bit=args.weight_bit, act_bit=args.act_bit, group_size=args.group_size,
-                       lora_rank=args.lora_rank, lora_iters=args.lora_iters, search_dtype=search_dtype)
+                       lora_rank=args.lora_rank, lora_iters=args.lora_iters, search_dtype=search_dtype,
+                       search_row_stride=row_stride)
 
 
 def _rss_kb():
@@ -97,7 +105,7 @@ def child(args):
         gens, y, z = sample_inputs(args.seed, range(len(labels)), args.num_classes, shape, labels)
         sampler(z, y, gens)
 
-    cfg = quant_config(args, "bf16" if args.child == "ours-bf16" else "fp32")
+    cfg = quant_config(args, *OURS.get(args.child, ("fp32", 1)))
     rss0 = _rss_kb()
     t0, c0 = time.perf_counter(), time.process_time()
     phases = {}
@@ -172,6 +180,8 @@ def cpu_name():
 
 NAMES = {"ours-fp32": "ours, fp32 search (quantize_dit: 2 streaming loops)",
          "ours-bf16": "ours, bf16 candidate products (--search-dtype bf16)",
+         "ours-bf16-rows2": "ours, bf16, every 2nd row scored (--search-dtype bf16 --search-row-stride 2)",
+         "ours-bf16-rows4": "ours, bf16, every 4th row scored (--search-dtype bf16 --search-row-stride 4)",
          "released-naive": "released, emulated: 1 + 1/layer loops, captured inputs, direct search",
          "released-same": "released, emulated, with our fp32 search kernel"}
 
@@ -188,7 +198,7 @@ def fmt_table(results):
                     f"{same}/{n_layers} ({100 * same / n_layers:.0f}%) |")
     rows += ["", "| released / ours | wall | CPU | loops | peak RSS growth |", "|---|---:|---:|---:|---:|"]
     for rel in ("released-naive", "released-same"):
-        for ours in ("ours-fp32", "ours-bf16"):
+        for ours in OURS:
             if rel not in results or ours not in results:
                 continue
             r, o = results[rel], results[ours]
@@ -204,6 +214,13 @@ def fmt_table(results):
                     f"{p.get('prepare_candidates_s', 0):.1f} | {p.get('alpha_search_s', 0):.1f} | "
                     f"{p.get('build_layers_s', 0):.1f} |")
     return rows
+
+
+def _ours_list(text):
+    bad = [m for m in text.split(",") if f"ours-{m}" not in OURS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown setting(s) {bad}")
+    return text
 
 
 def main():
@@ -222,7 +239,8 @@ def main():
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--lora-rank", type=int, default=32)
     ap.add_argument("--lora-iters", type=int, default=10)
-    ap.add_argument("--ours", choices=("fp32", "bf16", "both"), default="both", help="our search dtype(s)")
+    ap.add_argument("--ours", default="fp32,bf16,bf16-rows2", type=_ours_list,
+                    help=f"comma list of our settings: {', '.join(m[5:] for m in OURS)}")
     ap.add_argument("--released-search", choices=("naive", "same", "both"), default="both")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "calibration.md"))
     ap.add_argument("--child", choices=tuple(NAMES), help=argparse.SUPPRESS)
@@ -244,7 +262,7 @@ def main():
     argv += ["--model", args.model, "--in-channels", str(args.in_channels), "--num-classes", str(args.num_classes)]
     if args.ckpt:
         argv += ["--ckpt", args.ckpt]
-    methods = {"fp32": ["ours-fp32"], "bf16": ["ours-bf16"], "both": ["ours-fp32", "ours-bf16"]}[args.ours]
+    methods = [f"ours-{m}" for m in args.ours.split(",")]
     methods += {"naive": ["released-naive"], "same": ["released-same"],
                 "both": ["released-naive", "released-same"]}[args.released_search]
     results = {}

@@ -47,10 +47,16 @@ class QuantConfig:
     quantize_adaln: bool = False      # also quantize every block's adaLN linear, weight-only 8-bit
     search_dtype: str = "fp32"        # reference scheme: candidate products in fp32 or bf16 (quant/search.py)
     search: str = "exact"             # exact: pass 2 scores candidates; approx: predicted from pass 1 (approx_search.py)
+    search_row_stride: int = 1        # exact search: score every N-th token row only (an approximation; 1 = all)
 
     def __post_init__(self):
         if self.search not in ("exact", "approx"):
             raise ValueError(f"search must be exact or approx, got {self.search!r}")
+        if isinstance(self.search_row_stride, bool) or not isinstance(self.search_row_stride, int) \
+                or self.search_row_stride < 1:
+            raise ValueError(f"search row stride must be a positive integer, got {self.search_row_stride!r}")
+        if self.search_row_stride != 1 and self.search != "exact":
+            raise ValueError("the search row stride applies to the exact search only (--search exact)")
         if self.smoothing not in ("search", "fixed", "none"):
             raise ValueError(f"smoothing must be search, fixed or none, got {self.smoothing!r}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -175,10 +181,12 @@ def quantize_dit(model, cfg, loop, progress=True):
     for name, lin in tqdm(layers.items(), desc="preparing candidates", disable=not progress, leave=False):
         searches[name] = AlphaSearch(lin.weight, lin.bias, act_absmax[name], alphas, wcfg, acfg,
                                      lora_rank=cfg.lora_rank, lora_iters=cfg.lora_iters, svd=cfg.svd,
-                                     max_steps=cfg.search_steps, matmul_dtype=cfg.search_dtype)
+                                     max_steps=cfg.search_steps, matmul_dtype=cfg.search_dtype,
+                                     row_stride=cfg.search_row_stride)
         # plain round-to-nearest on the same inputs: the "before smoothing, before LoRA" error
         baselines[name] = AlphaSearch(lin.weight, lin.bias, None, [None], wcfg, acfg, lora_rank=0,
-                                      max_steps=cfg.search_steps, matmul_dtype=cfg.search_dtype)
+                                      max_steps=cfg.search_steps, matmul_dtype=cfg.search_dtype,
+                                      row_stride=cfg.search_row_stride)
     timings["prepare_candidates_s"] = time.time() - t0
 
     t0 = time.time()

@@ -117,11 +117,14 @@ class AlphaSearch:
     ignored (reference: 50). chunk: candidates processed together (bounds memory).
     matmul_dtype: "fp32", or "bf16" for the reference scheme's candidate products (see the
     module docstring). impl: "fast" (default) or "naive" (direct evaluation; same results up
-    to float rounding).
+    to float rounding). row_stride: score every row_stride-th row (token) of each step's input only,
+    an approximation that divides the candidate work (the activation ranges still come from
+    the whole input, so every scored row is quantized exactly as in the layer); 1 = exact.
     """
 
     def __init__(self, weight, bias, act_absmax, alphas, weight_cfg, act_cfg, lora_rank=32, lora_iters=10,
-                 scheme=None, max_steps=None, svd="full", chunk=None, matmul_dtype="fp32", impl="fast"):
+                 scheme=None, max_steps=None, svd="full", chunk=None, matmul_dtype="fp32", impl="fast",
+                 row_stride=1):
         self.alphas = list(alphas)
         if not self.alphas:
             raise ValueError("AlphaSearch needs at least one candidate alpha")
@@ -136,6 +139,9 @@ class AlphaSearch:
         if impl not in ("fast", "naive"):
             raise ValueError(f"impl must be 'fast' or 'naive', got {impl!r}")
         self.matmul_dtype, self.impl = matmul_dtype, impl
+        if isinstance(row_stride, bool) or not isinstance(row_stride, int) or row_stride < 1:
+            raise ValueError(f"row_stride must be a positive integer, got {row_stride!r}")
+        self.row_stride = row_stride
         self._ops = None  # fast-path operands (reference: replace the dense effective weight)
         self.steps = 0
         self._loss = torch.zeros(len(self.alphas), dtype=torch.float64, device=self.weight.device)
@@ -196,7 +202,8 @@ class AlphaSearch:
                 y = (xq * s.unsqueeze(1)) @ weff.T
             else:
                 y = torch.bmm(xq, weff[sl].transpose(1, 2))
-            self._loss[sl] += (y - y_fp).pow(2).mean(dim=(1, 2)).double()
+            err = (y - y_fp).view(s.shape[0], -1, y_fp.shape[-1])[:, ::self.row_stride]
+            self._loss[sl] += err.pow(2).mean(dim=(1, 2)).double()
 
     def _operands(self):
         """Per-layer constants of the fast path (see the module docstring)."""
@@ -251,14 +258,18 @@ class AlphaSearch:
         c = x.shape[-1]
         x2 = x.reshape(-1, c)
         groups = _range_groups(x, self.act_cfg.granularity)
+        stride = self.row_stride
+        xr = x2[::stride].contiguous() if stride > 1 else x2  # the scored rows (ranges: from all of x)
         for sl in _chunks(len(self.alphas), self.chunk):
             s = self._smooth[sl]
             ranges = None if groups is None else self._ranges(x2, groups, s)
+            if ranges is not None and stride > 1:
+                ranges = tuple(r[:, ::stride].contiguous() for r in ranges)
             if self.scheme == "reference":
-                acc = self._reference_losses(x2, s, ranges, groups == 1)
+                acc = self._reference_losses(xr, s, ranges, groups == 1)
             else:
-                acc = self._ditas_losses(x2, s, ranges, sl)
-            self._loss[sl] += acc / (x2.shape[0] * self.weight.shape[0])
+                acc = self._ditas_losses(xr, s, ranges, sl)
+            self._loss[sl] += acc / (xr.shape[0] * self.weight.shape[0])
 
     def _fake_quant(self, t, ranges, r0):
         """t (..., n, in) = x/s for rows r0..r0+n -> in place codes - zero; returns (t, scale): fq = t * scale.

@@ -101,6 +101,26 @@ def test_reference_scheme_uses_first_steps_only():
     assert all(r["search_steps"] == 2 for r in report.values())
 
 
+def test_search_row_stride_scores_fewer_rows_same_layers():
+    """--search-row-stride 2: half the rows scored; the losses estimate the exact ones, alphas stay on the grid."""
+    reports = {}
+    for stride in (1, 2):
+        model = tiny_model()
+        cfg = QuantConfig(scheme="reference", act_granularity="tensor", group_size=None, lora_rank=4, lora_iters=2,
+                          search_row_stride=stride)
+        reports[stride] = quantize_dit(model, cfg, calib_loop(model), progress=False)["layers"]
+        assert all(isinstance(m, QuantLinear) for m in quantizable_layers(model).values())
+    exact, strided = reports[1], reports[2]
+    assert exact.keys() == strided.keys()
+    differ = 0
+    for name in exact:
+        e, s = exact[name]["search_losses"], strided[name]["search_losses"]
+        assert e.keys() == s.keys() and strided[name]["alpha"] in [float(a) for a in s]
+        differ += any(abs(s[a] - e[a]) > 1e-6 * e[a] for a in e)
+        assert all(0.2 < s[a] / e[a] < 5 for a in e)
+    assert differ == len(exact)  # every layer scored a different (sub)set of rows
+
+
 def test_quantdit_cli_writes_complete_directory(tiny_ckpt, tmp_path):
     out = tmp_path / "q"
     proc = run_script("QuantDiT.py", *TINY, "--ckpt", tiny_ckpt, "--out", out, "--weight-bit", "8")
@@ -127,6 +147,8 @@ def test_quantdit_cli_writes_complete_directory(tiny_ckpt, tmp_path):
     (["--model", "DiT-Q/2"], "unknown model"),
     (["--image-size", "16"], "has shape"),
     (["--calib-labels", "10"], "labels must lie in"),
+    (["--search-row-stride", "0"], "row stride must be a positive integer"),
+    (["--search-row-stride", "2", "--search", "approx"], "exact search only"),
 ])
 def test_quantdit_bad_input(tiny_ckpt, tmp_path, flags, fragment):
     out = tmp_path / "q"

@@ -300,3 +300,24 @@ def test_backend_int_without_integer_form_is_user_error(tmp_path, capsys):
         assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error:"), err
         assert all(f in err for f in fragments), err
     assert not glob.glob(str(tmp_path / "**" / "*.npz"), recursive=True)
+
+
+def test_dtype_bf16_fp_and_int_backend(ckpt, qdir, tmp_path, capsys):
+    """--dtype bf16: FP models and the int backend sample in bf16 (close to fp32, own file name);
+    with fake quantization it is a one-line error before anything is loaded."""
+    fp32 = np.load(_main(_flags(ckpt, tmp_path / "a", steps=3)))["arr_0"]
+    npz = _main(_flags(ckpt, tmp_path / "b", steps=3) + ["--dtype", "bf16"])
+    assert os.path.basename(npz).endswith("-fp-bf16.npz")
+    bf16 = np.load(npz)["arr_0"]
+    assert bf16.shape == fp32.shape and 0 < np.abs(bf16.astype(int) - fp32.astype(int)).mean() < 2
+    fake = np.load(_main(_qflags(qdir[0], tmp_path / "c")))["arr_0"]
+    npz = _main(_qflags(qdir[0], tmp_path / "d", "--backend", "int", "--dtype", "bf16"))
+    assert os.path.basename(npz).endswith("-W4A8-ditas-int-bf16.npz")
+    assert np.abs(np.load(npz)["arr_0"].astype(int) - fake.astype(int)).mean() < 2
+    calls = len(qdir[1])
+    capsys.readouterr()  # drop the progress bars so far
+    with pytest.raises(SystemExit) as e:
+        _main(_qflags(qdir[0], tmp_path / "e", "--dtype", "bf16"))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--backend int" in err, err
+    assert len(qdir[1]) == calls and not glob.glob(str(tmp_path / "e" / "*.npz"))

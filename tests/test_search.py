@@ -3,8 +3,10 @@ from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from quant.lora import fit_lora
+from quant.qlinear import QuantLinear
 from quant.quantizer import ActQuantConfig, WeightQuantConfig, fake_quantize_act, quantize_weight
 from quant.search import AlphaSearch, alpha_grid, select_alpha
 from quant.smoothing import RunningAbsMax, smoothing_factors, weight_channel_absmax
@@ -173,3 +175,36 @@ def test_fast_update_matches_naive(scheme, granularity, shape, out):
     torch.testing.assert_close(losses["fast", "fp32", 5], ref, rtol=2e-4, atol=0)
     tol = 1e-3 if scheme == "reference" else 1e-4  # bf16 products: reference scheme only
     torch.testing.assert_close(losses["fast", "bf16", None], ref, rtol=tol, atol=0)
+
+
+@pytest.mark.parametrize("scheme,granularity,shape", [
+    ("reference", "tensor", (3, 37, 64)), ("reference", "row", (5, 7, 64)), ("reference", "token", (41, 64)),
+    ("ditas", "row", (3, 37, 64)), ("ditas", "token", (4, 9, 64))])
+def test_row_stride_scores_every_nth_row(scheme, granularity, shape):
+    """row_stride=n: the mean squared error over rows 0, n, 2n, ... of the exactly quantized layer (ranges
+    from the whole input); fast and naive agree, and it is an estimate of the exact (stride 1) loss."""
+    w, b, _ = _problem(out=96)
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(shape, generator=g) * torch.exp(torch.randn(64, generator=g)) for _ in range(2)]
+    wcfg = WeightQuantConfig(bits=4, group_size=32 if scheme == "ditas" else None, scheme=scheme)
+    acfg = ActQuantConfig(bits=8, granularity=granularity, scheme=scheme)
+    absmax = torch.stack([x.abs().amax(dim=tuple(range(x.dim() - 1))) for x in xs]).amax(0)
+    losses = {}
+    for impl, stride in (("naive", 3), ("fast", 3), ("naive", 1)):
+        search = AlphaSearch(w, b, absmax, alpha_grid(0.25), wcfg, acfg, lora_rank=RANK, lora_iters=ITERS,
+                             impl=impl, row_stride=stride)
+        for x in xs:
+            search.update(x)
+        losses[impl, stride] = torch.tensor(search.losses)
+    torch.testing.assert_close(losses["fast", 3], losses["naive", 3], rtol=2e-4, atol=0)
+    assert not torch.allclose(losses["naive", 3], losses["naive", 1], rtol=1e-3)
+    torch.testing.assert_close(losses["naive", 3], losses["naive", 1], rtol=0.5, atol=0)
+    # brute force for one candidate: quantize the whole input, then average the strided rows' errors
+    k = 2
+    search = AlphaSearch(w, b, absmax, alpha_grid(0.25), wcfg, acfg, lora_rank=RANK, lora_iters=ITERS)
+    q = QuantLinear.from_search(search.candidate(k), acfg)
+    with torch.no_grad():
+        want = sum(((q(x) - F.linear(x, w, b)).reshape(-1, 96)[::3] ** 2).mean().item() for x in xs)
+    assert losses["naive", 3][k].item() == pytest.approx(want, rel=1e-4)
+    with pytest.raises(ValueError, match="row_stride"):
+        AlphaSearch(w, b, absmax, [0.5], wcfg, acfg, row_stride=0)
