@@ -12,9 +12,9 @@ the table gives the median ms per forward and images per second for a `--steps`-
 Variants (what sample_merge_TAS.py runs: quantized layers built, smoothing folded):
 * fp32, bf16: the FP model in that dtype.
 * fake W8A8 / W4A8: QuantLinear quantize-dequantize in float32 (the released code's kind).
-* int W8A8 / W4A8: `--backend int` (quant/kernels.py; int8 GEMMs via torch._int_mm, packed
-  4-bit codes unpacked once at load); everything that is not a quantized linear (attention,
-  norms, adaLN, embedders) runs in bf16, like the bf16 baseline.
+* int W8A8 / W4A8: `--backend int --dtype bf16` (quant/kernels.py; int8 GEMMs via torch._int_mm,
+  packed 4-bit codes unpacked once at load); everything that is not a quantized linear
+  (attention, norms, adaLN, embedders) runs in bf16, like the bf16 baseline.
 The quantized models use QuantDiT.py's defaults (ditas scheme, group 128 along K, row-wise
 activation ranges, LoRA rank 32), W8A8 with one weight scale per output channel (group 0), and,
 to show what the LoRA branch costs, variants without it (r0).
