@@ -48,6 +48,7 @@ from pipeline import make_sampler, sample_inputs  # noqa: E402
 from quant.calibrate import QuantConfig, collect_tas, quantizable_layers, quantize_dit  # noqa: E402
 from quant.qlinear import QuantLinear  # noqa: E402
 from quant.search import AlphaSearch  # noqa: E402
+from bench.common import cpu_name, write_report  # noqa: E402
 
 BUNDLED = os.path.join(ROOT, "assets", "dit_t2_digits16.safetensors")
 
@@ -167,17 +168,6 @@ def run_child(method, argv, tmp):
         return json.load(f)
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 NAMES = {"ours-fp32": "ours, fp32 search (quantize_dit: 2 streaming loops)",
          "ours-bf16": "ours, bf16 candidate products (--search-dtype bf16)",
          "ours-bf16-rows2": "ours, bf16, every 2nd row scored (--search-dtype bf16 --search-row-stride 2)",
@@ -288,10 +278,7 @@ def main():
            "minus RSS after the model was built (the released emulation keeps every step's input of one layer).",
            "'same alpha as released': layers whose alpha equals the one the released emulation with the "
            "direct float32 search chose (the released numerics)."]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(doc) + "\n")
-    print("\n".join(doc))
+    write_report(args.out, doc)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from models import DiT_models  # noqa: E402
 from quant.calibrate import QuantConfig, quantize_dit  # noqa: E402
+from bench.common import write_report  # noqa: E402
 from quant.checkpoint import (load_quantized, planned_layers, plan_bytes, round_for_storage,  # noqa: E402
                               save_quantized, skeleton, storage_plan)
 
@@ -217,10 +218,7 @@ def main():
                 f"fell back from fp16 to fp32: the formula assumes none). 'reloads exactly': load_quantized "
                 f"gives bit-identical outputs to the rounded in-memory model.", ""]
     doc.append(f"({time.time() - t0:.0f} s)")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(doc) + "\n")
-    print("\n".join(doc))
+    write_report(args.out, doc)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from quant.calibrate import QuantConfig, collect_tas, quantizable_layers  # noqa
 from quant.fold import fold_smoothing  # noqa: E402
 from quant.kernels import to_int_backend  # noqa: E402
 from quant.qlinear import QuantLinear  # noqa: E402
+from bench.common import cpu_name, write_report  # noqa: E402
 
 BUNDLED = os.path.join(ROOT, "assets", "dit_t2_digits16.safetensors")
 MB = 1e6
@@ -194,17 +195,6 @@ def bench_model(spec, args):
     return rows
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
 
@@ -224,9 +214,7 @@ def write_results(rows, args, out):
                      f"{fmt(r['peak_extra_mb'], '.0f')} |")
     lines += ["", "Quantized variants: QuantDiT.py defaults (ditas scheme, group 128 along K, row activation ranges, "
               "LoRA rank 32); 'per-channel' is --group-size 0, 'r0' is --lora-rank 0. Int variants run every non-quantized op in bf16."]
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_report(out, lines)
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
         json.dump({"argv": sys.argv[1:], "rows": rows}, f, indent=1)
 
@@ -266,7 +254,6 @@ def main():
         print(f"{spec}:", flush=True)
         rows += bench_model(spec, args)
     write_results(rows, args, args.out)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -205,13 +205,8 @@ def fmt(values, digits=2, scale=1.0):
 
 
 def machine():
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return (f"{cpu or platform.machine()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+    from bench.common import cpu_name
+    return (f"{cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}, {platform.system()}")
 
 

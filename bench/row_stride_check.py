@@ -17,6 +17,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench.common import write_report  # noqa: E402
 from config import calib_labels  # noqa: E402
 from digits import BUNDLED_CKPT, NUM_CLASSES  # noqa: E402
 from download import find_model, load_model_state  # noqa: E402
@@ -72,10 +73,7 @@ def main():
              f"{len(exact) - len(rows)}/{len(exact)} layers pick the same alpha.", "",
              "| layer | alpha (every row) | alpha (strided) | exact loss at the strided alpha | "
              "exact-loss spread over the grid |", "|---|---:|---:|---:|---:|", *rows]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":
