@@ -146,6 +146,16 @@ def test_no_smoothing_and_fixed_alpha_modes():
         AlphaSearch(w, b, None, [None], wcfg, acfg, lora_rank=0).result()
 
 
+def _streams(scheme, granularity, shape, seed):
+    """Two calibration inputs with per-channel scales, W4A8 configs of the scheme and their TAS statistic."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(shape, generator=g) * torch.exp(torch.randn(64, generator=g)) for _ in range(2)]
+    wcfg = WeightQuantConfig(bits=4, group_size=32 if scheme == "ditas" else None, scheme=scheme)
+    acfg = ActQuantConfig(bits=8, granularity=granularity, scheme=scheme)
+    absmax = torch.stack([x.abs().amax(dim=tuple(range(x.dim() - 1))) for x in xs]).amax(0)
+    return xs, wcfg, acfg, absmax
+
+
 @pytest.mark.parametrize("scheme,granularity,shape", [
     ("reference", "tensor", (3, 37, 64)), ("reference", "row", (5, 7, 64)), ("reference", "token", (41, 64)),
     ("ditas", "row", (3, 37, 64)), ("ditas", "tensor", (2, 300, 64)), ("ditas", "row", (29, 64)),
@@ -155,11 +165,7 @@ def test_no_smoothing_and_fixed_alpha_modes():
 def test_fast_update_matches_naive(scheme, granularity, shape, out):
     """The optimized update (range shortcut, row chunks, error form) gives the direct evaluation's losses."""
     w, b, _ = _problem(out=out)
-    g = torch.Generator().manual_seed(5)
-    xs = [torch.randn(shape, generator=g) * torch.exp(torch.randn(64, generator=g)) for _ in range(2)]
-    wcfg = WeightQuantConfig(bits=4, group_size=32 if scheme == "ditas" else None, scheme=scheme)
-    acfg = ActQuantConfig(bits=8, granularity=granularity, scheme=scheme)
-    absmax = torch.stack([x.abs().amax(dim=tuple(range(x.dim() - 1))) for x in xs]).amax(0)
+    xs, wcfg, acfg, absmax = _streams(scheme, granularity, shape, seed=5)
     losses = {}
     for impl, dtype, chunk in (("naive", "fp32", None), ("fast", "fp32", None), ("fast", "fp32", 5),
                                ("fast", "bf16", None)):
@@ -184,11 +190,7 @@ def test_row_stride_scores_every_nth_row(scheme, granularity, shape):
     """row_stride=n: the mean squared error over rows 0, n, 2n, ... of the exactly quantized layer (ranges
     from the whole input); fast and naive agree, and it is an estimate of the exact (stride 1) loss."""
     w, b, _ = _problem(out=96)
-    g = torch.Generator().manual_seed(7)
-    xs = [torch.randn(shape, generator=g) * torch.exp(torch.randn(64, generator=g)) for _ in range(2)]
-    wcfg = WeightQuantConfig(bits=4, group_size=32 if scheme == "ditas" else None, scheme=scheme)
-    acfg = ActQuantConfig(bits=8, granularity=granularity, scheme=scheme)
-    absmax = torch.stack([x.abs().amax(dim=tuple(range(x.dim() - 1))) for x in xs]).amax(0)
+    xs, wcfg, acfg, absmax = _streams(scheme, granularity, shape, seed=7)
     losses = {}
     for impl, stride in (("naive", 3), ("fast", 3), ("naive", 1)):
         search = AlphaSearch(w, b, absmax, alpha_grid(0.25), wcfg, acfg, lora_rank=RANK, lora_iters=ITERS,
