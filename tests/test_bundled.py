@@ -84,14 +84,23 @@ def test_w8a8_output_stays_close_to_fp():
     assert rel < 0.05
 
 
-def test_sample_py_writes_grid(tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_sample_py_writes_grid(tmp_path, dtype):
     out = tmp_path / "grid.png"
     code, err = call_main(sample, *BUNDLED_FLAGS, "--labels", "3", "7", "--num-sampling-steps", "5",
-                          "--out", out, "--cfg-scale", "4")
+                          "--out", out, "--cfg-scale", "4", "--dtype", dtype)
     assert code in (0, None), err
     from PIL import Image
     img = Image.open(out)
     assert img.size == (2 * 16 + 3 * 2, 16 + 2 * 2)
+
+
+def test_sample_py_bf16_needs_int_backend_for_quantized(tmp_path):
+    (tmp_path / "q").mkdir()
+    code, err = call_main(sample, "--path", tmp_path / "q", "--dtype", "bf16", "--labels", "1",
+                          "--out", tmp_path / "x.png")
+    assert_one_line_error(code, err, "--backend int")
+    assert not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.parametrize("flags,fragment", [
