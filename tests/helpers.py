@@ -52,3 +52,46 @@ def assert_one_line_error(code, stderr, *fragments):
         stdout = ""
     Proc.stderr = stderr
     assert_user_error(Proc, *fragments)
+
+
+# ---------------------------------------------------------------------------- tiny models and data
+
+def random_dit(seed=0, std=0.1):
+    """DiT-XS/2 (8x8x3, 10 classes) with every parameter but pos_embed drawn N(0, std): adaLN-Zero starts at 0,
+    so everything is randomized for quantization and folding to matter."""
+    import torch
+    from models import DiT_models
+    torch.manual_seed(seed)
+    model = DiT_models["DiT-XS/2"](input_size=8, in_channels=3, num_classes=10)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+def calib_loop(model, steps, n):
+    """One FP sampling loop of an 8x8x3, 10-class model over n labels (seed 1, cfg 1.5): quantize_dit's `loop`."""
+    from pipeline import make_sampler, sample_inputs
+    sampler = make_sampler(model, steps, 1.5, clip_denoised=True)
+
+    def loop():
+        gens, y, z = sample_inputs(1, range(n), 10, (3, 8, 8), [i % 10 for i in range(n)])
+        sampler(z, y, gens)
+    return loop
+
+
+def search_problem(seed=0, steps=3, out=96, inp=64, batch=4, tokens=5, shift=0.0):
+    """(weight, bias, per-step inputs) of one linear layer with outlier weight columns and activation channels."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * 0.05
+    w[:, [2, 30]] *= 8.0
+    b = torch.randn(out, generator=g) * 0.1
+    xs = []
+    for t in range(steps):
+        x = torch.randn(batch, tokens, inp, generator=g) * (1 + 0.3 * t) + shift
+        x[..., [7, 41, 50]] *= 40.0  # activation outlier channels
+        xs.append(x)
+    return w, b, xs

@@ -2,27 +2,15 @@
 import pytest
 import torch
 
+from helpers import search_problem
 from quant.approx_search import InputStats, approx_losses, noise_variance, quantize_dit_approx
 from quant.calibrate import QuantConfig, quantizable_layers
 from quant.qlinear import QuantLinear
-from quant.quantizer import ActQuantConfig, WeightQuantConfig, fake_quantize_act
+from quant.quantizer import ActQuantConfig, WeightQuantConfig
 from quant.search import AlphaSearch, alpha_grid
 
 torch.set_num_threads(1)
 RANK, ITERS = 4, 2
-
-
-def _problem(seed=0, steps=3, out=64, inp=64, batch=4, tokens=6):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out, inp, generator=g) * 0.05
-    w[:, [2, 30]] *= 8.0
-    b = torch.randn(out, generator=g) * 0.1
-    xs = []
-    for t in range(steps):
-        x = torch.randn(batch, tokens, inp, generator=g) * (1 + 0.3 * t) + 0.2
-        x[..., [7, 41, 50]] *= 40.0  # activation outlier channels
-        xs.append(x)
-    return w, b, xs
 
 
 def _close(a, b, rtol, atol=0.0):
@@ -46,7 +34,7 @@ def _exact(w, b, xs, absmax, alphas, wcfg, acfg):
 
 
 def test_second_moment_is_the_sum_of_xtx_and_tas_max():
-    _, _, xs = _problem()
+    _, _, xs = search_problem(out=64, tokens=6, shift=0.2)
     st = _stats(xs, "row")
     expected = sum(x.reshape(-1, x.shape[-1]).double().T @ x.reshape(-1, x.shape[-1]).double() for x in xs)
     _close(st.xtx, expected, rtol=1e-12, atol=1e-9)
@@ -60,7 +48,7 @@ def test_second_moment_is_the_sum_of_xtx_and_tas_max():
 @pytest.mark.parametrize("scheme,group_size", [("ditas", 32), ("ditas", None), ("reference", None)])
 def test_exact_when_activations_are_not_quantized(scheme, group_size):
     """Without activation quantization the predicted loss is the exact loss (the weight term is exact)."""
-    w, b, xs = _problem()
+    w, b, xs = search_problem(out=64, tokens=6, shift=0.2)
     alphas = [None] + alpha_grid(0.25)
     wcfg = WeightQuantConfig(bits=4, group_size=group_size, scheme=scheme)
     st = _stats(xs, None)
@@ -74,7 +62,7 @@ def test_exact_when_activations_are_not_quantized(scheme, group_size):
 @pytest.mark.parametrize("granularity", ["tensor", "row"])
 def test_activation_step_is_exact_for_tensor_and_row(granularity):
     """The per-step range of X/s (hence Delta) comes out exactly from the per-channel min/max."""
-    _, _, xs = _problem()
+    _, _, xs = search_problem(out=64, tokens=6, shift=0.2)
     acfg = ActQuantConfig(bits=8, granularity=granularity)
     st = _stats(xs, granularity)
     s = torch.rand(2, 64) + 0.5
@@ -92,7 +80,7 @@ def test_activation_step_is_exact_for_tensor_and_row(granularity):
 @pytest.mark.parametrize("scheme,granularity", [("ditas", "tensor"), ("ditas", "row"), ("ditas", "token"),
                                                 ("reference", "tensor")])
 def test_prediction_tracks_the_exact_loss_with_activation_quantization(scheme, granularity):
-    w, b, xs = _problem(steps=2, batch=4, tokens=16)
+    w, b, xs = search_problem(steps=2, out=64, batch=4, tokens=16, shift=0.2)
     alphas = alpha_grid(0.1)
     wcfg = WeightQuantConfig(bits=4, group_size=32 if scheme == "ditas" else None, scheme=scheme)
     acfg = ActQuantConfig(bits=6, granularity=granularity, scheme=scheme)
@@ -171,7 +159,7 @@ def test_quantdit_search_flag(tmp_path):
 def test_reference_per_token_models_the_clamped_maximum():
     """The reference scheme clamps each range's maximum by about a step: per token (small ranges) the
     prediction accounts for it (in the channel holding the maximum) and lands within 10 %."""
-    w, b, xs = _problem(steps=2, batch=4, tokens=16)
+    w, b, xs = search_problem(steps=2, out=64, batch=4, tokens=16, shift=0.2)
     alphas = [0.0, 0.5, 1.0]
     wcfg = WeightQuantConfig(bits=8, scheme="reference")
     acfg = ActQuantConfig(bits=8, granularity="token", scheme="reference")

@@ -12,9 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import QuantDiT
 from cli import UserError
-from helpers import assert_one_line_error, call_main
-from models import DiT_models
-from pipeline import make_sampler, sample_inputs
+from helpers import assert_one_line_error, calib_loop, call_main, random_dit
 from quant.calibrate import QuantConfig, adaln_layers, quantize_adaln, quantize_dit
 from quant.checkpoint import (load_quantized, planned_layers, plan_bytes, round_for_storage, save_quantized,
                               skeleton, storage_plan)
@@ -25,26 +23,6 @@ from quant.quantizer import WeightQuantConfig, quantize_weight, unpack_int4
 
 torch.set_num_threads(1)
 META = {"model": "DiT-XS/2", "image_size": 8, "num_classes": 10, "vae": "none", "in_channels": 3}
-
-
-def _random_dit(seed=0, std=0.1):
-    torch.manual_seed(seed)
-    model = DiT_models["DiT-XS/2"](input_size=8, in_channels=3, num_classes=10)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":  # adaLN-Zero starts at 0: randomize everything
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
-
-
-def _calib_loop(model, steps=2, n=2):
-    sampler = make_sampler(model, steps, 1.5, clip_denoised=True)
-
-    def loop():
-        gens, y, z = sample_inputs(1, range(n), 10, (3, 8, 8), [i % 10 for i in range(n)])
-        sampler(z, y, gens)
-    return loop
 
 
 def _inputs(n=4, seed=2):
@@ -60,8 +38,8 @@ CFG = QuantConfig(weight_bit=4, act_bit=8, group_size=32, lora_rank=4, lora_iter
 @pytest.fixture(scope="module")
 def quantized():
     """(model, report): a calibrated W4A8 DiT-XS/2 with 8-bit adaLN, not yet rounded for storage."""
-    model = _random_dit()
-    return model, quantize_dit(model, CFG, _calib_loop(model), progress=False)
+    model = random_dit()
+    return model, quantize_dit(model, CFG, calib_loop(model, 2, 2), progress=False)
 
 
 def _header_len(path):
@@ -115,7 +93,7 @@ def test_roundtrip_is_exact_and_layout_recorded(quantized, tmp_path, storage):
     assert meta["payload_bytes"] == plan_bytes(plan) == sum(v.numel() * v.element_size() for v in stored.values())
     assert os.path.getsize(file) == 8 + _header_len(file) + plan_bytes(plan)
     # ... and the shapes-only plan of a meta-device skeleton (what bench/ckpt_size.py uses) agrees
-    nominal = storage_plan(skeleton(META, planned_layers(_random_dit(), CFG)), storage)
+    nominal = storage_plan(skeleton(META, planned_layers(random_dit(), CFG)), storage)
     assert nominal == plan
 
 
@@ -140,7 +118,7 @@ def test_save_rounds_in_place_and_is_idempotent(quantized, tmp_path):
 
 def test_fp16_fallbacks_are_recorded(tmp_path):
     """Values fp16 cannot hold keep fp32 (per tensor), and the loaded model is still exact."""
-    model = _random_dit()
+    model = random_dit()
     g = torch.Generator().manual_seed(0)
     for block in model.blocks:
         for parent, attr in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
@@ -231,7 +209,7 @@ def test_config_layout_mismatch_is_one_line_user_error(quantized, tmp_path):
 @pytest.mark.parametrize("scheme", ["ditas", "reference"])
 def test_fold_with_quantized_adaln_is_exact_without_act_quant(scheme):
     """Folding qkv/fc1 smoothing into a weight-only 8-bit adaLN QuantLinear rescales its row scales."""
-    model = _random_dit()
+    model = random_dit()
     g = torch.Generator().manual_seed(1)
     wcfg = WeightQuantConfig(bits=4, group_size=32 if scheme == "ditas" else None, scheme=scheme)
     for block in model.blocks:
@@ -263,7 +241,7 @@ def test_fold_with_quantized_adaln_is_exact_without_act_quant(scheme):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "xs.pt"
-    torch.save(_random_dit(std=0.05).state_dict(), path)
+    torch.save(random_dit(std=0.05).state_dict(), path)
     return str(path)
 
 

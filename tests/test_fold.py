@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import DiT_models
+from helpers import random_dit
 from quant.fold import fold_smoothing
 from quant.lora import fit_lora
 from quant.qlinear import QuantLinear
@@ -15,17 +15,6 @@ from quant.quantizer import (ActQuantConfig, WeightQuantConfig, dequantize_weigh
 
 torch.set_num_threads(1)
 LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-
-
-def _random_dit(seed=0):
-    torch.manual_seed(seed)
-    model = DiT_models["DiT-XS/2"](input_size=8, in_channels=3, num_classes=10)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":  # adaLN-Zero starts at 0: randomize everything so folding matters
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def _quant_linear(linear, s, scheme, act_cfg, rank=4):
@@ -78,7 +67,7 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("scheme", ["ditas", "reference"])
 def test_fold_exact_without_act_quant(scheme):
-    model = _quantize(_random_dit(), scheme, act_cfg=None)
+    model = _quantize(random_dit(), scheme, act_cfg=None)
     folded = fold_smoothing(copy.deepcopy(model))
     for block in folded.blocks:
         assert block.attn.qkv.smooth is None and block.attn.proj.smooth is None and block.mlp.fc1.smooth is None
@@ -96,7 +85,7 @@ def test_fold_exact_without_act_quant(scheme):
 
 
 def test_fold_ditas_keeps_integer_form_consistent():
-    model = _quantize(_random_dit(), "ditas", act_cfg=None)
+    model = _quantize(random_dit(), "ditas", act_cfg=None)
     before = [(b.attn.qkv.codes.clone(), b.attn.qkv.zero.clone(), b.attn.qkv.scale.clone(),
                b.attn.proj.smooth.clone()) for b in model.blocks]
     fold_smoothing(model)
@@ -110,7 +99,7 @@ def test_fold_ditas_keeps_integer_form_consistent():
 
 
 def test_fold_reference_marks_fake_quant_only():
-    model = _quantize(_random_dit(), "reference", act_cfg=None)
+    model = _quantize(random_dit(), "reference", act_cfg=None)
     fold_smoothing(model)
     for block in model.blocks:
         qkv, d = block.attn.qkv, block.attn.qkv.in_features
@@ -129,7 +118,7 @@ def test_fold_with_act_quant_is_close(scheme, granularity):
     (one step = range/255). So the outputs are not equal to float rounding, but the difference must be
     far below the activation quantization noise itself."""
     act_cfg = ActQuantConfig(bits=8, granularity=granularity, scheme=scheme)
-    base = _random_dit()
+    base = random_dit()
     model = _quantize(copy.deepcopy(base), scheme, act_cfg=act_cfg)
     folded = fold_smoothing(copy.deepcopy(model))
     no_act = copy.deepcopy(model)
@@ -151,7 +140,7 @@ def test_fold_with_act_quant_is_close(scheme, granularity):
 def test_fold_skips_unsmoothed_and_folds_into_plain_linear():
     """Plain nn.Linear layers and QuantLinear without smoothing are skipped; a proj smoothing folds
     into a float qkv as well."""
-    model = _random_dit()
+    model = random_dit()
     _quantize(model, "ditas", act_cfg=None, skip={(0, "attn.qkv"), (1, "mlp.fc1"), (1, "attn.proj")})
     model.blocks[1].mlp.fc2.smooth = None
     ref = copy.deepcopy(model)

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import QuantDiT
-from helpers import assert_one_line_error, assert_user_error, call_main, run_script
+from helpers import assert_one_line_error, assert_user_error, calib_loop, call_main, run_script
 from models import DiT_models
-from pipeline import make_sampler, sample_inputs
 from quant.calibrate import QuantConfig, quantizable_layers, quantize_dit
 from quant.checkpoint import load_quantized, round_for_storage, save_quantized
 from quant.qlinear import QuantLinear
@@ -22,15 +21,6 @@ def tiny_model(seed=0, depth_name="DiT-XS/2"):
             if n != "pos_embed":
                 p.add_(torch.randn_like(p) * 0.05)
     return m.eval()
-
-
-def calib_loop(model, steps=3, n=4):
-    sampler = make_sampler(model, steps, 1.5, clip_denoised=True)
-
-    def loop():
-        gens, y, z = sample_inputs(1, range(n), 10, (3, 8, 8), [i % 10 for i in range(n)])
-        sampler(z, y, gens)
-    return loop
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +41,7 @@ def test_every_layer_gets_an_alpha_and_checkpoint_roundtrips(tmp_path):
     t = torch.tensor([1, 200, 500, 999])
     y = torch.tensor([0, 1, 2, 10])
     cfg = QuantConfig(weight_bit=4, act_bit=8, group_size=32, lora_rank=4, lora_iters=3)
-    report = quantize_dit(model, cfg, calib_loop(model), progress=False)
+    report = quantize_dit(model, cfg, calib_loop(model, 3, 4), progress=False)
     names = [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
     assert list(report["layers"]) == names
     for name in names:
@@ -80,14 +70,14 @@ def test_8bit_weights_beat_4bit(tmp_path):
     for bits in (4, 8):
         model = tiny_model()
         cfg = QuantConfig(weight_bit=bits, act_bit=8, group_size=32, lora_rank=0, smoothing="fixed", alpha=0.5)
-        report = quantize_dit(model, cfg, calib_loop(model), progress=False)
+        report = quantize_dit(model, cfg, calib_loop(model, 3, 4), progress=False)
         errs[bits] = sum(r["output_error"] for r in report["layers"].values())
     assert errs[8] < errs[4] / 4, errs
 
 
 def test_lora_and_search_reduce_output_error():
     model = tiny_model()
-    report = quantize_dit(model, QuantConfig(group_size=32, lora_rank=8, lora_iters=4), calib_loop(model),
+    report = quantize_dit(model, QuantConfig(group_size=32, lora_rank=8, lora_iters=4), calib_loop(model, 3, 4),
                           progress=False)["layers"]
     better = sum(r["output_error"] < r["output_error_rtn"] for r in report.values())
     assert better == len(report)  # searched alpha + LoRA never worse than plain RTN on the calibration data
@@ -97,7 +87,7 @@ def test_reference_scheme_uses_first_steps_only():
     model = tiny_model()
     cfg = QuantConfig(scheme="reference", act_granularity="tensor", lora_rank=4, lora_iters=2, search_steps=2,
                       group_size=None)
-    report = quantize_dit(model, cfg, calib_loop(model, steps=4), progress=False)["layers"]
+    report = quantize_dit(model, cfg, calib_loop(model, 4, 4), progress=False)["layers"]
     assert all(r["search_steps"] == 2 for r in report.values())
 
 
@@ -108,7 +98,7 @@ def test_search_row_stride_scores_fewer_rows_same_layers():
         model = tiny_model()
         cfg = QuantConfig(scheme="reference", act_granularity="tensor", group_size=None, lora_rank=4, lora_iters=2,
                           search_row_stride=stride)
-        reports[stride] = quantize_dit(model, cfg, calib_loop(model), progress=False)["layers"]
+        reports[stride] = quantize_dit(model, cfg, calib_loop(model, 3, 4), progress=False)["layers"]
         assert all(isinstance(m, QuantLinear) for m in quantizable_layers(model).values())
     exact, strided = reports[1], reports[2]
     assert exact.keys() == strided.keys()

@@ -12,29 +12,17 @@ import pytest
 import torch
 
 from cli import run
-from helpers import ROOT, assert_user_error, run_script
-from models import DiT_models
+from helpers import ROOT, assert_user_error, random_dit, run_script
 
 N, BATCH, STEPS = 7, 2, 150  # 4 shards, the last one short; enough steps that a run can be killed mid-way
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 NAME = f"DiT-XS-2-size-8-vae-none-cfg-1.5-seed-0-steps-{STEPS}-fp"
 
 
-def _random_dit(seed=0, std=0.05):
-    torch.manual_seed(seed)
-    model = DiT_models["DiT-XS/2"](input_size=8, in_channels=3, num_classes=10)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "xs.pt"
-    torch.save(_random_dit().state_dict(), path)
+    torch.save(random_dit(std=0.05).state_dict(), path)
     return path
 
 
@@ -138,10 +126,10 @@ def test_rerun_after_completion_is_noop_and_save_png(ckpt, tmp_path, capsys):
 
 def test_changed_weights_start_over(ckpt, tmp_path, capsys):
     other = tmp_path / "other.pt"
-    torch.save(_random_dit(seed=0).state_dict(), other)
+    torch.save(random_dit(seed=0, std=0.05).state_dict(), other)
     flags = _flags(other, tmp_path / "s", steps=3, n=5) + ["--keep-shards"]
     first = np.load(_main(flags))["arr_0"]
-    torch.save(_random_dit(seed=1).state_dict(), other)  # same path and name, other weights
+    torch.save(random_dit(seed=1, std=0.05).state_dict(), other)  # same path and name, other weights
     second = np.load(_main(flags))["arr_0"]
     assert "starting over" in capsys.readouterr().out
     fresh = np.load(_main(_flags(other, tmp_path / "fresh", steps=3, n=5)))["arr_0"]
@@ -156,7 +144,7 @@ def _quantized_dit(scheme="ditas"):
     from quant.lora import fit_lora
     from quant.qlinear import QuantLinear
     from quant.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight
-    model = _random_dit(std=0.1)
+    model = random_dit(std=0.1)
     g = torch.Generator().manual_seed(3)
     wcfg = WeightQuantConfig(bits=4, group_size=32, scheme=scheme)
     acfg = ActQuantConfig(bits=8, granularity="row", scheme=scheme)

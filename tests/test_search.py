@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import search_problem
 from quant.lora import fit_lora
 from quant.qlinear import QuantLinear
 from quant.quantizer import ActQuantConfig, WeightQuantConfig, fake_quantize_act, quantize_weight
@@ -13,19 +14,6 @@ from quant.smoothing import RunningAbsMax, smoothing_factors, weight_channel_abs
 
 torch.set_num_threads(1)
 RANK, ITERS = 4, 3
-
-
-def _problem(seed=0, steps=3, out=96, inp=64):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out, inp, generator=g) * 0.05
-    w[:, [2, 30]] *= 8.0
-    b = torch.randn(out, generator=g) * 0.1
-    xs = []
-    for t in range(steps):
-        x = torch.randn(4, 5, inp, generator=g) * (1 + 0.3 * t)
-        x[..., [7, 41, 50]] *= 40.0  # activation outlier channels
-        xs.append(x)
-    return w, b, xs
 
 
 def _brute_force(w, b, xs, alphas, wcfg, acfg, scheme):
@@ -78,7 +66,7 @@ def test_alpha_grid():
 @pytest.mark.parametrize("scheme,granularity,group_size", [
     ("ditas", "row", 32), ("ditas", "tensor", None), ("reference", "tensor", None)])
 def test_search_matches_brute_force(scheme, granularity, group_size):
-    w, b, xs = _problem()
+    w, b, xs = search_problem()
     alphas = alpha_grid()
     wcfg = WeightQuantConfig(bits=4, group_size=group_size, scheme=scheme)
     acfg = ActQuantConfig(bits=6, granularity=granularity, scheme=scheme)
@@ -91,7 +79,7 @@ def test_search_matches_brute_force(scheme, granularity, group_size):
 
 
 def test_reference_weight_error_is_alpha_independent():
-    w, b, xs = _problem()
+    w, b, xs = search_problem()
     wcfg, acfg = WeightQuantConfig(scheme="reference"), ActQuantConfig(scheme="reference")
     search = _search(w, b, xs, [0.2, 0.8], wcfg, acfg, "reference")
     c0, c1 = search.candidate(0), search.candidate(1)
@@ -100,7 +88,7 @@ def test_reference_weight_error_is_alpha_independent():
 
 
 def test_chunked_candidates_match():
-    w, b, xs = _problem(steps=2)
+    w, b, xs = search_problem(steps=2)
     args = (w, b, xs, alpha_grid(0.1), WeightQuantConfig(bits=4, group_size=32), ActQuantConfig(granularity="row"), "ditas")
     torch.testing.assert_close(torch.tensor(_search(*args, chunk=4).losses), torch.tensor(_search(*args).losses),
                                rtol=1e-4, atol=0)
@@ -111,7 +99,7 @@ def test_ties_go_to_smaller_alpha():
     assert select_alpha([0.5, 0.5], [0.0, None]) == 1
     assert select_alpha([0.2, 0.1, 0.3], [0.0, 0.5, 1.0]) == 1
     # an all-zero input: every candidate is exact, all losses tie at 0
-    w, b, _ = _problem()
+    w, b, _ = search_problem()
     search = AlphaSearch(w, b, torch.ones(64), [0.5, 0.2, 0.8], WeightQuantConfig(bits=4, group_size=32),
                          ActQuantConfig(), lora_rank=RANK, lora_iters=ITERS)
     search.update(torch.zeros(2, 3, 64))
@@ -119,7 +107,7 @@ def test_ties_go_to_smaller_alpha():
 
 
 def test_max_steps_ignores_later_updates():
-    w, b, xs = _problem(steps=3)
+    w, b, xs = search_problem(steps=3)
     wcfg, acfg = WeightQuantConfig(scheme="reference"), ActQuantConfig(scheme="reference")
     capped = _search(w, b, xs, [0.0, 0.5, 1.0], wcfg, acfg, "reference", max_steps=2)
     a = RunningAbsMax()
@@ -132,7 +120,7 @@ def test_max_steps_ignores_later_updates():
 
 
 def test_no_smoothing_and_fixed_alpha_modes():
-    w, b, xs = _problem(steps=1)
+    w, b, xs = search_problem(steps=1)
     wcfg, acfg = WeightQuantConfig(bits=4, group_size=32), ActQuantConfig()
     plain = AlphaSearch(w, b, None, [None], wcfg, acfg, lora_rank=RANK, lora_iters=ITERS)
     plain.update(xs[0])
@@ -164,7 +152,7 @@ def _streams(scheme, granularity, shape, seed):
 @pytest.mark.parametrize("out", [96, 64, 32])
 def test_fast_update_matches_naive(scheme, granularity, shape, out):
     """The optimized update (range shortcut, row chunks, error form) gives the direct evaluation's losses."""
-    w, b, _ = _problem(out=out)
+    w, b, _ = search_problem(out=out)
     xs, wcfg, acfg, absmax = _streams(scheme, granularity, shape, seed=5)
     losses = {}
     for impl, dtype, chunk in (("naive", "fp32", None), ("fast", "fp32", None), ("fast", "fp32", 5),
@@ -189,7 +177,7 @@ def test_fast_update_matches_naive(scheme, granularity, shape, out):
 def test_row_stride_scores_every_nth_row(scheme, granularity, shape):
     """row_stride=n: the mean squared error over rows 0, n, 2n, ... of the exactly quantized layer (ranges
     from the whole input); fast and naive agree, and it is an estimate of the exact (stride 1) loss."""
-    w, b, _ = _problem(out=96)
+    w, b, _ = search_problem(out=96)
     xs, wcfg, acfg, absmax = _streams(scheme, granularity, shape, seed=7)
     losses = {}
     for impl, stride in (("naive", 3), ("fast", 3), ("naive", 1)):
