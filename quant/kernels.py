@@ -34,6 +34,14 @@ so the int32 partials must be scaled before they are summed. Rows are processed 
 so that each tile's int32 partials and float accumulator stay in cache; the epilogue
 (correct, scale, add, LoRA, bias) is memory-bound otherwise.
 
+Two kernels compute this (IntLinear's `kernel`): "fused", quant/csrc/qgemm.c through
+quant/ckernel.py on x86 CPUs with AVX512-VNNI (activation ranges and codes in two passes over x,
+then per K-group vpdpbusd accumulation with the corrections, scales, LoRA, bias and an optional
+GELU in registers: one write of the output), and "torch" (torch._int_mm and torch ops below; CUDA,
+other CPUs, and inputs whose zero points break the fused kernel's int32 bound). "auto" picks the
+fused one where it runs. Both compute the same integers; their float epilogues differ in order
+only (~1e-7 relative).
+
 Entry points: `int8_matmul`, `quantize_act_int8`, `IntLinear.from_quantlinear`,
 `linear_w8a8`, `linear_w4a8`, `to_int_backend`.
 """
@@ -43,10 +51,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quant import ckernel
 from quant.qlinear import QuantLinear
 from quant.quantizer import affine_params, dequantize_weight, num_steps, pack_int4, unpack_int4
 
 FAKE_HINT = "use --backend fake"
+INT_KERNELS = ("auto", "torch", "fused")
+ACTIVATIONS = (None, "gelu_tanh")  # what an IntLinear may apply to its output (fused into the epilogue)
 _INT32_MAX = 2 ** 31 - 1
 # float32 accumulator bytes per row tile and thread: per-channel weights (one GEMM per tile)
 # prefer larger tiles, grouped ones (a GEMM + scale-accumulate per group) smaller, cache-resident ones
@@ -115,15 +126,21 @@ def _act_range(x2, granularity, batch):
 
     Separate amin/amax: torch.aminmax with a dim is ~20x slower on CPU (torch 2.13).
     """
-    m = x2.shape[0]
+    if granularity == "tensor" or (granularity == "row" and batch == 1):
+        return x2.amin().view(1, 1), x2.amax().view(1, 1)
+    return _combine_range(x2.amin(1, keepdim=True), x2.amax(1, keepdim=True), granularity, batch)
+
+
+def _combine_range(mn, mx, granularity, batch):
+    """Per-row (M, 1) min/max -> the granularity's ranges: (M, 1), or (1, 1) when one covers all."""
+    m = mn.shape[0]
     if granularity == "token" or (granularity == "row" and batch == m):
-        return x2.amin(1, keepdim=True), x2.amax(1, keepdim=True)
+        return mn, mx
     if granularity == "row" and batch > 1:
-        v = x2.reshape(batch, -1)
-        mn, mx = v.amin(1, keepdim=True), v.amax(1, keepdim=True)
         per = m // batch
-        return mn.repeat_interleave(per, 0), mx.repeat_interleave(per, 0)
-    return x2.amin().view(1, 1), x2.amax().view(1, 1)
+        return (mn.view(batch, per).amin(1, keepdim=True).repeat_interleave(per, 0),
+                mx.view(batch, per).amax(1, keepdim=True).repeat_interleave(per, 0))
+    return mn.amin().view(1, 1), mx.amax().view(1, 1)
 
 
 def _batch_of(shape, granularity):
@@ -142,8 +159,7 @@ def quantize_act_int8(x2, cfg, batch=1, inplace=False):
     elementwise passes over fresh memory).
     """
     mn, mx = _act_range(x2, cfg.granularity, batch)  # exact in x2's dtype; the arithmetic is float32
-    mn, mx = mn.float(), mx.float()
-    scale, zero = affine_params(mn, mx, num_steps(cfg.bits, cfg.scheme))
+    scale, zero = affine_params(mn.float(), mx.float(), num_steps(cfg.bits, cfg.scheme))
     t = x2.div_(scale) if inplace else torch.div(x2, scale)
     t.round_()
     t.add_(zero - 128)
@@ -173,9 +189,14 @@ class IntLinear(nn.Module):
     """
 
     def __init__(self, codes, scale, zero, weight_cfg, act_cfg, bias=None, lora_L=None, lora_R=None,
-                 smooth=None):
+                 smooth=None, kernel="auto", activation=None):
         super().__init__()
         _check_supported(weight_cfg, act_cfg)
+        if kernel not in INT_KERNELS:
+            raise ValueError(f"kernel must be one of {INT_KERNELS}, got {kernel!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.kernel, self.activation = kernel, activation
         self.out_features, self.in_features = codes.shape
         n, k = codes.shape
         self.weight_cfg, self.act_cfg = weight_cfg, act_cfg
@@ -221,7 +242,6 @@ class IntLinear(nn.Module):
         levels = 2 ** self.weight_cfg.bits - 1
         c = self.zero.clamp(levels - 127, 128)                      # per-group offset so B fits int8
         b = codes.view(n, ng, g).to(torch.int16) - c.to(torch.int16).unsqueeze(-1)
-        self.register_buffer("w_op", b.view(n, k).t().contiguous().to(torch.int8), persistent=False)
         cb = b.sum(-1, dtype=torch.int32)                            # (n, ng) column sums of B per group
         d = c - self.zero                                            # (n, ng) integers, 0 when zw fits
         self.use_sa = bool((d != 0).any())
@@ -233,10 +253,63 @@ class IntLinear(nn.Module):
         # |int32 partial| <= g*128*128 + |e| max|CB| + max|d| g (128 + |e|): see _int_linear
         self._bound = (g * 128 * 128, float(cb.abs().max()) if cb.numel() else 0.0,
                        float(d.abs().max()) * g if d.numel() else 0.0)
+        w_op = b.view(n, k).t().contiguous().to(torch.int8)          # (K, N) = B
+        self.fused = self._fused_possible(codes.device)
+        for name in ("w_op", "w_vnni", "f_sw", "f_cbd", "f_d", "f_Lt", "f_Rt", "f_bias"):
+            self.register_buffer(name, None, persistent=False)
+        if not self.fused:
+            self.register_buffer("w_op", w_op, persistent=False)
+            return
+        # fused kernel (quant/ckernel.py): D_g = A_g B_g + SA_g d_g - zx (CB_g + g d_g) with A the
+        # uint8 codes; every per-column operand zero-padded to whole 32-column blocks
+        npad = -n // ckernel.NB * -ckernel.NB
+        cbd = (cb + g * d.to(torch.int32)).t()
+        self.register_buffer("w_vnni", ckernel.pack_b(w_op), persistent=False)
+        self.register_buffer("f_sw", ckernel.pad_cols(self.scale.t(), npad), persistent=False)
+        self.register_buffer("f_cbd", ckernel.pad_cols(cbd, npad), persistent=False)
+        if self.use_sa:
+            self.register_buffer("f_d", ckernel.pad_cols(d.t().to(torch.int32), npad), persistent=False)
+        self.register_buffer("f_Lt", ckernel.pad_cols(self.lora_L.t(), npad), persistent=False)
+        rank = self.lora_R.shape[0]
+        self.register_buffer("f_Rt", ckernel.pad_cols(self.lora_R.t(), -rank // 16 * -16), persistent=False)
+        if self.bias is not None:
+            self.register_buffer("f_bias", ckernel.pad_cols(self.bias, npad), persistent=False)
+        # |int32 partial| <= g*255*128 + |zx| max|CBD| + 255 g max|d|
+        self._fbound = (g * 255 * 128 + 255 * self._bound[2],
+                        float(cbd.abs().max()) if cbd.numel() else 0.0)
+
+    def _fused_possible(self, device):
+        if self.kernel == "torch":
+            return False
+        why = None
+        if device.type != "cpu":
+            why = f"device {device.type}"
+        elif self.in_features % ckernel.ALIGN_K or self.group % ckernel.ALIGN_K:
+            why = f"in_features {self.in_features} / group {self.group} not multiples of {ckernel.ALIGN_K}"
+        elif ckernel.load() is None:
+            why = ckernel.status()
+        if why is not None and self.kernel == "fused":
+            raise ValueError(f"fused integer kernel unavailable: {why}")
+        return why is None
 
     def _int32_safe(self, emax):
         p, cbm, dg = self._bound
         return p + emax * cbm + dg * (128 + emax) < _INT32_MAX
+
+    def _fused_safe(self, zmax):
+        fixed, cbdm = self._fbound
+        return fixed + zmax * cbdm < _INT32_MAX
+
+    def _eager_w_op(self):
+        """B (K, N) int8 for torch._int_mm (rebuilt from the codes where the fused layout replaced it)."""
+        if self.w_op is None:
+            codes = unpack_int4(self.codes_packed) if self.packed else self.codes
+            levels = 2 ** self.weight_cfg.bits - 1
+            c = self.zero.clamp(levels - 127, 128)
+            n, k = codes.shape
+            b = codes.view(n, self.n_groups, self.group).to(torch.int16) - c.to(torch.int16).unsqueeze(-1)
+            return b.view(n, k).t().contiguous().to(torch.int8)
+        return self.w_op
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -245,16 +318,23 @@ class IntLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to(device) moves buffers; dtype casts (.half(), .bfloat16(), .to(dtype)) are ignored:
         # integer operands must stay integer and scales/LoRA float32 (outputs follow x's dtype)
+        device = self.scale.device
         for name, buf in self._buffers.items():
             if buf is not None:
                 moved = fn(buf)
                 self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        if self.scale.device != device:
+            self._prepare()  # the operand layout depends on the device (fused kernel: CPU only)
         return self
 
     @classmethod
     @torch.no_grad()
-    def from_quantlinear(cls, ql):
-        """Prepare a QuantLinear (ditas scheme, quantized activations) for integer GEMMs."""
+    def from_quantlinear(cls, ql, kernel="auto", activation=None):
+        """Prepare a QuantLinear (ditas scheme, quantized activations) for integer GEMMs.
+
+        kernel: "auto" (the fused CPU kernel where it runs, else torch._int_mm), "torch", "fused".
+        activation: None, or "gelu_tanh" to return GELU(tanh form) of the layer's output.
+        """
         if not isinstance(ql, QuantLinear):
             raise TypeError(f"from_quantlinear expects a QuantLinear, got {type(ql).__name__}")
         _check_supported(ql.weight_cfg, ql.act_cfg)
@@ -265,7 +345,7 @@ class IntLinear(nn.Module):
                 8 * torch.finfo(ql.weight.dtype).eps * float(ql.weight.abs().max())):
             raise _unsupported("layer weight does not match its integer codes")
         return cls(ql.codes, ql.scale, ql.zero, ql.weight_cfg, ql.act_cfg, ql.bias, ql.lora_L, ql.lora_R,
-                   ql.smooth).to(ql.codes.device)
+                   ql.smooth, kernel=kernel, activation=activation).to(ql.codes.device)
 
     def forward(self, x):
         return _int_linear(x, self)
@@ -273,7 +353,7 @@ class IntLinear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, rank={self.lora_R.shape[0]}, smooth={self.smooth is not None}, "
-                f"groups={self.n_groups}x{self.group}, packed_int4={self.packed}, "
+                f"groups={self.n_groups}x{self.group}, packed_int4={self.packed}, fused={self.fused}, activation={self.activation}, "
                 f"weight_cfg={self.weight_cfg}, act_cfg={self.act_cfg}")
 
 
@@ -296,65 +376,104 @@ def _tile_rows(m, n, per_channel):
 def _int_linear(x, layer):
     """IntLinear forward: quantize x, exact integer dot products per K-group, scale, LoRA, bias.
 
-    Per row tile and group g: P = A_g B_g (int32) + e CB_g + (SA_g + G e) d_g is the exact
-    integer sum_{k in g} (ax - zx)(wq - zw) (corrected in the integer domain, so that no
-    float cancellation occurs when codes crowd far from 128); o += sw_g P. Then
-    o += (A R^T + e rowsum R) L^T, y = sx o + b.
+    The fused CPU kernel where the layer prepared it (and the int32 bound holds for this input's
+    activation zero points), else torch._int_mm with the epilogue in torch ops (_eager_int_linear).
     """
     shape = x.shape
     k, n = layer.in_features, layer.out_features
     if shape[-1] != k:
         raise ValueError(f"input has {shape[-1]} features, layer expects {k}")
-    x2 = x.reshape(-1, k).to(torch.float32, memory_format=torch.contiguous_format)
+    batch = _batch_of(shape, layer.act_cfg.granularity)
+    out = None
+    if layer.fused and x.numel() and x.device.type == "cpu":
+        out = _fused_int_linear(x.reshape(-1, k), layer, batch)
+    if out is None:
+        out = _eager_int_linear(x.reshape(-1, k), layer, batch)
+        if layer.activation == "gelu_tanh":
+            out = F.gelu(out, approximate="tanh")
+    y = out.view(*shape[:-1], n)
+    return y if x.dtype == y.dtype else y.to(x.dtype)
+
+
+def _fused_int_linear(x2, layer, batch):
+    """quant/ckernel.py: range and codes (+ group sums, LoRA down-projection) in two passes over x,
+    then one pass of u8 codes x packed int8 weights with corrections, scales, LoRA and bias in
+    registers. None where this input's zero points break the kernel's int32 bound."""
+    cfg = layer.act_cfg
+    mn, mx = ckernel.rowrange(x2, layer.smooth)
+    mn, mx = _combine_range(mn.view(-1, 1), mx.view(-1, 1), cfg.granularity, batch)
+    sx, zx = affine_params(mn, mx, num_steps(cfg.bits, cfg.scheme))
+    if not layer._fused_safe(float(zx.abs().max())):
+        return None
+    rank = layer.lora_R.shape[0]
+    a, sa, lp = ckernel.encode(x2, layer.smooth, sx, zx, 2 ** cfg.bits - 1, layer.group if layer.use_sa else None,
+                               layer.f_Rt if rank else None)
+    out = torch.empty(x2.shape[0], layer.out_features,
+                      dtype=torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32)
+    return ckernel.qgemm(a, layer.w_vnni, layer.out_features, layer.group, layer.f_sw, layer.f_cbd, layer.f_d, sa,
+                         zx.to(torch.int32).reshape(-1), sx.reshape(-1).contiguous(), lp, rank, layer.f_Lt,
+                         layer.f_bias, out, gelu=layer.activation == "gelu_tanh")
+
+
+def _eager_int_linear(x2, layer, batch):
+    """torch._int_mm per K-group and row tile; float32 (M, N) out.
+
+    Per row tile and group g: P = A_g B_g (int32) + e CB_g + (SA_g + G e) d_g is the exact
+    integer sum_{k in g} (ax - zx)(wq - zw) (corrected in the integer domain, so that no
+    float cancellation occurs when codes crowd far from 128); o += sw_g P. Then
+    o += (A R^T + e rowsum R) L^T, y = sx o + b.
+    """
+    m, n = x2.shape[0], layer.out_features
+    out = torch.empty(m, n, dtype=torch.float32, device=x2.device)
+    if not m:
+        return out
+    x = x2
+    x2 = x.to(torch.float32).contiguous()  # (.to alone keeps a transposed layout)
     private = x2.data_ptr() != x.data_ptr()  # a copy we may overwrite
     if layer.smooth is not None:
         x2 = x2.div_(layer.smooth) if private else x2 / layer.smooth
         private = True
-    m = x2.shape[0]
-    out = torch.empty(m, n, dtype=torch.float32, device=x2.device)
-    if m:
-        a, t, sx, zx = quantize_act_int8(x2, layer.act_cfg, _batch_of(shape, layer.act_cfg.granularity), private)
-        ng, g = layer.n_groups, layer.group
-        e = 128 - zx                                           # (M, 1) or (1, 1), integers
-        # int32 partials are exact unless the activation zero point is extreme (x far from 0
-        # relative to its range): then the same integer algebra runs in float64 (exact < 2^53)
-        adt = torch.int32 if layer._int32_safe(float(e.abs().max())) else torch.float64
-        e_c = e.to(torch.float64).to(adt).expand(m, 1)
-        cb = layer.cb_t.to(adt)
-        if layer.use_sa:
-            d = layer.d_t.to(adt)
-            # SA_g: exact in float32 (|sum| <= 128 g < 2^24); SA_g + g e exact in float64
-            sae = (t.view(m, ng, g).sum(-1).to(torch.float64) + g * e.to(torch.float64)).to(adt)
-        lora = layer.lora_R.shape[0] > 0
+    a, t, sx, zx = quantize_act_int8(x2, layer.act_cfg, batch, private)
+    ng, g = layer.n_groups, layer.group
+    e = 128 - zx                                           # (M, 1) or (1, 1), integers
+    # int32 partials are exact unless the activation zero point is extreme (x far from 0
+    # relative to its range): then the same integer algebra runs in float64 (exact < 2^53)
+    adt = torch.int32 if layer._int32_safe(float(e.abs().max())) else torch.float64
+    e_c = e.to(torch.float64).to(adt).expand(m, 1)
+    cb = layer.cb_t.to(adt)
+    if layer.use_sa:
+        d = layer.d_t.to(adt)
+        # SA_g: exact in float32 (|sum| <= 128 g < 2^24); SA_g + g e exact in float64
+        sae = (t.view(m, ng, g).sum(-1).to(torch.float64) + g * e.to(torch.float64)).to(adt)
+    lora = layer.lora_R.shape[0] > 0
+    if lora:
+        lp = torch.addmm(e * layer.lora_rsum, t, layer.lora_R.t())
+    if ng > 1:
+        a = a.view(m, ng, g).transpose(0, 1).contiguous()     # (ng, M, G): contiguous tiles per group
+    w_op, sw, bias = layer._eager_w_op(), layer.w_scale_t, layer.bias
+    sx = sx.expand(m, 1)
+    step = _tile_rows(m, n, ng == 1)
+    for m0 in range(0, m, step):
+        rows = slice(m0, m0 + step)
+        o = out[rows]
         if lora:
-            lp = torch.addmm(e * layer.lora_rsum, t, layer.lora_R.t())
-        if ng > 1:
-            a = a.view(m, ng, g).transpose(0, 1).contiguous()     # (ng, M, G): contiguous tiles per group
-        w_op, sw, bias = layer.w_op, layer.w_scale_t, layer.bias
-        sx = sx.expand(m, 1)
-        step = _tile_rows(m, n, ng == 1)
-        for m0 in range(0, m, step):
-            rows = slice(m0, m0 + step)
-            o = out[rows]
-            if lora:
-                torch.mm(lp[rows], layer.lora_Lt, out=o)
-            for j in range(ng):
-                p = int8_matmul(a[rows] if ng == 1 else a[j, rows], w_op[j * g:(j + 1) * g])
-                if adt is not torch.int32:
-                    p = p.to(adt)
-                p.addcmul_(e_c[rows], cb[j])
-                if layer.use_sa:
-                    p.addcmul_(sae[rows, j:j + 1], d[j])
-                if j == 0 and not lora:
-                    torch.mul(p, sw[0], out=o)
-                else:
-                    o.addcmul_(p, sw[j])
-            if bias is None:
-                o.mul_(sx[rows])
+            torch.mm(lp[rows], layer.lora_Lt, out=o)
+        for j in range(ng):
+            p = int8_matmul(a[rows] if ng == 1 else a[j, rows], w_op[j * g:(j + 1) * g])
+            if adt is not torch.int32:
+                p = p.to(adt)
+            p.addcmul_(e_c[rows], cb[j])
+            if layer.use_sa:
+                p.addcmul_(sae[rows, j:j + 1], d[j])
+            if j == 0 and not lora:
+                torch.mul(p, sw[0], out=o)
             else:
-                torch.addcmul(bias, o, sx[rows], out=o)
-    y = out.view(*shape[:-1], n)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+                o.addcmul_(p, sw[j])
+        if bias is None:
+            o.mul_(sx[rows])
+        else:
+            torch.addcmul(bias, o, sx[rows], out=o)
+    return out
 
 
 def _as_int_layer(layer):
@@ -386,23 +505,32 @@ def linear_w4a8(x, layer):
     return _int_linear(x, layer)
 
 
-def to_int_backend(model):
+def to_int_backend(model, kernel="auto"):
     """Replace every QuantLinear in `model` (in place) by its IntLinear; returns the model.
 
+    kernel: see IntLinear.from_quantlinear. In a DiT Mlp (fc1 -> GELU(tanh) -> fc2) the GELU moves
+    into fc1's epilogue (IntLinear activation "gelu_tanh", computed in float32 before the output
+    is rounded to the model's dtype) and the Mlp's act becomes Identity.
     Weight-only layers (act_cfg None, e.g. the adaLN linears of --quantize-adaln) have no integer
     activations to multiply and stay QuantLinear (their weight is dequantized once at load).
     Raises ValueError naming the layer if one has no integer form.
     """
+    from models import Mlp
+
     if isinstance(model, QuantLinear):
-        return IntLinear.from_quantlinear(model)
+        return IntLinear.from_quantlinear(model, kernel)
     swaps = []
     for name, mod in model.named_modules():
         for child_name, child in mod.named_children():
             if isinstance(child, QuantLinear) and child.act_cfg is not None:
-                swaps.append((mod, child_name, f"{name}.{child_name}" if name else child_name, child))
-    for parent, child_name, full, child in swaps:
+                fuse = (isinstance(mod, Mlp) and child_name == "fc1" and isinstance(mod.act, nn.GELU)
+                        and mod.act.approximate == "tanh")
+                swaps.append((mod, child_name, f"{name}.{child_name}" if name else child_name, child, fuse))
+    for parent, child_name, full, child, fuse in swaps:
         try:
-            setattr(parent, child_name, IntLinear.from_quantlinear(child))
+            setattr(parent, child_name, IntLinear.from_quantlinear(child, kernel, "gelu_tanh" if fuse else None))
         except ValueError as err:
             raise ValueError(f"{full}: {err}") from None
+        if fuse:
+            parent.act = nn.Identity()
     return model

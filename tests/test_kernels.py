@@ -1,9 +1,12 @@
 """Integer backend: exact int8 GEMMs, the shared activation quantizer, IntLinear == QuantLinear."""
+import os
+
 import pytest
 import torch
 import torch.nn as nn
 
 import quant.kernels as kernels
+from quant import ckernel
 from quant.kernels import (IntLinear, int8_matmul, linear_w4a8, linear_w8a8, quantize_act_int8,
                            to_int_backend)
 from quant.qlinear import QuantLinear
@@ -11,6 +14,10 @@ from quant.quantizer import (ActQuantConfig, WeightQuantConfig, quantize_act, qu
                              scale_qweight_rows)
 
 torch.set_num_threads(1)
+
+# every IntLinear test runs on both kernels: torch._int_mm + torch ops, and quant/csrc/qgemm.c
+KERNELS = ["torch", pytest.param("fused", marks=pytest.mark.skipif(
+    ckernel.load() is None, reason=f"fused kernel: {ckernel.status()}"))]
 
 
 def _rel(y, ref):
@@ -105,10 +112,11 @@ def test_quantize_act_int8_matches_quantizer(gran, shape, bits):
 @pytest.mark.parametrize("gran", ["tensor", "row", "token"])
 @pytest.mark.parametrize("rank", [0, 8])
 @pytest.mark.parametrize("smooth", [False, True])
-def test_intlinear_matches_fake(bits, group, gran, rank, smooth):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_intlinear_matches_fake(bits, group, gran, rank, smooth, kernel):
     ql = _qlinear(bits=bits, group=group, gran=gran, rank=rank, smooth=smooth)
-    il = IntLinear.from_quantlinear(ql)
-    assert il.packed == (bits <= 4)
+    il = IntLinear.from_quantlinear(ql, kernel)
+    assert il.packed == (bits <= 4) and il.fused == (kernel == "fused")
     for kind in ("outliers", "gelu"):
         x = _x(kind=kind)
         with torch.no_grad():
@@ -120,11 +128,12 @@ def test_intlinear_matches_fake(bits, group, gran, rank, smooth):
 
 @pytest.mark.parametrize("bits,group,gran,smooth", [(8, None, "row", False), (4, 64, "token", True),
                                                    (8, 128, "tensor", True), (4, None, "row", True)])
-def test_intlinear_low_precision_input_reads_the_same_codes(bits, group, gran, smooth):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_intlinear_low_precision_input_reads_the_same_codes(bits, group, gran, smooth, kernel):
     """bf16/fp16 input (a bf16 model): the integer part is the float32 path's on the upcast input;
     only the output is rounded to the input dtype."""
     ql = _qlinear(k=256, n=192, bits=bits, group=group, gran=gran, rank=8, smooth=smooth)
-    il = IntLinear.from_quantlinear(ql)
+    il = IntLinear.from_quantlinear(ql, kernel)
     for dt in (torch.bfloat16, torch.float16):
         xl = _x().to(dt)
         xf = xl.float()
@@ -142,18 +151,20 @@ def test_intlinear_low_precision_input_reads_the_same_codes(bits, group, gran, s
 @pytest.mark.parametrize("bits,group,sym,a_bits,act_scheme", [
     (3, 32, False, 8, "ditas"), (4, None, True, 8, "ditas"), (8, 32, True, 6, "ditas"),
     (6, 64, False, 7, "ditas"), (2, 16, False, 8, "ditas"), (4, 64, False, 8, "reference")])
-def test_intlinear_other_bit_widths_and_symmetric(bits, group, sym, a_bits, act_scheme):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_intlinear_other_bit_widths_and_symmetric(bits, group, sym, a_bits, act_scheme, kernel):
     """Any weight bits 2..8, symmetric weights, A < 8, and the reference activation quantizer (2^A steps)."""
     ql = _qlinear(bits=bits, group=group, symmetric=sym, a_bits=a_bits, act_scheme=act_scheme, rank=4, bias=False)
-    il = IntLinear.from_quantlinear(ql)
+    il = IntLinear.from_quantlinear(ql, kernel)
     x = _x()
     with torch.no_grad():
         assert _rel(il(x), ql(x)) < 1e-4
 
 
-def test_intlinear_input_layouts_and_dtypes():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_intlinear_input_layouts_and_dtypes(kernel):
     ql = _qlinear(bits=4, group=64, gran="row", rank=8, smooth=True)
-    il = IntLinear.from_quantlinear(ql)
+    il = IntLinear.from_quantlinear(ql, kernel)
     x = _x()
     with torch.no_grad():
         x2 = x.reshape(-1, 256)  # (M, C): "row" means per row = per token
@@ -172,13 +183,16 @@ def test_intlinear_input_layouts_and_dtypes():
         assert yb.dtype == torch.bfloat16 and _rel(yb.float(), ref) < 1e-2
 
 
-def test_extreme_zero_point_uses_exact_wide_path():
-    """x far from 0 relative to its range: zx is huge, the int32 bound fails, float64 keeps it exact."""
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_extreme_zero_point_uses_exact_wide_path(kernel):
+    """x far from 0 relative to its range: zx is huge, the int32 bound fails, float64 keeps it exact
+    (the fused kernel's bound fails too and the layer takes the torch path for that input)."""
     ql = _qlinear(bits=8, group=64, gran="token", rank=4)
-    il = IntLinear.from_quantlinear(ql)
+    il = IntLinear.from_quantlinear(ql, kernel)
     x = 50.0 + 1e-3 * torch.randn(2, 8, 256)
     _, _, _, zx = quantize_act_int8(x.reshape(-1, 256), ql.act_cfg)
     assert not il._int32_safe(float((128 - zx).abs().max()))
+    assert kernel == "torch" or not il._fused_safe(float(zx.abs().max()))
     with torch.no_grad():
         assert _rel(il(x), ql(x)) < 1e-4
 
@@ -197,19 +211,21 @@ def test_folded_row_scales_and_real_lora_fit():
         assert _rel(IntLinear.from_quantlinear(ql)(x), ql(x)) < 1e-4
 
 
-def test_packed_storage_state_dict_and_casts():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_packed_storage_state_dict_and_casts(kernel):
     ql = _qlinear(bits=4, group=128, rank=8, smooth=True)
-    il = IntLinear.from_quantlinear(ql)
+    il = IntLinear.from_quantlinear(ql, kernel)
     sd = il.state_dict()
     assert "codes_packed" in sd and "codes" not in sd and sd["codes_packed"].shape == (192, 128)
-    assert not any(key in sd for key in ("w_op", "cb_t", "d_t", "w_scale_t", "lora_Lt", "lora_rsum"))
-    other = IntLinear.from_quantlinear(_qlinear(bits=4, group=128, rank=8, smooth=True, seed=5))
+    assert not any(key in sd for key in ("w_op", "cb_t", "d_t", "w_scale_t", "lora_Lt", "lora_rsum", "w_vnni",
+                                         "f_sw", "f_cbd", "f_d", "f_Lt", "f_bias"))
+    other = IntLinear.from_quantlinear(_qlinear(bits=4, group=128, rank=8, smooth=True, seed=5), kernel)
     other.load_state_dict(sd)
     x = _x()
     with torch.no_grad():
         assert torch.equal(other(x), il(x))
         il.bfloat16()  # dtype casts leave integer operands and float32 scales alone
-        assert il.w_op.dtype == torch.int8 and il.scale.dtype == torch.float32
+        assert (il.w_vnni if il.fused else il.w_op).dtype == torch.int8 and il.scale.dtype == torch.float32
         assert torch.equal(il(x), other(x))
     assert "codes" in IntLinear.from_quantlinear(_qlinear(bits=8)).state_dict()
 
@@ -296,7 +312,7 @@ def test_to_int_backend_swaps_every_quantlinear():
 def test_row_tiles(monkeypatch, bits, group):
     """Several row tiles (last one partial) give the same result as one."""
     ql = _qlinear(bits=bits, group=group, gran="token", rank=4, smooth=True)
-    il = IntLinear.from_quantlinear(ql)
+    il = IntLinear.from_quantlinear(ql, "torch")
     x = _x()  # 120 rows
     with torch.no_grad():
         whole = il(x)
@@ -307,7 +323,8 @@ def test_row_tiles(monkeypatch, bits, group):
         assert _rel(il(x), ql(x)) < 1e-4
 
 
-def test_folded_dit_end_to_end():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_folded_dit_end_to_end(kernel):
     """A small DiT with ditas QuantLinears, smoothing folded, then swapped to the integer backend."""
     from models import DiT_models
     from quant.fold import fold_smoothing
@@ -331,8 +348,133 @@ def test_folded_dit_end_to_end():
     x, t, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g), torch.arange(4)
     with torch.no_grad():
         ref = model(x, t, y)
-        to_int_backend(model)
-        assert sum(isinstance(m, IntLinear) for m in model.modules()) == 4 * len(model.blocks)
+        to_int_backend(model, kernel)
+        assert sum(isinstance(m, IntLinear) and m.fused == (kernel == "fused")
+                   for m in model.modules()) == 4 * len(model.blocks)
+        # the Mlp GELU moved into fc1's epilogue
+        assert all(b.mlp.fc1.activation == "gelu_tanh" and isinstance(b.mlp.act, nn.Identity) for b in model.blocks)
+        assert all(b.attn.qkv.activation is None and b.mlp.fc2.activation is None for b in model.blocks)
         out = model(x, t, y)
     # same codes layer by layer up to float-rounding ties: agreement far below the quantization error
     assert _rel(out, ref) < 1e-4, _rel(out, ref)
+
+
+# ---------------------------------------------------------------------------
+# the fused CPU kernel (quant/csrc/qgemm.c) against the torch._int_mm path
+# ---------------------------------------------------------------------------
+
+needs_fused = pytest.mark.skipif(ckernel.load() is None, reason=f"fused kernel: {ckernel.status()}")
+
+
+@needs_fused
+@pytest.mark.parametrize("k,n,bits,group,gran,rank", [
+    (256, 40, 8, None, "row", 4),     # N not a multiple of 16 or 32: masked stores of the last block
+    (128, 17, 4, 32, "token", 0),
+    (96, 200, 4, 16, "tensor", 3),
+    (512, 64, 8, 128, "row", 8)])
+@pytest.mark.parametrize("rows", [1, 5, 97, 203])  # micro-tile (6) and chunk (96) remainders
+def test_fused_kernel_matches_torch_kernel(k, n, bits, group, gran, rank, rows):
+    ql = _qlinear(k=k, n=n, bits=bits, group=group, gran=gran, rank=rank, smooth=True)
+    fused, eager = IntLinear.from_quantlinear(ql, "fused"), IntLinear.from_quantlinear(ql, "torch")
+    x = _x((rows, k), kind="gelu" if rows % 2 else "outliers")
+    with torch.no_grad():
+        yf, ye = fused(x), eager(x)
+        assert yf.shape == (rows, n) and torch.isfinite(yf).all()
+        assert (yf - ye).abs().max() <= 1e-6 * ye.abs().max()  # same integers, float epilogue order only
+        yb = fused(x.bfloat16())  # bf16 written by the kernel (round to nearest even)
+        ref = eager(x.bfloat16().float())
+        assert yb.dtype == torch.bfloat16
+        assert ((yb.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-6 * ref.abs().max()).all()
+
+
+@needs_fused
+def test_fused_kernel_threads_agree():
+    ql = _qlinear(k=256, n=96, bits=4, group=64, gran="row", rank=4)
+    il = IntLinear.from_quantlinear(ql, "fused")
+    x = _x((4, 50, 256))
+    with torch.no_grad():
+        one = il(x)
+        torch.set_num_threads(2)
+        try:
+            two = il(x)
+        finally:
+            torch.set_num_threads(1)
+    assert torch.equal(one, two)  # threads split whole (rows x 32 columns) units: same arithmetic
+
+
+def test_kernel_choice_errors():
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        IntLinear.from_quantlinear(_qlinear(), "cuda")
+    odd = _qlinear(k=254, n=32, bits=8, group=None)  # K not a multiple of 4: no vpdpbusd layout
+    with pytest.raises(ValueError, match="fused integer kernel unavailable"):
+        IntLinear.from_quantlinear(odd, "fused")
+    auto = IntLinear.from_quantlinear(odd)  # auto falls back to torch._int_mm
+    assert not auto.fused
+    x = _x((3, 254))
+    with torch.no_grad():
+        assert _rel(auto(x), odd(x)) < 1e-4
+
+
+def test_ckernel_build_cache_and_switch(tmp_path, monkeypatch):
+    cc = ckernel._compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("DITAS_CACHE", str(tmp_path))
+    path = ckernel._build(cc)
+    assert os.path.dirname(path) == str(tmp_path) and os.path.getsize(path) > 0
+    stamp = os.stat(path).st_mtime_ns
+    assert ckernel._build(cc) == path and os.stat(path).st_mtime_ns == stamp  # cached, not rebuilt
+    assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temporary left behind
+    monkeypatch.setenv("DITAS_CKERNEL", "0")
+    assert ckernel._load.__wrapped__() == (None, "disabled by DITAS_CKERNEL=0")
+
+
+@needs_fused
+@pytest.mark.parametrize("k", [64, 200, 36])  # whole 16-lane vectors and masked tails
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gran", ["tensor", "row", "token"])
+def test_fused_activation_codes_are_the_quantizers(k, dtype, gran):
+    """rowrange + encode (C) give quant.quantizer.quantize_act's codes bit for bit, group sums and
+    the LoRA down-projection (a - zero) R^T."""
+    g = torch.Generator().manual_seed(k)
+    x = (_x((3, 7, k), seed=k, kind="gelu" if k == 200 else "outliers")).to(dtype)
+    smooth = torch.rand(k, generator=g) + 0.5
+    cfg = ActQuantConfig(8, gran)
+    codes, _, zero = quantize_act(x / smooth, cfg)
+    x2 = x.reshape(-1, k)
+    mn, mx = ckernel.rowrange(x2, smooth)
+    xs = (x2.float() / smooth)
+    assert torch.equal(mn, xs.amin(1)) and torch.equal(mx, xs.amax(1))
+    mn, mx = kernels._combine_range(mn.view(-1, 1), mx.view(-1, 1), gran, kernels._batch_of(x.shape, gran))
+    sx, zx = kernels.affine_params(mn, mx, 255)
+    rt = ckernel.pad_cols(torch.randn(k, 5, generator=g), 16)
+    a, sa, lp = ckernel.encode(x2, smooth, sx, zx, 255, group=4, rt=rt)
+    assert a.dtype == torch.uint8 and torch.equal(a, codes.reshape(-1, k))
+    assert torch.equal(sa.long(), a.long().view(21, k // 4, 4).sum(-1))
+    ref = (a.double() - zx.double()) @ rt.double()
+    assert (lp.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert torch.equal(torch.broadcast_to(zx, (21, 1)).reshape(-1), torch.broadcast_to(zero, x.shape)[..., 0].reshape(-1))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gelu_epilogue(kernel):
+    """activation="gelu_tanh" == torch's GELU(tanh) of the plain layer's output, over a wide range of
+    pre-activations (the fused kernel's exp saturates cleanly at both ends)."""
+    ql = _qlinear(k=128, n=80, bits=4, group=32, gran="row", rank=4)
+    with torch.no_grad():
+        ql.bias.mul_(15.0)  # outputs from about -50 to 50
+    plain = IntLinear.from_quantlinear(ql, kernel)
+    act = IntLinear.from_quantlinear(ql, kernel, "gelu_tanh")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        IntLinear.from_quantlinear(ql, kernel, "relu")
+    x = _x((2, 30, 128))
+    with torch.no_grad():
+        pre = plain(x)
+        ref = torch.nn.functional.gelu(pre, approximate="tanh")
+        y = act(x)
+        assert pre.min() < -30 and pre.max() > 30
+        assert ((y - ref).abs() <= 2e-6 * ref.abs() + 1e-6).all(), float((y - ref).abs().max())
+        yb = act(x.bfloat16())  # GELU in float32, one rounding to bf16
+        ref = torch.nn.functional.gelu(plain(x.bfloat16().float()), approximate="tanh")
+        assert yb.dtype == torch.bfloat16
+        assert ((yb.float() - ref).abs() <= 2 ** -8 * ref.abs() + 1e-5).all()

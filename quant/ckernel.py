@@ -1,0 +1,185 @@
+"""The fused integer linear for x86 CPUs with AVX512-VNNI (quant/csrc/qgemm.c), built on first use.
+
+torch._int_mm is fast, but around it the eager integer backend spends as much again on
+memory passes over the (M, N) int32 partials: one GEMM and two rank-1 corrections per K-group,
+scaling, LoRA, bias and a dtype conversion. qgemm.c does all of that in registers: per
+32-column block of 6 rows it accumulates each K-group with vpdpbusd (u8 x s8 -> int32, exact),
+applies the zero-point corrections in int32, scales into float accumulators, adds the LoRA
+up-projection and bias and writes float32 or bf16 once.
+
+The C file is compiled with the system C compiler (`$CC`, else gcc/cc) into a cache directory
+($DITAS_CACHE, else $XDG_CACHE_HOME/ditas, else ~/.cache/ditas), keyed by a hash of source,
+flags and compiler, then loaded with ctypes. Its OpenMP runtime is torch's own libgomp (same
+soname), so its threads are torch's. Where there is no compiler, no AVX512-VNNI, or
+DITAS_CKERNEL=0, `load()` returns None and quant/kernels.py uses its torch ops (same results;
+`status()` says why).
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "qgemm.c")
+FLAGS = ("-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
+         "-fopenmp", "-shared", "-fPIC")
+NB = 32          # columns per packed block (qgemm.c)
+ALIGN_K = 4      # vpdpbusd consumes 4 consecutive K values per int32 lane
+_VP = ctypes.c_void_p
+_I = ctypes.c_int64
+QR = 4           # rows per LoRA block of ditas_encode
+_ARGTYPES = {
+    "ditas_qgemm": [_I, _I, _I, _I, _I, _VP, _I, _VP, _VP, _VP, _VP, _VP, _VP, _I, _VP, _I, _VP, _I, _I, _VP,
+                    _VP, _VP, _I, _I, _I, _I],
+    "ditas_rowrange": [_I, _I, _VP, _I, _I, _VP, _VP, _VP, _I],
+    "ditas_encode": [_I, _I, _VP, _I, _I, _VP, _VP, _I, _VP, _I, _I, _VP, _I, _VP, _VP, _I, _VP, _VP, _I],
+}
+
+
+def _cache_dir():
+    if os.environ.get("DITAS_CACHE"):
+        return os.environ["DITAS_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ditas")
+
+
+def _compiler():
+    for cc in (os.environ.get("CC"), "gcc", "cc"):
+        if cc and shutil.which(cc):
+            return shutil.which(cc)
+    return None
+
+
+def _build(cc):
+    """Path of the compiled library (built once per source/flags/compiler); raises OSError/CalledProcessError."""
+    with open(SOURCE, "rb") as f:
+        src = f.read()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(src + repr((FLAGS, cc, version)).encode()).hexdigest()[:16]
+    cache = _cache_dir()
+    path = os.path.join(cache, f"qgemm-{key}.so")
+    if not os.path.exists(path):
+        os.makedirs(cache, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # build beside, rename: no half-written library
+        os.close(fd)
+        try:
+            subprocess.run([cc, *FLAGS, SOURCE, "-o", tmp], capture_output=True, text=True, check=True)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """(library or None, reason)."""
+    if os.environ.get("DITAS_CKERNEL", "1") == "0":
+        return None, "disabled by DITAS_CKERNEL=0"
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None, f"CPU capability {torch.backends.cpu.get_cpu_capability()} (needs AVX512-VNNI)"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler (set CC)"
+    try:
+        lib = ctypes.CDLL(_build(cc))
+    except subprocess.CalledProcessError as e:
+        return None, f"compiling {SOURCE} failed: {(e.stderr or '').strip().splitlines()[-1:]}"
+    except OSError as e:
+        return None, f"building or loading the kernel failed: {e}"
+    if not lib.ditas_qgemm_supported():
+        return None, "CPU lacks AVX512-VNNI"
+    for name, argtypes in _ARGTYPES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = None
+    return lib, "ok"
+
+
+def load():
+    """The loaded library, or None where it cannot run here."""
+    return _load()[0]
+
+
+def status():
+    """'ok' or why the fused kernel is not used."""
+    return _load()[1]
+
+
+def pack_b(b):
+    """(K, N) int8 -> the vpdpbusd layout Bp[j][k/4][c][k%4] = B[k, 32 j + c], N zero-padded to a multiple of 32."""
+    k, n = b.shape
+    npad = -n // NB * -NB
+    bp = F.pad(b, (0, npad - n))
+    return bp.view(k // ALIGN_K, ALIGN_K, npad // NB, NB).permute(2, 0, 3, 1).contiguous()
+
+
+def pad_cols(t, npad):
+    """Zero-pad the last dimension of t to npad (contiguous)."""
+    return F.pad(t, (0, npad - t.shape[-1])).contiguous()
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _rows(x2):
+    """Row-major (M, K) float32/bf16 view of x2 for the kernels (a copy only where needed)."""
+    if x2.dtype not in (torch.float32, torch.bfloat16):
+        x2 = x2.float()
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rowrange(x2, smooth):
+    """(min, max) over each row of x2 / smooth: float32 (M,) each, exactly torch's values."""
+    x2 = _rows(x2)
+    m, k = x2.shape
+    mn, mx = torch.empty(m), torch.empty(m)
+    load().ditas_rowrange(m, k, x2.data_ptr(), x2.stride(0), int(x2.dtype == torch.bfloat16), _ptr(smooth),
+                          mn.data_ptr(), mx.data_ptr(), torch.get_num_threads())
+    return mn, mx
+
+
+def encode(x2, smooth, scale, zero, levels, group=None, rt=None):
+    """Activation codes of x2 / smooth, as quant.quantizer.quantize_act bit for bit.
+
+    scale, zero: float32 with M or 1 elements. Returns (a uint8 (M, K), sa int32 (M, K/group) row sums
+    per group or None, lp float32 (M, rpad) = (a - zero) @ rt or None) for rt (K, rpad), rpad % 16 == 0.
+    """
+    x2 = _rows(x2)
+    m, k = x2.shape
+    nt = torch.get_num_threads()
+    a = torch.empty(m, k, dtype=torch.uint8)
+    sa = None if group is None else torch.empty(m, k // group, dtype=torch.int32)
+    lp = scratch = None
+    if rt is not None:
+        lp = torch.empty(m, rt.shape[1])
+        scratch = torch.empty(nt * QR * k)
+    scale, zero = scale.reshape(-1).contiguous(), zero.reshape(-1).contiguous()
+    load().ditas_encode(m, k, x2.data_ptr(), x2.stride(0), int(x2.dtype == torch.bfloat16), _ptr(smooth),
+                        scale.data_ptr(), int(scale.numel() > 1), zero.data_ptr(), int(zero.numel() > 1), levels,
+                        a.data_ptr(), group or k, _ptr(sa), _ptr(rt), 0 if rt is None else rt.shape[1], _ptr(lp),
+                        _ptr(scratch), nt)
+    return a, sa, lp
+
+
+def qgemm(a, bp, n, group, sw, cbd, dq, sa, zx, sx, lp, r, lt, bias, out, gelu=False):
+    """out (M, N) float32 or bf16 <- the fused linear (see qgemm.c); every operand prepared by the caller.
+
+    a uint8 (M, K) with unit column stride; bp from pack_b; sw/cbd/dq (ng, Npad); sa int32 (M, ng) or
+    None; zx int32 and sx float32 of M or 1 elements; lp float32 (M, >= r) or None with the LoRA rank r;
+    lt (r, Npad); bias (Npad) or None. gelu: apply GELU (tanh form) to the result.
+    """
+    m, k = a.shape
+    npad = bp.shape[0] * NB
+    r = 0 if lp is None else r
+    load().ditas_qgemm(m, n, npad, k, group, a.data_ptr(), a.stride(0), bp.data_ptr(), sw.data_ptr(),
+                       cbd.data_ptr(), _ptr(dq), _ptr(sa), zx.data_ptr(), int(zx.numel() > 1), sx.data_ptr(),
+                       int(sx.numel() > 1), _ptr(lp), 0 if lp is None else lp.stride(0), r,
+                       _ptr(lt) if r else None, _ptr(bias), out.data_ptr(), out.stride(0),
+                       int(out.dtype == torch.bfloat16), int(gelu), torch.get_num_threads())
+    return out
