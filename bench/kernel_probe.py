@@ -3,8 +3,9 @@
     python bench/kernel_probe.py [--threads 2] [--m 2048] [--k 768] [--n 3072] [--reps 10] [--clock wall|cpu]
 
 Times one (M, K) x (K, N) linear: fp32 / bf16 F.linear, raw torch._int_mm, IntLinear
-W8A8 (per channel and grouped) and W4A8 (group 64/128) against QuantLinear's fake
-forward, plus the torch weight-only / dynamic int kernels that exist on CPU.
+W8A8 (per channel and grouped) and W4A8 (group 64/128) on the fused CPU kernel and on the
+torch kernel against QuantLinear's fake forward, plus the torch weight-only int kernels that
+exist on CPU.
 Cases are timed round-robin (one run of each per round, `reps` rounds after a warm-up)
 so that load changes on a shared machine hit all of them alike; min and median in ms.
 """
@@ -82,7 +83,10 @@ def main():
             il = IntLinear.from_quantlinear(ql)
             tag = f"W{bits}A8 g{g or 'chan'} r{r}"
             row(f"QuantLinear fake {tag}", lambda ql=ql: ql(x))
-            row(f"IntLinear {tag}", lambda il=il: il(x))
+            row(f"IntLinear {tag}" + (" (fused)" if il.fused else ""), lambda il=il: il(x))
+            if il.fused:
+                it = IntLinear.from_quantlinear(ql, "torch")
+                row(f"IntLinear {tag} (torch)", lambda it=it: it(x))
             if r:
                 ql0 = QuantLinear(qw, bias, act_cfg=acfg)
                 il0 = IntLinear.from_quantlinear(ql0)

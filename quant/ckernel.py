@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "qgemm.c")
-FLAGS = ("-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
+FLAGS = ("-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16",
          "-fopenmp", "-shared", "-fPIC")
 NB = 32          # columns per packed block (qgemm.c)
 ALIGN_K = 4      # vpdpbusd consumes 4 consecutive K values per int32 lane
@@ -38,6 +38,8 @@ _ARGTYPES = {
                     _VP, _VP, _I, _I, _I, _I],
     "ditas_rowrange": [_I, _I, _VP, _I, _I, _VP, _VP, _VP, _I],
     "ditas_encode": [_I, _I, _VP, _I, _I, _VP, _VP, _I, _VP, _I, _I, _VP, _I, _VP, _VP, _I, _VP, _VP, _I],
+    "ditas_ref_losses": [_I, _I, _I, _I, _I, _I, _VP, _I, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _I, _I, _VP, _VP,
+                         _I],
 }
 
 
@@ -183,3 +185,36 @@ def qgemm(a, bp, n, group, sw, cbd, dq, sa, zx, sx, lp, r, lt, bias, out, gelu=F
                        _ptr(lt) if r else None, _ptr(bias), out.data_ptr(), out.stride(0),
                        int(out.dtype == torch.bfloat16), int(gelu), torch.get_num_threads())
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_ok():
+    """Can ref_losses run here (the kernel library and AVX512-BF16)?"""
+    lib = load()
+    return lib is not None and bool(lib.ditas_bf16_supported())
+
+
+def pack_bf16(m):
+    """(C, W) float -> bfloat16 pairs for vdpbf16ps: Mp[j][c/2][i][c%2] = M[c, 32 j + i] (C, W zero-padded)."""
+    c, w = m.shape
+    cpad, wpad = c + c % 2, -w // NB * -NB
+    mb = F.pad(m.to(torch.bfloat16), (0, wpad - w, 0, cpad - c))
+    return mb.view(cpad // 2, 2, wpad // NB, NB).permute(2, 0, 3, 1).contiguous()
+
+
+def ref_losses(x, r0, rows, w, mp, partner, split, s, ranges, one_range, inv=None, ss=None):
+    """Per-candidate sum over the rows of x (n, C) (rows r0.. of a step with `rows` rows) of
+    ||bf16(E_k) M (+ P)||^2 (+ 2 <E_k, partner> when split): AlphaSearch._reference_losses for
+    matmul_dtype bf16 (qgemm.c). s (k, C); ranges (scale, top), each (k, rows); one_range: every
+    row of a candidate shares one scale, E = min(round(x * inv), top) * ss - x with inv, ss (k, C).
+    Returns float64 (k,)."""
+    n, c = x.shape
+    k = s.shape[0]
+    nt = torch.get_num_threads()
+    e = torch.empty(k * n * (c + c % 2), dtype=torch.bfloat16)
+    part = torch.zeros(nt, k, dtype=torch.float64)
+    sc, top = (t.contiguous() for t in ranges)
+    load().ditas_ref_losses(n, rows, r0, c, w, k, x.data_ptr(), int(one_range), _ptr(inv), _ptr(ss), s.data_ptr(),
+                            sc.data_ptr(), top.data_ptr(), mp.data_ptr(), partner.data_ptr(), partner.stride(0),
+                            int(split), e.data_ptr(), part.data_ptr(), nt)
+    return part.sum(0)

@@ -57,7 +57,8 @@ from quant.quantizer import affine_params, dequantize_weight, num_steps, pack_in
 
 FAKE_HINT = "use --backend fake"
 INT_KERNELS = ("auto", "torch", "fused")
-ACTIVATIONS = (None, "gelu_tanh")  # what an IntLinear may apply to its output (fused into the epilogue)
+ACTIVATIONS = (None, "gelu_tanh")
+_EAGER_OPERANDS = ("w_op", "cb_t", "d_t", "w_scale_t", "lora_Lt", "lora_rsum")  # what an IntLinear may apply to its output (fused into the epilogue)
 _INT32_MAX = 2 ** 31 - 1
 # float32 accumulator bytes per row tile and thread: per-channel weights (one GEMM per tile)
 # prefer larger tiles, grouped ones (a GEMM + scale-accumulate per group) smaller, cache-resident ones
@@ -182,9 +183,11 @@ class IntLinear(nn.Module):
     `codes_packed` uint8 (out, in/2) (two 4-bit codes per byte) for bits <= 4; `scale`,
     `zero` (out, n_groups); bias, lora_L, lora_R, smooth (all float32 whatever the model
     dtype; dtype casts of the module are ignored, outputs follow the input's dtype).
-    Non-persistent operands derived from them by `_prepare` (also after load_state_dict):
-    `w_op` int8 (in, out) = B, `cb_t` int32 (n_groups, out) = CB, `d_t` (n_groups, out) = d,
-    `w_scale_t` (n_groups, out), `lora_Lt` (r, out), `lora_rsum` (r,).
+    Non-persistent operands derived from them by `_prepare` (also after load_state_dict and device
+    moves), for the torch kernel: `w_op` int8 (in, out) = B, `cb_t` int32 (n_groups, out) = CB,
+    `d_t` (n_groups, out) = d, `w_scale_t` (n_groups, out), `lora_Lt` (r, out), `lora_rsum` (r,);
+    for the fused one instead (those stay None): `w_vnni` (B packed for vpdpbusd) and the `f_*`
+    per-column operands padded to 32-column blocks. `kernel` and `activation`: see from_quantlinear.
     Symmetric weights are the special case zw = 2^(b-1) and are supported.
     """
 
@@ -235,48 +238,58 @@ class IntLinear(nn.Module):
 
     @torch.no_grad()
     def _prepare(self):
-        """Derive the GEMM operands from the stored codes (unpacking 4-bit codes once)."""
-        codes = unpack_int4(self.codes_packed) if self.packed else self.codes
-        n, k = codes.shape
-        ng, g = self.n_groups, self.group
-        levels = 2 ** self.weight_cfg.bits - 1
-        c = self.zero.clamp(levels - 127, 128)                      # per-group offset so B fits int8
-        b = codes.view(n, ng, g).to(torch.int16) - c.to(torch.int16).unsqueeze(-1)
-        cb = b.sum(-1, dtype=torch.int32)                            # (n, ng) column sums of B per group
-        d = c - self.zero                                            # (n, ng) integers, 0 when zw fits
+        """Derive the GEMM operands from the stored codes: the fused kernel's where it runs, else
+        torch._int_mm's (which the fused layer rebuilds on the fly in the rare fallback)."""
+        ops = self._eager_build()
+        cb, d = ops["cb_t"], ops["d_t"]
+        g = self.group
         self.use_sa = bool((d != 0).any())
-        self.register_buffer("cb_t", cb.t().contiguous(), persistent=False)
-        self.register_buffer("d_t", d.t().contiguous(), persistent=False)  # float: exact integers
-        self.register_buffer("w_scale_t", self.scale.t().contiguous(), persistent=False)
-        self.register_buffer("lora_Lt", self.lora_L.t().contiguous(), persistent=False)
-        self.register_buffer("lora_rsum", self.lora_R.sum(1), persistent=False)
-        # |int32 partial| <= g*128*128 + |e| max|CB| + max|d| g (128 + |e|): see _int_linear
+        # |int32 partial| <= g*128*128 + |e| max|CB| + max|d| g (128 + |e|): see _eager_int_linear
         self._bound = (g * 128 * 128, float(cb.abs().max()) if cb.numel() else 0.0,
                        float(d.abs().max()) * g if d.numel() else 0.0)
-        w_op = b.view(n, k).t().contiguous().to(torch.int8)          # (K, N) = B
-        self.fused = self._fused_possible(codes.device)
-        for name in ("w_op", "w_vnni", "f_sw", "f_cbd", "f_d", "f_Lt", "f_Rt", "f_bias"):
+        self.fused = self._fused_possible(self.scale.device)
+        for name in (*_EAGER_OPERANDS, "w_vnni", "f_sw", "f_cbd", "f_d", "f_Lt", "f_Rt", "f_bias"):
             self.register_buffer(name, None, persistent=False)
         if not self.fused:
-            self.register_buffer("w_op", w_op, persistent=False)
+            for name in _EAGER_OPERANDS:
+                self.register_buffer(name, ops[name], persistent=False)
             return
         # fused kernel (quant/ckernel.py): D_g = A_g B_g + SA_g d_g - zx (CB_g + g d_g) with A the
         # uint8 codes; every per-column operand zero-padded to whole 32-column blocks
+        n = self.out_features
         npad = -n // ckernel.NB * -ckernel.NB
-        cbd = (cb + g * d.to(torch.int32)).t()
-        self.register_buffer("w_vnni", ckernel.pack_b(w_op), persistent=False)
+        cbd = cb + g * d.to(torch.int32)
+        self.register_buffer("w_vnni", ckernel.pack_b(ops["w_op"]), persistent=False)
         self.register_buffer("f_sw", ckernel.pad_cols(self.scale.t(), npad), persistent=False)
         self.register_buffer("f_cbd", ckernel.pad_cols(cbd, npad), persistent=False)
         if self.use_sa:
-            self.register_buffer("f_d", ckernel.pad_cols(d.t().to(torch.int32), npad), persistent=False)
+            self.register_buffer("f_d", ckernel.pad_cols(d.to(torch.int32), npad), persistent=False)
         self.register_buffer("f_Lt", ckernel.pad_cols(self.lora_L.t(), npad), persistent=False)
         rank = self.lora_R.shape[0]
         self.register_buffer("f_Rt", ckernel.pad_cols(self.lora_R.t(), -rank // 16 * -16), persistent=False)
         if self.bias is not None:
             self.register_buffer("f_bias", ckernel.pad_cols(self.bias, npad), persistent=False)
         # |int32 partial| <= g*255*128 + |zx| max|CBD| + 255 g max|d|
-        self._fbound = (g * 255 * 128 + 255 * self._bound[2],
-                        float(cbd.abs().max()) if cbd.numel() else 0.0)
+        self._fbound = (g * 255 * 128 + 255 * self._bound[2], float(cbd.abs().max()) if cbd.numel() else 0.0)
+
+    @torch.no_grad()
+    def _eager_build(self):
+        """The torch path's operands {name: tensor} (see the class docstring), from the stored codes."""
+        codes = unpack_int4(self.codes_packed) if self.packed else self.codes
+        n, k = codes.shape
+        levels = 2 ** self.weight_cfg.bits - 1
+        c = self.zero.clamp(levels - 127, 128)                      # per-group offset so B fits int8
+        b = codes.view(n, self.n_groups, self.group).to(torch.int16) - c.to(torch.int16).unsqueeze(-1)
+        return {"w_op": b.view(n, k).t().contiguous().to(torch.int8),  # (K, N) = B
+                "cb_t": b.sum(-1, dtype=torch.int32).t().contiguous(),  # (ng, N) column sums of B per group
+                "d_t": (c - self.zero).t().contiguous(),             # (ng, N) float, exact integers; 0 when zw fits
+                "w_scale_t": self.scale.t().contiguous(),
+                "lora_Lt": self.lora_L.t().contiguous(),
+                "lora_rsum": self.lora_R.sum(1)}
+
+    def _eager_operands(self):
+        """The torch path's operands: kept by a torch-kernel layer, rebuilt by a fused one."""
+        return self._eager_build() if self.w_op is None else {name: getattr(self, name) for name in _EAGER_OPERANDS}
 
     def _fused_possible(self, device):
         if self.kernel == "torch":
@@ -299,17 +312,6 @@ class IntLinear(nn.Module):
     def _fused_safe(self, zmax):
         fixed, cbdm = self._fbound
         return fixed + zmax * cbdm < _INT32_MAX
-
-    def _eager_w_op(self):
-        """B (K, N) int8 for torch._int_mm (rebuilt from the codes where the fused layout replaced it)."""
-        if self.w_op is None:
-            codes = unpack_int4(self.codes_packed) if self.packed else self.codes
-            levels = 2 ** self.weight_cfg.bits - 1
-            c = self.zero.clamp(levels - 127, 128)
-            n, k = codes.shape
-            b = codes.view(n, self.n_groups, self.group).to(torch.int16) - c.to(torch.int16).unsqueeze(-1)
-            return b.view(n, k).t().contiguous().to(torch.int8)
-        return self.w_op
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -434,30 +436,31 @@ def _eager_int_linear(x2, layer, batch):
         x2 = x2.div_(layer.smooth) if private else x2 / layer.smooth
         private = True
     a, t, sx, zx = quantize_act_int8(x2, layer.act_cfg, batch, private)
+    ops = layer._eager_operands()
     ng, g = layer.n_groups, layer.group
     e = 128 - zx                                           # (M, 1) or (1, 1), integers
     # int32 partials are exact unless the activation zero point is extreme (x far from 0
     # relative to its range): then the same integer algebra runs in float64 (exact < 2^53)
     adt = torch.int32 if layer._int32_safe(float(e.abs().max())) else torch.float64
     e_c = e.to(torch.float64).to(adt).expand(m, 1)
-    cb = layer.cb_t.to(adt)
+    cb = ops["cb_t"].to(adt)
     if layer.use_sa:
-        d = layer.d_t.to(adt)
+        d = ops["d_t"].to(adt)
         # SA_g: exact in float32 (|sum| <= 128 g < 2^24); SA_g + g e exact in float64
         sae = (t.view(m, ng, g).sum(-1).to(torch.float64) + g * e.to(torch.float64)).to(adt)
     lora = layer.lora_R.shape[0] > 0
     if lora:
-        lp = torch.addmm(e * layer.lora_rsum, t, layer.lora_R.t())
+        lp = torch.addmm(e * ops["lora_rsum"], t, layer.lora_R.t())
     if ng > 1:
         a = a.view(m, ng, g).transpose(0, 1).contiguous()     # (ng, M, G): contiguous tiles per group
-    w_op, sw, bias = layer._eager_w_op(), layer.w_scale_t, layer.bias
+    w_op, sw, bias = ops["w_op"], ops["w_scale_t"], layer.bias
     sx = sx.expand(m, 1)
     step = _tile_rows(m, n, ng == 1)
     for m0 in range(0, m, step):
         rows = slice(m0, m0 + step)
         o = out[rows]
         if lora:
-            torch.mm(lp[rows], layer.lora_Lt, out=o)
+            torch.mm(lp[rows], ops["lora_Lt"], out=o)
         for j in range(ng):
             p = int8_matmul(a[rows] if ng == 1 else a[j, rows], w_op[j * g:(j + 1) * g])
             if adt is not torch.int32:

@@ -44,6 +44,7 @@ from functools import partial
 
 import torch
 
+from quant import ckernel
 from quant.lora import LoraFit, fit_lora
 from quant.quantizer import (QWeight, affine_params, dequantize_weight, fake_quantize_act, num_steps,
                              quantize_weight, scale_qweight_columns)
@@ -225,6 +226,8 @@ class AlphaSearch:
                 h = None
             mdt = MATMUL_DTYPES[self.matmul_dtype]
             ops["m"] = m.to(mdt).contiguous()
+            if mdt == torch.bfloat16 and m.device.type == "cpu" and ckernel.bf16_ok():
+                ops["m_packed"] = ckernel.pack_bf16(m)  # the fused CPU kernel's layout of the same bf16 values
             # cross term <E M, P> = <E, X (N M^T)>: worth it when M has at least as many columns as rows
             # (then X (N M^T) costs no more than P); otherwise P is added to E M (see _reference_losses)
             ops["split"] = m.shape[1] >= m.shape[0]
@@ -254,7 +257,7 @@ class AlphaSearch:
         return scale.repeat_interleave(rep, 1), (self._ops["qmax"] - zero).repeat_interleave(rep, 1)
 
     def _update_fast(self, x):
-        ops = self._operands()
+        self._operands()
         c = x.shape[-1]
         x2 = x.reshape(-1, c)
         groups = _range_groups(x, self.act_cfg.granularity)
@@ -308,6 +311,14 @@ class AlphaSearch:
             scale_s = ranges[0][:, :1, None] * s3
             inv = (1.0 / scale_s.double()).float()
         step = max(16, _CHUNK_ELEMENTS // (k * c))
+        if "m_packed" in ops and ranges is not None:  # the same evaluation fused in C (quant/ckernel.py)
+            x2 = x2.contiguous()
+            acc = torch.zeros(k, dtype=torch.float64)
+            extra = dict(inv=inv.view(k, c).contiguous(), ss=scale_s.view(k, c).contiguous()) if one_range else {}
+            for r0 in range(0, rows, step):
+                acc += ckernel.ref_losses(x2[r0:r0 + step], r0, rows, ops["m"].shape[1], ops["m_packed"],
+                                          partner[r0:r0 + step], split, s, ranges, one_range, **extra)
+            return acc + const
         size = k * min(step, rows) * c
         neg_x = -x2
         buf = x2.new_empty(size)  # flat: the first k*n*c elements are a contiguous (k, n, c) for any n
