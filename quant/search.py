@@ -216,7 +216,9 @@ class AlphaSearch:
             weff = self._effective().double()
             d = weff - w.double()
             out, inp = w.shape
-            if inp < out:  # project onto Weff's column space: (in x in) products per candidate
+            # project onto Weff's column space, (in x in) products per candidate: pays its SVD back
+            # only with several candidates (the single-candidate RTN baseline multiplies directly)
+            if inp < out and len(self.alphas) > 1:
                 u, sv, vh = torch.linalg.svd(weff, full_matrices=False)
                 m, n = vh.T * sv, d.T @ u
                 d_perp = d - u @ (u.T @ d)

@@ -229,3 +229,19 @@ def test_bf16_search_kernel_matches_torch_bf16(monkeypatch, granularity, shape, 
     # themselves at ~1e-3 (test_fast_update_matches_naive)
     torch.testing.assert_close(losses[True], losses[False], rtol=3e-4, atol=0)
     assert int(losses[True].argmin()) == int(losses[False].argmin())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_single_candidate_direct_product(dtype):
+    """One candidate (the RTN baseline: no smoothing, no LoRA) with in < out skips the projection
+    (no SVD) and still gives the direct evaluation's loss."""
+    w, b, _ = search_problem(out=96)
+    xs, wcfg, acfg, absmax = _streams("reference", "tensor", (3, 37, 64), seed=5)
+    losses = []
+    for impl in ("naive", "fast"):
+        search = AlphaSearch(w, b, None, [None], wcfg, acfg, lora_rank=0, impl=impl, matmul_dtype=dtype)
+        for x in xs:
+            search.update(x)
+        losses.append(search.losses[0])
+    assert search._ops["m"].shape == (64, 96)  # Weff^T itself
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3 if dtype == "bf16" else 2e-4)
