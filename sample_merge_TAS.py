@@ -396,7 +396,7 @@ def build_parser():
     parser.add_argument("--weight-bit", type=int, default=None, help="optional check against the checkpoint")
     parser.add_argument("--act-bit", type=int, default=None, help="optional check against the checkpoint")
     parser.add_argument("--backend", choices=["fake", "int"], default="fake",
-                        help="fake: quantize-dequantize in float; int: integer GEMMs (torch._int_mm)")
+                        help="fake: quantize-dequantize in float; int: integer GEMMs (fused AVX512-VNNI CPU kernel, else torch._int_mm)")
     add_dtype_arg(parser)
     parser.add_argument("--save-png", action="store_true", help="also write one PNG per sample")
     parser.add_argument("--keep-shards", action="store_true", help="keep the shard files after writing the .npz")

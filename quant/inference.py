@@ -1,7 +1,8 @@
 """Load a quantized checkpoint ready to sample: fold the smoothing factors, pick the backend.
 
     fake  quantize-dequantize in float (every scheme; what calibration measured)
-    int   real integer GEMMs (quant/kernels.py: torch._int_mm, W8A8 and packed W4A8)
+    int   real integer GEMMs (quant/kernels.py: the fused AVX512-VNNI kernel of quant/csrc/qgemm.c on
+          x86 CPUs that have it, else torch._int_mm; W8A8 and packed W4A8)
 """
 from cli import UserError
 from quant.checkpoint import load_quantized
