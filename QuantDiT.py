@@ -162,7 +162,7 @@ def build_parser():
                         help="alpha search loss: exact (a second FP loop scores every candidate, the paper) or "
                              "approx (predicted from the single TAS pass; quant/approx_search.py)")
     parser.add_argument("--search-dtype", choices=("fp32", "bf16"), default="fp32",
-                        help="reference scheme: dtype of the alpha search's candidate products (bf16: 1.2-1.5x "
+                        help="reference scheme: dtype of the alpha search's candidate products (bf16: 1.6-1.7x "
                              "faster calibration, losses within ~1e-5 relative; see bench/results/calibration.md)")
     parser.add_argument("--search-row-stride", type=int, default=1, metavar="N",
                         help="exact search: score the candidates on every N-th token row of each step only "

@@ -7,7 +7,6 @@ float for the fake-quantized forward; `codes`, `scale`, `zero` hold the same
 weight as integers for saving and integer kernels. `smooth` is the input
 divisor s; folding moves it into the previous layer and sets it to None.
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -164,7 +164,7 @@ def _corrupt(path, key, fn):
 
 def _one_line_error(path):
     import cli
-    code, err = 0, None
+    code = 0
     import contextlib
     import io
     buf = io.StringIO()
