@@ -23,6 +23,19 @@
 #define NB 32
 #define MC 96
 
+/* lanes of a 16-wide vector that hold elements, `left` elements from here to the end */
+static inline __attribute__((always_inline)) __mmask16 tail_mask(int64_t left) {
+    return left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+}
+
+/* float32 -> bfloat16, round to nearest even (torch's conversion for finite values) */
+static inline __attribute__((always_inline)) __m256i to_bf16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+}
+
 int ditas_qgemm_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -32,11 +45,7 @@ int ditas_qgemm_supported(void) {
 static inline __attribute__((always_inline)) void store16(void *out, int64_t ldo, int64_t m, int64_t n,
                                                           __m512 v, __mmask16 mask, int bf16) {
     if (bf16) {
-        __m512i u = _mm512_castps_si512(v);
-        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-        __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
-        _mm256_mask_storeu_epi16((uint16_t *)out + m * ldo + n, mask, h);
+        _mm256_mask_storeu_epi16((uint16_t *)out + m * ldo + n, mask, to_bf16(v));
     } else {
         _mm512_mask_storeu_ps((float *)out + m * ldo + n, mask, v);
     }
@@ -135,8 +144,7 @@ static inline __attribute__((always_inline)) void ukernel(
         b1 = _mm512_loadu_ps(bias + n0 + 16);
     }
     int64_t left = N - n0;
-    __mmask16 k0 = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-    __mmask16 k1 = left >= 32 ? (__mmask16)0xffff : (left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1));
+    __mmask16 k0 = tail_mask(left), k1 = tail_mask(left - 16);
     for (int i = 0; i < mr; i++) {
         __m512 sv = _mm512_set1_ps(sx[(m0 + i) * ss]);
         __m512 y0 = _mm512_fmadd_ps(facc[i][0], sv, b0), y1 = _mm512_fmadd_ps(facc[i][1], sv, b1);
@@ -209,7 +217,7 @@ void ditas_rowrange(int64_t M, int64_t K, const void *x, int64_t ldx, int64_t x_
     for (int64_t m = 0; m < M; m++) {
         __m512 lo = _mm512_set1_ps(__builtin_inff()), hi = _mm512_set1_ps(-__builtin_inff());
         for (int64_t k = 0; k < K; k += 16) {
-            __mmask16 mask = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+            __mmask16 mask = tail_mask(K - k);
             __m512 v = smoothed(x, m * ldx + k, (int)x_bf16, s, k, mask);
             lo = _mm512_mask_min_ps(lo, mask, lo, v);
             hi = _mm512_mask_max_ps(hi, mask, hi, v);
@@ -238,7 +246,7 @@ void ditas_encode(int64_t M, int64_t K, const void *x, int64_t ldx, int64_t x_bf
             const __m512 sc = _mm512_set1_ps(scale[m * ss]), zp = _mm512_set1_ps(zero[m * zs]);
             const __m512 top = _mm512_set1_ps((float)levels), zero_v = _mm512_setzero_ps();
             for (int64_t k = 0; k < K; k += 16) {
-                __mmask16 mask = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+                __mmask16 mask = tail_mask(K - k);
                 __m512 v = _mm512_div_ps(smoothed(x, m * ldx + k, (int)x_bf16, s, k, mask), sc);
                 v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                 v = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, zp), zero_v), top);
@@ -290,13 +298,6 @@ int ditas_bf16_supported(void) {
     return ditas_qgemm_supported() && __builtin_cpu_supports("avx512bf16");
 }
 
-static inline __attribute__((always_inline)) __m256i to_bf16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
-}
-
 #define SR 6  /* stacked (candidate, row) rows per micro-tile */
 
 static inline __attribute__((always_inline)) void sq_ukernel(
@@ -320,8 +321,7 @@ static inline __attribute__((always_inline)) void sq_ukernel(
         }
     }
     int64_t left = w - n0;
-    __mmask16 k0 = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-    __mmask16 k1 = left >= 32 ? (__mmask16)0xffff : (left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1));
+    __mmask16 k0 = tail_mask(left), k1 = tail_mask(left - 16);
     for (int i = 0; i < mr; i++) {
         __m512 z0 = acc[i][0], z1 = acc[i][1];
         if (partner) {
@@ -351,7 +351,7 @@ void ditas_ref_losses(int64_t n, int64_t rows, int64_t r0, int64_t c, int64_t w,
             const __m512 scv = one_range ? _mm512_setzero_ps() : _mm512_set1_ps(sc[q * rows + r0 + i]);
             __m512 cross = _mm512_setzero_ps();
             for (int64_t cc = 0; cc < c; cc += 16) {
-                __mmask16 mask = c - cc >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (c - cc)) - 1);
+                __mmask16 mask = tail_mask(c - cc);
                 __m512 xv = _mm512_maskz_loadu_ps(mask, xr + cc), t, e;
                 if (one_range) {
                     t = _mm512_mul_ps(xv, _mm512_maskz_loadu_ps(mask, inv + q * c + cc));
