@@ -112,12 +112,18 @@ def status():
     return _load()[1]
 
 
+def _pack_blocks(t, lanes):
+    """(K, N) -> [N/32 blocks][K/lanes][32 columns][lanes]: consecutive K values of a column share one
+    32-bit lane (zero padding: K to a multiple of lanes, N to a multiple of 32)."""
+    k, n = t.shape
+    kpad, npad = -k // lanes * -lanes, -n // NB * -NB
+    t = F.pad(t, (0, npad - n, 0, kpad - k))
+    return t.view(kpad // lanes, lanes, npad // NB, NB).permute(2, 0, 3, 1).contiguous()
+
+
 def pack_b(b):
     """(K, N) int8 -> the vpdpbusd layout Bp[j][k/4][c][k%4] = B[k, 32 j + c], N zero-padded to a multiple of 32."""
-    k, n = b.shape
-    npad = -n // NB * -NB
-    bp = F.pad(b, (0, npad - n))
-    return bp.view(k // ALIGN_K, ALIGN_K, npad // NB, NB).permute(2, 0, 3, 1).contiguous()
+    return _pack_blocks(b, ALIGN_K)
 
 
 def pad_cols(t, npad):
@@ -129,16 +135,15 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def _rows(x2):
-    """Row-major (M, K) float32/bf16 view of x2 for the kernels (a copy only where needed)."""
+def rows(x2):
+    """Row-major (M, K) float32/bf16 view of x2 for rowrange/encode (a copy only where needed)."""
     if x2.dtype not in (torch.float32, torch.bfloat16):
         x2 = x2.float()
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 def rowrange(x2, smooth):
-    """(min, max) over each row of x2 / smooth: float32 (M,) each, exactly torch's values."""
-    x2 = _rows(x2)
+    """(min, max) over each row of x2 / smooth (x2 from rows()): float32 (M,) each, exactly torch's values."""
     m, k = x2.shape
     mn, mx = torch.empty(m), torch.empty(m)
     load().ditas_rowrange(m, k, x2.data_ptr(), x2.stride(0), int(x2.dtype == torch.bfloat16), _ptr(smooth),
@@ -147,12 +152,11 @@ def rowrange(x2, smooth):
 
 
 def encode(x2, smooth, scale, zero, levels, group=None, rt=None):
-    """Activation codes of x2 / smooth, as quant.quantizer.quantize_act bit for bit.
+    """Activation codes of x2 / smooth (x2 from rows()), as quant.quantizer.quantize_act bit for bit.
 
     scale, zero: float32 with M or 1 elements. Returns (a uint8 (M, K), sa int32 (M, K/group) row sums
     per group or None, lp float32 (M, rpad) = (a - zero) @ rt or None) for rt (K, rpad), rpad % 16 == 0.
     """
-    x2 = _rows(x2)
     m, k = x2.shape
     nt = torch.get_num_threads()
     a = torch.empty(m, k, dtype=torch.uint8)
@@ -196,10 +200,7 @@ def bf16_ok():
 
 def pack_bf16(m):
     """(C, W) float -> bfloat16 pairs for vdpbf16ps: Mp[j][c/2][i][c%2] = M[c, 32 j + i] (C, W zero-padded)."""
-    c, w = m.shape
-    cpad, wpad = c + c % 2, -w // NB * -NB
-    mb = F.pad(m.to(torch.bfloat16), (0, wpad - w, 0, cpad - c))
-    return mb.view(cpad // 2, 2, wpad // NB, NB).permute(2, 0, 3, 1).contiguous()
+    return _pack_blocks(m.to(torch.bfloat16), 2)
 
 
 def ref_losses(x, r0, rows, w, mp, partner, split, s, ranges, one_range, inv=None, ss=None):

@@ -402,6 +402,7 @@ def _fused_int_linear(x2, layer, batch):
     then one pass of u8 codes x packed int8 weights with corrections, scales, LoRA and bias in
     registers. None where this input's zero points break the kernel's int32 bound."""
     cfg = layer.act_cfg
+    x2 = ckernel.rows(x2)
     mn, mx = ckernel.rowrange(x2, layer.smooth)
     mn, mx = _combine_range(mn.view(-1, 1), mx.view(-1, 1), cfg.granularity, batch)
     sx, zx = affine_params(mn, mx, num_steps(cfg.bits, cfg.scheme))

@@ -441,7 +441,7 @@ def test_fused_activation_codes_are_the_quantizers(k, dtype, gran):
     smooth = torch.rand(k, generator=g) + 0.5
     cfg = ActQuantConfig(8, gran)
     codes, _, zero = quantize_act(x / smooth, cfg)
-    x2 = x.reshape(-1, k)
+    x2 = ckernel.rows(x.reshape(-1, k))
     mn, mx = ckernel.rowrange(x2, smooth)
     xs = (x2.float() / smooth)
     assert torch.equal(mn, xs.amin(1)) and torch.equal(mx, xs.amax(1))
