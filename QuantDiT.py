@@ -13,53 +13,51 @@ the model that loads back. --quantize-adaln also quantizes every block's adaLN l
 import argparse
 import os
 import time
+from dataclasses import fields
 
 import torch
 
 from cli import ArgumentParser, UserError, run
 from config import DEFAULTS, calib_labels
 from pipeline import add_model_args, build_model, decode, load_vae, make_sampler, pick_device, sample_inputs, save_grid
-from quant.calibrate import QuantConfig, check_layers, quantizable_layers, quantize_dit
+from quant.calibrate import quantize_dit
+from quant.config import SCHEME_DEFAULT, QuantConfig, field_default
+from quant.layers import check_layers, quantizable_layers
 from quant.checkpoint import (DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES, is_quantized_checkpoint, round_for_storage,
                               save_quantized)
 
 
 def quant_config_from_args(args):
-    granularity = args.act_granularity or (
-        DEFAULTS.act_granularity_reference if args.scheme == "reference" else DEFAULTS.act_granularity_ditas)
-    smoothing = args.smoothing or ("fixed" if args.alpha is not None else DEFAULTS.smoothing)
+    """The QuantConfig of the command line: flags left unset take QuantConfig's (scheme) defaults."""
+    given = {f.name: getattr(args, f.name) for f in fields(QuantConfig)}
+    given["group_size"] = given["group_size"] or None  # 0 = per output channel
+    for name in ("act_granularity", "search_steps"):  # None: the scheme's default
+        if given[name] is None:
+            given[name] = SCHEME_DEFAULT
     try:
-        return QuantConfig(
-            scheme=args.scheme, weight_bit=args.weight_bit, act_bit=args.act_bit,
-            group_size=args.group_size or None, act_granularity=granularity, smoothing=smoothing,
-            alpha=DEFAULTS.alpha if args.alpha is None else args.alpha, alpha_step=args.alpha_step,
-            lora_rank=args.lora_rank, lora_iters=args.lora_iters, svd=args.svd,
-            search_steps=args.search_steps if args.search_steps is not None else (
-                DEFAULTS.reference_search_steps if args.scheme == "reference" else None),
-            quantize_adaln=args.quantize_adaln, search_dtype=args.search_dtype,
-            search=getattr(args, "search", "exact"), search_row_stride=args.search_row_stride,
-        )
+        return QuantConfig(**given)
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
 def default_out_dir(args, cfg):
-    """results/<model>-<size>-W<w>A<a>-<scheme>[-ablation...]: one directory per setting."""
+    """results/<model>-<size>-W<w>A<a>-<scheme>[-ablation...]: one directory per setting (the ablation
+    suffixes name what differs from QuantConfig's defaults for the scheme)."""
+    changed = cfg.changed()
     parts = [args.model.replace("/", "-"), str(args.image_size), f"W{cfg.weight_bit}A{cfg.act_bit}", cfg.scheme]
     if cfg.smoothing == "none":
         parts.append("rtn")
     elif cfg.smoothing == "fixed":
         parts.append(f"alpha{cfg.alpha:g}")
-    if cfg.lora_rank != DEFAULTS.lora_rank:
+    if "lora_rank" in changed:
         parts.append(f"r{cfg.lora_rank}")
-    default_gran = DEFAULTS.act_granularity_reference if cfg.scheme == "reference" else DEFAULTS.act_granularity_ditas
-    if cfg.act_granularity != default_gran:
+    if "act_granularity" in changed:
         parts.append(cfg.act_granularity)
     if cfg.quantize_adaln:
         parts.append("adaln8")
-    if cfg.search != "exact":
+    if "search" in changed:
         parts.append(f"{cfg.search}search")
-    if cfg.search_row_stride != 1:
+    if "search_row_stride" in changed:
         parts.append(f"rows{cfg.search_row_stride}")
     if args.storage_dtype != DEFAULT_STORAGE_DTYPE:
         parts.append(args.storage_dtype)
@@ -135,41 +133,54 @@ def main(args):
     return out_dir
 
 
+def add_quant_args(parser):
+    """The QuantConfig flags; defaults (and their help) come from quant/config.py."""
+    q = field_default
+    parser.add_argument("--weight-bit", type=int, default=q("weight_bit"), help="weight bits, 2..8")
+    parser.add_argument("--act-bit", type=int, default=q("act_bit"), help="activation bits, 2..8")
+    parser.add_argument("--scheme", choices=("ditas", "reference"), default=q("scheme"),
+                        help="ditas: deployable integer form; reference: the released code's numerics "
+                             "(docs/METHOD.md §8)")
+    parser.add_argument("--group-size", type=int, default=q("group_size"),
+                        help="ditas weight group size along the input dim; 0 = per output channel")
+    parser.add_argument("--act-granularity", choices=("tensor", "row", "token"), default=None,
+                        help=f"dynamic activation ranges (default: {q('act_granularity', 'ditas')} for ditas, "
+                             f"{q('act_granularity', 'reference')} for reference)")
+    parser.add_argument("--smoothing", choices=("search", "fixed", "none"), default=None,
+                        help="search: layer-wise alpha grid search (default); fixed: --alpha (the default when "
+                             "--alpha is given); none: plain round-to-nearest")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help=f"fixed smoothing exponent in [0, 1] (implies --smoothing fixed; default {q('alpha', 'ditas')})")
+    parser.add_argument("--alpha-step", type=float, default=q("alpha_step"), help="alpha grid spacing")
+    parser.add_argument("--lora-rank", type=int, default=q("lora_rank"), help="0 disables the LoRA branch")
+    parser.add_argument("--lora-iters", type=int, default=q("lora_iters"),
+                        help="alternating quantize / low-rank fit iterations")
+    parser.add_argument("--svd", choices=("full", "lowrank"), default=q("svd"),
+                        help="SVD of the LoRA fit: full, or randomized lowrank (faster on large layers)")
+    parser.add_argument("--search-steps", type=int, default=None,
+                        help=f"search loss over the first N calibration steps only (default: all for ditas, "
+                             f"{q('search_steps', 'reference')} for reference)")
+    parser.add_argument("--search", choices=("exact", "approx"), default=q("search"),
+                        help="alpha search loss: exact (a second FP loop scores every candidate, the paper) or "
+                             "approx (predicted from the single TAS pass; quant/approx_search.py)")
+    parser.add_argument("--search-dtype", choices=("fp32", "bf16"), default=q("search_dtype"),
+                        help="reference scheme: dtype of the alpha search's candidate products (bf16: 1.6-1.7x "
+                             "faster calibration, losses within ~1e-5 relative; see bench/results/calibration.md)")
+    parser.add_argument("--search-row-stride", type=int, default=q("search_row_stride"), metavar="N",
+                        help="exact search: score the candidates on every N-th token row of each step only "
+                             "(an approximation, N times less candidate work; ranges still from all rows; "
+                             "1 = all rows, the paper)")
+    parser.add_argument("--quantize-adaln", action="store_true", default=q("quantize_adaln"),
+                        help="also quantize every block's adaLN linear: weight-only 8-bit per output channel")
+
+
 def build_parser():
     d = DEFAULTS
     parser = ArgumentParser(description=__doc__)
     add_model_args(parser, image_size=d.image_size, num_classes=d.num_classes, vae=d.vae, cfg_scale=d.cfg_scale,
                    steps=d.num_sampling_steps)
     parser.add_argument("--seed", type=int, default=d.seed, help="calibration / preview noise seed")
-    parser.add_argument("--act-bit", type=int, default=d.act_bit)
-    parser.add_argument("--weight-bit", type=int, default=d.weight_bit)
-    parser.add_argument("--scheme", choices=("ditas", "reference"), default=d.scheme,
-                        help="ditas: deployable integer form (default); reference: the released code's numerics")
-    parser.add_argument("--group-size", type=int, default=d.group_size,
-                        help="ditas weight group size along the input dim; 0 = per output channel")
-    parser.add_argument("--act-granularity", choices=("tensor", "row", "token"), default=None,
-                        help="dynamic activation ranges (default: row for ditas, tensor for reference)")
-    parser.add_argument("--smoothing", choices=("search", "fixed", "none"), default=None,
-                        help="search: layer-wise alpha grid search (default); fixed: --alpha; none: plain RTN")
-    parser.add_argument("--alpha", type=float, default=None, help="fixed smoothing exponent in [0, 1]")
-    parser.add_argument("--alpha-step", type=float, default=d.alpha_step, help="alpha grid spacing")
-    parser.add_argument("--lora-rank", type=int, default=d.lora_rank, help="0 disables the LoRA branch")
-    parser.add_argument("--lora-iters", type=int, default=d.lora_iters)
-    parser.add_argument("--svd", choices=("full", "lowrank"), default=d.svd)
-    parser.add_argument("--search-steps", type=int, default=None,
-                        help="search loss over the first N steps only (default: all for ditas, 50 for reference)")
-    parser.add_argument("--search", choices=("exact", "approx"), default="exact",
-                        help="alpha search loss: exact (a second FP loop scores every candidate, the paper) or "
-                             "approx (predicted from the single TAS pass; quant/approx_search.py)")
-    parser.add_argument("--search-dtype", choices=("fp32", "bf16"), default="fp32",
-                        help="reference scheme: dtype of the alpha search's candidate products (bf16: 1.6-1.7x "
-                             "faster calibration, losses within ~1e-5 relative; see bench/results/calibration.md)")
-    parser.add_argument("--search-row-stride", type=int, default=1, metavar="N",
-                        help="exact search: score the candidates on every N-th token row of each step only "
-                             "(an approximation, N times less candidate work; ranges still from all rows; "
-                             "1 = all rows, the paper)")
-    parser.add_argument("--quantize-adaln", action="store_true",
-                        help="also quantize every block's adaLN linear: weight-only 8-bit per output channel")
+    add_quant_args(parser)
     parser.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default=DEFAULT_STORAGE_DTYPE,
                         help="dtype of scales, LoRA factors and the FP tensors in the checkpoint "
                              "(fp32 for exactness studies)")

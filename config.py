@@ -1,7 +1,8 @@
-"""Defaults for QuantDiT.py, as one dataclass. The command line wins: every field is a flag.
+"""QuantDiT.py's model and calibration defaults, as one dataclass. The command line wins: every field is a flag.
 
-The released code read its bit widths from here and ignored the CLI; here this file only
-supplies defaults.
+The released code read its bit widths from here and ignored the CLI. Here the quantization
+defaults (bits, scheme, group size, alpha grid, LoRA, search) live in quant/config.py's
+QuantConfig, the one source for Python and the command line alike; this file holds the rest.
 """
 from dataclasses import dataclass
 
@@ -20,20 +21,6 @@ class Defaults:
     # calibration: DDPM, respaced to num_sampling_steps, CFG 1.5 on a fixed noise batch
     num_sampling_steps: int = 100
     calib_cfg_scale: float = 1.5
-    # quantization
-    scheme: str = "ditas"              # ditas (deployable) | reference (the released code's numerics)
-    weight_bit: int = 4
-    act_bit: int = 8
-    group_size: int = 128              # ditas: input columns per weight group; 0 = per output channel
-    act_granularity_ditas: str = "row"      # per batch row: a sample never depends on its neighbours
-    act_granularity_reference: str = "tensor"  # the paper / released code
-    smoothing: str = "search"          # search | fixed | none
-    alpha: float = 0.5                 # the fixed alpha (--smoothing fixed)
-    alpha_step: float = 0.05           # grid {0, 0.05, ..., 1}
-    lora_rank: int = 32
-    lora_iters: int = 10
-    svd: str = "full"                  # full | lowrank (randomized, faster on large layers)
-    reference_search_steps: int = 50   # the released search uses the first 50 (noisiest) steps only
     # preview
     cfg_scale: float = 4.0
 

@@ -45,7 +45,9 @@ sys.path.insert(0, ROOT)
 from config import calib_labels  # noqa: E402
 from models import DiT_models  # noqa: E402
 from pipeline import make_sampler, sample_inputs  # noqa: E402
-from quant.calibrate import QuantConfig, collect_tas, quantizable_layers, quantize_dit  # noqa: E402
+from quant.calibrate import collect_tas, quantize_dit  # noqa: E402
+from quant.config import QuantConfig, field_default  # noqa: E402
+from quant.layers import quantizable_layers  # noqa: E402
 from quant.qlinear import QuantLinear  # noqa: E402
 from quant.search import AlphaSearch  # noqa: E402
 from bench.common import cpu_name, write_report  # noqa: E402
@@ -74,11 +76,8 @@ OURS = {"ours-fp32": ("fp32", 1), "ours-bf16": ("bf16", 1), "ours-bf16-rows2": (
 
 
 def quant_config(args, search_dtype="fp32", row_stride=1):
-    if args.scheme == "reference":
-        return QuantConfig(scheme="reference", weight_bit=args.weight_bit, act_bit=args.act_bit, group_size=None,
-                           act_granularity="tensor", lora_rank=args.lora_rank, lora_iters=args.lora_iters,
-                           search_steps=50, search_dtype=search_dtype, search_row_stride=row_stride)
-    return QuantConfig(weight_bit=args.weight_bit, act_bit=args.act_bit, group_size=args.group_size,
+    """QuantDiT's config for the bench's flags (the scheme's defaults from quant/config.py)."""
+    return QuantConfig(scheme=args.scheme, weight_bit=args.weight_bit, act_bit=args.act_bit, group_size=args.group_size,
                        lora_rank=args.lora_rank, lora_iters=args.lora_iters, search_dtype=search_dtype,
                        search_row_stride=row_stride)
 
@@ -226,9 +225,9 @@ def main():
     ap.add_argument("--scheme", choices=("reference", "ditas"), default="reference")
     ap.add_argument("--weight-bit", type=int, default=4)
     ap.add_argument("--act-bit", type=int, default=8)
-    ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--lora-rank", type=int, default=32)
-    ap.add_argument("--lora-iters", type=int, default=10)
+    ap.add_argument("--group-size", type=int, default=field_default("group_size"))
+    ap.add_argument("--lora-rank", type=int, default=field_default("lora_rank"))
+    ap.add_argument("--lora-iters", type=int, default=field_default("lora_iters"))
     ap.add_argument("--ours", default="fp32,bf16,bf16-rows2", type=_ours_list,
                     help=f"comma list of our settings: {', '.join(m[5:] for m in OURS)}")
     ap.add_argument("--released-search", choices=("naive", "same", "both"), default="both")

@@ -24,7 +24,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from models import DiT_models  # noqa: E402
-from quant.calibrate import QuantConfig, quantize_dit  # noqa: E402
+from quant.calibrate import quantize_dit  # noqa: E402
+from quant.config import QuantConfig  # noqa: E402
 from bench.common import write_report  # noqa: E402
 from quant.checkpoint import (load_quantized, planned_layers, plan_bytes, round_for_storage,  # noqa: E402
                               save_quantized, skeleton, storage_plan)
@@ -44,11 +45,9 @@ def settings(group_size=128, rank=32):
     rows.append((f"W4A8 ditas g{group_size} r{rank}, --storage-dtype fp32",
                  QuantConfig(weight_bit=4, group_size=group_size, lora_rank=rank), "fp32"))
     rows.append((f"W4A8 reference r{rank} (groups of 32 rows per column)",
-                 QuantConfig(scheme="reference", weight_bit=4, group_size=None, act_granularity="tensor",
-                             lora_rank=rank), "fp16"))
+                 QuantConfig(scheme="reference", weight_bit=4, lora_rank=rank), "fp16"))
     rows.append((f"W4A8 reference r{rank} + adaLN W8",
-                 QuantConfig(scheme="reference", weight_bit=4, group_size=None, act_granularity="tensor",
-                             lora_rank=rank, quantize_adaln=True), "fp16"))
+                 QuantConfig(scheme="reference", weight_bit=4, lora_rank=rank, quantize_adaln=True), "fp16"))
     return rows
 
 

@@ -44,10 +44,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from models import DiT_models  # noqa: E402
-from quant.calibrate import QuantConfig, collect_tas, quantizable_layers  # noqa: E402
+from quant.calibrate import collect_tas  # noqa: E402
+from quant.config import QuantConfig  # noqa: E402
+from quant.layers import quantizable_layers  # noqa: E402
 from quant.fold import fold_smoothing  # noqa: E402
 from quant.kernels import to_int_backend  # noqa: E402
-from quant.qlinear import QuantLinear  # noqa: E402
+from quant.search import quantize_linear  # noqa: E402
 from bench.common import cpu_name, write_report  # noqa: E402
 
 BUNDLED = os.path.join(ROOT, "assets", "dit_t2_digits16.safetensors")
@@ -99,7 +101,7 @@ def quantize_fixed(fp, weight_bit, group_size, rank, inputs):
     layers = quantizable_layers(model)
     absmax = collect_tas(layers, lambda: model(*inputs))
     for name, lin in layers.items():
-        ql = QuantLinear.from_float(lin, cfg.alpha, absmax[name], cfg.weight_cfg(), cfg.act_cfg(),
+        ql = quantize_linear(lin, cfg.alpha, absmax[name], cfg.weight_cfg(), cfg.act_cfg(),
                                     lora_rank=cfg.lora_rank, lora_iters=cfg.lora_iters)
         model.set_submodule(name, ql)
     return fold_smoothing(model).eval()

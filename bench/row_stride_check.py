@@ -23,7 +23,8 @@ from digits import BUNDLED_CKPT, NUM_CLASSES  # noqa: E402
 from download import find_model, load_model_state  # noqa: E402
 from models import DiT_models  # noqa: E402
 from pipeline import make_sampler, sample_inputs  # noqa: E402
-from quant.calibrate import QuantConfig, quantize_dit  # noqa: E402
+from quant.calibrate import quantize_dit  # noqa: E402
+from quant.config import QuantConfig  # noqa: E402
 
 
 def calibrate(args, stride):
@@ -38,8 +39,8 @@ def calibrate(args, stride):
         gens, y, z = sample_inputs(1, range(len(labels)), NUM_CLASSES, (3, 16, 16), labels)
         sampler(z, y, gens)
 
-    cfg = QuantConfig(scheme="reference", weight_bit=4, act_bit=8, group_size=None, act_granularity="tensor",
-                      search_steps=50, search_dtype=args.search_dtype, search_row_stride=stride)
+    cfg = QuantConfig(scheme="reference", weight_bit=4, act_bit=8, search_dtype=args.search_dtype,
+                      search_row_stride=stride)
     with torch.no_grad():
         return quantize_dit(model, cfg, loop, progress=False)["layers"]
 

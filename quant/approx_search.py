@@ -1,6 +1,6 @@
 """Approximate alpha search from one calibration pass (beyond the paper; `--search approx`).
 
-The exact search (quant/search.py) needs a second FP sampling loop in which every
+The exact search (quant/search.py, quant/search_losses.py) needs a second FP sampling loop in which every
 layer runs all 21 candidate quantized layers on every step's input. Here the
 per-alpha loss is predicted from statistics of the single TAS pass (pass 1):
 
@@ -48,13 +48,10 @@ One FP sampling loop in total: pass 1 collects the TAS maxima and these
 statistics; candidates (with their LoRA fits) are prepared as in the exact search;
 losses are evaluated from the statistics.
 """
-import time
-
 import torch
-from tqdm.auto import tqdm
 
-from quant.quantizer import num_steps
-from quant.search import AlphaSearch, select_alpha
+from quant.quantizer import num_intervals
+from quant.search import Scores
 from quant.smoothing import channel_absmax
 
 DEFAULT_TOKEN_SAMPLES = 64
@@ -80,6 +77,11 @@ class InputStats:
         self.rows = []
         self.cmin, self.cmax, self.tokens = [], [], []
         self.seen = 0  # all updates (TAS); len(self.rows) counts the ones in the loss
+
+    @property
+    def value(self):
+        """The TAS statistic a_j, as RunningAbsMax.value."""
+        return self.absmax
 
     @property
     def steps(self):
@@ -116,9 +118,9 @@ class InputStats:
         return sum(self.rows) / max(len(self.rows), 1)
 
 
-def _quant_step(lo, hi, act_cfg):
+def _interval_width(lo, hi, act_cfg):
     """The activation quantizer's step for a range (affine_params: a constant range gets no error)."""
-    return (hi - lo) / num_steps(act_cfg.bits, act_cfg.scheme)
+    return (hi - lo) / num_intervals(act_cfg.bits, act_cfg.scheme)
 
 
 @torch.no_grad()
@@ -159,14 +161,14 @@ def noise_variance(stats, smooth, act_cfg, colnorm2=None, step_chunk=16):
             x = torch.stack([p[0] for p in part]).to(inv.device)            # (T, K, C)
             xs = x.unsqueeze(0) * inv[:, None, None, :]                     # (A, T, K, C)
             hi_s, top = xs.max(-1)                                          # (A, T, K)
-            delta = _quant_step(xs.amin(-1), hi_s, act_cfg)
+            delta = _interval_width(xs.amin(-1), hi_s, act_cfg)
         else:
             lo = torch.stack([p[0] for p in part]).to(inv.device)           # (T, C) or (T, B, C)
             hi = torch.stack([p[1] for p in part]).to(inv.device)
             shape = (A,) + (1,) * (lo.dim() - 1) + (lo.shape[-1],)
             # s > 0: min/max of x/s over a range are min/max over channels of cmin/s, cmax/s
             hi_s, top = (hi.unsqueeze(0) * inv.view(shape)).max(-1)         # (A, T) or (A, T, B)
-            delta = _quant_step((lo.unsqueeze(0) * inv.view(shape)).amin(-1), hi_s, act_cfg)
+            delta = _interval_width((lo.unsqueeze(0) * inv.view(shape)).amin(-1), hi_s, act_cfg)
         d2 = delta.double().pow(2)
         if d2.dim() == 2:
             d2, top = d2.unsqueeze(-1), top.unsqueeze(-1)                   # one range per step
@@ -179,29 +181,21 @@ def noise_variance(stats, smooth, act_cfg, colnorm2=None, step_chunk=16):
     return uniform, clamped
 
 
-def _smoothed_effective(search):
-    """(s (A, C), W_s (A, out, in)): the weight each candidate applies to X/s."""
-    s = search._smooth
-    weff = search._effective() if hasattr(search, "_effective") else search._weff  # Q + L R, dense
-    if search.scheme == "reference":
-        return s, weff.unsqueeze(0) * s[:, None, :]
-    return s, weff
-
-
 @torch.no_grad()
-def approx_losses(search, stats, act_cfg, chunk=None):
-    """Predicted loss sum_t mean((Y_q - Y_fp)^2) of every candidate of `search` (an AlphaSearch
-    that received no update): returns (total, weight_term, noise_term) as lists of floats."""
-    s_all, ws_all = _smoothed_effective(search)
-    out = search.weight.shape[0]
+def approx_losses(candidates, stats, act_cfg, chunk=None):
+    """Predicted loss sum_t mean((Y_q - Y_fp)^2) of every candidate (quant.search.Candidates) from one
+    layer's InputStats: returns (total, weight_term, noise_term) as lists of floats."""
+    s_all, ws_all = candidates.smoothed_effective()
+    weight = candidates.weight
+    out = weight.shape[0]
     n = stats.mean_rows()
-    m = stats.xtx.to(search.weight.device)
+    m = stats.xtx.to(weight.device)
     weight_terms, noise_terms = [], []
     A = s_all.shape[0]
     size = A if chunk is None else chunk
     for i in range(0, A, size):
         s, ws = s_all[i:i + size], ws_all[i:i + size]
-        d = (ws / s[:, None, :] - search.weight).to(m.dtype)                  # (a, out, in)
+        d = (ws / s[:, None, :] - weight).to(m.dtype)                         # (a, out, in)
         weight_terms.append(((d @ m) * d).sum(dim=(1, 2)) / (n * out))
         ws2 = ws.double().pow(2)
         uniform, clamped = noise_variance(stats, s, act_cfg, colnorm2=ws2.sum(1))
@@ -210,71 +204,29 @@ def approx_losses(search, stats, act_cfg, chunk=None):
     return (wt + nt).tolist(), wt.tolist(), nt.tolist()
 
 
-def quantize_dit_approx(model, cfg, loop, progress=True, token_samples=DEFAULT_TOKEN_SAMPLES):
-    """quantize_dit with cfg.search == "approx": one FP loop, same report layout.
+class ApproxScoring:
+    """The approximate search as the calibration driver's scoring phase (quant/calibrate.py): pass 1
+    gathers InputStats (the TAS maxima among them), the losses are predicted from them; one FP loop.
 
-    The report's output_error / output_error_rtn / search_losses are the *predicted*
-    per-step losses (report["search"] == "approx"); search_losses_weight_term and
-    search_losses_act_term split them.
+    Its report adds each alpha's weight and activation terms (search_losses_weight_term / _act_term);
+    output_error and output_error_rtn are the predicted per-step losses.
     """
-    from quant.calibrate import check_layers, quantizable_layers, run_hooked
-    from quant.qlinear import QuantLinear
+    loops = 1
 
-    layers = quantizable_layers(model)
-    check_layers(layers, cfg)
-    wcfg, acfg = cfg.weight_cfg(), cfg.act_cfg()
-    timings = {}
+    def __init__(self, cfg, token_samples=DEFAULT_TOKEN_SAMPLES):
+        self.cfg, self.token_samples = cfg, token_samples
 
-    t0 = time.time()
-    stats = {name: InputStats(acfg.granularity, max_steps=cfg.search_steps, token_samples=token_samples)
-             for name in layers}
-    run_hooked(layers, lambda name, x: stats[name].update(x), loop)
-    timings["tas_statistics_s"] = time.time() - t0  # pass 1: TAS maxima + second moments + ranges
+    def statistic(self):
+        return InputStats(self.cfg.act_cfg().granularity, max_steps=self.cfg.search_steps,
+                          token_samples=self.token_samples)
 
-    t0 = time.time()
-    alphas = cfg.alphas()
-    searches, baselines = {}, {}
-    for name, lin in tqdm(layers.items(), desc="preparing candidates", disable=not progress, leave=False):
-        absmax = stats[name].absmax if cfg.smoothing != "none" else None
-        searches[name] = AlphaSearch(lin.weight, lin.bias, absmax, alphas, wcfg, acfg, lora_rank=cfg.lora_rank,
-                                     lora_iters=cfg.lora_iters, svd=cfg.svd, max_steps=cfg.search_steps)
-        baselines[name] = AlphaSearch(lin.weight, lin.bias, None, [None], wcfg, acfg, lora_rank=0,
-                                      max_steps=cfg.search_steps)
-    timings["prepare_candidates_s"] = time.time() - t0
-
-    t0 = time.time()
-    predicted = {}
-    for name in layers:
-        predicted[name] = (approx_losses(searches[name], stats[name], acfg),
-                           approx_losses(baselines[name], stats[name], acfg)[0][0])
-    timings["alpha_search_s"] = time.time() - t0
-
-    t0 = time.time()
-    report = {}
-    for name in layers:
-        search, st = searches[name], stats[name]
-        (losses, wterm, nterm), rtn = predicted[name]
-        k = select_alpha(losses, search.alphas)
-        best = search.candidate(k)
-        steps = max(st.steps, 1)
-        report[name] = {
-            "alpha": best.alpha,
-            "search_losses": {str(a): v / steps for a, v in zip(search.alphas, losses)},
-            "search_losses_weight_term": {str(a): v / steps for a, v in zip(search.alphas, wterm)},
-            "search_losses_act_term": {str(a): v / steps for a, v in zip(search.alphas, nterm)},
-            "weight_error_before_lora": best.weight_error_rtn,
-            "weight_error_after_lora": best.weight_error_lora,
-            "lora_errors": best.lora_errors,
-            "output_error": losses[k] / steps,
-            "output_error_rtn": rtn / steps,
-            "search_steps": st.steps,
-        }
-        model.set_submodule(name, QuantLinear.from_search(best, acfg))
-    timings["build_layers_s"] = time.time() - t0
-    out = {"layers": report, "timings": timings, "search": "approx", "calibration_loops": 1}
-    if getattr(cfg, "quantize_adaln", False):  # as quantize_dit does after its layers
-        from quant.calibrate import quantize_adaln
-        t0 = time.time()
-        out["adaln_layers"] = quantize_adaln(model)
-        timings["quantize_adaln_s"] = time.time() - t0
-    return out
+    def score(self, layers, candidates, baselines, stats, loop):
+        """{name: Scores} predicted from pass 1's statistics (no FP loop)."""
+        acfg, out = self.cfg.act_cfg(), {}
+        for name, cands in candidates.items():
+            st = stats[name]
+            losses, wterm, nterm = approx_losses(cands, st, acfg)
+            rtn = approx_losses(baselines[name], st, acfg)[0][0]
+            out[name] = Scores(losses, st.steps, rtn, st.steps,
+                               {"search_losses_weight_term": wterm, "search_losses_act_term": nterm})
+        return out

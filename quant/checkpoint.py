@@ -37,7 +37,7 @@ import torch
 
 from cli import UserError
 from models import DiT_models
-from quant.calibrate import adaln_layers, quantizable_layers
+from quant.layers import adaln_layers, quantizable_layers
 from quant.qlinear import QuantLinear
 from quant.quantizer import REFERENCE_GROUP_ROWS, ActQuantConfig, QWeight, WeightQuantConfig, pack_int4, unpack_int4
 
@@ -175,7 +175,7 @@ def round_for_storage(model, storage_dtype=DEFAULT_STORAGE_DTYPE):
     plan = storage_plan(model, storage_dtype)
     qlin = _qlinears(model)
     for name, m in qlin.items():
-        if getattr(m, "fake_quant_only", False):
+        if m.fake_quant_only:
             raise ValueError(f"{name} was folded outside its integer codes; save the unfolded model")
     state = model.state_dict(keep_vars=True)
     for key, spec in plan.items():
@@ -312,7 +312,7 @@ def planned_layers(model, cfg):
                      "scheme": wcfg.scheme,
                      "act": {"bits": acfg.bits, "granularity": acfg.granularity, "scheme": acfg.scheme}}
     if cfg.quantize_adaln:
-        from quant.calibrate import ADALN_WEIGHT_CFG as w
+        from quant.layers import ADALN_WEIGHT_CFG as w
         for name, lin in adaln_layers(model).items():
             out[name] = {"in": lin.in_features, "out": lin.out_features, "rank": 0, "smooth": False,
                          "bias": lin.bias is not None, "weight_bit": w.bits, "group_size": w.group_size,

@@ -63,14 +63,14 @@ def _div_weight_rows(layer, rows, s64):
         _div_rows(layer.lora_L, rows, s64)
     r = torch.ones(layer.out_features, dtype=torch.float64, device=s64.device)
     r[rows] = 1 / s64
-    if layer.weight_cfg.scheme == "ditas" and not getattr(layer, "fake_quant_only", False):
+    if layer.weight_cfg.scheme == "ditas" and not layer.fake_quant_only:
         # exact: r_i multiplies every group scale of row i; codes and zero points unchanged
         layer.set_qweight(scale_qweight_rows(layer.qweight, r))
     else:
         _div_rows(layer.weight, rows, s64)
-        prev = getattr(layer, "fold_row_scale", None)
+        prev = layer.fold_row_scale
         total = r.to(layer.weight.dtype) if prev is None else prev * r.to(prev)
-        layer.register_buffer("fold_row_scale", total, persistent=False)
+        layer.fold_row_scale = total
         layer.fake_quant_only = True
 
 

@@ -51,9 +51,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant import ckernel
+from quant import ops_avx512 as ckernel
 from quant.qlinear import QuantLinear
-from quant.quantizer import affine_params, dequantize_weight, num_steps, pack_int4, unpack_int4
+from quant.quantizer import affine_params, dequantize_weight, num_intervals, pack_int4, unpack_int4
 
 FAKE_HINT = "use --backend fake"
 INT_KERNELS = ("auto", "torch", "fused")
@@ -160,7 +160,7 @@ def quantize_act_int8(x2, cfg, batch=1, inplace=False):
     elementwise passes over fresh memory).
     """
     mn, mx = _act_range(x2, cfg.granularity, batch)  # exact in x2's dtype; the arithmetic is float32
-    scale, zero = affine_params(mn.float(), mx.float(), num_steps(cfg.bits, cfg.scheme))
+    scale, zero = affine_params(mn.float(), mx.float(), num_intervals(cfg.bits, cfg.scheme))
     t = x2.div_(scale) if inplace else torch.div(x2, scale)
     t.round_()
     t.add_(zero - 128)
@@ -340,7 +340,7 @@ class IntLinear(nn.Module):
         if not isinstance(ql, QuantLinear):
             raise TypeError(f"from_quantlinear expects a QuantLinear, got {type(ql).__name__}")
         _check_supported(ql.weight_cfg, ql.act_cfg)
-        if getattr(ql, "fake_quant_only", False):
+        if ql.fake_quant_only:
             raise _unsupported("layer weight was rescaled outside its integer codes (fake_quant_only)")
         wq = dequantize_weight(ql.qweight).to(ql.weight)
         if wq.numel() and float((wq - ql.weight).abs().max()) > (
@@ -405,7 +405,7 @@ def _fused_int_linear(x2, layer, batch):
     x2 = ckernel.rows(x2)
     mn, mx = ckernel.rowrange(x2, layer.smooth)
     mn, mx = _combine_range(mn.view(-1, 1), mx.view(-1, 1), cfg.granularity, batch)
-    sx, zx = affine_params(mn, mx, num_steps(cfg.bits, cfg.scheme))
+    sx, zx = affine_params(mn, mx, num_intervals(cfg.bits, cfg.scheme))
     if not layer._fused_safe(float(zx.abs().max())):
         return None
     rank = layer.lora_R.shape[0]

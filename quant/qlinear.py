@@ -1,4 +1,4 @@
-"""QuantLinear: the quantized linear layer with explicit state (METHOD.md sections 5-7).
+"""QuantLinear: the quantized linear layer with explicit state (docs/METHOD.md §5-§7).
 
     y = xq Q^T + (xq R^T) L^T + b,   xq = fq_act(x / smooth)
 
@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quant.quantizer import QWeight, dequantize_weight, fake_quantize_act
-from quant.search import AlphaSearch
 
 
 class QuantLinear(nn.Module):
@@ -34,6 +33,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("lora_L", empty(self.out_features, 0) if lora_L is None else lora_L.detach().to(self.weight).contiguous())
         self.register_buffer("lora_R", empty(0, self.in_features) if lora_R is None else lora_R.detach().to(self.weight).contiguous())
         self.register_buffer("smooth", None if smooth is None else smooth.detach().to(self.weight).contiguous())
+        # set by quant/fold.py when a row divisor could not go into the integer codes (reference scheme):
+        # weight == diag(fold_row_scale) dequant(codes, scale, zero), and the codes no longer describe it
+        self.fake_quant_only = False
+        self.register_buffer("fold_row_scale", None, persistent=False)
         if self.lora_L.shape != (self.out_features, self.lora_R.shape[0]) or self.lora_R.shape[1] != self.in_features:
             raise ValueError(f"LoRA shapes {tuple(self.lora_L.shape)} x {tuple(self.lora_R.shape)} do not fit a "
                              f"{self.out_features}x{self.in_features} layer")
@@ -67,14 +70,6 @@ class QuantLinear(nn.Module):
         """Build from an AlphaSearch candidate (search.best() or search.candidate(k))."""
         lq = layer_quant
         return cls(lq.qweight, lq.bias, lq.lora_L, lq.lora_R, lq.smooth, act_cfg)
-
-    @classmethod
-    def from_float(cls, linear, alpha, act_absmax, weight_cfg, act_cfg, lora_rank=32, lora_iters=10,
-                   scheme=None, svd="full"):
-        """Quantize an nn.Linear for a fixed alpha (None: no smoothing)."""
-        search = AlphaSearch(linear.weight, linear.bias, act_absmax, [alpha], weight_cfg, act_cfg,
-                             lora_rank=lora_rank, lora_iters=lora_iters, scheme=scheme, svd=svd)
-        return cls.from_search(search.candidate(0), act_cfg)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -82,12 +82,12 @@ class ActQuantConfig:
 # The shared core: range -> (scale, zero) -> codes -> values
 # ---------------------------------------------------------------------------
 
-def num_steps(bits, scheme):
-    """How many steps the [min, max] range is divided into."""
+def num_intervals(bits, scheme):
+    """How many intervals the [min, max] range is divided into (2^b - 1, or the released 2^b)."""
     return 2 ** bits - 1 if scheme == "ditas" else 2 ** bits
 
 
-def affine_params(xmin, xmax, steps):
+def affine_params(xmin, xmax, intervals):
     """Asymmetric scale and integer zero point z = round(-min/scale).
 
     A constant group (max == min == v) gets scale |v| (1 if v == 0) so that
@@ -95,7 +95,7 @@ def affine_params(xmin, xmax, steps):
     """
     rng = xmax - xmin
     fallback = torch.where(xmin != 0, xmin.abs(), torch.ones_like(xmin))
-    scale = torch.where(rng > 0, rng / steps, fallback)
+    scale = torch.where(rng > 0, rng / intervals, fallback)
     zero = torch.round(-xmin / scale)
     return scale, zero
 
@@ -184,7 +184,7 @@ def quantize_weight(w, cfg):
     if cfg.symmetric:
         scale, zero = symmetric_params(view.abs().amax(dim), cfg.bits)
     else:
-        scale, zero = affine_params(view.amin(dim), view.amax(dim), num_steps(cfg.bits, cfg.scheme))
+        scale, zero = affine_params(view.amin(dim), view.amax(dim), num_intervals(cfg.bits, cfg.scheme))
     codes = encode(view, scale.unsqueeze(dim), zero.unsqueeze(dim), cfg.bits,
                    offset_form=cfg.scheme == "reference")
     return QWeight(codes.to(torch.uint8).reshape(w.shape), scale, zero, cfg)
@@ -249,7 +249,7 @@ def _act_reduce_dims(ndim, granularity, stack_dims):
 
 def _act_params(x, cfg, stack_dims):
     dims = _act_reduce_dims(x.dim(), cfg.granularity, stack_dims)
-    return affine_params(x.amin(dims, keepdim=True), x.amax(dims, keepdim=True), num_steps(cfg.bits, cfg.scheme))
+    return affine_params(x.amin(dims, keepdim=True), x.amax(dims, keepdim=True), num_intervals(cfg.bits, cfg.scheme))
 
 
 def quantize_act(x, cfg, stack_dims=0):

@@ -1,42 +1,18 @@
-"""Layer-wise alpha grid search, streaming over calibration steps (METHOD.md sections 4, 8).
+"""Layer-wise grid search of the smoothing exponent alpha (docs/METHOD.md §4, §5, §8): the concept.
 
-For every candidate alpha the fully quantized layer is prepared once; each
-calibration step then adds mean((Y_q(alpha) - Y_fp)^2) to a running sum, so no
-activation history is kept.
+For one linear layer, every candidate alpha k gets smoothing factors s_k and a quantized weight with
+its training-free LoRA branch (`Candidates`, prepared once). Each calibration step then adds every
+candidate's mean((Y_q,k - Y_fp)^2) on that step's FP input to a running sum (`AlphaSearch.update`),
+so no activation history is kept; the smallest sum wins (`select_alpha`). How a step's losses are
+evaluated fast is the loss engine's business (quant/search_losses.py); the approximate search
+(quant/approx_search.py) predicts the same sums from one pass's statistics instead.
 
-Evaluating 21 candidates per step is the cost of calibration, so update() avoids
-everything that does not change the result beyond float rounding (impl="naive" keeps
-the direct evaluation, one batched product per candidate stack, as a check and as the
-cost model of the released code's search):
-* dynamic activation ranges of x/s for tensor/row granularity come from the
-  per-channel min/max of x: min_i fl(x_ij / s_j) = fl(min_i x_ij / s_j) for s_j > 0,
-  so they are exact without materializing x/s first; the quantizer's lower clamp never
-  acts (see _fake_quant), so codes - zero = min(round(x/s/scale), qmax - zero);
-* rows are processed in cache-sized chunks with in-place ops into reused buffers;
-* reference scheme (one weight for every alpha; all candidates of a row chunk at once):
-  the residual is written as Y_q - Y_fp = E_k Weff^T + X D^T, E_k = fq(X/s_k) s_k - X
-  (activation error), D = Weff - W (weight error, alpha-independent), so P = X D^T is
-  shared by every candidate. When in < out (qkv, fc1), Weff = U S V^T gives
-  ||E Weff^T + P||^2 = ||E V S + P U||^2 + ||P (I - U U^T)||^2: an (in x in) product per
-  candidate instead of (in x out). With M the candidate matrix (V S, or Weff^T) and P' the
-  matching P, a square or wide M is expanded as ||E M||^2 + 2 <E, P' M^T> + ||P'||^2: P' M^T =
-  X (N M^T) is one product per step, and so is the constant ||P'||^2 (+ ||P (I - U U^T)||^2)
-  = ||X F||^2 with F F^T = N N^T (+ H): each candidate costs its product, squared and summed,
-  and one pass for the cross term (a tall M, fc2, adds P' to the narrow product instead). Forming the small error E first
-  also avoids the cancellation of Y_q - Y_fp, which is what makes matmul_dtype="bf16"
-  usable: only the candidate products E_k M run in bfloat16 (the cross term, the constants
-  and all sums stay float32); losses move by ~1e-5 relative (tests/test_search.py,
-  bench/calibration.py);
-* ditas scheme (a weight per alpha): one (in x out) float32 product per candidate and row
-  chunk, against Y_fp computed once per step.
-
-Schemes (METHOD.md section 8):
-* ditas: s from w_j = max|W[:, j]|; W diag(s) is re-quantized with the LoRA loop
-  for every alpha; Y = fq(X/s) (Q + L R)^T + b.
-* reference: W (unsmoothed) is quantized with the LoRA loop once; w_j = max|Q[:, j]|;
-  the layer is Q diag(s) with branch L (R diag(s)), i.e.
-  Y = (fq(X/s) * s) (Q + L R)^T + b; only the activation error depends on alpha.
-
+Schemes (docs/METHOD.md §8):
+* ditas: s from w_j = max|W[:, j]|; W diag(s) is re-quantized with the LoRA loop for every alpha;
+  Y = fq(X/s) (Q + L R)^T + b.
+* reference: W (unsmoothed) is quantized with the LoRA loop once; w_j = max|Q[:, j]|; the layer is
+  Q diag(s) with branch L (R diag(s)), i.e. Y = (fq(X/s) * s) (Q + L R)^T + b; only the activation
+  error depends on alpha.
 A candidate alpha of None means "no smoothing" (s = 1).
 """
 from dataclasses import dataclass, replace
@@ -44,10 +20,10 @@ from functools import partial
 
 import torch
 
-from quant import ckernel
 from quant.lora import LoraFit, fit_lora
-from quant.quantizer import (QWeight, affine_params, dequantize_weight, fake_quantize_act, num_steps,
-                             quantize_weight, scale_qweight_columns)
+from quant.qlinear import QuantLinear
+from quant.quantizer import QWeight, dequantize_weight, quantize_weight, scale_qweight_columns
+from quant.search_losses import LossEngine, chunks
 from quant.smoothing import smoothing_factors, weight_channel_absmax
 
 
@@ -68,11 +44,10 @@ def select_alpha(losses, alphas):
 class LayerQuant:
     """Everything needed to build the quantized layer for one alpha.
 
-    The layer computes y = fq(x / smooth) (dequant(qweight) + lora_L lora_R)^T + bias,
-    with qweight and lora_R in the smoothed domain (reference: Q(W) with column
-    scales times s, and R diag(s)). smooth is None without smoothing.
-    weight_error_rtn / weight_error_lora: ||W' - Q(W')||_F and ||W' - Q - L R||_F of
-    the weight W' that was quantized (ditas: W diag(s); reference: W).
+    The layer computes y = fq(x / smooth) (dequant(qweight) + lora_L lora_R)^T + bias, with qweight
+    and lora_R in the smoothed domain (reference: Q(W) with column scales times s, and R diag(s)).
+    smooth is None without smoothing. weight_error_rtn / weight_error_lora: ||W' - Q(W')||_F and
+    ||W' - Q - L R||_F of the weight W' that was quantized (ditas: W diag(s); reference: W).
     lora_errors: the LoRA loop's error after each iteration.
     """
     alpha: float | None
@@ -86,46 +61,28 @@ class LayerQuant:
     lora_errors: list
 
 
-def _chunks(n, size):
-    size = n if size is None else size
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+@dataclass
+class Scores:
+    """One layer's search result: summed losses per alpha over `steps` steps, the plain round-to-nearest
+    baseline's summed loss over `rtn_steps`, and extra per-alpha terms for the report."""
+    losses: list
+    steps: int
+    rtn_loss: float
+    rtn_steps: int
+    extra: dict
 
 
-MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_CHUNK_ELEMENTS = 1 << 18  # candidates x rows x in per row chunk: ~1 MB of float32, stays in L2
+class Candidates:
+    """The candidate layers of one linear: smoothing factors and LoRA-fitted quantized weights per alpha.
 
-
-def _range_groups(x, granularity):
-    """Number of row groups of x (..., in) that share one dynamic range (quantizer._act_reduce_dims
-    with one stacking dim): 1 for tensor, x.shape[0] for row, every row for token; None when the
-    range must be taken per row from x/s itself (token, or row on a 2-D input)."""
-    rows = x.numel() // x.shape[-1]
-    if granularity == "tensor":
-        return 1
-    if granularity == "row" and x.dim() >= 3:
-        return x.shape[0]
-    if granularity == "row" and x.dim() == 1:
-        return 1
-    return None if rows > 1 else 1
-
-
-class AlphaSearch:
-    """Streaming grid search of alpha for one linear layer.
-
-    weight (out, in), bias (out,) or None; act_absmax: the TAS statistic a_j (in,),
-    unused when every alpha is None. act_cfg None leaves activations unquantized.
-    scheme defaults to weight_cfg.scheme. max_steps: updates after that many are
-    ignored (reference: 50). chunk: candidates processed together (bounds memory).
-    matmul_dtype: "fp32", or "bf16" for the reference scheme's candidate products (see the
-    module docstring). impl: "fast" (default) or "naive" (direct evaluation; same results up
-    to float rounding). row_stride: score every row_stride-th row (token) of each step's input only,
-    an approximation that divides the candidate work (the activation ranges still come from
-    the whole input, so every scored row is quantized exactly as in the layer); 1 = exact.
+    weight (out, in), bias (out,) or None; act_absmax: the TAS statistic a_j (in,), unused when
+    every alpha is None. scheme defaults to weight_cfg.scheme. chunk: alphas fitted together
+    (bounds memory). Public state: alphas, scheme, weight (float32), bias, smooth (A, in) (rows of
+    ones for alpha None), fit (the LoraFit, one stacked fit for ditas, without its dense q).
     """
 
-    def __init__(self, weight, bias, act_absmax, alphas, weight_cfg, act_cfg, lora_rank=32, lora_iters=10,
-                 scheme=None, max_steps=None, svd="full", chunk=None, matmul_dtype="fp32", impl="fast",
-                 row_stride=1):
+    def __init__(self, weight, bias, act_absmax, alphas, weight_cfg, lora_rank=32, lora_iters=10, scheme=None,
+                 svd="full", chunk=None):
         self.alphas = list(alphas)
         if not self.alphas:
             raise ValueError("AlphaSearch needs at least one candidate alpha")
@@ -134,34 +91,17 @@ class AlphaSearch:
             raise ValueError(f"scheme must be 'ditas' or 'reference', got {self.scheme!r}")
         self.weight = weight.detach().float()
         self.bias = None if bias is None else bias.detach()
-        self.act_cfg, self.max_steps, self.chunk = act_cfg, max_steps, chunk
-        if matmul_dtype not in MATMUL_DTYPES:
-            raise ValueError(f"matmul_dtype must be one of {tuple(MATMUL_DTYPES)}, got {matmul_dtype!r}")
-        if impl not in ("fast", "naive"):
-            raise ValueError(f"impl must be 'fast' or 'naive', got {impl!r}")
-        self.matmul_dtype, self.impl = matmul_dtype, impl
-        if isinstance(row_stride, bool) or not isinstance(row_stride, int) or row_stride < 1:
-            raise ValueError(f"row_stride must be a positive integer, got {row_stride!r}")
-        self.row_stride = row_stride
-        self._ops = None  # fast-path operands (reference: replace the dense effective weight)
-        self.steps = 0
-        self._loss = torch.zeros(len(self.alphas), dtype=torch.float64, device=self.weight.device)
-        quantize_fn = partial(quantize_weight, cfg=weight_cfg)
-        fit = partial(fit_lora, quantize_fn=quantize_fn, rank=lora_rank, iters=lora_iters, svd=svd)
+        fit = partial(fit_lora, quantize_fn=partial(quantize_weight, cfg=weight_cfg), rank=lora_rank,
+                      iters=lora_iters, svd=svd)
         if self.scheme == "reference":
             f = fit(self.weight)
-            self._smooth = self._factors(act_absmax, weight_channel_absmax(f.q))
-            self._weff = f.effective
-            if impl == "fast" and act_cfg is not None:  # the fast path needs only its operands
-                self._operands()
-                self._weff = None
+            self.smooth = self._factors(act_absmax, weight_channel_absmax(f.q))
         else:
-            self._smooth = self._factors(act_absmax, weight_channel_absmax(self.weight))
-            fits = [fit(self.weight * self._smooth[sl, None, :]) for sl in _chunks(len(self.alphas), chunk)]
-            f = LoraFit.cat(fits)
-            self._weff = f.effective
+            self.smooth = self._factors(act_absmax, weight_channel_absmax(self.weight))
+            f = LoraFit.cat([fit(self.weight * self.smooth[sl, None, :]) for sl in chunks(len(self.alphas), chunk)])
+        self._dense = f.effective
         # the dequantized q (= dequant(qweight)) is not needed any more: do not keep a dense copy per layer
-        self._fit = replace(f, q=None)
+        self.fit = replace(f, q=None)
 
     def _factors(self, act_absmax, w_absmax):
         """(n_alpha, in) smoothing factors, rows of ones for alpha None."""
@@ -171,201 +111,82 @@ class AlphaSearch:
                 s[k] = smoothing_factors(act_absmax.to(s.device), w_absmax, a)
         return s
 
+    def effective(self):
+        """Q + L R, dense: (out, in) for reference (one weight), (n_alpha, out, in) for ditas."""
+        if self._dense is None:
+            f = self.fit
+            self._dense = dequantize_weight(f.qweight).to(self.weight) + f.L @ f.R
+        return self._dense
+
+    def release_dense(self):
+        """Drop the dense effective weight (effective() recomputes it on demand)."""
+        self._dense = None
+
+    def smoothed_effective(self):
+        """(s (A, C), W_s (A, out, in)): the weight each candidate applies to X/s."""
+        weff = self.effective()
+        if self.scheme == "reference":
+            return self.smooth, weff.unsqueeze(0) * self.smooth[:, None, :]
+        return self.smooth, weff
+
+    def layer(self, k):
+        """LayerQuant of candidate k."""
+        alpha, s = self.alphas[k], self.smooth[k]
+        f = self.fit
+        if self.scheme == "reference":
+            qweight, L, R, errors, rtn = f.qweight, f.L, f.R, f.errors, f.rtn_error
+        else:
+            qweight, L, R, errors, rtn = f.qweight[k], f.L[k], f.R[k], f.errors[:, k], f.rtn_error[k]
+        if self.scheme == "reference" and alpha is not None:
+            qweight, R = scale_qweight_columns(qweight, s), R * s
+        # clones: the returned layer must not keep the whole candidate stack alive
+        return LayerQuant(alpha=alpha, smooth=None if alpha is None else s.clone(), qweight=qweight.clone(),
+                          lora_L=L.clone(), lora_R=R.clone(), bias=self.bias,
+                          weight_error_rtn=float(rtn), weight_error_lora=float(errors[-1]),
+                          lora_errors=errors.tolist())
+
+
+class AlphaSearch:
+    """Streaming grid search of alpha for one linear layer: Candidates, a loss engine, running sums.
+
+    Arguments as Candidates, plus: act_cfg (None leaves activations unquantized); max_steps (updates
+    after that many are ignored; reference: 50); matmul_dtype, impl, row_stride: the loss engine's
+    (quant/search_losses.py: "bf16" candidate products, the "naive" direct evaluation, scoring every
+    row_stride-th row only).
+    """
+
+    def __init__(self, weight, bias, act_absmax, alphas, weight_cfg, act_cfg, lora_rank=32, lora_iters=10,
+                 scheme=None, max_steps=None, svd="full", chunk=None, matmul_dtype="fp32", impl="fast",
+                 row_stride=1):
+        engine = LossEngine(act_cfg, chunk=chunk, matmul_dtype=matmul_dtype, impl=impl, row_stride=row_stride)
+        candidates = Candidates(weight, bias, act_absmax, alphas, weight_cfg, lora_rank, lora_iters, scheme, svd, chunk)
+        self._start(candidates, engine, max_steps)
+
+    @classmethod
+    def over(cls, candidates, act_cfg, max_steps=None, **engine_options):
+        """The streaming search over already prepared Candidates (engine_options: LossEngine's)."""
+        search = cls.__new__(cls)
+        search._start(candidates, LossEngine(act_cfg, **engine_options), max_steps)
+        return search
+
+    def _start(self, candidates, engine, max_steps):
+        self.candidates = candidates
+        self.engine = engine.attach(candidates)
+        self.max_steps = max_steps
+        self.steps = 0
+        self._loss = torch.zeros(len(self.alphas), dtype=torch.float64, device=candidates.weight.device)
+
+    @property
+    def alphas(self):
+        return self.candidates.alphas
+
     @torch.no_grad()
     def update(self, x):
         """Add one calibration step's loss for every alpha; x (..., in) is the full-precision input."""
         if self.max_steps is not None and self.steps >= self.max_steps:
             return
-        x = x.detach().to(self.weight.device, torch.float32)
-        if self.impl == "naive" or self.act_cfg is None:
-            self._update_naive(x)
-        else:
-            self._update_fast(x)
+        self._loss += self.engine.losses(x.detach().to(self.candidates.weight.device, torch.float32))
         self.steps += 1
-
-    def _effective(self):
-        """Q + L R (reference) or the (n_alpha, out, in) stack (ditas)."""
-        if self._weff is None:
-            f = self._fit
-            self._weff = dequantize_weight(f.qweight).to(self.weight) + f.L @ f.R
-        return self._weff
-
-    def _update_naive(self, x):
-        """Direct evaluation: y_k = fq(x/s_k) W_k^T per candidate, minus y_fp."""
-        weff = self._effective()
-        y_fp = x.reshape(-1, x.shape[-1]) @ self.weight.T  # bias cancels in Y_q - Y_fp
-        for sl in _chunks(len(self.alphas), self.chunk):
-            s = self._smooth[sl]
-            xs = x.unsqueeze(0) / s.view(s.shape[0], *[1] * (x.dim() - 1), s.shape[1])
-            xq = xs if self.act_cfg is None else fake_quantize_act(xs, self.act_cfg, stack_dims=1)
-            xq = xq.reshape(s.shape[0], -1, x.shape[-1])
-            if self.scheme == "reference":
-                y = (xq * s.unsqueeze(1)) @ weff.T
-            else:
-                y = torch.bmm(xq, weff[sl].transpose(1, 2))
-            err = (y - y_fp).view(s.shape[0], -1, y_fp.shape[-1])[:, ::self.row_stride]
-            self._loss[sl] += err.pow(2).mean(dim=(1, 2)).double()
-
-    def _operands(self):
-        """Per-layer constants of the fast path (see the module docstring)."""
-        if self._ops is not None:
-            return self._ops
-        w = self.weight
-        ops = {"qmax": 2 ** self.act_cfg.bits - 1, "steps": num_steps(self.act_cfg.bits, self.act_cfg.scheme)}
-        if self.scheme == "reference":
-            weff = self._effective().double()
-            d = weff - w.double()
-            out, inp = w.shape
-            # project onto Weff's column space, (in x in) products per candidate: pays its SVD back
-            # only with several candidates (the single-candidate RTN baseline multiplies directly)
-            if inp < out and len(self.alphas) > 1:
-                u, sv, vh = torch.linalg.svd(weff, full_matrices=False)
-                m, n = vh.T * sv, d.T @ u
-                d_perp = d - u @ (u.T @ d)
-                h = d_perp.T @ d_perp
-            else:
-                m, n = weff.T, d.T
-                h = None
-            mdt = MATMUL_DTYPES[self.matmul_dtype]
-            ops["m"] = m.to(mdt).contiguous()
-            if mdt == torch.bfloat16 and m.device.type == "cpu" and ckernel.bf16_ok():
-                ops["m_packed"] = ckernel.pack_bf16(m)  # the fused CPU kernel's layout of the same bf16 values
-            # cross term <E M, P> = <E, X (N M^T)>: worth it when M has at least as many columns as rows
-            # (then X (N M^T) costs no more than P); otherwise P is added to E M (see _reference_losses)
-            ops["split"] = m.shape[1] >= m.shape[0]
-            if ops["split"]:  # the constant ||P||^2 (+ ||P (I - U U^T)||^2) = <X^T X, N N^T (+ H)>
-                h = n @ n.T if h is None else n @ n.T + h
-            # constant = ||X F||^2 with H = F F^T: a sum of squares (a sum over X^T X * H would cancel)
-            if h is not None:
-                lam, vec = torch.linalg.eigh(h)
-                h = vec * lam.clamp(min=0).sqrt()
-            parts = ([n @ m.to(mdt).double().T] if ops["split"] else [n]) + ([] if h is None else [h])
-            ops["xmul"] = torch.cat(parts, 1).float().contiguous()  # X @ xmul = [X N M^T or P, X F]
-            ops["const_from"] = parts[0].shape[1]
-        else:
-            ops["w_t"] = w.T
-        self._ops = ops
-        return ops
-
-    def _ranges(self, x2, groups, s):
-        """(scale, qmax - zero) per candidate and row, (k, rows), from per-group channel min/max of x."""
-        rows, c = x2.shape
-        xg = x2.view(groups, rows // groups, c)
-        gmin, gmax = xg.amin(1), xg.amax(1)  # (groups, in)
-        lo = torch.stack([(gmin / sk).amin(1) for sk in s])  # == min of x/s_k: division by s_k > 0 is monotone
-        hi = torch.stack([(gmax / sk).amax(1) for sk in s])
-        scale, zero = affine_params(lo, hi, self._ops["steps"])
-        rep = rows // groups
-        return scale.repeat_interleave(rep, 1), (self._ops["qmax"] - zero).repeat_interleave(rep, 1)
-
-    def _update_fast(self, x):
-        self._operands()
-        c = x.shape[-1]
-        x2 = x.reshape(-1, c)
-        groups = _range_groups(x, self.act_cfg.granularity)
-        stride = self.row_stride
-        xr = x2[::stride].contiguous() if stride > 1 else x2  # the scored rows (ranges: from all of x)
-        for sl in _chunks(len(self.alphas), self.chunk):
-            s = self._smooth[sl]
-            ranges = None if groups is None else self._ranges(x2, groups, s)
-            if ranges is not None and stride > 1:
-                ranges = tuple(r[:, ::stride].contiguous() for r in ranges)
-            if self.scheme == "reference":
-                acc = self._reference_losses(xr, s, ranges, groups == 1)
-            else:
-                acc = self._ditas_losses(xr, s, ranges, sl)
-            self._loss[sl] += acc / (xr.shape[0] * self.weight.shape[0])
-
-    def _fake_quant(self, t, ranges, r0):
-        """t (..., n, in) = x/s for rows r0..r0+n -> in place codes - zero; returns (t, scale): fq = t * scale.
-
-        quantizer.encode/decode compute fq = (clamp(round(t / scale) + zero, 0, qmax) - zero) * scale.
-        The lower clamp never acts: t >= m (the group's min, the same float values) and round is
-        monotone, so round(t / scale) >= round(m / scale) = -zero. Hence codes - zero =
-        min(round(t / scale), qmax - zero), one pass instead of three.
-        """
-        n = t.shape[-2]
-        if ranges is None:
-            sc, zc = affine_params(t.amin(-1, keepdim=True), t.amax(-1, keepdim=True), self._ops["steps"])
-            top = self._ops["qmax"] - zc
-        else:
-            sc, top = ranges[0][..., r0:r0 + n, None], ranges[1][..., r0:r0 + n, None]
-        torch.minimum(t.div_(sc).round_(), top, out=t)
-        return t, sc
-
-    def _reference_losses(self, x2, s, ranges, one_range):
-        """Sum over rows of ||E_k M + P||^2 (+ const), all candidates per row chunk (one shared M).
-
-        When M has at least as many columns as rows, this is ||E_k M||^2 + 2 <E_k, X N M^T> + ||X F||^2:
-        the product's output is only squared and summed. Otherwise P is added to the (narrower)
-        product E_k M before squaring. One product X [N M^T or N, F] per step feeds both.
-        """
-        ops = self._ops
-        rows, c = x2.shape
-        k = s.shape[0]
-        s3 = s.view(k, 1, c)
-        mdt = MATMUL_DTYPES[self.matmul_dtype]
-        split = ops["split"]
-        xm = x2 @ ops["xmul"]  # float32: shared by every candidate
-        partner = xm[:, :ops["const_from"]]  # X N M^T (split), or P = X N
-        const = float(torch.linalg.vector_norm(xm[:, ops["const_from"]:])) ** 2
-        if one_range:  # one scale per candidate: x / s / scale as one multiply, the two output multiplies as one
-            scale_s = ranges[0][:, :1, None] * s3
-            inv = (1.0 / scale_s.double()).float()
-        step = max(16, _CHUNK_ELEMENTS // (k * c))
-        if "m_packed" in ops and ranges is not None:  # the same evaluation fused in C (quant/ckernel.py)
-            x2 = x2.contiguous()
-            acc = torch.zeros(k, dtype=torch.float64)
-            extra = dict(inv=inv.view(k, c).contiguous(), ss=scale_s.view(k, c).contiguous()) if one_range else {}
-            for r0 in range(0, rows, step):
-                acc += ckernel.ref_losses(x2[r0:r0 + step], r0, rows, ops["m"].shape[1], ops["m_packed"],
-                                          partner[r0:r0 + step], split, s, ranges, one_range, **extra)
-            return acc + const
-        size = k * min(step, rows) * c
-        neg_x = -x2
-        buf = x2.new_empty(size)  # flat: the first k*n*c elements are a contiguous (k, n, c) for any n
-        ebuf = None if mdt == torch.float32 else torch.empty(size, dtype=mdt, device=buf.device)
-        acc = torch.zeros(k, dtype=torch.float64, device=x2.device)
-        for r0 in range(0, rows, step):
-            xc = x2[r0:r0 + step]
-            n = xc.shape[0]
-            t = buf[:k * n * c].view(k, n, c)
-            if one_range:
-                # x * (1 / (s scale)) instead of (x / s) / scale: the codes can differ only where x/s/scale
-                # lies within float rounding of a .5 boundary (float rounding of the loss, nothing more)
-                torch.minimum(torch.mul(xc, inv, out=t).round_(), ranges[1][:, :1, None], out=t)
-                e = torch.addcmul(neg_x[r0:r0 + n], t, scale_s, out=t)
-            else:
-                t, sc = self._fake_quant(torch.div(xc, s3, out=t), ranges, r0)
-                e = torch.addcmul(neg_x[r0:r0 + n], t.mul_(sc), s3, out=t)  # activation error fq(x/s) s - x
-            if split:
-                acc += 2 * torch.mv(e.view(k, -1), partner[r0:r0 + n].reshape(-1)).double()
-            if ebuf is not None:  # only the candidate product runs in bfloat16
-                e = ebuf[:k * n * c].view(k, n, c).copy_(e)
-            z = torch.mm(e.view(k * n, c), ops["m"]).view(k, n, -1)
-            if not split:
-                z = torch.add(partner[r0:r0 + n], z) if ebuf is not None else z.add_(partner[r0:r0 + n])
-            acc += torch.linalg.vector_norm(z.view(k, -1), dim=1, dtype=torch.float32).double().pow(2)
-        return acc + const
-
-    def _ditas_losses(self, x2, s, ranges, sl):
-        """Sum over rows of ||fq(x/s_k) Weff_k^T - x W^T||^2, one candidate at a time (own weight)."""
-        ops = self._ops
-        rows, c = x2.shape
-        y_fp = x2 @ ops["w_t"]  # bias cancels in Y_q - Y_fp
-        step = max(64, _CHUNK_ELEMENTS // c)
-        buf = x2.new_empty(min(step, rows), c)
-        acc = torch.zeros(s.shape[0], dtype=torch.float64, device=x2.device)
-        for j, k in enumerate(range(sl.start, sl.stop)):
-            sk = s[j]
-            rk = None if ranges is None else (ranges[0][j], ranges[1][j])
-            for r0 in range(0, rows, step):
-                xc = x2[r0:r0 + step]
-                n = xc.shape[0]
-                t, sc = self._fake_quant(torch.div(xc, sk, out=buf[:n]), rk, r0)
-                z = torch.mm(t.mul_(sc), self._weff[k].T).sub_(y_fp[r0:r0 + n])
-                acc[j] += float(torch.linalg.vector_norm(z)) ** 2
-        return acc
 
     @property
     def losses(self):
@@ -384,17 +205,11 @@ class AlphaSearch:
 
     def candidate(self, k):
         """LayerQuant of candidate k (no update needed, e.g. for a fixed alpha)."""
-        alpha, s = self.alphas[k], self._smooth[k]
-        f = self._fit
-        if self.scheme == "reference":
-            qweight, L, R, errors, rtn = f.qweight, f.L, f.R, f.errors, f.rtn_error
-        else:
-            qweight, L, R, errors, rtn = f.qweight[k], f.L[k], f.R[k], f.errors[:, k], f.rtn_error[k]
-        if self.scheme == "reference" and alpha is not None:
-            qweight, R = scale_qweight_columns(qweight, s), R * s
-        # clones: the returned layer must not keep the whole candidate stack alive
-        return LayerQuant(alpha=alpha, smooth=None if alpha is None else s.clone(), qweight=qweight.clone(),
-                          lora_L=L.clone(), lora_R=R.clone(), bias=self.bias,
-                          weight_error_rtn=float(rtn), weight_error_lora=float(errors[-1]),
-                          lora_errors=errors.tolist())
+        return self.candidates.layer(k)
 
+
+def quantize_linear(linear, alpha, act_absmax, weight_cfg, act_cfg, lora_rank=32, lora_iters=10, scheme=None,
+                    svd="full"):
+    """A QuantLinear of an nn.Linear for a fixed alpha (None: no smoothing)."""
+    c = Candidates(linear.weight, linear.bias, act_absmax, [alpha], weight_cfg, lora_rank, lora_iters, scheme, svd)
+    return QuantLinear.from_search(c.layer(0), act_cfg)

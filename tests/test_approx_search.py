@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from helpers import search_problem
-from quant.approx_search import InputStats, approx_losses, noise_variance, quantize_dit_approx
-from quant.calibrate import QuantConfig, quantizable_layers
+from quant.approx_search import InputStats, approx_losses, noise_variance
+from quant.calibrate import quantize_dit
+from quant.config import QuantConfig
+from quant.layers import quantizable_layers
 from quant.qlinear import QuantLinear
 from quant.quantizer import ActQuantConfig, WeightQuantConfig
 from quant.search import AlphaSearch, alpha_grid
@@ -54,7 +56,7 @@ def test_exact_when_activations_are_not_quantized(scheme, group_size):
     st = _stats(xs, None)
     exact = _exact(w, b, xs, st.absmax, alphas, wcfg, None)
     fresh = AlphaSearch(w, b, st.absmax, alphas, wcfg, None, lora_rank=RANK, lora_iters=ITERS)
-    predicted, weight_term, act_term = approx_losses(fresh, st, None)
+    predicted, weight_term, act_term = approx_losses(fresh.candidates, st, None)
     _close(predicted, exact.losses, rtol=1e-4)
     assert act_term == [0.0] * len(alphas)
 
@@ -86,7 +88,7 @@ def test_prediction_tracks_the_exact_loss_with_activation_quantization(scheme, g
     acfg = ActQuantConfig(bits=6, granularity=granularity, scheme=scheme)
     st = _stats(xs, granularity, token_samples=64)
     exact = _exact(w, b, xs, st.absmax, alphas, wcfg, acfg)
-    predicted = approx_losses(AlphaSearch(w, b, st.absmax, alphas, wcfg, acfg, lora_rank=RANK, lora_iters=ITERS),
+    predicted = approx_losses(AlphaSearch(w, b, st.absmax, alphas, wcfg, acfg, lora_rank=RANK, lora_iters=ITERS).candidates,
                               st, acfg)[0]
     ratio = torch.tensor(predicted) / torch.tensor(exact.losses)
     assert ratio.min() > 0.5 and ratio.max() < 2.0, ratio
@@ -114,7 +116,7 @@ def test_quantize_dit_approx_uses_one_loop():
 
     cfg = QuantConfig(weight_bit=4, act_bit=8, group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25,
                       search="approx")
-    report = quantize_dit_approx(model, cfg, loop, progress=False)
+    report = quantize_dit(model, cfg, loop, progress=False)
     assert len(calls) == 1 and report["calibration_loops"] == 1 and report["search"] == "approx"
     for name in quantizable_layers(model):
         r = report["layers"][name]
@@ -124,7 +126,6 @@ def test_quantize_dit_approx_uses_one_loop():
 
 
 def test_quantize_dit_dispatches_on_search():
-    from quant.calibrate import quantize_dit
     with pytest.raises(ValueError):
         QuantConfig(search="fast")
     assert QuantConfig().search == "exact"
@@ -166,11 +167,11 @@ def test_reference_per_token_models_the_clamped_maximum():
     st = _stats(xs, "token", token_samples=64)
     exact = _exact(w, b, xs, st.absmax, alphas, wcfg, acfg)
     fresh = AlphaSearch(w, b, st.absmax, alphas, wcfg, acfg, lora_rank=RANK, lora_iters=ITERS)
-    _, wt, nt = approx_losses(fresh, st, acfg)
+    _, wt, nt = approx_losses(fresh.candidates, st, acfg)
     ratio = (torch.tensor(wt) + torch.tensor(nt)) / torch.tensor(exact.losses)
     assert (ratio - 1).abs().max() < 0.1, ratio
     # without the clamped-maximum term the activation error is underestimated
-    uniform, _ = noise_variance(st, fresh._smooth, acfg)
-    ws2 = (fresh._effective().unsqueeze(0) * fresh._smooth[:, None, :]).double().pow(2).sum(dim=(1, 2))
+    uniform, _ = noise_variance(st, fresh.candidates.smooth, acfg)
+    ws2 = (fresh.candidates.effective().unsqueeze(0) * fresh.candidates.smooth[:, None, :]).double().pow(2).sum(dim=(1, 2))
     plain = torch.tensor(wt) + uniform * ws2 / w.shape[0]
     assert (plain / torch.tensor(exact.losses)).min() < 0.8  # 0.67 at alpha 0.5 here

@@ -12,7 +12,8 @@ from download import find_model, load_model_state
 from helpers import ROOT, assert_one_line_error, call_main
 from models import DiT_models
 from pipeline import make_sampler, sample_inputs
-from quant.calibrate import QuantConfig, quantize_dit
+from quant.calibrate import quantize_dit
+from quant.config import QuantConfig
 
 
 def bundled_model():

@@ -13,7 +13,9 @@ from safetensors.torch import load_file, save_file
 import QuantDiT
 from cli import UserError
 from helpers import assert_one_line_error, calib_loop, call_main, random_dit
-from quant.calibrate import QuantConfig, adaln_layers, quantize_adaln, quantize_dit
+from quant.calibrate import quantize_adaln, quantize_dit
+from quant.config import QuantConfig
+from quant.layers import adaln_layers
 from quant.checkpoint import (load_quantized, planned_layers, plan_bytes, round_for_storage, save_quantized,
                               skeleton, storage_plan)
 from quant.fold import fold_smoothing

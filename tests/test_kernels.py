@@ -6,10 +6,11 @@ import torch
 import torch.nn as nn
 
 import quant.kernels as kernels
-from quant import ckernel
+from quant import ops_avx512 as ckernel
 from quant.kernels import (IntLinear, int8_matmul, linear_w4a8, linear_w8a8, quantize_act_int8,
                            to_int_backend)
 from quant.qlinear import QuantLinear
+from quant.search import quantize_linear
 from quant.quantizer import (ActQuantConfig, WeightQuantConfig, quantize_act, quantize_weight,
                              scale_qweight_rows)
 
@@ -203,7 +204,7 @@ def test_folded_row_scales_and_real_lora_fit():
     lin = nn.Linear(64, 96)
     x = _x((4, 5, 64))
     absmax = x.abs().amax((0, 1))
-    ql = QuantLinear.from_float(lin, 0.5, absmax, WeightQuantConfig(bits=4, group_size=32),
+    ql = quantize_linear(lin, 0.5, absmax, WeightQuantConfig(bits=4, group_size=32),
                                 ActQuantConfig(8, "row"), lora_rank=8, lora_iters=3)
     r = torch.rand(96) + 0.5
     ql.set_qweight(scale_qweight_rows(ql.qweight, r))

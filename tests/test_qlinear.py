@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from quant.qlinear import QuantLinear
 from quant.quantizer import ActQuantConfig, WeightQuantConfig, dequantize_weight, fake_quantize_act, quantize_weight
-from quant.search import AlphaSearch
+from quant.search import AlphaSearch, quantize_linear
 from quant.smoothing import channel_absmax, smoothing_factors, weight_channel_absmax
 
 torch.set_num_threads(1)
@@ -27,7 +27,7 @@ def _rel_err(y, ref):
 
 def test_8bit_weights_no_act_quant_close_to_float():
     lin, x = _linear()
-    ql = QuantLinear.from_float(lin, None, None, WeightQuantConfig(bits=8, group_size=32), None, lora_rank=0)
+    ql = quantize_linear(lin, None, None, WeightQuantConfig(bits=8, group_size=32), None, lora_rank=0)
     assert (ql.in_features, ql.out_features) == (64, 96) and ql.smooth is None
     with torch.no_grad():
         assert _rel_err(ql(x), lin(x)) < 2e-2  # outlier input channels amplify the 8-bit weight error
@@ -42,7 +42,7 @@ def test_smoothing_with_lossless_quantizers_keeps_output():
     with torch.no_grad():
         torch.testing.assert_close(ql(x), (x / s) @ dequantize_weight(qw).T + lin.bias)
         assert _rel_err(ql(x), lin(x)) < 5e-3
-        built = QuantLinear.from_float(lin, 0.5, channel_absmax(x), WeightQuantConfig(bits=8, group_size=32),
+        built = quantize_linear(lin, 0.5, channel_absmax(x), WeightQuantConfig(bits=8, group_size=32),
                                        None, lora_rank=0)
         torch.testing.assert_close(built(x), ql(x))
 
@@ -55,14 +55,14 @@ def test_more_weight_bits_less_error(scheme):
     with torch.no_grad():
         for bits in (4, 8):
             wcfg = WeightQuantConfig(bits=bits, group_size=32, scheme=scheme)
-            ql = QuantLinear.from_float(lin, 0.5, channel_absmax(x), wcfg, acfg, lora_rank=4, lora_iters=3)
+            ql = quantize_linear(lin, 0.5, channel_absmax(x), wcfg, acfg, lora_rank=4, lora_iters=3)
             errs[bits] = _rel_err(ql(x), lin(x))
     assert errs[8] < errs[4] < 0.2, errs
 
 
 def test_input_shapes():
     lin, x = _linear()
-    ql = QuantLinear.from_float(lin, 0.5, channel_absmax(x), WeightQuantConfig(bits=4, group_size=32),
+    ql = quantize_linear(lin, 0.5, channel_absmax(x), WeightQuantConfig(bits=4, group_size=32),
                                 ActQuantConfig(granularity="token"), lora_rank=4, lora_iters=2)
     with torch.no_grad():
         y3 = ql(x)
@@ -75,7 +75,7 @@ def test_reference_layer_is_quantized_then_smoothed():
     lin, x = _linear()
     wcfg = WeightQuantConfig(bits=4, scheme="reference")
     search = AlphaSearch(lin.weight, lin.bias, channel_absmax(x), [0.6], wcfg, None, lora_rank=4, lora_iters=3)
-    fit, s = search._fit, search.candidate(0).smooth
+    fit, s = search.candidates.fit, search.candidate(0).smooth
     q = dequantize_weight(fit.qweight)  # the search keeps the integer form only
     torch.testing.assert_close(s, smoothing_factors(channel_absmax(x), weight_channel_absmax(q), 0.6))
     ql = QuantLinear.from_search(search.candidate(0), None)
@@ -103,7 +103,7 @@ def test_from_search_reproduces_search_loss(scheme):
 def test_state_and_explicit_forward():
     lin, x = _linear()
     acfg = ActQuantConfig(bits=8)
-    ql = QuantLinear.from_float(lin, 0.5, channel_absmax(x), WeightQuantConfig(bits=4, group_size=32), acfg,
+    ql = quantize_linear(lin, 0.5, channel_absmax(x), WeightQuantConfig(bits=4, group_size=32), acfg,
                                 lora_rank=4, lora_iters=2)
     keys = set(ql.state_dict())
     assert {"weight", "codes", "scale", "zero", "bias", "lora_L", "lora_R", "smooth"} <= keys

@@ -8,7 +8,9 @@ import torch
 import QuantDiT
 from helpers import assert_one_line_error, assert_user_error, calib_loop, call_main, run_script
 from models import DiT_models
-from quant.calibrate import QuantConfig, quantizable_layers, quantize_dit
+from quant.calibrate import quantize_dit
+from quant.config import QuantConfig
+from quant.layers import quantizable_layers
 from quant.checkpoint import load_quantized, round_for_storage, save_quantized
 from quant.qlinear import QuantLinear
 
@@ -150,3 +152,40 @@ def test_quantdit_bad_input(tiny_ckpt, tmp_path, flags, fragment):
 def test_quantdit_missing_checkpoint(tmp_path):
     code, err = call_main(QuantDiT, *TINY, "--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "q")
     assert_one_line_error(code, err, "not found")
+
+
+@pytest.mark.parametrize("flags,kwargs", [
+    ([], {}),
+    (["--scheme", "reference"], {"scheme": "reference"}),
+    (["--weight-bit", "8", "--act-bit", "6"], {"weight_bit": 8, "act_bit": 6}),
+    (["--group-size", "0"], {"group_size": None}),
+    (["--smoothing", "none"], {"smoothing": "none"}),
+    (["--alpha", "0.3"], {"alpha": 0.3}),
+    (["--scheme", "reference", "--alpha", "0.3"], {"scheme": "reference", "alpha": 0.3}),
+    (["--smoothing", "fixed"], {"smoothing": "fixed"}),
+    (["--lora-rank", "0"], {"lora_rank": 0}),
+    (["--act-granularity", "token"], {"act_granularity": "token"}),
+    (["--scheme", "reference", "--act-granularity", "row"], {"scheme": "reference", "act_granularity": "row"}),
+    (["--scheme", "reference", "--search-steps", "7"], {"scheme": "reference", "search_steps": 7}),
+    (["--search", "approx"], {"search": "approx"}),
+    (["--scheme", "reference", "--search", "approx"], {"scheme": "reference", "search": "approx"}),
+    (["--scheme", "reference", "--search-dtype", "bf16", "--search-row-stride", "2"],
+     {"scheme": "reference", "search_dtype": "bf16", "search_row_stride": 2}),
+    (["--quantize-adaln", "--svd", "lowrank", "--lora-iters", "3", "--alpha-step", "0.1"],
+     {"quantize_adaln": True, "svd": "lowrank", "lora_iters": 3, "alpha_step": 0.1}),
+])
+def test_cli_and_python_api_build_equal_configs(flags, kwargs):
+    """QuantConfig(**kwargs) from Python is exactly what QuantDiT.py builds from the same flags."""
+    args = QuantDiT.build_parser().parse_args(flags)
+    assert QuantDiT.quant_config_from_args(args) == QuantConfig(**kwargs)
+
+
+def test_scheme_defaults_resolve_in_quant_config():
+    ref = QuantConfig(scheme="reference")
+    assert (ref.act_granularity, ref.search_steps, ref.smoothing, ref.alpha) == ("tensor", 50, "search", 0.5)
+    ditas = QuantConfig()
+    assert (ditas.act_granularity, ditas.search_steps) == ("row", None)
+    assert QuantConfig(alpha=0.25).smoothing == "fixed"
+    assert QuantConfig(scheme="reference", search_steps=None).search_steps is None  # all steps, explicitly
+    assert QuantConfig(scheme="reference", act_granularity="tensor").changed() == {}
+    assert QuantConfig(scheme="reference", act_granularity="row").changed() == {"act_granularity": "row"}

@@ -9,7 +9,7 @@ from helpers import search_problem
 from quant.lora import fit_lora
 from quant.qlinear import QuantLinear
 from quant.quantizer import ActQuantConfig, WeightQuantConfig, fake_quantize_act, quantize_weight
-from quant import ckernel
+from quant import ops_avx512
 from quant.search import AlphaSearch, alpha_grid, select_alpha
 from quant.smoothing import RunningAbsMax, smoothing_factors, weight_channel_absmax
 
@@ -201,7 +201,7 @@ def test_row_stride_scores_every_nth_row(scheme, granularity, shape):
         AlphaSearch(w, b, absmax, [0.5], wcfg, acfg, row_stride=0)
 
 
-@pytest.mark.skipif(not ckernel.bf16_ok(), reason="fused bf16 search kernel not available here")
+@pytest.mark.skipif(not ops_avx512.bf16_ok(), reason="fused bf16 search kernel not available here")
 @pytest.mark.parametrize("granularity,shape", [("tensor", (3, 37, 64)), ("row", (5, 7, 64)), ("tensor", (2, 301, 63))])
 @pytest.mark.parametrize("out", [96, 64, 32])
 @pytest.mark.parametrize("stride", [1, 2])
@@ -217,10 +217,10 @@ def test_bf16_search_kernel_matches_torch_bf16(monkeypatch, granularity, shape, 
     losses = {}
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(ckernel, "bf16_ok", lambda: False)
+            monkeypatch.setattr(ops_avx512, "bf16_ok", lambda: False)
         search = AlphaSearch(w, b, absmax, alpha_grid(0.1) + [None], wcfg, acfg, lora_rank=RANK, lora_iters=ITERS,
                              matmul_dtype="bf16", row_stride=stride)
-        assert ("m_packed" in search._ops) == fused
+        assert ("m_packed" in search.engine.ops) == fused
         for x in xs:
             search.update(x)
         losses[fused] = torch.tensor(search.losses)
@@ -243,5 +243,5 @@ def test_single_candidate_direct_product(dtype):
         for x in xs:
             search.update(x)
         losses.append(search.losses[0])
-    assert search._ops["m"].shape == (64, 96)  # Weff^T itself
+    assert search.engine.ops["m"].shape == (64, 96)  # Weff^T itself
     assert losses[1] == pytest.approx(losses[0], rel=1e-3 if dtype == "bf16" else 2e-4)

@@ -1,0 +1,115 @@
+"""QuantConfig: how to quantize a DiT, and the one place its defaults live.
+
+`QuantConfig(scheme="reference")` from Python is exactly `QuantDiT.py --scheme reference`:
+the fields whose default depends on the scheme are resolved here, not in the CLI
+(QuantDiT.py builds its argparse defaults and help from this class).
+
+Scheme-dependent defaults (docs/METHOD.md §8):
+
+    field             ditas    reference
+    act_granularity   row      tensor      (per batch row: a sample never depends on its neighbours)
+    search_steps      None     50          (None = every calibration step; the released search
+                                            scores the first 50, noisiest, steps only)
+
+`smoothing` defaults to "fixed" when an `alpha` is given and to "search" otherwise; `alpha`
+itself then defaults to 0.5 (SmoothQuant's value).
+"""
+from dataclasses import asdict, dataclass, fields
+
+from quant.quantizer import ActQuantConfig, WeightQuantConfig
+from quant.search import alpha_grid
+
+SCHEME_DEFAULT = "scheme default"  # sentinel of the fields resolved per scheme
+_SCHEME_DEFAULTS = {"ditas": {"act_granularity": "row", "search_steps": None},
+                    "reference": {"act_granularity": "tensor", "search_steps": 50}}
+MATMUL_DTYPES = ("fp32", "bf16")
+SEARCHES = ("exact", "approx")
+SMOOTHINGS = ("search", "fixed", "none")
+SVDS = ("full", "lowrank")
+DEFAULT_ALPHA = 0.5
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a DiT (quant.calibrate.quantize_dit). Every field is a QuantDiT.py flag."""
+    scheme: str = "ditas"             # ditas (deployable integer form) | reference (the released numerics)
+    weight_bit: int = 4
+    act_bit: int = 8
+    group_size: int | None = 128      # ditas: input columns per weight group; None = per output channel
+    act_granularity: str = SCHEME_DEFAULT  # tensor | row | token dynamic activation ranges
+    smoothing: str | None = None      # search | fixed | none (None: fixed if alpha is given, else search)
+    alpha: float | None = None        # the fixed alpha (None: 0.5)
+    alpha_step: float = 0.05          # the searched grid {0, step, ..., 1}
+    lora_rank: int = 32               # 0 = no LoRA branch
+    lora_iters: int = 10
+    svd: str = "full"                 # full | lowrank (randomized)
+    search_steps: int | None | str = SCHEME_DEFAULT  # search loss over the first N steps (None: all)
+    quantize_adaln: bool = False      # also quantize every block's adaLN linear, weight-only 8-bit
+    search_dtype: str = "fp32"        # reference scheme: candidate products in fp32 or bf16
+    search: str = "exact"             # exact: a second FP loop scores candidates; approx: predicted from pass 1
+    search_row_stride: int = 1        # exact search: score every N-th token row only (an approximation)
+
+    def __post_init__(self):
+        if self.scheme not in _SCHEME_DEFAULTS:
+            raise ValueError(f"scheme must be one of {tuple(_SCHEME_DEFAULTS)}, got {self.scheme!r}")
+        for name, value in _SCHEME_DEFAULTS[self.scheme].items():
+            if getattr(self, name) == SCHEME_DEFAULT:
+                object.__setattr__(self, name, value)
+        if self.smoothing is None:
+            object.__setattr__(self, "smoothing", "search" if self.alpha is None else "fixed")
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", DEFAULT_ALPHA)
+        self._validate()
+
+    def _validate(self):
+        if self.search not in SEARCHES:
+            raise ValueError(f"search must be exact or approx, got {self.search!r}")
+        if isinstance(self.search_row_stride, bool) or not isinstance(self.search_row_stride, int) \
+                or self.search_row_stride < 1:
+            raise ValueError(f"search row stride must be a positive integer, got {self.search_row_stride!r}")
+        if self.search_row_stride != 1 and self.search != "exact":
+            raise ValueError("the search row stride applies to the exact search only (--search exact)")
+        if self.smoothing not in SMOOTHINGS:
+            raise ValueError(f"smoothing must be search, fixed or none, got {self.smoothing!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"the fixed alpha must be in [0, 1], got {self.alpha}")
+        if self.search_dtype not in MATMUL_DTYPES:
+            raise ValueError(f"search dtype must be one of {MATMUL_DTYPES}, got {self.search_dtype!r}")
+        if self.svd not in SVDS:
+            raise ValueError(f"svd must be 'full' or 'lowrank', got {self.svd!r}")
+        if self.lora_rank < 0 or self.lora_iters < 1:
+            raise ValueError(f"LoRA rank must be >= 0 and iterations >= 1, got {self.lora_rank}, {self.lora_iters}")
+        if self.search_steps is not None and (isinstance(self.search_steps, bool)
+                                              or not isinstance(self.search_steps, int) or self.search_steps < 1):
+            raise ValueError(f"search steps must be a positive integer or None (all), got {self.search_steps!r}")
+        self.weight_cfg()  # validates bits, scheme, group size
+        self.act_cfg()
+
+    def weight_cfg(self):
+        return WeightQuantConfig(bits=self.weight_bit, group_size=self.group_size, scheme=self.scheme)
+
+    def act_cfg(self):
+        return ActQuantConfig(bits=self.act_bit, granularity=self.act_granularity, scheme=self.scheme)
+
+    def alphas(self):
+        """The candidate alphas: the grid, the fixed one, or [None] (no smoothing)."""
+        if self.smoothing == "none":
+            return [None]
+        if self.smoothing == "fixed":
+            return [self.alpha]
+        return alpha_grid(self.alpha_step)
+
+    def to_dict(self):
+        return asdict(self)
+
+    def changed(self):
+        """{field: value} where this config differs from its scheme's defaults (names an output dir)."""
+        base = QuantConfig(scheme=self.scheme)
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(base, f.name)}
+
+
+def field_default(name, scheme=None):
+    """A field's default: the class default, or the given scheme's resolution of it."""
+    if scheme is not None:
+        return getattr(QuantConfig(scheme=scheme), name)
+    return next(f.default for f in fields(QuantConfig) if f.name == name)

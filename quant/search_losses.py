@@ -1,0 +1,276 @@
+"""The alpha search's loss engine: one calibration step's sum((Y_q,k - Y_fp)^2) / (rows out) per candidate.
+
+Evaluating 21 candidates per step is the cost of calibration, so LossEngine avoids everything
+that does not change the result beyond float rounding (impl="naive" keeps the direct evaluation,
+one batched product per candidate stack, as a check and as the cost model of the released code's
+search):
+* dynamic activation ranges of x/s for tensor/row granularity come from the per-channel min/max of
+  x: min_i fl(x_ij / s_j) = fl(min_i x_ij / s_j) for s_j > 0, so they are exact without
+  materializing x/s first; the quantizer's lower clamp never acts (see _fake_quant), so
+  codes - zero = min(round(x/s/scale), qmax - zero);
+* rows are processed in cache-sized chunks with in-place ops into reused buffers;
+* reference scheme (one weight for every alpha; all candidates of a row chunk at once): the residual
+  is written as Y_q - Y_fp = E_k Weff^T + X D^T, E_k = fq(X/s_k) s_k - X (activation error),
+  D = Weff - W (weight error, alpha-independent), so P = X D^T is shared by every candidate. When
+  in < out (qkv, fc1), Weff = U S V^T gives ||E Weff^T + P||^2 = ||E V S + P U||^2 +
+  ||P (I - U U^T)||^2: an (in x in) product per candidate instead of (in x out). With M the
+  candidate matrix (V S, or Weff^T) and P' the matching P, a square or wide M is expanded as
+  ||E M||^2 + 2 <E, P' M^T> + ||P'||^2: P' M^T = X (N M^T) is one product per step, and so is the
+  constant ||P'||^2 (+ ||P (I - U U^T)||^2) = ||X F||^2 with F F^T = N N^T (+ H): each candidate
+  costs its product, squared and summed, and one pass for the cross term (a tall M, fc2, adds P'
+  to the narrow product instead). Forming the small error E first also avoids the cancellation of
+  Y_q - Y_fp, which is what makes matmul_dtype="bf16" usable: only the candidate products E_k M
+  run in bfloat16 (the cross term, the constants and all sums stay float32); losses move by ~1e-5
+  relative (tests/test_search.py, bench/calibration.py). On x86 CPUs with AVX512-BF16 that bf16
+  evaluation runs fused in C (quant/ops_avx512.py, quant/csrc/alpha_search_bf16.c);
+* ditas scheme (a weight per alpha): one (in x out) float32 product per candidate and row chunk,
+  against Y_fp computed once per step.
+"""
+import torch
+
+from quant import ops_avx512
+from quant.quantizer import affine_params, fake_quantize_act, num_intervals
+
+MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_CHUNK_ELEMENTS = 1 << 18  # candidates x rows x in per row chunk: ~1 MB of float32, stays in L2
+
+
+def chunks(n, size):
+    """Slices of range(n) of `size` (all of it for None)."""
+    size = n if size is None else size
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _range_groups(x, granularity):
+    """Number of row groups of x (..., in) that share one dynamic range (quantizer._act_reduce_dims
+    with one stacking dim): 1 for tensor, x.shape[0] for row, every row for token; None when the
+    range must be taken per row from x/s itself (token, or row on a 2-D input)."""
+    rows = x.numel() // x.shape[-1]
+    if granularity == "tensor":
+        return 1
+    if granularity == "row" and x.dim() >= 3:
+        return x.shape[0]
+    if granularity == "row" and x.dim() == 1:
+        return 1
+    return None if rows > 1 else 1
+
+
+class LossEngine:
+    """Per-step losses of a Candidates' layers. act_cfg None leaves activations unquantized.
+
+    chunk: candidates processed together (bounds memory). matmul_dtype: "fp32", or "bf16" for the
+    reference scheme's candidate products. impl: "fast" (default) or "naive" (direct evaluation;
+    same results up to float rounding). row_stride: score every row_stride-th row (token) of each
+    step's input only, an approximation that divides the candidate work (the activation ranges
+    still come from the whole input, so every scored row is quantized exactly as in the layer).
+    """
+
+    def __init__(self, act_cfg, chunk=None, matmul_dtype="fp32", impl="fast", row_stride=1):
+        if matmul_dtype not in MATMUL_DTYPES:
+            raise ValueError(f"matmul_dtype must be one of {tuple(MATMUL_DTYPES)}, got {matmul_dtype!r}")
+        if impl not in ("fast", "naive"):
+            raise ValueError(f"impl must be 'fast' or 'naive', got {impl!r}")
+        if isinstance(row_stride, bool) or not isinstance(row_stride, int) or row_stride < 1:
+            raise ValueError(f"row_stride must be a positive integer, got {row_stride!r}")
+        self.act_cfg, self.chunk, self.matmul_dtype, self.impl, self.row_stride = \
+            act_cfg, chunk, matmul_dtype, impl, row_stride
+        self.ops = None  # fast-path operands (reference: they replace the dense effective weight)
+        self.c = None
+
+    def attach(self, candidates):
+        """Bind to the candidates; the reference fast path builds its operands now and drops the dense weight."""
+        self.c = candidates
+        if candidates.scheme == "reference" and self.impl == "fast" and self.act_cfg is not None:
+            self._operands()
+            candidates.release_dense()
+        return self
+
+    @property
+    def fast(self):
+        return self.impl == "fast" and self.act_cfg is not None
+
+    def losses(self, x):
+        """float64 (n_alpha,): every candidate's mean squared output error on x (..., in) float32."""
+        loss = torch.zeros(len(self.c.alphas), dtype=torch.float64, device=x.device)
+        (self._update_fast if self.fast else self._update_naive)(x, loss)
+        return loss
+
+    def _update_naive(self, x, loss):
+        """Direct evaluation: y_k = fq(x/s_k) W_k^T per candidate, minus y_fp."""
+        c = self.c
+        weff = c.effective()
+        y_fp = x.reshape(-1, x.shape[-1]) @ c.weight.T  # bias cancels in Y_q - Y_fp
+        for sl in chunks(len(c.alphas), self.chunk):
+            s = c.smooth[sl]
+            xs = x.unsqueeze(0) / s.view(s.shape[0], *[1] * (x.dim() - 1), s.shape[1])
+            xq = xs if self.act_cfg is None else fake_quantize_act(xs, self.act_cfg, stack_dims=1)
+            xq = xq.reshape(s.shape[0], -1, x.shape[-1])
+            if c.scheme == "reference":
+                y = (xq * s.unsqueeze(1)) @ weff.T
+            else:
+                y = torch.bmm(xq, weff[sl].transpose(1, 2))
+            err = (y - y_fp).view(s.shape[0], -1, y_fp.shape[-1])[:, ::self.row_stride]
+            loss[sl] += err.pow(2).mean(dim=(1, 2)).double()
+
+    def _operands(self):
+        """Per-layer constants of the fast path (see the module docstring)."""
+        if self.ops is not None:
+            return self.ops
+        c = self.c
+        w = c.weight
+        ops = {"qmax": 2 ** self.act_cfg.bits - 1, "intervals": num_intervals(self.act_cfg.bits, self.act_cfg.scheme)}
+        if c.scheme == "reference":
+            weff = c.effective().double()
+            d = weff - w.double()
+            out, inp = w.shape
+            # project onto Weff's column space, (in x in) products per candidate: pays its SVD back
+            # only with several candidates (the single-candidate RTN baseline multiplies directly)
+            if inp < out and len(c.alphas) > 1:
+                u, sv, vh = torch.linalg.svd(weff, full_matrices=False)
+                m, n = vh.T * sv, d.T @ u
+                d_perp = d - u @ (u.T @ d)
+                h = d_perp.T @ d_perp
+            else:
+                m, n = weff.T, d.T
+                h = None
+            mdt = MATMUL_DTYPES[self.matmul_dtype]
+            ops["m"] = m.to(mdt).contiguous()
+            if mdt == torch.bfloat16 and m.device.type == "cpu" and ops_avx512.bf16_ok():
+                ops["m_packed"] = ops_avx512.pack_bf16(m)  # the fused CPU kernel's layout of the same bf16 values
+            # cross term <E M, P> = <E, X (N M^T)>: worth it when M has at least as many columns as rows
+            # (then X (N M^T) costs no more than P); otherwise P is added to E M (see _reference_losses)
+            ops["split"] = m.shape[1] >= m.shape[0]
+            if ops["split"]:  # the constant ||P||^2 (+ ||P (I - U U^T)||^2) = <X^T X, N N^T (+ H)>
+                h = n @ n.T if h is None else n @ n.T + h
+            # constant = ||X F||^2 with H = F F^T: a sum of squares (a sum over X^T X * H would cancel)
+            if h is not None:
+                lam, vec = torch.linalg.eigh(h)
+                h = vec * lam.clamp(min=0).sqrt()
+            parts = ([n @ m.to(mdt).double().T] if ops["split"] else [n]) + ([] if h is None else [h])
+            ops["xmul"] = torch.cat(parts, 1).float().contiguous()  # X @ xmul = [X N M^T or P, X F]
+            ops["const_from"] = parts[0].shape[1]
+        else:
+            ops["w_t"] = w.T
+        self.ops = ops
+        return ops
+
+    def _ranges(self, x2, groups, s):
+        """(scale, qmax - zero) per candidate and row, (k, rows), from per-group channel min/max of x."""
+        rows, c = x2.shape
+        xg = x2.view(groups, rows // groups, c)
+        gmin, gmax = xg.amin(1), xg.amax(1)  # (groups, in)
+        lo = torch.stack([(gmin / sk).amin(1) for sk in s])  # == min of x/s_k: division by s_k > 0 is monotone
+        hi = torch.stack([(gmax / sk).amax(1) for sk in s])
+        scale, zero = affine_params(lo, hi, self.ops["intervals"])
+        rep = rows // groups
+        return scale.repeat_interleave(rep, 1), (self.ops["qmax"] - zero).repeat_interleave(rep, 1)
+
+    def _update_fast(self, x, loss):
+        self._operands()
+        c = x.shape[-1]
+        x2 = x.reshape(-1, c)
+        groups = _range_groups(x, self.act_cfg.granularity)
+        stride = self.row_stride
+        xr = x2[::stride].contiguous() if stride > 1 else x2  # the scored rows (ranges: from all of x)
+        for sl in chunks(len(self.c.alphas), self.chunk):
+            s = self.c.smooth[sl]
+            ranges = None if groups is None else self._ranges(x2, groups, s)
+            if ranges is not None and stride > 1:
+                ranges = tuple(r[:, ::stride].contiguous() for r in ranges)
+            if self.c.scheme == "reference":
+                acc = self._reference_losses(xr, s, ranges, groups == 1)
+            else:
+                acc = self._ditas_losses(xr, s, ranges, sl)
+            loss[sl] += acc / (xr.shape[0] * self.c.weight.shape[0])
+
+    def _fake_quant(self, t, ranges, r0):
+        """t (..., n, in) = x/s for rows r0..r0+n -> in place codes - zero; returns (t, scale): fq = t * scale.
+
+        quantizer.encode/decode compute fq = (clamp(round(t / scale) + zero, 0, qmax) - zero) * scale.
+        The lower clamp never acts: t >= m (the group's min, the same float values) and round is
+        monotone, so round(t / scale) >= round(m / scale) = -zero. Hence codes - zero =
+        min(round(t / scale), qmax - zero), one pass instead of three.
+        """
+        n = t.shape[-2]
+        if ranges is None:
+            sc, zc = affine_params(t.amin(-1, keepdim=True), t.amax(-1, keepdim=True), self.ops["intervals"])
+            top = self.ops["qmax"] - zc
+        else:
+            sc, top = ranges[0][..., r0:r0 + n, None], ranges[1][..., r0:r0 + n, None]
+        torch.minimum(t.div_(sc).round_(), top, out=t)
+        return t, sc
+
+    def _reference_losses(self, x2, s, ranges, one_range):
+        """Sum over rows of ||E_k M + P||^2 (+ const), all candidates per row chunk (one shared M).
+
+        When M has at least as many columns as rows, this is ||E_k M||^2 + 2 <E_k, X N M^T> + ||X F||^2:
+        the product's output is only squared and summed. Otherwise P is added to the (narrower)
+        product E_k M before squaring. One product X [N M^T or N, F] per step feeds both.
+        """
+        ops = self.ops
+        rows, c = x2.shape
+        k = s.shape[0]
+        s3 = s.view(k, 1, c)
+        mdt = MATMUL_DTYPES[self.matmul_dtype]
+        split = ops["split"]
+        xm = x2 @ ops["xmul"]  # float32: shared by every candidate
+        partner = xm[:, :ops["const_from"]]  # X N M^T (split), or P = X N
+        const = float(torch.linalg.vector_norm(xm[:, ops["const_from"]:])) ** 2
+        if one_range:  # one scale per candidate: x / s / scale as one multiply, the two output multiplies as one
+            scale_s = ranges[0][:, :1, None] * s3
+            inv = (1.0 / scale_s.double()).float()
+        step = max(16, _CHUNK_ELEMENTS // (k * c))
+        if "m_packed" in ops and ranges is not None:  # the same evaluation fused in C (quant/ops_avx512.py)
+            x2 = x2.contiguous()
+            acc = torch.zeros(k, dtype=torch.float64)
+            extra = dict(inv=inv.view(k, c).contiguous(), ss=scale_s.view(k, c).contiguous()) if one_range else {}
+            for r0 in range(0, rows, step):
+                acc += ops_avx512.ref_losses(x2[r0:r0 + step], r0, rows, ops["m"].shape[1], ops["m_packed"],
+                                             partner[r0:r0 + step], split, s, ranges, one_range, **extra)
+            return acc + const
+        size = k * min(step, rows) * c
+        neg_x = -x2
+        buf = x2.new_empty(size)  # flat: the first k*n*c elements are a contiguous (k, n, c) for any n
+        ebuf = None if mdt == torch.float32 else torch.empty(size, dtype=mdt, device=buf.device)
+        acc = torch.zeros(k, dtype=torch.float64, device=x2.device)
+        for r0 in range(0, rows, step):
+            xc = x2[r0:r0 + step]
+            n = xc.shape[0]
+            t = buf[:k * n * c].view(k, n, c)
+            if one_range:
+                # x * (1 / (s scale)) instead of (x / s) / scale: the codes can differ only where x/s/scale
+                # lies within float rounding of a .5 boundary (float rounding of the loss, nothing more)
+                torch.minimum(torch.mul(xc, inv, out=t).round_(), ranges[1][:, :1, None], out=t)
+                e = torch.addcmul(neg_x[r0:r0 + n], t, scale_s, out=t)
+            else:
+                t, sc = self._fake_quant(torch.div(xc, s3, out=t), ranges, r0)
+                e = torch.addcmul(neg_x[r0:r0 + n], t.mul_(sc), s3, out=t)  # activation error fq(x/s) s - x
+            if split:
+                acc += 2 * torch.mv(e.view(k, -1), partner[r0:r0 + n].reshape(-1)).double()
+            if ebuf is not None:  # only the candidate product runs in bfloat16
+                e = ebuf[:k * n * c].view(k, n, c).copy_(e)
+            z = torch.mm(e.view(k * n, c), ops["m"]).view(k, n, -1)
+            if not split:
+                z = torch.add(partner[r0:r0 + n], z) if ebuf is not None else z.add_(partner[r0:r0 + n])
+            acc += torch.linalg.vector_norm(z.view(k, -1), dim=1, dtype=torch.float32).double().pow(2)
+        return acc + const
+
+    def _ditas_losses(self, x2, s, ranges, sl):
+        """Sum over rows of ||fq(x/s_k) Weff_k^T - x W^T||^2, one candidate at a time (own weight)."""
+        ops = self.ops
+        rows, c = x2.shape
+        y_fp = x2 @ ops["w_t"]  # bias cancels in Y_q - Y_fp
+        step = max(64, _CHUNK_ELEMENTS // c)
+        buf = x2.new_empty(min(step, rows), c)
+        weff = self.c.effective()
+        acc = torch.zeros(s.shape[0], dtype=torch.float64, device=x2.device)
+        for j, k in enumerate(range(sl.start, sl.stop)):
+            sk = s[j]
+            rk = None if ranges is None else (ranges[0][j], ranges[1][j])
+            for r0 in range(0, rows, step):
+                xc = x2[r0:r0 + step]
+                n = xc.shape[0]
+                t, sc = self._fake_quant(torch.div(xc, sk, out=buf[:n]), rk, r0)
+                z = torch.mm(t.mul_(sc), weff[k].T).sub_(y_fp[r0:r0 + n])
+                acc[j] += float(torch.linalg.vector_norm(z)) ** 2
+        return acc
