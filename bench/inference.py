@@ -12,7 +12,7 @@ the table gives the median ms per forward and images per second for a `--steps`-
 Variants (what sample_merge_TAS.py runs: quantized layers built, smoothing folded):
 * fp32, bf16: the FP model in that dtype.
 * fake W8A8 / W4A8: QuantLinear quantize-dequantize in float32 (the released code's kind).
-* int W8A8 / W4A8: `--backend int --dtype bf16` (quant/kernels.py; int8 GEMMs via torch._int_mm,
+* int W8A8 / W4A8: `--backend int --dtype bf16` (quant/int_linear.py; int8 GEMMs via torch._int_mm,
   packed 4-bit codes unpacked once at load); everything that is not a quantized linear
   (attention, norms, adaLN, embedders) runs in bf16, like the bf16 baseline.
 The quantized models use QuantDiT.py's defaults (ditas scheme, group 128 along K, row-wise
@@ -48,7 +48,7 @@ from quant.calibrate import collect_tas  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
 from quant.layers import quantizable_layers  # noqa: E402
 from quant.fold import fold_smoothing  # noqa: E402
-from quant.kernels import to_int_backend  # noqa: E402
+from quant.int_linear import to_int_backend  # noqa: E402
 from quant.search import quantize_linear  # noqa: E402
 from bench.common import cpu_name, write_report  # noqa: E402
 

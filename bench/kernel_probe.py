@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from quant.kernels import IntLinear, quantize_act_int8  # noqa: E402
+from quant.int_linear import IntLinear  # noqa: E402
+from quant.ops_torch import quantize_act_int8  # noqa: E402
 from quant.qlinear import QuantLinear  # noqa: E402
 from quant.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Load a quantized checkpoint ready to sample: fold the smoothing factors, pick the backend.
 
     fake  quantize-dequantize in float (every scheme; what calibration measured)
-    int   real integer GEMMs (quant/kernels.py: the fused AVX512-VNNI kernel of quant/csrc/qgemm.c on
+    int   real integer GEMMs (quant/int_linear.py: the fused AVX512-VNNI kernel of quant/csrc/int_linear.c on
           x86 CPUs that have it, else torch._int_mm; W8A8 and packed W4A8)
 """
 from cli import UserError
@@ -18,7 +18,7 @@ def load_for_sampling(path, backend="fake", device="cpu"):
     model, meta = load_quantized(path, device="cpu")
     fold_smoothing(model)
     if backend == "int":
-        from quant.kernels import to_int_backend
+        from quant.int_linear import to_int_backend
         try:
             to_int_backend(model)
         except ValueError as e:

@@ -1,17 +1,22 @@
-"""The fused integer linear for x86 CPUs with AVX512-VNNI (quant/csrc/qgemm.c), built on first use.
+"""ctypes wrappers of the DiTAS CPU kernels for x86 with AVX512 (quant/csrc/), compiled on first use.
+
+Two kernels, one library: the fused integer linear (csrc/int_linear.c, AVX512-VNNI) that IntLinear
+runs on CPUs (quant/int_linear.py), and the reference scheme's bf16 alpha-search losses
+(csrc/alpha_search_bf16.c, AVX512-BF16) that the search's loss engine runs
+(quant/search_losses.py).
 
 torch._int_mm is fast, but around it the eager integer backend spends as much again on
 memory passes over the (M, N) int32 partials: one GEMM and two rank-1 corrections per K-group,
-scaling, LoRA, bias and a dtype conversion. qgemm.c does all of that in registers: per
+scaling, LoRA, bias and a dtype conversion. int_linear.c does all of that in registers: per
 32-column block of 6 rows it accumulates each K-group with vpdpbusd (u8 x s8 -> int32, exact),
 applies the zero-point corrections in int32, scales into float accumulators, adds the LoRA
 up-projection and bias and writes float32 or bf16 once.
 
-The C file is compiled with the system C compiler (`$CC`, else gcc/cc) into a cache directory
-($DITAS_CACHE, else $XDG_CACHE_HOME/ditas, else ~/.cache/ditas), keyed by a hash of source,
+The C files are compiled with the system C compiler (`$CC`, else gcc/cc) into a cache directory
+($DITAS_CACHE, else $XDG_CACHE_HOME/ditas, else ~/.cache/ditas), keyed by a hash of the sources,
 flags and compiler, then loaded with ctypes. Its OpenMP runtime is torch's own libgomp (same
 soname), so its threads are torch's. Where there is no compiler, no AVX512-VNNI, or
-DITAS_CKERNEL=0, `load()` returns None and quant/kernels.py uses its torch ops (same results;
+DITAS_CKERNEL=0, `load()` returns None and the torch ops run instead (quant/ops_torch.py) (same results;
 `status()` says why).
 """
 import ctypes
@@ -25,21 +30,33 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "qgemm.c")
-FLAGS = ("-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16",
-         "-fopenmp", "-shared", "-fPIC")
-NB = 32          # columns per packed block (qgemm.c)
-ALIGN_K = 4      # vpdpbusd consumes 4 consecutive K values per int32 lane
-_VP = ctypes.c_void_p
-_I = ctypes.c_int64
+from quant.ops_torch import combine_range
+from quant.quantizer import affine_params, num_intervals
+
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+SOURCES = tuple(os.path.join(CSRC, f) for f in ("int_linear.c", "alpha_search_bf16.c"))
+HEADERS = (os.path.join(CSRC, "ditas_simd.h"),)
+NB = 32          # columns per packed block (both kernels)
 QR = 4           # rows per LoRA block of ditas_encode
-_ARGTYPES = {
-    "ditas_qgemm": [_I, _I, _I, _I, _I, _VP, _I, _VP, _VP, _VP, _VP, _VP, _VP, _I, _VP, _I, _VP, _I, _I, _VP,
-                    _VP, _VP, _I, _I, _I, _I],
-    "ditas_rowrange": [_I, _I, _VP, _I, _I, _VP, _VP, _VP, _I],
-    "ditas_encode": [_I, _I, _VP, _I, _I, _VP, _VP, _I, _VP, _I, _I, _VP, _I, _VP, _VP, _I, _VP, _VP, _I],
-    "ditas_ref_losses": [_I, _I, _I, _I, _I, _I, _VP, _I, _VP, _VP, _VP, _VP, _VP, _VP, _VP, _I, _I, _VP, _VP,
-                         _I],
+ALIGN_K = 4      # vpdpbusd consumes 4 consecutive K values per int32 lane
+FLAGS = ("-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16",
+         "-fopenmp", "-shared", "-fPIC", f"-DDITAS_NB={NB}", f"-DDITAS_QR={QR}", f"-I{CSRC}")
+_I, _P = ctypes.c_int64, ctypes.c_void_p
+# The C entry points' parameters, by name, as declared in csrc/*.c (tests/test_kernels.py checks
+# them against the C prototypes): int64_t -> c_int64, any pointer -> c_void_p.
+PROTOTYPES = {
+    "ditas_qgemm": (("M", _I), ("N", _I), ("Npad", _I), ("K", _I), ("G", _I), ("A", _P), ("lda", _I), ("Bp", _P),
+                    ("sw", _P), ("cbd", _P), ("dq", _P), ("sa", _P), ("zx", _P), ("zs", _I), ("sx", _P), ("ss", _I),
+                    ("lp", _P), ("lpld", _I), ("r", _I), ("Lt", _P), ("bias", _P), ("out", _P), ("ldo", _I),
+                    ("out_bf16", _I), ("gelu", _I), ("nthreads", _I)),
+    "ditas_rowrange": (("M", _I), ("K", _I), ("x", _P), ("ldx", _I), ("x_bf16", _I), ("s", _P), ("mn", _P),
+                       ("mx", _P), ("nthreads", _I)),
+    "ditas_encode": (("M", _I), ("K", _I), ("x", _P), ("ldx", _I), ("x_bf16", _I), ("s", _P), ("scale", _P),
+                     ("ss", _I), ("zero", _P), ("zs", _I), ("levels", _I), ("a", _P), ("G", _I), ("sa", _P),
+                     ("Rt", _P), ("rpad", _I), ("lp", _P), ("scratch", _P), ("nthreads", _I)),
+    "ditas_ref_losses": (("n", _I), ("rows", _I), ("r0", _I), ("c", _I), ("w", _I), ("k", _I), ("x", _P),
+                         ("one_range", _I), ("inv", _P), ("ss", _P), ("s", _P), ("sc", _P), ("top", _P), ("Mp", _P),
+                         ("partner", _P), ("pw", _I), ("split", _I), ("E", _P), ("part", _P), ("nthreads", _I)),
 }
 
 
@@ -59,18 +76,17 @@ def _compiler():
 
 def _build(cc):
     """Path of the compiled library (built once per source/flags/compiler); raises OSError/CalledProcessError."""
-    with open(SOURCE, "rb") as f:
-        src = f.read()
+    src = b"".join(open(f, "rb").read() for f in SOURCES + HEADERS)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256(src + repr((FLAGS, cc, version)).encode()).hexdigest()[:16]
     cache = _cache_dir()
-    path = os.path.join(cache, f"qgemm-{key}.so")
+    path = os.path.join(cache, f"ditas_kernels-{key}.so")
     if not os.path.exists(path):
         os.makedirs(cache, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # build beside, rename: no half-written library
         os.close(fd)
         try:
-            subprocess.run([cc, *FLAGS, SOURCE, "-o", tmp], capture_output=True, text=True, check=True)
+            subprocess.run([cc, *FLAGS, *SOURCES, "-o", tmp], capture_output=True, text=True, check=True)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -91,13 +107,13 @@ def _load():
     try:
         lib = ctypes.CDLL(_build(cc))
     except subprocess.CalledProcessError as e:
-        return None, f"compiling {SOURCE} failed: {(e.stderr or '').strip().splitlines()[-1:]}"
+        return None, f"compiling {', '.join(map(os.path.basename, SOURCES))} failed: {(e.stderr or '').strip().splitlines()[-1:]}"
     except OSError as e:
         return None, f"building or loading the kernel failed: {e}"
     if not lib.ditas_qgemm_supported():
         return None, "CPU lacks AVX512-VNNI"
-    for name, argtypes in _ARGTYPES.items():
-        getattr(lib, name).argtypes = argtypes
+    for name, params in PROTOTYPES.items():
+        getattr(lib, name).argtypes = [ctype for _, ctype in params]
         getattr(lib, name).restype = None
     return lib, "ok"
 
@@ -174,7 +190,7 @@ def encode(x2, smooth, scale, zero, levels, group=None, rt=None):
 
 
 def qgemm(a, bp, n, group, sw, cbd, dq, sa, zx, sx, lp, r, lt, bias, out, gelu=False):
-    """out (M, N) float32 or bf16 <- the fused linear (see qgemm.c); every operand prepared by the caller.
+    """out (M, N) float32 or bf16 <- the fused linear (see csrc/int_linear.c); every operand prepared by the caller.
 
     a uint8 (M, K) with unit column stride; bp from pack_b; sw/cbd/dq (ng, Npad); sa int32 (M, ng) or
     None; zx int32 and sx float32 of M or 1 elements; lp float32 (M, >= r) or None with the LoRA rank r;
@@ -191,6 +207,34 @@ def qgemm(a, bp, n, group, sw, cbd, dq, sa, zx, sx, lp, r, lt, bias, out, gelu=F
     return out
 
 
+def fused_linear(x2, layer, batch):
+    """An IntLinear's forward in two C passes: range and codes (+ group sums, LoRA down-projection) over
+    x, then u8 codes x packed int8 weights with corrections, scales, LoRA and bias in registers.
+
+        x2      (M, K) float32/bf16/fp16 input rows; batch: leading x[b] blocks (row granularity)
+        layer   an IntLinear prepared for this kernel: act_cfg, smooth (K,) or None, group, use_sa,
+                w_vnni (pack_b of B), f_sw float32 / f_cbd int32 / f_d int32 (ng, Npad), f_Rt (K, rpad),
+                f_Lt (r, Npad), f_bias (Npad) or None, activation, out_features, _fused_safe
+    Returns (M, N) bf16 for bf16 input, else float32; None where this input's activation zero points
+    break the kernel's int32 bound (the caller falls back to the torch ops).
+    """
+    cfg = layer.act_cfg
+    x2 = rows(x2)
+    mn, mx = rowrange(x2, layer.smooth)
+    mn, mx = combine_range(mn.view(-1, 1), mx.view(-1, 1), cfg.granularity, batch)
+    sx, zx = affine_params(mn, mx, num_intervals(cfg.bits, cfg.scheme))
+    if not layer._fused_safe(float(zx.abs().max())):
+        return None
+    rank = layer.lora_R.shape[0]
+    a, sa, lp = encode(x2, layer.smooth, sx, zx, 2 ** cfg.bits - 1, layer.group if layer.use_sa else None,
+                               layer.f_Rt if rank else None)
+    out = torch.empty(x2.shape[0], layer.out_features,
+                      dtype=torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32)
+    return qgemm(a, layer.w_vnni, layer.out_features, layer.group, layer.f_sw, layer.f_cbd, layer.f_d, sa,
+                         zx.to(torch.int32).reshape(-1), sx.reshape(-1).contiguous(), lp, rank, layer.f_Lt,
+                         layer.f_bias, out, gelu=layer.activation == "gelu_tanh")
+
+
 @functools.lru_cache(maxsize=None)
 def bf16_ok():
     """Can ref_losses run here (the kernel library and AVX512-BF16)?"""
@@ -205,8 +249,8 @@ def pack_bf16(m):
 
 def ref_losses(x, r0, rows, w, mp, partner, split, s, ranges, one_range, inv=None, ss=None):
     """Per-candidate sum over the rows of x (n, C) (rows r0.. of a step with `rows` rows) of
-    ||bf16(E_k) M (+ P)||^2 (+ 2 <E_k, partner> when split): AlphaSearch._reference_losses for
-    matmul_dtype bf16 (qgemm.c). s (k, C); ranges (scale, top), each (k, rows); one_range: every
+    ||bf16(E_k) M (+ P)||^2 (+ 2 <E_k, partner> when split): LossEngine._reference_losses for
+    matmul_dtype bf16 (csrc/alpha_search_bf16.c). s (k, C); ranges (scale, top), each (k, rows); one_range: every
     row of a candidate shares one scale, E = min(round(x * inv), top) * ss - x with inv, ss (k, C).
     Returns float64 (k,)."""
     n, c = x.shape

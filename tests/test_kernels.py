@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import quant.kernels as kernels
-from quant import ops_avx512 as ckernel
-from quant.kernels import (IntLinear, int8_matmul, linear_w4a8, linear_w8a8, quantize_act_int8,
-                           to_int_backend)
+from quant import ops_avx512, ops_torch
+from quant.int_linear import IntLinear, linear_w4a8, linear_w8a8, to_int_backend
+from quant.ops_torch import int8_matmul, quantize_act_int8
+from quant.quantizer import affine_params
 from quant.qlinear import QuantLinear
 from quant.search import quantize_linear
 from quant.quantizer import (ActQuantConfig, WeightQuantConfig, quantize_act, quantize_weight,
@@ -16,9 +16,9 @@ from quant.quantizer import (ActQuantConfig, WeightQuantConfig, quantize_act, qu
 
 torch.set_num_threads(1)
 
-# every IntLinear test runs on both kernels: torch._int_mm + torch ops, and quant/csrc/qgemm.c
+# every IntLinear test runs on both kernels: torch._int_mm + torch ops, and quant/csrc/int_linear.c
 KERNELS = ["torch", pytest.param("fused", marks=pytest.mark.skipif(
-    ckernel.load() is None, reason=f"fused kernel: {ckernel.status()}"))]
+    ops_avx512.load() is None, reason=f"fused kernel: {ops_avx512.status()}"))]
 
 
 def _rel(y, ref):
@@ -77,7 +77,7 @@ def test_int8_matmul_extremes_and_layouts():
 def test_int8_matmul_fallback_exact_and_errors():
     a = torch.randint(-128, 128, (9, 300), dtype=torch.int8)
     b = torch.randint(-128, 128, (300, 11), dtype=torch.int8)
-    assert torch.equal(kernels._int_mm_reference(a, b).long(), a.long() @ b.long())
+    assert torch.equal(ops_torch._int_mm_reference(a, b).long(), a.long() @ b.long())
     with pytest.raises(ValueError, match="int8"):
         int8_matmul(a.to(torch.uint8), b)
     with pytest.raises(ValueError, match="shapes"):
@@ -95,7 +95,7 @@ def test_quantize_act_int8_matches_quantizer(gran, shape, bits):
     cfg = ActQuantConfig(bits, gran)
     x = _x(shape)
     codes, scale, zero = quantize_act(x, cfg)
-    a, t, s2, z2 = quantize_act_int8(x.reshape(-1, 64), cfg, kernels._batch_of(x.shape, gran))
+    a, t, s2, z2 = quantize_act_int8(x.reshape(-1, 64), cfg, ops_torch.batch_of(x.shape, gran))
     assert a.dtype == torch.int8
     assert torch.equal(a.long() + 128, codes.reshape(-1, 64).long())
     assert torch.equal(t, a.float())
@@ -192,7 +192,7 @@ def test_extreme_zero_point_uses_exact_wide_path(kernel):
     il = IntLinear.from_quantlinear(ql, kernel)
     x = 50.0 + 1e-3 * torch.randn(2, 8, 256)
     _, _, _, zx = quantize_act_int8(x.reshape(-1, 256), ql.act_cfg)
-    assert not il._int32_safe(float((128 - zx).abs().max()))
+    assert not ops_torch.int32_safe(il.int32_bound, float((128 - zx).abs().max()))
     assert kernel == "torch" or not il._fused_safe(float(zx.abs().max()))
     with torch.no_grad():
         assert _rel(il(x), ql(x)) < 1e-4
@@ -317,9 +317,9 @@ def test_row_tiles(monkeypatch, bits, group):
     x = _x()  # 120 rows
     with torch.no_grad():
         whole = il(x)
-        monkeypatch.setattr(kernels, "_TILE_BYTES", {True: 4 * 192 * 16, False: 4 * 192 * 16})
+        monkeypatch.setattr(ops_torch, "_TILE_BYTES", {True: 4 * 192 * 16, False: 4 * 192 * 16})
         monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-        assert kernels._tile_rows(120, 192, group is None) == 16
+        assert ops_torch.tile_rows(120, 192, group is None) == 16
         assert _rel(il(x), whole) < 1e-6  # BLAS blocking may differ per tile size
         assert _rel(il(x), ql(x)) < 1e-4
 
@@ -361,10 +361,10 @@ def test_folded_dit_end_to_end(kernel):
 
 
 # ---------------------------------------------------------------------------
-# the fused CPU kernel (quant/csrc/qgemm.c) against the torch._int_mm path
+# the fused CPU kernel (quant/csrc/int_linear.c) against the torch._int_mm path
 # ---------------------------------------------------------------------------
 
-needs_fused = pytest.mark.skipif(ckernel.load() is None, reason=f"fused kernel: {ckernel.status()}")
+needs_fused = pytest.mark.skipif(ops_avx512.load() is None, reason=f"fused kernel: {ops_avx512.status()}")
 
 
 @needs_fused
@@ -417,17 +417,17 @@ def test_kernel_choice_errors():
 
 
 def test_ckernel_build_cache_and_switch(tmp_path, monkeypatch):
-    cc = ckernel._compiler()
+    cc = ops_avx512._compiler()
     if cc is None:
         pytest.skip("no C compiler")
     monkeypatch.setenv("DITAS_CACHE", str(tmp_path))
-    path = ckernel._build(cc)
+    path = ops_avx512._build(cc)
     assert os.path.dirname(path) == str(tmp_path) and os.path.getsize(path) > 0
     stamp = os.stat(path).st_mtime_ns
-    assert ckernel._build(cc) == path and os.stat(path).st_mtime_ns == stamp  # cached, not rebuilt
+    assert ops_avx512._build(cc) == path and os.stat(path).st_mtime_ns == stamp  # cached, not rebuilt
     assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temporary left behind
     monkeypatch.setenv("DITAS_CKERNEL", "0")
-    assert ckernel._load.__wrapped__() == (None, "disabled by DITAS_CKERNEL=0")
+    assert ops_avx512._load.__wrapped__() == (None, "disabled by DITAS_CKERNEL=0")
 
 
 @needs_fused
@@ -442,14 +442,14 @@ def test_fused_activation_codes_are_the_quantizers(k, dtype, gran):
     smooth = torch.rand(k, generator=g) + 0.5
     cfg = ActQuantConfig(8, gran)
     codes, _, zero = quantize_act(x / smooth, cfg)
-    x2 = ckernel.rows(x.reshape(-1, k))
-    mn, mx = ckernel.rowrange(x2, smooth)
+    x2 = ops_avx512.rows(x.reshape(-1, k))
+    mn, mx = ops_avx512.rowrange(x2, smooth)
     xs = (x2.float() / smooth)
     assert torch.equal(mn, xs.amin(1)) and torch.equal(mx, xs.amax(1))
-    mn, mx = kernels._combine_range(mn.view(-1, 1), mx.view(-1, 1), gran, kernels._batch_of(x.shape, gran))
-    sx, zx = kernels.affine_params(mn, mx, 255)
-    rt = ckernel.pad_cols(torch.randn(k, 5, generator=g), 16)
-    a, sa, lp = ckernel.encode(x2, smooth, sx, zx, 255, group=4, rt=rt)
+    mn, mx = ops_torch.combine_range(mn.view(-1, 1), mx.view(-1, 1), gran, ops_torch.batch_of(x.shape, gran))
+    sx, zx = affine_params(mn, mx, 255)
+    rt = ops_avx512.pad_cols(torch.randn(k, 5, generator=g), 16)
+    a, sa, lp = ops_avx512.encode(x2, smooth, sx, zx, 255, group=4, rt=rt)
     assert a.dtype == torch.uint8 and torch.equal(a, codes.reshape(-1, k))
     assert torch.equal(sa.long(), a.long().view(21, k // 4, 4).sum(-1))
     ref = (a.double() - zx.double()) @ rt.double()
@@ -479,3 +479,33 @@ def test_gelu_epilogue(kernel):
         ref = torch.nn.functional.gelu(plain(x.bfloat16().float()), approximate="tanh")
         assert yb.dtype == torch.bfloat16
         assert ((yb.float() - ref).abs() <= 2 ** -8 * ref.abs() + 1e-5).all()
+
+
+def _c_prototypes():
+    """{name: [(param name, 'ptr' | C type)]} of every exported ditas_* function in quant/csrc/*.c."""
+    import re
+    found = {}
+    for path in ops_avx512.SOURCES:
+        src = open(path).read()
+        for name, params in re.findall(r"^(?:void|int)\s+(ditas_\w+)\(([^)]*)\)\s*\{", src, re.M):
+            out = []
+            for p in (p.strip() for p in params.split(",") if p.strip() and p.strip() != "void"):
+                ptr = "*" in p
+                words = p.replace("*", " ").split()
+                out.append((words[-1], "ptr" if ptr else " ".join(w for w in words[:-1] if w != "const")))
+            found[name] = out
+    return found
+
+
+def test_ctypes_prototypes_match_the_c_sources():
+    """ops_avx512.PROTOTYPES names every parameter of the C entry points, in order, with its ctypes type."""
+    import ctypes
+    c = _c_prototypes()
+    assert set(ops_avx512.PROTOTYPES) <= set(c), set(ops_avx512.PROTOTYPES) - set(c)
+    for name, params in ops_avx512.PROTOTYPES.items():
+        assert [p for p, _ in params] == [p for p, _ in c[name]], name
+        for (pname, ctype), (_, ckind) in zip(params, c[name]):
+            want = ctypes.c_void_p if ckind == "ptr" else {"int64_t": ctypes.c_int64}[ckind]
+            assert ctype is want, (name, pname, ckind)
+    # every exported entry point with parameters is declared (the *_supported probes take none)
+    assert {n for n, p in c.items() if p} == set(ops_avx512.PROTOTYPES)

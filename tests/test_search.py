@@ -206,7 +206,7 @@ def test_row_stride_scores_every_nth_row(scheme, granularity, shape):
 @pytest.mark.parametrize("out", [96, 64, 32])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_bf16_search_kernel_matches_torch_bf16(monkeypatch, granularity, shape, out, stride):
-    """The C evaluation of the bf16 candidate products (quant/csrc/qgemm.c) gives the torch bf16 path's
+    """The C evaluation of the bf16 candidate products (quant/csrc/alpha_search_bf16.c) gives the torch bf16 path's
     losses: the same bf16 operands, summed in another order. Odd widths exercise the padded layouts."""
     w, b, _ = search_problem(out=out, inp=shape[-1])
     xs, wcfg, acfg, absmax = _streams("reference", granularity, shape[:-1] + (64,), seed=3)

@@ -1,11 +1,11 @@
-/* Fused W8A8 / W4A8 linear for x86 CPUs with AVX512-VNNI (see quant/ckernel.py).
+/* Fused W8A8 / W4A8 linear for x86 CPUs with AVX512-VNNI (see quant/ops_avx512.py).
 
    out[m, n] = act( sx[m] * ( sum_g sw[g, n] * D_g[m, n]  +  sum_r lp[m, r] Lt[r, n] ) + bias[n] )
 
    D_g[m, n] = sum_{k in g} A[m, k] B[k, n] + sa[m, g] dq[g, n] - zx[m] cbd[g, n]      (int32, exact)
 
    A: activation codes (uint8, M x K, row stride lda); B: weight codes minus a per-group
-   offset (int8), packed by quant/ckernel.py for vpdpbusd as Bp[j][k/4][c][k%4] =
+   offset (int8), packed by quant/ops_avx512.py for vpdpbusd as Bp[j][k/4][c][k%4] =
    B[k, 32 j + c] (32-column blocks, N padded to Npad = 32 * blocks with zero columns).
    sw, cbd, dq: (ng, Npad) row-major; sa: (M, ng); zx, sx: per row with stride 0 or 1;
    lp: (M, r); Lt: (r, Npad); bias: (Npad). Outputs: float32 or bfloat16 (round to nearest
@@ -15,26 +15,10 @@
    the rank-1 zero-point corrections) is exact when the caller's int32 bound holds; the
    float epilogue accumulates group by group in registers, so the int32 partials never
    leave them. No fast-math: the only float operations are the epilogue's. */
-#include <immintrin.h>
-#include <omp.h>
-#include <stdint.h>
+#include "ditas_simd.h"
 
 #define MR 6
-#define NB 32
 #define MC 96
-
-/* lanes of a 16-wide vector that hold elements, `left` elements from here to the end */
-static inline __attribute__((always_inline)) __mmask16 tail_mask(int64_t left) {
-    return left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
-}
-
-/* float32 -> bfloat16, round to nearest even (torch's conversion for finite values) */
-static inline __attribute__((always_inline)) __m256i to_bf16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
-}
 
 int ditas_qgemm_supported(void) {
     __builtin_cpu_init();
@@ -227,8 +211,6 @@ void ditas_rowrange(int64_t M, int64_t K, const void *x, int64_t ldx, int64_t x_
     }
 }
 
-#define QR 4  /* rows per LoRA block */
-
 /* a[m, k] = codes (uint8, row stride K); sa[m, g] = sum of a over group g of G columns (if sa);
    lp[m, q] = sum_k (a[m, k] - zero[m]) Rt[k, q] for q < rpad (if r: Rt is K x rpad, rpad a
    multiple of 16, row stride of lp rpad). scale, zero per row with stride 0 or 1. */
@@ -277,125 +259,6 @@ void ditas_encode(int64_t M, int64_t K, const void *x, int64_t ldx, int64_t x_bf
             }
             for (int64_t i = 0; i < mr; i++)
                 _mm512_storeu_ps(lp + (m0 + i) * rpad + q, acc[i]);
-        }
-    }
-}
-
-/* ---------------------------------------------------------------------------------------------
-   Reference-scheme alpha search (quant/search.py, AlphaSearch._reference_losses, matmul_dtype
-   bf16): for candidate q and row i of a chunk of n rows (global row r0 + i),
-     one range per candidate:  t = min(round(x * inv[q]), top[q, r0 + i]);  e = t * ss[q] - x
-     ranges per row:           t = min(round(x / s[q] / sc[q, r0 + i]), top[q, r0 + i]);  e = (t sc) s[q] - x
-     acc[q] += 2 <e, partner[i]>             (split)
-     acc[q] += || bf16(e) M (+ partner[i]) ||^2     (partner added when not split)
-   inv, ss / s: (k, c); sc, top: (k, rows); M: c x w in bfloat16, packed for vdpbf16ps as
-   Mp[j][c/2][32][2] (pairs of consecutive c, 32-column blocks, c padded to even, w to 32);
-   partner: n x pw. Per-thread partial sums go to part (nthreads x k doubles), summed by the caller.
-   --------------------------------------------------------------------------------------------- */
-
-int ditas_bf16_supported(void) {
-    __builtin_cpu_init();
-    return ditas_qgemm_supported() && __builtin_cpu_supports("avx512bf16");
-}
-
-#define SR 6  /* stacked (candidate, row) rows per micro-tile */
-
-static inline __attribute__((always_inline)) void sq_ukernel(
-        const int mr, const uint16_t *E, int64_t cpad, const uint16_t *Mp, int64_t j, const float *partner,
-        int64_t pw, int64_t w, const int64_t *prow, float *sums) {
-    const int64_t c2 = cpad / 2, n0 = j * NB;
-    const uint16_t *bp = Mp + j * c2 * (NB * 2);
-    __m512 acc[SR][2];
-    for (int i = 0; i < mr; i++) {
-        acc[i][0] = _mm512_setzero_ps();
-        acc[i][1] = _mm512_setzero_ps();
-    }
-    for (int64_t c = 0; c < c2; c++) {
-        __m512bh b0 = (__m512bh)_mm512_loadu_si512((const void *)bp);
-        __m512bh b1 = (__m512bh)_mm512_loadu_si512((const void *)(bp + 32));
-        bp += NB * 2;
-        for (int i = 0; i < mr; i++) {
-            __m512bh av = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(E + i * cpad + 2 * c));
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
-        }
-    }
-    int64_t left = w - n0;
-    __mmask16 k0 = tail_mask(left), k1 = tail_mask(left - 16);
-    for (int i = 0; i < mr; i++) {
-        __m512 z0 = acc[i][0], z1 = acc[i][1];
-        if (partner) {
-            z0 = _mm512_add_ps(z0, _mm512_maskz_loadu_ps(k0, partner + prow[i] * pw + n0));
-            z1 = _mm512_add_ps(z1, _mm512_maskz_loadu_ps(k1, partner + prow[i] * pw + n0 + 16));
-        }
-        z0 = _mm512_maskz_mov_ps(k0, z0);
-        z1 = _mm512_maskz_mov_ps(k1, z1);
-        sums[i] += _mm512_reduce_add_ps(_mm512_fmadd_ps(z0, z0, _mm512_mul_ps(z1, z1)));
-    }
-}
-
-void ditas_ref_losses(int64_t n, int64_t rows, int64_t r0, int64_t c, int64_t w, int64_t k, const float *x,
-                      int64_t one_range, const float *inv, const float *ss, const float *s, const float *sc,
-                      const float *top, const uint16_t *Mp, const float *partner, int64_t pw, int64_t split,
-                      uint16_t *E, double *part, int64_t nthreads) {
-    const int64_t cpad = c + (c & 1), stacked = k * n, nblk = (w + NB - 1) / NB;
-    /* phase 1: E = bf16(activation error) for every (candidate, row); the cross term */
-#pragma omp parallel num_threads((int)nthreads)
-    {
-        double *mine = part + (int64_t)omp_get_thread_num() * k;
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < stacked; r++) {
-            const int64_t q = r / n, i = r % n;
-            const float *xr = x + i * c;
-            const __m512 tp = _mm512_set1_ps(top[q * rows + r0 + i]);
-            const __m512 scv = one_range ? _mm512_setzero_ps() : _mm512_set1_ps(sc[q * rows + r0 + i]);
-            __m512 cross = _mm512_setzero_ps();
-            for (int64_t cc = 0; cc < c; cc += 16) {
-                __mmask16 mask = tail_mask(c - cc);
-                __m512 xv = _mm512_maskz_loadu_ps(mask, xr + cc), t, e;
-                if (one_range) {
-                    t = _mm512_mul_ps(xv, _mm512_maskz_loadu_ps(mask, inv + q * c + cc));
-                    t = _mm512_min_ps(_mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), tp);
-                    e = _mm512_sub_ps(_mm512_mul_ps(t, _mm512_maskz_loadu_ps(mask, ss + q * c + cc)), xv);
-                } else {
-                    __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), mask, s + q * c + cc);
-                    t = _mm512_div_ps(_mm512_div_ps(xv, sv), scv);
-                    t = _mm512_min_ps(_mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), tp);
-                    e = _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(t, scv), sv), xv);
-                }
-                e = _mm512_maskz_mov_ps(mask, e);
-                if (split)
-                    cross = _mm512_fmadd_ps(e, _mm512_maskz_loadu_ps(mask, partner + i * pw + cc), cross);
-                _mm256_mask_storeu_epi16(E + r * cpad + cc, mask, to_bf16(e));
-            }
-            if (cpad != c)
-                E[r * cpad + c] = 0;
-            if (split)
-                mine[q] += 2.0 * (double)_mm512_reduce_add_ps(cross);
-        }
-        /* phase 2: sum of squares of E M (+ partner) per candidate, in (6 stacked rows x 32 columns) tiles */
-        const int64_t ntile = (stacked + SR - 1) / SR;
-#pragma omp for schedule(static) collapse(2)
-        for (int64_t tb = 0; tb < ntile; tb++) {
-            for (int64_t j = 0; j < nblk; j++) {
-                const int64_t s0 = tb * SR, mr = stacked - s0 < SR ? stacked - s0 : SR;
-                float sums[SR] = {0};
-                int64_t prow[SR];
-                for (int64_t i = 0; i < mr; i++)
-                    prow[i] = (s0 + i) % n;
-                const float *pp = split ? 0 : partner;
-                const uint16_t *Et = E + s0 * cpad;
-                switch (mr) {
-                    case 6: sq_ukernel(6, Et, cpad, Mp, j, pp, pw, w, prow, sums); break;
-                    case 5: sq_ukernel(5, Et, cpad, Mp, j, pp, pw, w, prow, sums); break;
-                    case 4: sq_ukernel(4, Et, cpad, Mp, j, pp, pw, w, prow, sums); break;
-                    case 3: sq_ukernel(3, Et, cpad, Mp, j, pp, pw, w, prow, sums); break;
-                    case 2: sq_ukernel(2, Et, cpad, Mp, j, pp, pw, w, prow, sums); break;
-                    default: sq_ukernel(1, Et, cpad, Mp, j, pp, pw, w, prow, sums); break;
-                }
-                for (int64_t i = 0; i < mr; i++)
-                    mine[(s0 + i) / n] += (double)sums[i];
-            }
         }
     }
 }
