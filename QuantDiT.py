@@ -19,7 +19,8 @@ import torch
 
 from cli import ArgumentParser, UserError, run
 from config import DEFAULTS, calib_labels
-from pipeline import add_model_args, build_model, decode, load_vae, make_sampler, pick_device, sample_inputs, save_grid
+from cli import add_model_args, pick_device
+from pipeline import build_model, decode, load_vae, make_sampler, sample_inputs, save_grid
 from quant.calibrate import quantize_dit
 from quant.config import SCHEME_DEFAULT, QuantConfig, field_default
 from quant.layers import check_layers, quantizable_layers

@@ -1,10 +1,16 @@
-"""What every script shares at its edge: bad input becomes one line on stderr and exit code 2."""
+"""What every script shares at its edge: the common flags, their validation, and bad input as one line.
+
+A UserError (raised here, by the scripts and by the library) is printed by `run` as one line on
+stderr with exit code 2, never a traceback; argparse errors look the same.
+"""
 import argparse
 import sys
 
+import torch
 
-class UserError(Exception):
-    """An input problem the user can fix; printed as one line, never as a traceback."""
+from download import PRETRAINED_MODELS
+from models import DiT_models
+from quant.errors import UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -25,3 +31,125 @@ def run(main, args):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def add_model_args(parser, image_size=256, num_classes=1000, vae="mse", cfg_scale=4.0, steps=250):
+    """Upstream's model flags, with the script's upstream defaults."""
+    parser.add_argument("--model", type=str, default="DiT-XL/2", help=f"one of {', '.join(DiT_models)}")
+    parser.add_argument("--image-size", type=int, default=image_size)
+    parser.add_argument("--num-classes", type=int, default=num_classes)
+    parser.add_argument("--vae", type=str, default=vae,
+                        help="ema | mse (stabilityai/sd-vae-ft-*), a local diffusers folder, or none (pixel space)")
+    parser.add_argument("--cfg-scale", type=float, default=cfg_scale)
+    parser.add_argument("--num-sampling-steps", type=int, default=steps)
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help="DiT checkpoint: .pt / .safetensors / diffusers folder "
+                             "(default: the upstream DiT-XL/2 checkpoint for --image-size)")
+
+
+MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def add_dtype_arg(parser):
+    parser.add_argument("--dtype", choices=tuple(MODEL_DTYPES), default="fp32",
+                        help="dtype the model runs in while sampling (the diffusion arithmetic stays float32); "
+                             "bf16: FP models, or quantized ones with --backend int")
+
+
+def check_sampling_dtype(dtype, quantized, backend):
+    """bf16 suits FP models and the int backend (integer layers keep their codes and float32 scales,
+    accumulate exactly and return bf16); fake-quantized layers would run their own quantizer in bf16."""
+    if dtype != "fp32" and quantized and backend != "int":
+        raise UserError(f"--dtype {dtype} with a quantized checkpoint needs --backend int (fake quantization "
+                        f"would round its own quantizer arithmetic to {dtype}); or use --dtype fp32")
+
+
+def pick_device(spec):
+    """auto | cpu | cuda -> the device kind; cuda without a GPU is a one-line error."""
+    if spec == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is available (use --device cpu or auto)")
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return spec
+
+
+def read_quant_config(path):
+    """quant_config.json of a quantized checkpoint dir (quant.checkpoint.read_meta: one-line error otherwise)."""
+    from quant.checkpoint import read_meta
+    meta = read_meta(path)
+    missing = [k for k in ("vae", "scheme", "weight_bit", "act_bit") if k not in meta]
+    if missing:
+        raise UserError(f"{path}: its quant_config.json lacks {', '.join(missing)}")
+    return meta
+
+
+def resolve_model_args(args, defaults):
+    """Fill --model/--image-size/--num-classes/--vae from the checkpoint (--path) or `defaults`.
+
+    Flags given explicitly must agree with a quantized checkpoint. Returns its config (or None).
+    """
+    if args.path is None:
+        for flag in ("act_bit", "weight_bit"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag.replace('_', '-')} only applies to a quantized checkpoint (--path)")
+        for key, default in defaults.items():
+            if getattr(args, key) is None:
+                setattr(args, key, default)
+        return None
+    if args.ckpt is not None:
+        raise UserError("--ckpt and --path exclude each other (a quantized checkpoint directory is self-contained)")
+    meta = read_quant_config(args.path)
+    for key in ("model", "image_size", "num_classes"):
+        given, stored = getattr(args, key), meta[key]
+        if given is None:
+            setattr(args, key, stored)
+        elif given != stored:
+            raise UserError(f"--{key.replace('_', '-')} {given} does not match the checkpoint {args.path}, "
+                            f"made for {key.replace('_', '-')} {stored}")
+    if args.vae is None:
+        args.vae = meta["vae"]
+    elif (args.vae == "none") != (meta["vae"] == "none"):
+        raise UserError(f"--vae {args.vae} does not match the checkpoint {args.path}, made for vae {meta['vae']}")
+    for flag, key in (("act_bit", "act_bit"), ("weight_bit", "weight_bit")):
+        given = getattr(args, flag)
+        if given is not None and given != meta[key]:
+            raise UserError(f"--{flag.replace('_', '-')} {given} does not match the checkpoint's {key} "
+                            f"{meta[key]} ({args.path})")
+    return meta
+
+
+def latent_shape(args):
+    """(channels, size) of the space the DiT works in; validates --image-size against --vae."""
+    if args.model not in DiT_models:
+        raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(DiT_models)}")
+    if args.image_size <= 0:
+        raise UserError(f"--image-size must be positive, got {args.image_size}")
+    if args.vae == "none":
+        channels, size = 3, args.image_size
+    else:
+        if args.image_size % 8:
+            raise UserError(f"--image-size {args.image_size} is not a multiple of 8 (the VAE downsamples by 8)")
+        channels, size = 4, args.image_size // 8
+    patch = int(args.model.rsplit("/", 1)[1])
+    if size % patch:
+        raise UserError(f"{args.model} needs a {'latent' if args.vae != 'none' else 'image'} size divisible by "
+                        f"its patch size {patch}; --image-size {args.image_size} gives {size}")
+    return channels, size
+
+
+def check_common_args(args):
+    if args.num_classes <= 0:
+        raise UserError(f"--num-classes must be positive, got {args.num_classes}")
+    if args.num_sampling_steps <= 0 or args.num_sampling_steps > 1000:
+        raise UserError(f"--num-sampling-steps must be in 1..1000, got {args.num_sampling_steps}")
+    if args.cfg_scale < 1.0:
+        raise UserError(f"--cfg-scale must be >= 1 (1 disables guidance), got {args.cfg_scale}")
+
+
+def default_ckpt(args):
+    if args.ckpt:
+        return args.ckpt
+    name = f"DiT-XL-2-{args.image_size}x{args.image_size}.pt"
+    if args.model != "DiT-XL/2" or name not in PRETRAINED_MODELS:
+        raise UserError(f"no pretrained checkpoint for {args.model} at {args.image_size}px: pass --ckpt")
+    return name

@@ -7,7 +7,8 @@ import os
 
 import torch
 
-from cli import UserError
+from quant.errors import UserError
+from quant.files import atomic_path
 
 PRETRAINED_MODELS = {"DiT-XL-2-512x512.pt", "DiT-XL-2-256x256.pt"}
 PRETRAINED_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
@@ -21,17 +22,14 @@ def download_model(model_name, directory=PRETRAINED_DIR):
         return path
     url = PRETRAINED_URL.format(name=model_name)
     os.makedirs(directory, exist_ok=True)
-    tmp = path + ".part"
     try:
-        torch.hub.download_url_to_file(url, tmp, progress=True)
+        with atomic_path(path, suffix=".part") as tmp:
+            torch.hub.download_url_to_file(url, tmp, progress=True)
     except Exception as e:  # no network, DNS failure, HTTP error: all the same to the user
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise UserError(
             f"{model_name} is not in {directory}/ and could not be downloaded from {url} "
             f"({type(e).__name__}); download it there by hand and rerun"
         ) from None
-    os.replace(tmp, path)
     return path
 
 
@@ -57,7 +55,7 @@ def _load_file(path):
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
-        state = state["ema"]  # a train.py checkpoint: sample from the EMA weights, as upstream
+        state = state["ema"]  # a bundled/train.py checkpoint: sample from the EMA weights, as upstream
     elif isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):

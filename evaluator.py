@@ -9,7 +9,7 @@ mirrors openai/guided-diffusion's evaluations/evaluator.py.  Feature extractors:
              2023-d, logits without bias), through the optional package torch-fidelity
              and its converted TF weights file (see INCEPTION_WEIGHTS_URL); the network
              is TF's 2015 graph, with TF1-style bilinear resizing to 299x299.
-  digits     the bundled digit classifier (digits_classifier.py), fully offline; its
+  digits     the bundled digit classifier (bundled/classifier.py), fully offline; its
              numbers are comparable only with other digits-feature numbers.
 
 `evaluate(ref, sample, extractor)` is the importable entry point for benchmarks.
@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from digits_classifier import DEFAULT_PATH as DIGITS_CLASSIFIER_PATH, load_classifier, uint8_to_input
+from bundled.classifier import DEFAULT_PATH as DIGITS_CLASSIFIER_PATH, load_classifier, uint8_to_input
+from quant import files
 from metrics import compute_statistics, frechet_distance, inception_score_from_logits, precision_recall
 
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -48,7 +49,7 @@ class DigitsFeatures:
 
     def __init__(self, path=DIGITS_CLASSIFIER_PATH, device="cpu"):
         if not os.path.isfile(path):
-            raise EvalError(f"digits classifier weights not found at {path}; run `python train_classifier.py`")
+            raise EvalError(f"digits classifier weights not found at {path}; run `python bundled/train_classifier.py`")
         self.device = device
         self.model = load_classifier(path).to(device)
 
@@ -169,12 +170,8 @@ def evaluate(ref_images, sample_images, extractor, batch_size=100, progress=True
 
 
 def write_json(path, obj):
-    """Write via a temporary name and rename, so readers never see a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    """The metrics as JSON, written atomically (quant/files.py)."""
+    files.write_json(path, obj, indent=2, end="\n")
 
 
 def main(args):

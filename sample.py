@@ -5,9 +5,11 @@ fake or integer backend).
 """
 import torch
 
-from cli import ArgumentParser, UserError, run
-from pipeline import (add_dtype_arg, add_model_args, build_model, cast_for_sampling, check_sampling_dtype, decode,
-                      load_vae, make_sampler, pick_device, resolve_model_args, sample_inputs, save_grid)
+from cli import (ArgumentParser, UserError, add_dtype_arg, add_model_args, check_sampling_dtype, pick_device,
+                 resolve_model_args, run)
+from pipeline import build_model, cast_for_sampling, decode, load_vae, make_sampler, sample_inputs, save_grid
+from quant.fold import fold_smoothing
+from quant.inference import load_checkpoint, to_backend
 
 # upstream sample.py's defaults for the flags a quantized checkpoint may supply instead
 MODEL_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "vae": "mse"}
@@ -25,8 +27,9 @@ def main(args):
     if meta is None:
         model = build_model(args)
     else:
-        from quant.inference import load_for_sampling
-        model, _ = load_for_sampling(args.path, args.backend)
+        model, _ = load_checkpoint(args.path)
+        fold_smoothing(model)  # smoothing factors into adaLN's shift/scale and the V rows; fc2's on the fly
+        model = to_backend(model, args.backend, args.path)
     model = cast_for_sampling(model, args.dtype, meta is not None, args.backend)
     vae = load_vae(args.vae, device)
     model = model.to(device)

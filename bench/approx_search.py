@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality  # noqa: E402  (puts the repository root on sys.path)
 
-from digits import BUNDLED_CKPT  # noqa: E402
+from bundled.digits import BUNDLED_CKPT  # noqa: E402
 
 
 # variant -> (exact method, approx method) of quality.METHODS

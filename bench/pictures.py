@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality  # noqa: E402  (puts the repository root on sys.path)
 
-from digits import BUNDLED_CKPT, NUM_CLASSES  # noqa: E402
+from bundled.digits import BUNDLED_CKPT, NUM_CLASSES  # noqa: E402
+from quant.files import atomic_path  # noqa: E402
 
 
 @torch.no_grad()
@@ -65,9 +66,8 @@ def methods_png(rows, path, upscale=3, pad=2, label_width=330):
         for c in range(k):
             tile = Image.fromarray(arr[c]).resize((W, H), Image.NEAREST)
             img.paste(tile, (label_width + pad + c * (W + pad), top))
-    tmp = path + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        img.save(tmp)
 
 
 def read_report(qdir):
@@ -114,9 +114,8 @@ def layers_png(panels, path):
             a.grid(alpha=0.3)
             a.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return True
 

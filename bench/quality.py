@@ -40,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from digits import BUNDLED_CKPT, BUNDLED_FLAGS, NUM_CLASSES  # noqa: E402
+from bundled.digits import BUNDLED_CKPT, BUNDLED_FLAGS, NUM_CLASSES  # noqa: E402
 
 REF_NPZ = os.path.join("assets", "digits_ref.npz")
 # (key, label, QuantDiT.py flags)
@@ -152,7 +152,7 @@ class Bench:
     # ------------------------------------------------------------------ score
     def score_real(self, n, seed):
         """The metrics of n real digits drawn (without replacement) from the reference batch: the floor."""
-        from digits_classifier import label_accuracy
+        from bundled.classifier import label_accuracy
         from evaluator import evaluate
         self._load()
         idx = np.random.default_rng(seed).choice(len(self._ref), n, replace=False)
@@ -164,7 +164,7 @@ class Bench:
                 "label_acc": label_accuracy(images, labels, self._classifier)}
 
     def _load(self):
-        from digits_classifier import load_classifier
+        from bundled.classifier import load_classifier
         from evaluator import load_images, make_extractor
         if self._ref is None:
             self._ref = load_images(REF_NPZ)
@@ -172,7 +172,7 @@ class Bench:
             self._classifier = load_classifier()
 
     def score(self, images, seed, fp_images=None):
-        from digits_classifier import label_accuracy
+        from bundled.classifier import label_accuracy
         from evaluator import evaluate
         from pipeline import sample_labels
         self._load()

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.common import write_report  # noqa: E402
 from config import calib_labels  # noqa: E402
-from digits import BUNDLED_CKPT, NUM_CLASSES  # noqa: E402
+from bundled.digits import BUNDLED_CKPT, NUM_CLASSES  # noqa: E402
 from download import find_model, load_model_state  # noqa: E402
 from models import DiT_models  # noqa: E402
 from pipeline import make_sampler, sample_inputs  # noqa: E402

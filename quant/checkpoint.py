@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cli import UserError
+from quant.errors import UserError
 from models import DiT_models
 from quant.layers import adaln_layers, quantizable_layers
 from quant.qlinear import QuantLinear

@@ -16,6 +16,9 @@ import os
 import re
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from quant.files import atomic_write  # noqa: E402
+
 NAME = re.compile(r"(?P<model>.+?)-size-(?P<size>\d+)-vae-(?P<vae>.+?)-cfg-(?P<cfg>[0-9.]+)-seed-(?P<seed>\d+)"
                   r"-steps-(?P<steps>\d+)-(?P<method>fp|W\d+A(?:\d+|fp)-[A-Za-z0-9_]+)\.npz$")
 # METHOD.md section 10: DiT-XL/2, ImageNet, cfg 1.5, FID on 10K samples (ADM suite)
@@ -104,10 +107,7 @@ def main(argv=None):
         return 2
     text = render(rows, skipped)
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, args.out)
+        atomic_write(args.out, lambda f: f.write(text), mode="w")
     print(text, end="")
     return 0
 

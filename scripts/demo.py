@@ -18,7 +18,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from digits import BUNDLED_FLAGS  # noqa: E402
+from bundled.digits import BUNDLED_FLAGS  # noqa: E402
 
 
 def sh(*argv, torchrun=0):
@@ -41,7 +41,7 @@ def npz_in(directory):
 
 
 def main(args):
-    from digits_classifier import label_accuracy
+    from bundled.classifier import label_accuracy
     from pipeline import sample_labels, save_grid
     os.makedirs(args.out, exist_ok=True)
     steps = ["--num-sampling-steps", args.steps]

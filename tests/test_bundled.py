@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import sample
-from digits import BUNDLED_CKPT, BUNDLED_FLAGS, to_uint8
-from digits_classifier import label_accuracy
+from bundled.digits import BUNDLED_CKPT, BUNDLED_FLAGS
+from bundled.classifier import label_accuracy
 from download import find_model, load_model_state
 from helpers import ROOT, assert_one_line_error, call_main
 from models import DiT_models
-from pipeline import make_sampler, sample_inputs
+from pipeline import make_sampler, sample_inputs, to_uint8
 from quant.calibrate import quantize_dit
 from quant.config import QuantConfig
 
@@ -27,7 +27,7 @@ def test_model_card_flags_line_selects_the_bundled_model():
     lines = [l for l in card.splitlines() if l.startswith("flags:")]
     assert len(lines) == 1
     assert lines[0].split()[1:] == BUNDLED_FLAGS
-    assert re.search(r"python train\.py", card)  # the exact training command is recorded
+    assert re.search(r"python bundled/train\.py", card)  # the exact training command is recorded
 
 
 @pytest.fixture(scope="module")

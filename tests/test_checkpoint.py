@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import QuantDiT
-from cli import UserError
+from quant.errors import UserError
 from helpers import assert_one_line_error, calib_loop, call_main, random_dit
 from quant.calibrate import quantize_adaln, quantize_dit
 from quant.config import QuantConfig

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from cli import UserError
+from quant.errors import UserError
 from download import dit_to_diffusers, diffusers_to_dit, find_model, load_diffusers_folder, load_model_state
 from models import DiT_models
 

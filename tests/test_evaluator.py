@@ -9,8 +9,9 @@ import torch
 from threadpoolctl import threadpool_limits
 
 import evaluator
-from digits import load_digits_tensors, to_uint8
-from digits_classifier import load_classifier, uint8_to_input
+from bundled.digits import load_digits_tensors
+from pipeline import to_uint8
+from bundled.classifier import load_classifier, uint8_to_input
 from helpers import ROOT, assert_user_error, run_script
 
 REF = os.path.join(ROOT, "assets", "digits_ref.npz")

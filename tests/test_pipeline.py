@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cli import UserError
+from quant.errors import UserError
 from pipeline import sample_inputs, sample_labels, sample_seed
 
 

@@ -7,14 +7,17 @@ classifier-free guidance, MSE + VB loss. Checkpoints are {model, ema, opt, args,
 """
 import argparse
 import os
+import sys
 import time
 from copy import deepcopy
 
 import torch
 
-from diffusion import create_diffusion
-from digits import NUM_CLASSES, load_digits_tensors
-from models import DiT_models
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from bundled.digits import NUM_CLASSES, load_digits_tensors  # noqa: E402
+from diffusion import create_diffusion  # noqa: E402
+from models import DiT_models  # noqa: E402
+from quant.files import atomic_path  # noqa: E402
 
 
 def ema_decay(target, ema_steps):
@@ -31,17 +34,15 @@ def update_ema(ema_model, model, decay=0.9999):
 
 
 def save_atomic(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def export_ema(ema, path, dtype):
     from safetensors.torch import save_file
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in ema.state_dict().items()}
-    tmp = path + ".tmp"
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp)
 
 
 def main(args):

@@ -1,18 +1,22 @@
 """Write the reference batch of real digits in ADM's evaluator format.
 
-    python make_reference.py                   # -> assets/digits_ref.npz
+    python bundled/make_reference.py                  # -> assets/digits_ref.npz
 
-Key `arr_0`: all 1797 digits as uint8 N x 16 x 16 x 3 (digits.to_uint8, the same
+Key `arr_0`: all 1797 digits as uint8 N x 16 x 16 x 3 (pipeline.to_uint8, the same
 conversion the samplers use); key `labels`: their classes (ADM ignores extra keys).
 """
 import argparse
 import os
+import sys
 
 import numpy as np
 
-from digits import IMAGE_SIZE, load_digits_tensors, to_uint8
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from bundled.digits import IMAGE_SIZE, load_digits_tensors  # noqa: E402
+from pipeline import to_uint8  # noqa: E402
 
-DEFAULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits_ref.npz")
+DEFAULT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits_ref.npz")
+
 
 
 def main(args):

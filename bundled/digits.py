@@ -25,8 +25,3 @@ def load_digits_tensors(size=IMAGE_SIZE):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = (x.clamp(0, 1) * 2 - 1).repeat(1, 3, 1, 1)
     return x.contiguous(), torch.from_numpy(d.target.astype(np.int64))
-
-
-def to_uint8(x):
-    """ADM's conversion of samples in [-1, 1] to uint8 NHWC: clamp(127.5 x + 128, 0, 255), truncated."""
-    return torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DEFAULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits_classifier.safetensors")
+DEFAULT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                            "digits_classifier.safetensors")
 SPATIAL_CHANNELS = 4  # 4 x 8 x 8 = 256-d: small enough for a covariance over ~1.8K reference digits
 
 

@@ -1,14 +1,15 @@
 """Train the small digit classifier whose features the evaluator uses offline (--features digits).
 
-    python train_classifier.py                 # -> assets/digits_classifier.safetensors
+    python bundled/train_classifier.py                # -> assets/digits_classifier.safetensors
 
-Trains on 80% of scikit-learn's digits (16x16 RGB, see digits.py), prints the accuracy
+Trains on 80% of scikit-learn's digits (16x16 RGB, see bundled/digits.py), prints the accuracy
 on the held-out 20%, and saves the weights with safetensors.  Inputs go through the
 same uint8 round trip as an ADM .npz, and training uses 1-pixel shifts and pixel
 noise so the features stay sensible on imperfect generated samples.
 """
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -16,9 +17,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from sklearn.model_selection import train_test_split
 
-from digits import IMAGE_SIZE, NUM_CLASSES, load_digits_tensors, to_uint8
-from digits_classifier import DEFAULT_PATH, DigitClassifier, uint8_to_input
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from bundled.classifier import DEFAULT_PATH, DigitClassifier, uint8_to_input  # noqa: E402
+from bundled.digits import IMAGE_SIZE, NUM_CLASSES, load_digits_tensors  # noqa: E402
+from pipeline import to_uint8  # noqa: E402
 
 def quantize(x):
     """What the evaluator sees: [-1, 1] floats -> ADM uint8 -> back to [-1, 1]."""
