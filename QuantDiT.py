@@ -24,8 +24,8 @@ from pipeline import build_model, decode, load_vae, make_sampler, sample_inputs,
 from quant.calibrate import quantize_dit
 from quant.config import SCHEME_DEFAULT, QuantConfig, field_default
 from quant.layers import check_layers, quantizable_layers
-from quant.checkpoint import (DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES, is_quantized_checkpoint, round_for_storage,
-                              save_quantized)
+from quant.checkpoint import is_quantized_checkpoint, save_quantized
+from quant.storage import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES, round_for_storage
 
 
 def quant_config_from_args(args):

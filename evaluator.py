@@ -15,7 +15,6 @@ mirrors openai/guided-diffusion's evaluations/evaluator.py.  Feature extractors:
 `evaluate(ref, sample, extractor)` is the importable entry point for benchmarks.
 """
 import argparse
-import json
 import os
 import sys
 import zipfile

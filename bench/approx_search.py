@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import quality  # noqa: E402  (puts the repository root on sys.path)
+import study  # noqa: E402  (puts the repository root on sys.path)
 
 from bundled.digits import BUNDLED_CKPT  # noqa: E402
 
 
-# variant -> (exact method, approx method) of quality.METHODS
+# variant -> (exact method, approx method) of study.METHODS
 VARIANTS = {"default": ("ditas", "approx"), "token": ("token", "approx-token")}
 
 
@@ -91,18 +91,18 @@ def retime(bench, bits_list, scheme, steps):
                 timings[m] = load_report(d)["timings"]
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-            quality.log(f"retime W{bits[0]}A{bits[1]} {m}: {timings[m]}")
+            study.log(f"retime W{bits[0]}A{bits[1]} {m}: {timings[m]}")
         out.append((bits, timings))
     return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=quality.QUICK["steps"])
+    p.add_argument("--steps", type=int, default=study.QUICK["steps"])
     p.add_argument("--calib-steps", type=int, default=None)
-    p.add_argument("--num-samples", type=int, default=quality.QUICK["num_samples"])
+    p.add_argument("--num-samples", type=int, default=study.QUICK["num_samples"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--bits", type=quality.parse_bits, nargs="+", default=[(4, 8), (8, 8)])
+    p.add_argument("--bits", type=study.parse_bits, nargs="+", default=[(4, 8), (8, 8)])
     p.add_argument("--schemes", nargs="+", choices=("ditas", "reference"), default=["ditas"])
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["default"],
                    help="default: the scheme's default activation granularity; token: per-token activations")
@@ -115,12 +115,12 @@ def main(argv=None):
                    help="also time both calibrations back to back in this process (not cached; a fair wall-time "
                         "comparison on a shared machine)")
     args = p.parse_args(argv)
-    os.chdir(quality.ROOT)
+    os.chdir(study.ROOT)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     t_start = time.time()
-    bench = quality.Bench(args.ckpt, args.results_dir, args.cfg_scale, calib_steps=args.calib_steps)
+    bench = study.Bench(args.ckpt, args.results_dir, args.cfg_scale, calib_steps=args.calib_steps)
     n, steps = args.num_samples, args.steps
     fp = {s: bench.samples(None, s, n, steps) for s in args.seeds}
 
@@ -139,7 +139,7 @@ def main(argv=None):
                 results.append({"label": label, "bits": bits, "scheme": scheme, "variant": variant, "dirs": dirs,
                                 "compare": cmp, "scores": scores, "timings": {m: r["timings"] for m, r in reps.items()},
                                 "same_weights": same_file(dirs["ditas"], dirs["approx"])})
-                quality.log(f"{label}: {cmp}")
+                study.log(f"{label}: {cmp}")
 
     retimed = retime(bench, args.bits, args.schemes[0], steps) if args.retime else []
 
@@ -151,7 +151,7 @@ def main(argv=None):
         f"Model `{args.ckpt}` (sha256 {bench.digest}…), full DiTAS (searched alpha, LoRA r32; activations per "
         f"batch row for ditas, per tensor for reference, unless per-token), calibration: QuantDiT.py defaults at {calib} steps. Sampling: {n} samples "
         f"per seed, {steps} steps, cfg {args.cfg_scale}, seeds {' '.join(map(str, args.seeds))}. "
-        f"Machine: {quality.machine()}.", "",
+        f"Machine: {study.machine()}.", "",
         "## Choice of alpha (per layer, exact losses from the exact run's report)", "",
         "| setting | layers | same alpha | within ±0.05 | exact-loss ratio at approx alpha: mean / median / max | "
         "summed over layers | predicted vs exact loss, all alphas: median / p90 abs. rel. error | "
@@ -191,12 +191,12 @@ def main(argv=None):
         b, sc = r["bits"], r["scores"]
         for m, label in (("ditas", "exact"), ("approx", "approx")):
             ps = sc[m]
-            lines.append(f"| {r['label']} | {label} | {quality.fmt([x['fid'] for x in ps])} | "
-                         f"{quality.fmt([x['label_acc'] for x in ps], 1, 100)} % | "
-                         f"{quality.fmt([x['psnr'] for x in ps])} |")
+            lines.append(f"| {r['label']} | {label} | {study.fmt([x['fid'] for x in ps])} | "
+                         f"{study.fmt([x['label_acc'] for x in ps], 1, 100)} % | "
+                         f"{study.fmt([x['psnr'] for x in ps])} |")
         d = {k: [a[k] - e[k] for a, e in zip(sc["approx"], sc["ditas"])] for k in ("fid", "label_acc", "psnr")}
-        lines.append(f"| {r['label']} | difference | {quality.fmt(d['fid'])} | "
-                     f"{quality.fmt(d['label_acc'], 1, 100)} pp | {quality.fmt(d['psnr'])} |")
+        lines.append(f"| {r['label']} | difference | {study.fmt(d['fid'])} | "
+                     f"{study.fmt(d['label_acc'], 1, 100)} pp | {study.fmt(d['psnr'])} |")
         lines.append(f"| {r['label']} | model.safetensors identical? | {'yes' if r['same_weights'] else 'no'} | | |")
     lines += ["", f"Bench wall time {(time.time() - t_start) / 60:.1f} min (cached stages excluded).", ""]
     text = "\n".join(lines)

@@ -14,14 +14,11 @@ default), each in its own subprocess (so peak memory is its own), single-threade
   products in float32 (`ours-fp32`) and in bfloat16 (`ours-bf16`, QuantConfig.search_dtype), and
   with bf16 products scoring every 2nd (or 4th) token row only (`ours-bf16-rows2`, an approximation:
   QuantConfig.search_row_stride).
-* released (METHOD.md section 9, emulated): one TAS loop, then for EACH layer one full FP
-  sampling loop whose forward pre-hook keeps that layer's input at every step in memory,
-  then the 21-point search on the captured list. The numerics are ours (the same
-  AlphaSearch per layer, fed from the list), so the chosen alphas are comparable. The
-  search kernel is selectable: `--released-search naive` (default) scores every candidate
-  with a direct fake-quantized layer product on each captured input, as the released code
-  does; `--released-search same` uses our optimized AlphaSearch.update, isolating the
-  cost of the loop structure.
+* released (docs/METHOD.md §9, emulated): one TAS loop, then for EACH layer one full FP sampling
+  loop whose forward pre-hook keeps that layer's input at every step in memory, then the 21-point
+  search on the captured list, with our numerics (the same AlphaSearch, so the alphas compare).
+  `--released-search naive` (default) scores every candidate with a direct fake-quantized product
+  as the released code does; `same` uses our AlphaSearch.update (the loop structure's cost alone).
 
 Reported: wall and CPU seconds, full sampling loops (model forward calls / steps), peak RSS
 (ru_maxrss) and its growth over the RSS after the model was built, and how many layers chose

@@ -27,8 +27,8 @@ from models import DiT_models  # noqa: E402
 from quant.calibrate import quantize_dit  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
 from bench.common import write_report  # noqa: E402
-from quant.checkpoint import (load_quantized, planned_layers, plan_bytes, round_for_storage,  # noqa: E402
-                              save_quantized, skeleton, storage_plan)
+from quant.checkpoint import load_quantized, planned_layers, save_quantized, skeleton  # noqa: E402
+from quant.storage import plan_bytes, round_for_storage, storage_plan  # noqa: E402
 
 BUNDLED = os.path.join(ROOT, "assets", "dit_t2_digits16.safetensors")
 MB = 1e6

@@ -23,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import quality  # noqa: E402  (puts the repository root on sys.path)
+import study  # noqa: E402  (puts the repository root on sys.path)
 
 from bundled.digits import BUNDLED_CKPT, NUM_CLASSES  # noqa: E402
 from quant.files import atomic_path  # noqa: E402
@@ -122,11 +122,11 @@ def layers_png(panels, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=quality.QUICK["steps"])
+    p.add_argument("--steps", type=int, default=study.QUICK["steps"])
     p.add_argument("--calib-steps", type=int, default=None)
-    p.add_argument("--bits", type=quality.parse_bits, nargs="+", default=[(4, 8), (8, 8)])
+    p.add_argument("--bits", type=study.parse_bits, nargs="+", default=[(4, 8), (8, 8)])
     p.add_argument("--schemes", nargs="+", choices=("ditas", "reference"), default=["ditas", "reference"])
-    p.add_argument("--methods", nargs="+", choices=list(quality.METHODS), default=quality.DEFAULT_METHODS)
+    p.add_argument("--methods", nargs="+", choices=list(study.METHODS), default=study.DEFAULT_METHODS)
     p.add_argument("--seed", type=int, default=0, help="noise seed of the columns")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--upscale", type=int, default=3)
@@ -136,11 +136,11 @@ def main(argv=None):
     p.add_argument("--out-dir", default=os.path.join("bench", "results"))
     p.add_argument("--skip-samples", action="store_true", help="only layers.png")
     args = p.parse_args(argv)
-    os.chdir(quality.ROOT)
+    os.chdir(study.ROOT)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    bench = quality.Bench(args.ckpt, args.results_dir, args.cfg_scale, calib_steps=args.calib_steps)
+    bench = study.Bench(args.ckpt, args.results_dir, args.cfg_scale, calib_steps=args.calib_steps)
     os.makedirs(args.out_dir, exist_ok=True)
     command = "python bench/pictures.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(command)
@@ -152,9 +152,9 @@ def main(argv=None):
             for scheme in args.schemes:
                 for method in args.methods:
                     qdir = bench.checkpoint(bits, scheme, method, args.steps)
-                    label = f"W{bits[0]}A{bits[1]} {scheme}: {quality.METHODS[method][0]}"
+                    label = f"W{bits[0]}A{bits[1]} {scheme}: {study.METHODS[method][0]}"
                     rows.append((label, sample_row(load_q(qdir), labels, args.seed, args.steps, args.cfg_scale)))
-                    quality.log(label)
+                    study.log(label)
         path = os.path.join(args.out_dir, "methods.png")
         methods_png(rows, path, upscale=args.upscale)
         print(f"wrote {path}: rows {', '.join(r[0] for r in rows)}; columns labels {labels}, seed {args.seed}")

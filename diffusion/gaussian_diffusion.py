@@ -228,17 +228,21 @@ class GaussianDiffusion:
             final = sample
         return final["sample"]
 
-    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                  model_kwargs=None, device=None, progress=False, noise_fn=None):
+    def _reverse_steps(self, model, shape, noise, device, progress, desc):
+        """(x_T, iterator of the timestep tensors T-1, ..., 0) of a sampling loop."""
         if device is None:
             device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
         assert isinstance(shape, (tuple, list))
         img = noise if noise is not None else th.randn(*shape, device=device)
         indices = list(range(self.num_timesteps))[::-1]
         if progress:
-            indices = tqdm(indices, desc="sampling", leave=False)
-        for i in indices:
-            t = th.tensor([i] * shape[0], device=device)
+            indices = tqdm(indices, desc=desc, leave=False)
+        return img, (th.tensor([i] * shape[0], device=device) for i in indices)
+
+    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
+                                  model_kwargs=None, device=None, progress=False, noise_fn=None):
+        img, steps = self._reverse_steps(model, shape, noise, device, progress, "sampling")
+        for t in steps:
             with th.no_grad():
                 out = self.p_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                                     model_kwargs=model_kwargs, noise_fn=noise_fn)
@@ -267,14 +271,8 @@ class GaussianDiffusion:
     def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
                          device=None, progress=False, eta=0.0, noise_fn=None):
         """Generate samples from the model using DDIM (eta=0: deterministic after x_T)."""
-        if device is None:
-            device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
-        img = noise if noise is not None else th.randn(*shape, device=device)
-        indices = list(range(self.num_timesteps))[::-1]
-        if progress:
-            indices = tqdm(indices, desc="sampling (ddim)", leave=False)
-        for i in indices:
-            t = th.tensor([i] * shape[0], device=device)
+        img, steps = self._reverse_steps(model, shape, noise, device, progress, "sampling (ddim)")
+        for t in steps:
             with th.no_grad():
                 img = self.ddim_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                                        model_kwargs=model_kwargs, eta=eta, noise_fn=noise_fn)["sample"]

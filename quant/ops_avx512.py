@@ -25,11 +25,11 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 
 import torch
 import torch.nn.functional as F
 
+from quant.files import atomic_path
 from quant.ops_torch import combine_range
 from quant.quantizer import affine_params, num_intervals
 
@@ -83,14 +83,8 @@ def _build(cc):
     path = os.path.join(cache, f"ditas_kernels-{key}.so")
     if not os.path.exists(path):
         os.makedirs(cache, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # build beside, rename: no half-written library
-        os.close(fd)
-        try:
+        with atomic_path(path, suffix=".so") as tmp:  # build beside, rename: no half-written library
             subprocess.run([cc, *FLAGS, *SOURCES, "-o", tmp], capture_output=True, text=True, check=True)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     return path
 
 

@@ -16,8 +16,8 @@ from helpers import assert_one_line_error, calib_loop, call_main, random_dit
 from quant.calibrate import quantize_adaln, quantize_dit
 from quant.config import QuantConfig
 from quant.layers import adaln_layers
-from quant.checkpoint import (load_quantized, planned_layers, plan_bytes, round_for_storage, save_quantized,
-                              skeleton, storage_plan)
+from quant.checkpoint import load_quantized, planned_layers, save_quantized, skeleton
+from quant.storage import plan_bytes, round_for_storage, storage_plan
 from quant.fold import fold_smoothing
 from quant.lora import fit_lora
 from quant.qlinear import QuantLinear

@@ -11,7 +11,8 @@ from models import DiT_models
 from quant.calibrate import quantize_dit
 from quant.config import QuantConfig
 from quant.layers import quantizable_layers
-from quant.checkpoint import load_quantized, round_for_storage, save_quantized
+from quant.checkpoint import load_quantized, save_quantized
+from quant.storage import round_for_storage
 from quant.qlinear import QuantLinear
 
 
