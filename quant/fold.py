@@ -1,4 +1,4 @@
-"""Fold TAS smoothing factors into the preceding layers for inference (METHOD.md section 7).
+"""Fold TAS smoothing factors into the preceding layers for inference (docs/METHOD.md §7).
 
 A QuantLinear with `smooth` = s computes fq(x / s) ...; folding makes the layer
 before it emit x / s directly, so the run-time divide disappears:

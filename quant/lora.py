@@ -1,4 +1,4 @@
-"""Training-free LoRA branch: alternate quantization and a low-rank fit (METHOD.md section 5).
+"""Training-free LoRA branch: alternate quantization and a low-rank fit (docs/METHOD.md §5).
 
     L, R = 0
     repeat T times:

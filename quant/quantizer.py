@@ -1,4 +1,4 @@
-"""Uniform affine quantization of weights and activations (METHOD.md sections 5, 6, 8).
+"""Uniform affine quantization of weights and activations (docs/METHOD.md §5, §6, §8).
 
 One min/max -> (scale, zero) -> codes implementation serves every path. The two
 schemes differ only in

@@ -1,4 +1,4 @@
-"""Temporal-aggregated smoothing (TAS), METHOD.md section 3.
+"""Temporal-aggregated smoothing (TAS), docs/METHOD.md §3.
 
 Y = X W^T + b = (X / s) (W diag(s))^T + b for any positive s: dividing the
 activation channels by s moves their outliers into the weight columns.

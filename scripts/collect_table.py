@@ -21,7 +21,7 @@ from quant.files import atomic_write  # noqa: E402
 
 NAME = re.compile(r"(?P<model>.+?)-size-(?P<size>\d+)-vae-(?P<vae>.+?)-cfg-(?P<cfg>[0-9.]+)-seed-(?P<seed>\d+)"
                   r"-steps-(?P<steps>\d+)-(?P<method>fp|W\d+A(?:\d+|fp)-[A-Za-z0-9_]+)\.npz$")
-# METHOD.md section 10: DiT-XL/2, ImageNet, cfg 1.5, FID on 10K samples (ADM suite)
+# docs/METHOD.md §10: DiT-XL/2, ImageNet, cfg 1.5, FID on 10K samples (ADM suite)
 PUBLISHED = {("W4A8-ditas", 256, 50): 9.05, ("W4A8-ditas", 256, 100): 6.86,
              ("W4A8-ditas", 512, 50): 17.92, ("W4A8-ditas", 512, 100): 13.45}
 METRICS = (("fid", "FID", 2), ("sfid", "sFID", 2), ("inception_score", "IS", 2), ("precision", "Prec.", 3),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the DiTAS paper's setting end to end (METHOD.md section 10):
+# Reproduce the DiTAS paper's setting end to end (docs/METHOD.md §10):
 #   DiT-XL/2, ImageNet 256x256 and 512x512, 50 and 100 DDPM steps, cfg 1.5, 10K samples,
 #   W4A8 and W8A8, both schemes (ditas, reference), plus the FP baseline;
 #   QuantDiT.py (calibrate at the sampling step count) -> sample_merge_TAS.py over torchrun on all

@@ -1,4 +1,4 @@
-"""Folding the smoothing factors (quant/fold.py, METHOD.md section 7) keeps the model's function."""
+"""Folding the smoothing factors (quant/fold.py, docs/METHOD.md §7) keeps the model's function."""
 import copy
 from functools import partial
 
