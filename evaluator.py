@@ -24,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 from bundled.classifier import DEFAULT_PATH as DIGITS_CLASSIFIER_PATH, load_classifier, uint8_to_input
+from metrics import PR_DTYPES, compute_statistics, frechet_distance, inception_score_from_logits, precision_recall
 from quant import files
-from metrics import compute_statistics, frechet_distance, inception_score_from_logits, precision_recall
 
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                          "weights-inception-2015-12-05-6726825d.pth")
@@ -153,12 +153,16 @@ def extract_features(extractor, images, batch_size=100, desc="features", progres
     return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
 
-def evaluate(ref_images, sample_images, extractor, batch_size=100, progress=True):
-    """ADM's metrics of `sample_images` against `ref_images` (uint8 N x H x W x 3) in `extractor`'s features."""
+def evaluate(ref_images, sample_images, extractor, batch_size=100, progress=True, pr_dtype="float16"):
+    """ADM's metrics of `sample_images` against `ref_images` (uint8 N x H x W x 3) in `extractor`'s features.
+
+    pr_dtype="float16" computes precision / recall with ADM's float16 distances (its numbers);
+    "float32" with float32 distances.
+    """
     check_pair(ref_images, sample_images)
     ref = extract_features(extractor, ref_images, batch_size, "reference batch", progress)
     sample = extract_features(extractor, sample_images, batch_size, "sample batch", progress)
-    precision, recall = precision_recall(ref["pool"], sample["pool"], k=PR_K)
+    precision, recall = precision_recall(ref["pool"], sample["pool"], k=PR_K, dtype=pr_dtype)
     return {
         "inception_score": inception_score_from_logits(sample["logits"]),
         "fid": frechet_distance(*compute_statistics(sample["pool"]), *compute_statistics(ref["pool"])),
@@ -182,7 +186,7 @@ def main(args):
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    metrics = evaluate(ref_images, sample_images, extractor, args.batch_size)
+    metrics = evaluate(ref_images, sample_images, extractor, args.batch_size, pr_dtype=args.pr_dtype)
     print("Computing evaluations...")
     print("Inception Score:", metrics["inception_score"])
     print("FID:", metrics["fid"])
@@ -192,7 +196,7 @@ def main(args):
     if args.json:
         write_json(args.json, {**metrics, "features": extractor.name, "ref_batch": args.ref_batch,
                                "sample_batch": args.sample_batch, "num_ref": len(ref_images),
-                               "num_samples": len(sample_images)})
+                               "num_samples": len(sample_images), "pr_dtype": args.pr_dtype})
     return metrics
 
 
@@ -207,6 +211,10 @@ def build_parser():
                         help=f"torch-fidelity Inception weights (default: $DITAS_INCEPTION_WEIGHTS, "
                              f"else {os.path.relpath(DEFAULT_INCEPTION_WEIGHTS)})")
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--pr-dtype", choices=PR_DTYPES, default="float16",
+                        help="arithmetic of the precision / recall distances: float16 is ADM's evaluator's "
+                             "(float16, with its float32 fallback on overflow); float32 rounds less and counts "
+                             "a few near-ties fewer as inside (default: %(default)s)")
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=str, default=None, help="also write the metrics to this JSON file")
     return parser

@@ -4,6 +4,15 @@ Follows openai/guided-diffusion evaluations/evaluator.py: FID / sFID from Gaussi
 statistics of features, Inception Score over splits of 5000, and improved
 precision / recall (Kynkaanniemi et al. 2019) with k-th nearest neighbour balls.
 Feature extraction lives in evaluator.py; everything here takes feature arrays.
+
+Precision / recall reproduce the arithmetic of ADM's ManifoldEstimator / DistanceBlock (a
+TensorFlow graph): squared distances (|a|^2 - 2 a.b^T) + |b|^2 with every op rounded to float16,
+the whole 10000 x 10000 block recomputed in float32 when any entry is not finite, radii and
+comparisons in float32, ties counted inside (<=).  `precision_recall(..., dtype="float32")`
+gives the same algorithm with float32 distances.  Inside a single op (the row sums of squares,
+the a.b^T products) the order in which a device accumulates is not fixed by the graph (TF's CPU
+and GPU kernels differ); here each op's exact result is rounded once to its dtype, which makes
+the distances independent of the block shape and of the BLAS library.
 """
 import warnings
 
@@ -65,43 +74,114 @@ def inception_score_from_logits(logits, split_size=5000):
     return inception_score(softmax(np.asarray(logits, dtype=np.float64), axis=1), split_size)
 
 
-def pairwise_sq_distances(a, b):
-    """Squared Euclidean distances between rows of a (n x D) and b (m x D), as ADM (clamped at 0)."""
-    a = np.asarray(a, dtype=np.float32)
-    b = np.asarray(b, dtype=np.float32)
-    d = (a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :]
-    return np.maximum(d, 0)
+ADM_BATCH_SIZE = 10000  # ADM's ManifoldEstimator row_batch_size = col_batch_size
+PR_DTYPES = ("float16", "float32")
 
 
-def manifold_radii(features, k=3, batch_size=1000):
-    """Squared distance from each feature to its k-th nearest neighbour in the same set.
+def _row_sums(x):
+    """Row sums of a float16 / float32 matrix as one op of that dtype: the exact sum, rounded once.
 
-    Index k of the sorted row (index 0 is the point itself), like ADM's ManifoldEstimator;
-    rows are processed `batch_size` at a time, so memory is batch_size x N.
+    The terms are values of that dtype: float64 holds a sum of float16 terms exactly, and one of
+    float32 terms far more precisely than a float32 rounding step.
     """
+    return x.astype(np.float64).sum(1).astype(x.dtype)
+
+
+def pairwise_sq_distances(a, b, dtype="float32", chunk=1024):
+    """ADM's squared distances between rows of a (n x D) and b (m x D) in `dtype` arithmetic, raw.
+
+    The features go to float32 (ADM's placeholders), then to `dtype` (round to nearest even);
+    each op of ADM's graph rounds its result to `dtype`: squares, row sums of squares, a.b^T,
+    the doubling, (|a|^2 - 2 a.b^T) + |b|^2 left to right, and max(., 0).  Each op is its
+    exact result rounded once (a device may accumulate inside an op in another order).  In
+    float16 the result may hold inf / nan; an overflow in a.b^T alone gives |a|^2 - inf + |b|^2
+    = -inf, which max(., 0) turns into a finite 0, as in ADM.  Rows of `a` go `chunk` at a
+    time (float64 temporaries of chunk x m).
+    """
+    a = np.asarray(a, dtype=np.float32).astype(dtype)
+    b = np.asarray(b, dtype=np.float32).astype(dtype)
+    out = np.empty((len(a), len(b)), dtype=a.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        norm_a, norm_b = _row_sums(np.square(a)), _row_sums(np.square(b))
+        b64 = b.astype(np.float64)
+        for i in range(0, len(a), chunk):
+            dot = (a[i:i + chunk].astype(np.float64) @ b64.T).astype(a.dtype)
+            d = (norm_a[i:i + chunk, None] - a.dtype.type(2) * dot) + norm_b[None, :]
+            out[i:i + chunk] = np.maximum(d, a.dtype.type(0))
+    return out
+
+
+def distance_block(a, b, dtype="float16"):
+    """One block of ADM's squared distances as float32, like its DistanceBlock.pairwise_distances.
+
+    dtype="float16": ADM's float16 arithmetic, and when any entry of the block is not finite
+    (a squared norm overflowed float16) the whole block is recomputed in float32.  ADM's
+    blocks are row batch x column batch, so the fallback is decided per block.
+    dtype="float32": float32 arithmetic throughout.
+    """
+    if dtype not in PR_DTYPES:
+        raise ValueError(f"dtype must be one of {PR_DTYPES}, got {dtype!r}")
+    if dtype == "float16":
+        d = pairwise_sq_distances(a, b, "float16")
+        if np.isfinite(d).all():
+            return d.astype(np.float32)
+    return pairwise_sq_distances(a, b, "float32")
+
+
+def manifold_radii(features, k=3, batch_size=ADM_BATCH_SIZE, dtype="float32"):
+    """Squared distance from each feature to its k-th nearest neighbour in the same set (float32).
+
+    Index k of the sorted row (index 0 is the point itself), like ADM's ManifoldEstimator.
+    Distances come from `distance_block(rows, cols, dtype)` on batch_size x batch_size blocks;
+    each row keeps only its k+1 smallest values per block, which leaves the k-th smallest of the
+    whole row unchanged (ADM holds a batch_size x N row batch instead).  The default dtype here
+    is float32; `precision_recall` asks for ADM's float16.
+    """
+    features = np.asarray(features)
     if len(features) <= k:
         raise ValueError(f"need more than k={k} features for manifold radii, got {len(features)}")
     radii = np.empty(len(features), dtype=np.float32)
     for i in range(0, len(features), batch_size):
-        d = pairwise_sq_distances(features[i:i + batch_size], features)
-        radii[i:i + batch_size] = np.partition(d, k, axis=1)[:, k]
+        rows = features[i:i + batch_size]
+        smallest = []
+        for j in range(0, len(features), batch_size):
+            d = distance_block(rows, features[j:j + batch_size], dtype)
+            smallest.append(np.partition(d, k, axis=1)[:, :k + 1] if d.shape[1] > k + 1 else d)
+        radii[i:i + batch_size] = np.partition(np.concatenate(smallest, axis=1), k, axis=1)[:, k]
     return radii
 
 
-def manifold_coverage(points, manifold, radii, batch_size=1000):
-    """Fraction of `points` inside at least one ball (manifold[j], radii[j]), in batch x batch blocks."""
-    inside = np.zeros(len(points), dtype=bool)
-    for i in range(0, len(points), batch_size):
-        for j in range(0, len(manifold), batch_size):
-            d = pairwise_sq_distances(points[i:i + batch_size], manifold[j:j + batch_size])
-            inside[i:i + batch_size] |= (d <= radii[None, j:j + batch_size]).any(axis=1)
-    return float(inside.mean())
+def manifold_membership(ref_features, ref_radii, sample_features, sample_radii,
+                        batch_size=ADM_BATCH_SIZE, dtype="float16"):
+    """(sample_in_ref, ref_in_sample): boolean arrays, inside at least one ball of the other set.
+
+    ADM's evaluate_pr: one distance block per (reference batch, sample batch), both directions
+    read from that same block, a point counts as inside when distance <= radius (ties inside).
+    """
+    ref_features, sample_features = np.asarray(ref_features), np.asarray(sample_features)
+    sample_in_ref = np.zeros(len(sample_features), dtype=bool)
+    ref_in_sample = np.zeros(len(ref_features), dtype=bool)
+    for i in range(0, len(ref_features), batch_size):
+        for j in range(0, len(sample_features), batch_size):
+            d = distance_block(ref_features[i:i + batch_size], sample_features[j:j + batch_size], dtype)
+            ref_in_sample[i:i + batch_size] |= (d <= sample_radii[None, j:j + batch_size]).any(axis=1)
+            sample_in_ref[j:j + batch_size] |= (d <= ref_radii[i:i + batch_size, None]).any(axis=0)
+    return sample_in_ref, ref_in_sample
 
 
-def precision_recall(ref_features, sample_features, k=3, batch_size=1000):
-    """(precision, recall): samples inside the reference manifold, references inside the sample manifold."""
-    ref_radii = manifold_radii(ref_features, k, batch_size)
-    sample_radii = manifold_radii(sample_features, k, batch_size)
-    precision = manifold_coverage(sample_features, ref_features, ref_radii, batch_size)
-    recall = manifold_coverage(ref_features, sample_features, sample_radii, batch_size)
-    return precision, recall
+def precision_recall(ref_features, sample_features, k=3, batch_size=ADM_BATCH_SIZE, dtype="float16"):
+    """(precision, recall): samples inside the reference manifold, references inside the sample manifold.
+
+    The default is ADM's evaluator arithmetic (see the module docstring): float16 distances with
+    its per-block float32 fallback on overflow, 10000 x 10000 blocks, k=3, ties inside.  dtype="float32" computes
+    every distance in float32 (same algorithm); on the same features it typically counts a few
+    samples fewer inside, since float16 rounding turns near-ties into ties.  `batch_size` only
+    changes the result where a block falls back to float32.
+    """
+    if dtype not in PR_DTYPES:
+        raise ValueError(f"dtype must be one of {PR_DTYPES}, got {dtype!r}")
+    ref_radii = manifold_radii(ref_features, k, batch_size, dtype)
+    sample_radii = manifold_radii(sample_features, k, batch_size, dtype)
+    sample_in_ref, ref_in_sample = manifold_membership(ref_features, ref_radii, sample_features, sample_radii,
+                                                       batch_size, dtype)
+    return float(sample_in_ref.mean()), float(ref_in_sample.mean())

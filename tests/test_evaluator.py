@@ -131,3 +131,21 @@ def test_unrealistic_samples_score_far_worse(corrupt, ref_images, digits_feature
 
 def evaluate_quietly(ref, sample, extractor):
     return evaluator.evaluate(ref, sample, extractor, batch_size=500, progress=False)
+
+
+def test_pr_dtype_flag_defaults_to_adm_float16(capsys):
+    parser = evaluator.build_parser()
+    assert parser.parse_args([REF, REF]).pr_dtype == "float16"
+    assert parser.parse_args([REF, REF, "--pr-dtype", "float32"]).pr_dtype == "float32"
+    assert "(default: float16)" in " ".join(parser.format_help().split())
+    with pytest.raises(SystemExit):
+        parser.parse_args([REF, REF, "--pr-dtype", "bfloat16"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_pr_dtype_reaches_the_metrics_and_json(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    proc = run_main([REF, REF, "--features", "digits", "--pr-dtype", "float32", "--json", str(out)], capsys)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(out.read_text())
+    assert metrics["pr_dtype"] == "float32" and metrics["precision"] == 1.0 and metrics["recall"] == 1.0
