@@ -1,0 +1,321 @@
+"""Triton integer kernels (quant/ops_triton.py) on CPU through Triton's interpreter, against the torch-op
+integer path (IntLinear kernel="torch"), quant.quantizer's activation codes and the fake backend."""
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU tensors
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton not installed: pip install triton (tests run its CPU interpreter)")
+
+from quant import ops_triton as ot  # noqa: E402
+from quant.kernels import IntLinear, _batch_of, quantize_act_int8  # noqa: E402
+from quant.qlinear import QuantLinear  # noqa: E402
+from quant.quantizer import (ActQuantConfig, WeightQuantConfig, pack_int4, quantize_act,  # noqa: E402
+                             quantize_weight)
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.skipif(not ot.available(), reason=f"Triton kernels: {ot.status()}")
+
+
+def _rel(y, ref):
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _qlinear(k=128, n=40, bits=8, group=None, gran="token", rank=0, smooth=False, bias=True, symmetric=False,
+             a_bits=8, act_scheme="ditas", seed=0, wshift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[:, 3] *= 10
+    w[:4] += wshift  # rows far from 0: 4-bit zero points beyond the int8 offset range (d != 0)
+    qw = quantize_weight(w, WeightQuantConfig(bits=bits, group_size=group, symmetric=symmetric))
+    L = torch.randn(n, rank, generator=g) * 0.01 if rank else None
+    R = torch.randn(rank, k, generator=g) * 0.1 if rank else None
+    s = torch.rand(k, generator=g) + 0.5 if smooth else None
+    b = torch.randn(n, generator=g) if bias else None
+    return QuantLinear(qw, b, L, R, s, ActQuantConfig(a_bits, gran, scheme=act_scheme))
+
+
+def _x(shape, seed=1, kind="outliers"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    x[..., 7] *= 20
+    if kind == "gelu":  # codes crowd near the bottom of the range: zero point far from 128
+        x = torch.nn.functional.gelu(3 * x)
+    return x
+
+
+def _run(ql, x, activation=None, out_dtype=None):
+    """The Triton linear of a QuantLinear on x (..., K), shaped like x."""
+    il = IntLinear.from_quantlinear(ql, "torch")
+    ops = ot.prepare_layer(il)
+    cfg = ql.act_cfg
+    y = ot.linear(x.reshape(-1, ql.in_features), ops, cfg.granularity, cfg.bits, cfg.scheme,
+                  _batch_of(x.shape, cfg.granularity), il.smooth, activation, out_dtype)
+    return y.view(*x.shape[:-1], ql.out_features), il
+
+
+# ---------------------------------------------------------------------------
+# activation pass
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gran", ["tensor", "row", "token"])
+@pytest.mark.parametrize("dtype,k,group,kind", [(torch.float32, 96, 32, "outliers"), (torch.bfloat16, 72, None, "gelu"),
+                                                (torch.float32, 40, 8, "gelu")])
+def test_activation_codes_are_the_quantizers(gran, dtype, k, group, kind):
+    """codes == quant.quantizer.quantize_act's bit for bit (with smooth, bf16 input, column tails), group sums
+    exact, lp == (codes - zx) R^T."""
+    g = torch.Generator().manual_seed(k)
+    x = _x((3, 7, k), seed=k, kind=kind).to(dtype)
+    smooth = torch.rand(k, generator=g) + 0.5
+    cfg = ActQuantConfig(8, gran)
+    codes_ref, _, zero = quantize_act(x.float() / smooth, cfg)
+    x2 = x.reshape(-1, k)
+    rt = torch.zeros(k, 16)
+    rt[:, :5] = torch.randn(k, 5, generator=g)
+    codes, gsum, lp, sx, zx = ot.quantize_act(x2, 8, "ditas", gran, _batch_of(x.shape, gran), smooth, group, rt)
+    assert codes.dtype == torch.uint8 and torch.equal(codes, codes_ref.reshape(-1, k))
+    a, t, sx_t, zx_t = quantize_act_int8(x2.float() / smooth, cfg, _batch_of(x.shape, gran))
+    assert torch.equal(codes.long(), a.long() + 128)
+    assert torch.equal(sx, sx_t.expand(21, 1).reshape(-1)) and torch.equal(zx, zx_t.expand(21, 1).reshape(-1))
+    assert torch.equal(zx, torch.broadcast_to(zero, x.shape)[..., 0].reshape(-1))
+    gs = k if group is None else group
+    assert gsum.dtype == torch.int32 and torch.equal(gsum.long(), codes.long().view(21, k // gs, gs).sum(-1))
+    ref = (codes.double() - zx.double()[:, None]) @ rt.double()
+    assert lp.shape == (21, 16) and (lp.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_activation_codes_other_bits_schemes_and_strides():
+    """A < 8, the reference scheme (2^A steps, top clipped), a transposed input, no smooth/LoRA."""
+    xt = _x((64, 33)).t()  # (33, 64), non-contiguous
+    for bits, scheme, gran in ((6, "ditas", "token"), (8, "reference", "tensor"), (7, "ditas", "row")):
+        cfg = ActQuantConfig(bits, gran, scheme=scheme)
+        codes, gsum, lp, sx, zx = ot.quantize_act(xt, bits, scheme, gran, _batch_of(xt.shape, gran))
+        assert torch.equal(codes, quantize_act(xt, cfg)[0]) and lp is None
+        assert torch.equal(gsum[:, 0].long(), codes.long().sum(1))
+    assert ot.quantize_act(xt[:0])[0].shape == (0, 64)
+
+
+def test_rounding_ties_go_to_even():
+    """Range [0, 255] (scale 1, zero 0) and [-100, 155] (zero 100): x.5 values are exact ties of round()."""
+    halves = torch.arange(-20, 20, dtype=torch.float32) * 6.5 + 0.5
+    x2 = torch.stack([torch.cat([torch.tensor([0.0, 255.0]), halves.abs() % 255]),
+                      torch.cat([torch.tensor([-100.0, 155.0]), halves.clamp(-100, 155)])])
+    for gran in ("row", "token"):
+        codes = ot.quantize_act(x2, 8, "ditas", gran, 2)[0]
+        assert torch.equal(codes, quantize_act(x2, ActQuantConfig(8, gran))[0])
+        assert torch.equal(codes[0, 2:].float(), torch.round(x2[0, 2:]))  # scale 1: codes are the rounded x
+    assert (x2[0, 2:] % 2 == 0.5).any() and (x2[0, 2:] % 2 == 1.5).any()  # ties down and up
+
+
+# ---------------------------------------------------------------------------
+# GEMM: exact integers, then the layer against the torch-op path and the fake backend
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group,k,wshift", [(8, None, 96, 0), (8, 32, 128, 0), (4, 32, 128, 0), (3, 64, 128, 0),
+                                                 (4, None, 96, 0), (4, 32, 128, 5.0)])
+def test_integer_group_dots_exact(bits, group, k, wshift, monkeypatch):
+    """With sx = 1, one group's scale 1 and the others 0 (no LoRA, bias): out == D_g = sum (ax - zx)(wq - zw),
+    in the int32 corrections and in the int64 ones (forced here; chosen for extreme zero points)."""
+    ql = _qlinear(k=k, n=40, bits=bits, group=group, bias=False, wshift=wshift)
+    ops = ot.prepare_layer(IntLinear.from_quantlinear(ql, "torch"))
+    assert (ops.d is not None) == (bits == 8 or wshift > 0)  # the S_g correction runs where d != 0
+    x2 = _x((5, k), kind="gelu")
+    codes, gsum, _, _, zx = ot.quantize_act(x2, group=ops.group)
+    gs = ops.group
+    wq = ql.codes.double().view(40, k // gs, gs) - ql.zero.double().unsqueeze(-1)
+    aq = (codes.double() - zx.double()[:, None]).view(5, k // gs, gs)
+    exact = torch.einsum("mgk,ngk->mgn", aq, wq)
+    assert exact.abs().max() < 2 ** 24  # exactly representable in the float32 output
+    for j in sorted({0, ops.n_groups - 1}):
+        sw = torch.zeros_like(ops.sw)
+        sw[j] = 1.0
+        one = dataclasses.replace(ops, sw=sw)
+        for wide in (False, True):
+            monkeypatch.setattr(ot, "needs_int64", lambda ops, e: wide)
+            out = ot.gemm(codes, gsum, None, torch.ones(5), zx, one)
+            assert torch.equal(out.double(), exact[:, j]), (j, wide)
+
+
+@pytest.mark.parametrize("bits,group,k,n", [(8, None, 96, 40), (8, 64, 128, 40), (4, 32, 128, 96), (4, 128, 256, 40),
+                                            (4, None, 96, 40), (3, 32, 96, 40)])
+@pytest.mark.parametrize("gran", ["tensor", "row", "token"])
+def test_linear_matches_torch_path_and_fake(bits, group, k, n, gran):
+    """W8A8 / W4A8 (and 3-bit packed) with LoRA, bias, smooth; M = 10 rows (tail of BLOCK_M), N = 40 (tail of
+    BLOCK_N 32), per-channel K = 96 (tail of BLOCK_K 64); outliers and GELU-like inputs (zero point far from 128)."""
+    ql = _qlinear(k=k, n=n, bits=bits, group=group, gran=gran, rank=4, smooth=True)
+    for kind in ("outliers", "gelu"):
+        x = _x((2, 5, k), kind=kind)
+        y, il = _run(ql, x)
+        with torch.no_grad():
+            ref, fake = il(x), ql(x)
+        assert y.shape == ref.shape and y.dtype == torch.float32
+        assert _rel(y, ref) < 1e-5 and (y - ref).abs().max() <= 1e-4 * ref.abs().max(), (kind, _rel(y, ref))
+        assert _rel(y, fake) < 1e-4, (kind, _rel(y, fake))
+
+
+@pytest.mark.parametrize("bits,group,sym,rank,smooth,bias,wshift", [
+    (8, 32, True, 0, False, False, 0), (2, 16, False, 3, True, False, 0), (6, 48, False, 0, True, True, 0),
+    (4, 64, True, 17, False, True, 0), (4, 32, False, 4, True, True, 5.0)])
+def test_other_widths_symmetric_and_options(bits, group, sym, rank, smooth, bias, wshift):
+    """2/6-bit weights, symmetric, a group that is no power of two (48: masked BLOCK_K step), rank 17 (padded to
+    32), with and without LoRA, smooth and bias, packed weights with d != 0; 2-D input under "row" (a range per row)."""
+    ql = _qlinear(k=96 if group == 48 else 128, bits=bits, group=group, symmetric=sym, rank=rank, smooth=smooth,
+                  bias=bias, gran="row", wshift=wshift)
+    x = _x((5, ql.in_features))
+    y, il = _run(ql, x)
+    with torch.no_grad():
+        assert _rel(y, il(x)) < 1e-5 and _rel(y, ql(x)) < 1e-4
+
+
+def test_block_sizes_and_multi_step_groups():
+    """BLOCK_K below the group (several int8 dots per group int32 accumulator) and other tiles agree."""
+    ql = _qlinear(k=256, n=40, bits=4, group=128, rank=4, smooth=True)
+    il = IntLinear.from_quantlinear(ql, "torch")
+    ops = ot.prepare_layer(il)
+    x2 = _x((9, 256))
+    codes, gsum, lp, sx, zx = ot.quantize_act(x2, 8, "ditas", "token", 1, il.smooth, ops.group, ops.rt)
+    base = ot.gemm(codes, gsum, lp, sx, zx, ops)
+    for bm, bn, bk in ((16, 16, 32), (16, 64, 16), (64, 32, 128)):
+        assert (ot.gemm(codes, gsum, lp, sx, zx, ops, block_m=bm, block_n=bn, block_k=bk) - base).abs().max() \
+            <= 1e-6 * base.abs().max()
+    with torch.no_grad():
+        assert _rel(base, il(x2)) < 1e-5
+
+
+def test_extreme_zero_point_uses_int64_corrections():
+    """x far from 0 relative to its range: the int32 bound fails, the kernel corrects in int64 (as the torch
+    path switches to float64)."""
+    ql = _qlinear(k=128, bits=8, group=64, gran="token", rank=4)
+    x = 50.0 + 1e-3 * _x((2, 4, 128)) / 20
+    ops = ot.prepare_layer(IntLinear.from_quantlinear(ql, "torch"))
+    zx = ot.quantize_act(x.reshape(-1, 128), 8, "ditas", "token")[4]
+    assert ot.needs_int64(ops, (128 - zx.double()).long())
+    y, il = _run(ql, x)
+    with torch.no_grad():
+        assert _rel(y, il(x)) < 1e-5 and _rel(y, ql(x)) < 1e-4
+
+
+def test_gelu_epilogue_and_bf16():
+    """GELU(tanh) in float32 over outputs from -50 to 50; bf16 in -> bf16 out (one rounding of the float32
+    result); the IntLinear with the same fused activation agrees."""
+    ql = _qlinear(k=128, n=40, bits=4, group=32, gran="row", rank=4)
+    with torch.no_grad():
+        ql.bias.mul_(25.0)
+    x = _x((2, 6, 128))
+    pre, il = _run(ql, x)
+    y, _ = _run(ql, x, "gelu_tanh")
+    ref = torch.nn.functional.gelu(pre, approximate="tanh")
+    assert pre.min() < -30 and pre.max() > 30
+    assert ((y - ref).abs() <= 2e-6 * ref.abs() + 1e-6).all(), float((y - ref).abs().max())
+    with torch.no_grad():
+        act = IntLinear.from_quantlinear(ql, "torch", "gelu_tanh")
+        assert _rel(y, act(x)) < 1e-5
+        yb, _ = _run(ql, x.bfloat16(), "gelu_tanh")
+        refb = act(x.bfloat16().float())  # same codes: the input is read upcast
+        assert yb.dtype == torch.bfloat16
+        assert ((yb.float() - refb).abs() <= refb.abs() * 2 ** -8 + 1e-5 * refb.abs().max()).all()
+        yf, _ = _run(ql, x.bfloat16(), "gelu_tanh", out_dtype=torch.float32)
+        assert yf.dtype == torch.float32 and _rel(yf, refb) < 1e-5
+        assert torch.equal(yb, yf.bfloat16())  # the kernel's bf16 store rounds to nearest even, as torch
+        with pytest.raises(ValueError, match="out_dtype"):
+            _run(ql, x, out_dtype=torch.float16)
+
+
+# ---------------------------------------------------------------------------
+# operands, errors, and the import without triton
+# ---------------------------------------------------------------------------
+
+def test_w4a8_operands_stay_packed():
+    """A 1152x4608 W4A8 layer (G = 128) keeps 0.5 B per weight of codes, plus per-group operands."""
+    n, k = 4608, 1152
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    scale, zero = torch.rand(n, k // 128) + 0.1, torch.randint(0, 16, (n, k // 128)).float()
+    ops = ot.prepare(pack_int4(codes), 4, scale, zero, group=128)
+    nb = ops.resident_bytes()
+    assert ops.w.dtype == torch.uint8 and ops.w.shape == (n, k // 2) and nb["weights"] == n * k // 2
+    assert ops.d is None  # 4-bit zero points fit the offset: no S_g correction
+    assert (nb["weights"] + nb["groups"]) / (n * k) < 0.6, nb
+    ops8 = ot.prepare(codes, 8, scale, zero, group=128)
+    assert ops8.w.dtype == torch.int8 and ops8.w.shape == (n, k) and ops8.d is not None
+
+
+def test_prepare_and_linear_errors():
+    codes = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
+    scale, zero = torch.ones(8, 2), torch.zeros(8, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        ot.prepare(codes, 8, scale, zero, group=16)
+    with pytest.raises(ValueError, match="exceed"):
+        ot.prepare(codes * 17, 6, scale, zero, group=32)
+    with pytest.raises(ValueError, match="not integers"):
+        ot.prepare(codes, 8, scale, zero + 0.5, group=32)
+    ops = ot.prepare(codes, 8, scale, zero, group=32)
+    with pytest.raises(ValueError, match="layer expects"):
+        ot.linear(torch.randn(3, 63), ops)
+    with pytest.raises(ValueError, match="activation must be"):
+        ot.linear(torch.randn(3, 64), ops, activation="relu")
+    assert ot.linear(torch.randn(0, 64), ops).shape == (0, 8)
+
+
+def test_imports_without_triton(monkeypatch):
+    for name in [m for m in sys.modules if m == "triton" or m.startswith("triton.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
+    spec = importlib.util.spec_from_file_location("ops_triton_without", ot.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert not mod.available() and "triton not importable" in mod.status()
+    ops = mod.prepare(torch.randint(0, 256, (8, 32), dtype=torch.uint8), 8, torch.ones(8, 1), torch.zeros(8, 1))
+    with pytest.raises(RuntimeError, match="Triton kernels unavailable"):
+        mod.linear(torch.randn(2, 32), ops)
+
+
+_COMPILE = r'''
+import re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from quant import ops_triton as ot
+
+def ptx(fn, arch, sig, **consts):
+    sig = dict(sig, **{name: "constexpr" for name in consts})
+    return triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+
+x = dict(x_ptr="*bf16", s_ptr="*fp32")
+rows = dict(M="i32", K="i32", stride_m="i32", stride_k="i32")
+gemm = dict(a_ptr="*u8", w_ptr="*u8", c_ptr="*i16", cb_ptr="*i32", d_ptr="*i32", sw_ptr="*fp32", gsum_ptr="*i32",
+            e_ptr="*i64", sx_ptr="*fp32", lp_ptr="*fp32", lt_ptr="*fp32", bias_ptr="*fp32", out_ptr="*bf16",
+            M="i32", N="i32", K="i32", G="i32", NG="i32")
+for arch, mma in ((90, "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8"), (80, "mma.sync.aligned.m16n8k32")):
+    ptx(ot._act_range_kernel, arch, dict(x, mn_ptr="*fp32", mx_ptr="*fp32", **rows), HAS_SMOOTH=True, BLOCK_M=16,
+        BLOCK_K=128)
+    code = ptx(ot._act_encode_kernel, arch, dict(x, sx_ptr="*fp32", zx_ptr="*fp32", a_ptr="*u8", gsum_ptr="*i32",
+               rt_ptr="*fp32", lp_ptr="*fp32", M="i32", K="i32", G="i32", NG="i32", stride_m="i32", stride_k="i32",
+               LEVELS="fp32"), HAS_SMOOTH=True, HAS_LORA=True, RANK_P=32, BLOCK_M=16, BLOCK_K=64)
+    assert "div.rn.f32" in code and "div.full.f32" not in code and "div.approx" not in code
+    for packed, wide in ((True, False), (False, True)):
+        code = ptx(ot._int_gemm_kernel, arch, dict(gemm, w_ptr="*u8" if packed else "*i8"), PACKED=packed,
+                   USE_SA=not packed, WIDE=wide, HAS_LORA=True, RANK_P=32, HAS_BIAS=True, GELU=True, OUT_BF16=True,
+                   BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
+        assert mma in code and ".s8.s8" in code, (arch, packed, sorted(set(re.findall(r"w?mma[\w.]*", code))))
+print("compiled")
+'''
+
+
+def test_kernels_compile_for_hopper_and_ampere(tmp_path):
+    """The real compiler (not the interpreter) lowers every kernel for sm_90 (H100/H200) and sm_80 (A100) with the
+    bundled ptxas, no GPU needed: int8 tensor-core MMAs with s32 accumulation in both GEMM variants (the packed one
+    unpacks in registers), IEEE divisions in the activation pass."""
+    pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
+    from helpers import ROOT
+    script = tmp_path / "compile_kernels.py"
+    script.write_text(_COMPILE)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
