@@ -9,7 +9,9 @@ the kernel it runs (`kernel`):
             scales, LoRA, bias and an optional GELU in registers: one write of the output
     torch   quant/ops_torch.py: torch._int_mm per K-group and torch ops (CUDA, other CPUs, and inputs
             whose zero points break the fused kernel's int32 bound); its docstring has the algebra
-    auto    the fused kernel where it runs, else torch
+    triton  quant/ops_triton.py: CUDA GPUs (and CPU tensors under TRITON_INTERPRET=1, for tests); int8
+            tl.dot per K-group, 4-bit codes kept packed and unpacked in registers, fused epilogue
+    auto    triton on CUDA where triton is installed, the fused kernel on x86 CPUs that have it, else torch
 
 Both compute the same integers as the fake-quantized QuantLinear; their float epilogues differ in
 order only (~1e-7 relative). Entry points: `IntLinear.from_quantlinear`, `to_int_backend`,
@@ -24,7 +26,7 @@ from quant.qlinear import QuantLinear
 from quant.quantizer import dequantize_weight, pack_int4, unpack_int4
 
 FAKE_HINT = "use --backend fake"
-INT_KERNELS = ("auto", "torch", "fused")
+INT_KERNELS = ("auto", "torch", "fused", "triton")
 ACTIVATIONS = (None, "gelu_tanh")
 
 
@@ -96,14 +98,20 @@ class IntLinear(nn.Module):
     def _prepare(self):
         """Derive the GEMM operands from the stored codes: the fused kernel's where it runs, else
         torch._int_mm's (which the fused layer rebuilds on the fly in the rare fallback)."""
+        for name in (*ops_torch.OPERANDS, "w_vnni", "f_sw", "f_cbd", "f_d", "f_Lt", "f_Rt", "f_bias"):
+            self.register_buffer(name, None, persistent=False)
+        self.triton_ops = None  # quant.ops_triton.Operands of a layer on the Triton kernel
+        if self._triton_chosen(self.scale.device):
+            from quant import ops_triton
+            self.fused = False
+            self.triton_ops = ops_triton.prepare_layer(self)  # reads the packed codes, keeps them packed
+            return
         ops = self._eager_build()
         cb, d = ops["cb_t"], ops["d_t"]
         g = self.group
         self.use_sa = bool((d != 0).any())
         self.int32_bound = ops_torch.int32_bound(ops, g)
         self.fused = self._fused_possible(self.scale.device)
-        for name in (*ops_torch.OPERANDS, "w_vnni", "f_sw", "f_cbd", "f_d", "f_Lt", "f_Rt", "f_bias"):
-            self.register_buffer(name, None, persistent=False)
         if not self.fused:
             for name in ops_torch.OPERANDS:
                 self.register_buffer(name, ops[name], persistent=False)
@@ -132,9 +140,28 @@ class IntLinear(nn.Module):
         codes = unpack_int4(self.codes_packed) if self.packed else self.codes
         return ops_torch.operands(codes, self.weight_cfg.bits, self.scale, self.zero, self.lora_L, self.lora_R)
 
+    @property
+    def runs(self):
+        """The kernel this layer runs: triton, fused or torch."""
+        return "triton" if self.triton_ops is not None else "fused" if self.fused else "torch"
+
     def _eager_operands(self):
         """The torch path's operands: kept by a torch-kernel layer, rebuilt by a fused one."""
         return self._eager_build() if self.w_op is None else {name: getattr(self, name) for name in ops_torch.OPERANDS}
+
+    def _triton_chosen(self, device):
+        """Does this layer run on the Triton kernel on `device`? (kernel "triton", or "auto" on CUDA)."""
+        if self.kernel not in ("triton", "auto") or (self.kernel == "auto" and device.type != "cuda"):
+            return False
+        from quant import ops_triton  # optional and slow to import: only where a layer may run on it
+        why = None
+        if not ops_triton.available():
+            why = ops_triton.status()
+        elif device.type != "cuda" and not ops_triton.INTERPRET:
+            why = f"tensors on {device.type} (Triton runs on CUDA, or on CPU under TRITON_INTERPRET=1)"
+        if why is not None and self.kernel == "triton":
+            raise ValueError(f"triton integer kernel unavailable: {why}; use kernel 'fused' (x86 CPUs) or 'torch'")
+        return why is None
 
     def _fused_possible(self, device):
         if self.kernel == "torch":
@@ -147,7 +174,8 @@ class IntLinear(nn.Module):
         elif ops_avx512.load() is None:
             why = ops_avx512.status()
         if why is not None and self.kernel == "fused":
-            raise ValueError(f"fused integer kernel unavailable: {why}")
+            raise ValueError(f"fused integer kernel unavailable: {why}; use kernel "
+                             f"{'triton' if device.type == 'cuda' else 'torch'!r}")
         return why is None
 
     def _fused_safe(self, zmax):
@@ -175,7 +203,8 @@ class IntLinear(nn.Module):
     def from_quantlinear(cls, ql, kernel="auto", activation=None):
         """Prepare a QuantLinear (ditas scheme, quantized activations) for integer GEMMs.
 
-        kernel: "auto" (the fused CPU kernel where it runs, else torch._int_mm), "torch", "fused".
+        kernel: "auto" (Triton on CUDA, the fused CPU kernel on x86, else torch._int_mm), "torch", "fused",
+        "triton" (see the module docstring); an explicit kernel that cannot run here is a ValueError.
         activation: None, or "gelu_tanh" to return GELU(tanh form) of the layer's output.
         """
         if not isinstance(ql, QuantLinear):
@@ -196,7 +225,7 @@ class IntLinear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, rank={self.lora_R.shape[0]}, smooth={self.smooth is not None}, "
-                f"groups={self.n_groups}x{self.group}, packed_int4={self.packed}, fused={self.fused}, activation={self.activation}, "
+                f"groups={self.n_groups}x{self.group}, packed_int4={self.packed}, kernel={self.runs}, activation={self.activation}, "
                 f"weight_cfg={self.weight_cfg}, act_cfg={self.act_cfg}")
 
 
@@ -222,7 +251,12 @@ def _int_linear(x, layer):
         raise ValueError(f"input has {shape[-1]} features, layer expects {k}")
     batch = ops_torch.batch_of(shape, layer.act_cfg.granularity)
     out = None
-    if layer.fused and x.numel() and x.device.type == "cpu":
+    if layer.triton_ops is not None:
+        from quant import ops_triton
+        cfg = layer.act_cfg
+        out = ops_triton.linear(x.reshape(-1, k), layer.triton_ops, cfg.granularity, cfg.bits, cfg.scheme, batch,
+                                layer.smooth, layer.activation)
+    elif layer.fused and x.numel() and x.device.type == "cpu":
         out = ops_avx512.fused_linear(x.reshape(-1, k), layer, batch)
     if out is None:
         out = ops_torch.linear(x.reshape(-1, k), layer._eager_operands(), layer, batch)

@@ -1,4 +1,4 @@
-"""Triton kernels for the integer backend: W8A8 / W4A8 linears with quant/kernels.py's exact integer algebra.
+"""Triton kernels for the integer backend: W8A8 / W4A8 linears with quant/ops_torch.py's exact integer algebra.
 
     _act_range_kernel   per-row min/max of x / smooth (then torch: granularity ranges, affine_params -> sx, zx)
     _act_encode_kernel  uint8 codes ax = quant.quantizer's bit for bit, per-K-group code sums S_g, lp = (ax - zx) R^T
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from quant.kernels import _combine_range
-from quant.quantizer import affine_params, num_steps, unpack_int4
+from quant.ops_torch import INT32_MAX, combine_range, int32_safe
+from quant.quantizer import affine_params, num_intervals, unpack_int4
 
 try:
     import triton
@@ -27,8 +27,7 @@ except Exception as err:  # not installed, or a broken install
     triton = tl = None
     _IMPORT_ERROR = f"triton not importable ({type(err).__name__}: {err}); pip install triton"
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read when the kernels are decorated (import time)
-_INT32_MAX = 2 ** 31 - 1
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read when the kernels are decorated (import time)
 ACTIVATIONS = (None, "gelu_tanh")
 
 
@@ -36,13 +35,14 @@ def status():
     """Why the kernels can or cannot run here (one line)."""
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
-    where = ("interpreter (CPU tensors)" if _INTERPRET else f"CUDA ({torch.cuda.get_device_name()})"
+    where = ("interpreter (CPU tensors)" if INTERPRET else f"CUDA ({torch.cuda.get_device_name()})"
              if torch.cuda.is_available() else "no CUDA device, and TRITON_INTERPRET=1 was not set at import")
     return f"triton {triton.__version__}: {where}"
 
 
 def available():
-    return _IMPORT_ERROR is None and (_INTERPRET or torch.cuda.is_available())
+    return _IMPORT_ERROR is None and (INTERPRET or torch.cuda.is_available())
+
 
 
 if triton is not None:
@@ -218,7 +218,7 @@ def prepare(codes_or_packed, bits, scale, zero, lora_L=None, lora_R=None, bias=N
     codes = unpack_int4(w) if bits <= 4 else w  # a temporary, for the checks and column sums
     n, k = codes.shape
     g = k if group is None else int(group)
-    if g < 1 or k % g or scale.shape != (n, k // g) or zero.shape != scale.shape or g * 128 * 128 > _INT32_MAX:
+    if g < 1 or k % g or scale.shape != (n, k // g) or zero.shape != scale.shape or g * 128 * 128 > INT32_MAX:
         raise ValueError(f"scale/zero {tuple(scale.shape)} do not fit a {n}x{k} weight with group {group} "
                          "(G * 128^2 must fit int32)")
     levels = 2 ** bits - 1
@@ -227,7 +227,7 @@ def prepare(codes_or_packed, bits, scale, zero, lora_L=None, lora_R=None, bias=N
     zero = zero.detach().float()
     if not bool(torch.isfinite(zero).all()) or not torch.equal(zero, zero.round()):
         raise ValueError("weight zero points are not integers")
-    c = zero.clamp(levels - 127, 128)                        # B = codes - c fits int8 (as quant.kernels)
+    c = zero.clamp(levels - 127, 128)                        # B = codes - c fits int8 (as quant.ops_torch.operands)
     b = codes.view(n, k // g, g).to(torch.int16) - c.to(torch.int16).unsqueeze(-1)
     cb, d = b.sum(-1, dtype=torch.int32).t().contiguous(), (c - zero).t().to(torch.int32).contiguous()
     rank, rt, lt = 0 if lora_R is None else lora_R.shape[0], None, None
@@ -246,7 +246,7 @@ def prepare(codes_or_packed, bits, scale, zero, lora_L=None, lora_R=None, bias=N
 
 
 def prepare_layer(layer):
-    """Operands of a quant.kernels.IntLinear (its stored codes, scales, LoRA and bias)."""
+    """Operands of a quant.int_linear.IntLinear (its stored codes, scales, LoRA and bias)."""
     rank = layer.lora_R.shape[0]
     return prepare(layer.codes_packed if layer.packed else layer.codes, layer.weight_cfg.bits, layer.scale,
                    layer.zero, layer.lora_L if rank else None, layer.lora_R if rank else None, layer.bias, layer.group)
@@ -256,7 +256,7 @@ def quantize_act(x2, bits=8, scheme="ditas", granularity="tensor", batch=1, smoo
                  block_m=16, block_k=64):
     """The activation pass: quant.quantizer's codes of x2 / smooth, group code sums, LoRA down-projection:
     x2:      float32 | bfloat16 | float16 (M, K), any strides, read upcast to float32
-    smooth:  float32 (K,) divisor or None;  granularity, batch: as quant.kernels.quantize_act_int8
+    smooth:  float32 (K,) divisor or None;  granularity, batch: as quant.ops_torch.quantize_act_int8
     group:   G of the code sums (None: G = K);  rt: float32 (K, RP) zero-padded R^T (Operands.rt) or None
     ->       codes uint8 (M, K), gsum int32 (M, K/G) code sums per group, lp float32 (M, RP) = (codes - zx) R^T
              or None, sx / zx float32 (M,) scale / integer zero point
@@ -277,8 +277,8 @@ def quantize_act(x2, bits=8, scheme="ditas", granularity="tensor", batch=1, smoo
     _act_range_kernel[(triton.cdiv(m, block_m),)](x2, mn if s is None else s, mn, mx, m, k, x2.stride(0),
                                                   x2.stride(1), HAS_SMOOTH=s is not None, BLOCK_M=block_m,
                                                   BLOCK_K=min(128, _pow2(k)))
-    mn, mx = _combine_range(mn.view(-1, 1), mx.view(-1, 1), granularity, batch)
-    sx, zx = (t.expand(m, 1).reshape(m).contiguous() for t in affine_params(mn, mx, num_steps(bits, scheme)))
+    mn, mx = combine_range(mn.view(-1, 1), mx.view(-1, 1), granularity, batch)
+    sx, zx = (t.expand(m, 1).reshape(m).contiguous() for t in affine_params(mn, mx, num_intervals(bits, scheme)))
     _act_encode_kernel[(triton.cdiv(m, block_m),)](
         x2, sx if s is None else s, sx, zx, codes, gsum, rt if rank_p else sx, lp if rank_p else sx, m, k, g, k // g,
         x2.stride(0), x2.stride(1), float(2 ** bits - 1), HAS_SMOOTH=s is not None, HAS_LORA=rank_p > 0,
@@ -287,9 +287,8 @@ def quantize_act(x2, bits=8, scheme="ditas", granularity="tensor", batch=1, smoo
 
 
 def needs_int64(ops, e):
-    """Can the int32 partials overflow for e = 128 - zx (int64 (M,))? (as IntLinear._int32_safe)"""
-    emax, (p, cbm, dg) = float(e.abs().max()) if e.numel() else 0.0, ops.bound
-    return p + emax * cbm + dg * (128 + emax) >= _INT32_MAX
+    """Can the int32 partials overflow for e = 128 - zx (int64 (M,))? (quant.ops_torch.int32_safe)"""
+    return not int32_safe(ops.bound, float(e.abs().max()) if e.numel() else 0.0)
 
 
 def gemm(codes, gsum, lp, sx, zx, ops, activation=None, out_dtype=torch.float32, block_m=32, block_n=32,
@@ -323,9 +322,9 @@ def gemm(codes, gsum, lp, sx, zx, ops, activation=None, out_dtype=torch.float32,
 
 def linear(x2, ops, act_granularity="tensor", act_bits=8, act_scheme="ditas", batch=1, smooth=None,
            activation=None, out_dtype=None):
-    """Integer W8A8 / W4A8 linear: quantize_act + gemm (quant.kernels.IntLinear's forward, on Triton):
+    """Integer W8A8 / W4A8 linear: quantize_act + gemm (quant.int_linear.IntLinear's forward, on Triton):
     x2:        float32 | bfloat16 | float16 (M, K);  ops: Operands (prepare / prepare_layer)
-    batch:     leading x[b] blocks of act_granularity "row" (quant.kernels._batch_of of the original shape)
+    batch:     leading x[b] blocks of act_granularity "row" (quant.ops_torch.batch_of of the original shape)
     smooth:    float32 (K,) or None;  activation: None | "gelu_tanh";  out_dtype: None = bf16 for bf16 input, else fp32
     ->         (M, N) out_dtype
     """

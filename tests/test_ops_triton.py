@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("triton", reason="triton not installed: pip install triton (tests run its CPU interpreter)")
 
 from quant import ops_triton as ot  # noqa: E402
-from quant.kernels import IntLinear, _batch_of, quantize_act_int8  # noqa: E402
+from quant.int_linear import IntLinear  # noqa: E402
+from quant.ops_torch import batch_of as _batch_of, quantize_act_int8  # noqa: E402
 from quant.qlinear import QuantLinear  # noqa: E402
 from quant.quantizer import (ActQuantConfig, WeightQuantConfig, pack_int4, quantize_act,  # noqa: E402
                              quantize_weight)
@@ -319,3 +320,36 @@ def test_kernels_compile_for_hopper_and_ampere(tmp_path):
     env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------
+# IntLinear(kernel="triton"): selection and the layer's forward
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group,gran,rank", [(8, None, "row", 4), (4, 32, "token", 0), (4, 64, "tensor", 3)])
+def test_intlinear_on_triton_matches_torch_kernel(bits, group, gran, rank):
+    """An IntLinear on the Triton kernel: the same layer as on torch ops (and 4-bit codes stay packed)."""
+    ql = _qlinear(k=128, n=40, bits=bits, group=group, gran=gran, rank=rank, smooth=True)
+    x = _x((2, 5, 128))
+    tri = IntLinear.from_quantlinear(ql, "triton")
+    ref = IntLinear.from_quantlinear(ql, "torch")
+    assert tri.runs == "triton" and ref.runs == "torch"
+    with torch.no_grad():
+        assert _rel(tri(x), ref(x)) < 1e-5
+        assert _rel(tri(x.bfloat16()).float(), ref(x.bfloat16()).float()) < 1e-2
+    if bits == 4:  # no unpacked copy: the Triton operand is the stored packed tensor itself
+        assert tri.triton_ops.w.data_ptr() == tri.codes_packed.data_ptr() and tri.w_op is None
+
+
+def test_auto_kernel_on_cpu_is_not_triton():
+    """kernel "auto" picks Triton on CUDA only: CPU layers run the fused C kernel or torch ops."""
+    il = IntLinear.from_quantlinear(_qlinear(), "auto")
+    assert il.runs in ("fused", "torch")
+
+
+def test_explicit_triton_kernel_that_cannot_run_names_the_alternative(monkeypatch):
+    monkeypatch.setattr(ot, "available", lambda: False)
+    monkeypatch.setattr(ot, "status", lambda: "triton not importable")
+    with pytest.raises(ValueError, match=r"triton integer kernel unavailable: triton not importable; use kernel "
+                                         r"'fused' \(x86 CPUs\) or 'torch'"):
+        IntLinear.from_quantlinear(_qlinear(), "triton")
