@@ -15,12 +15,13 @@ import os
 import time
 from dataclasses import fields
 
+import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 
-from cli import ArgumentParser, UserError, run
+from cli import (ArgumentParser, UserError, add_device_arg, add_model_args, check_common_args, check_writable, latent_shape,
+                 pick_device, run)
 from config import DEFAULTS, calib_labels
-from cli import add_model_args, pick_device
-from pipeline import build_model, decode, load_vae, make_sampler, sample_inputs, save_grid
+from pipeline import build_model, check_seed, decode, load_vae, make_sampler, sample_inputs, save_grid
 from quant.calibrate import quantize_dit
 from quant.config import SCHEME_DEFAULT, QuantConfig, field_default
 from quant.layers import check_layers, quantizable_layers
@@ -31,6 +32,9 @@ from quant.storage import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES, round_for_stora
 def quant_config_from_args(args):
     """The QuantConfig of the command line: flags left unset take QuantConfig's (scheme) defaults."""
     given = {f.name: getattr(args, f.name) for f in fields(QuantConfig)}
+    for flag in ("weight_bit", "act_bit"):  # the message names the flag
+        if not 2 <= given[flag] <= 8:
+            raise UserError(f"--{flag.replace('_', '-')} {given[flag]}: bits must be an integer in 2..8")
     given["group_size"] = given["group_size"] or None  # 0 = per output channel
     for name in ("act_granularity", "search_steps"):  # None: the scheme's default
         if given[name] is None:
@@ -66,23 +70,32 @@ def default_out_dir(args, cfg):
 
 
 def main(args):
+    # Check every input before the (slow, large) model is built; nothing is written on the way to an error
+    threads.set_threads(args.threads)
     torch.set_grad_enabled(False)
     cfg = quant_config_from_args(args)
+    check_seed(args.seed)
+    check_common_args(args)
+    latent_shape(args)
     out_dir = args.out or default_out_dir(args, cfg)
     if os.path.exists(out_dir) and not args.overwrite:
         what = "a quantized checkpoint" if is_quantized_checkpoint(out_dir) else "files"
         raise UserError(f"{out_dir} already holds {what}; pass --overwrite to replace it or choose --out")
+    check_writable(out_dir, "--out" if args.out else "--results-dir")
     labels = args.calib_labels or calib_labels(args.num_classes)
     args.preview_labels = args.preview_labels or labels[:8]
+    for flag, given in (("--calib-labels", labels), ("--preview-labels", args.preview_labels)):
+        if any(not 0 <= y < args.num_classes for y in given):
+            raise UserError(f"{flag}: labels must lie in [0, {args.num_classes}) (--num-classes)")
     device = pick_device(args.device)
+    vae = load_vae(args.vae, device) if args.preview else None
+
+    # Load the FP model
     model = build_model(args)
-    if any(not 0 <= y < args.num_classes for y in labels + args.preview_labels):
-        raise UserError(f"calibration/preview labels must lie in [0, {args.num_classes})")
     try:
         check_layers(quantizable_layers(model), cfg)
     except ValueError as e:
         raise UserError(str(e)) from None
-    vae = load_vae(args.vae, device) if args.preview else None
     model = model.to(device)
     torch.manual_seed(args.seed)
     shape = (model.in_channels, model.x_embedder.img_size, model.x_embedder.img_size)
@@ -92,10 +105,10 @@ def main(args):
     def calibration_loop():
         # the same fixed noise batch every pass: the FP trajectory is identical each time
         gens, y, z = sample_inputs(args.seed, range(len(labels)), args.num_classes, shape, labels)
-        calib(z, y, gens, progress=True)
+        calib(z, y, gens, progress="FP sampling loop (calibration)")
 
     print(f"calibrating {args.model} ({len(labels)} labels, cfg {args.calib_cfg_scale}, "
-          f"{args.num_sampling_steps} steps); {cfg}")
+          f"{args.num_sampling_steps} steps, {torch.get_num_threads()} threads); {cfg}", flush=True)
     t0 = time.time()
     preview = None
     if args.preview:
@@ -103,7 +116,7 @@ def main(args):
         sampler = make_sampler(model, args.num_sampling_steps, args.cfg_scale, clip_denoised=clip)
         gens, y, z = sample_inputs(args.seed, range(len(args.preview_labels)), args.num_classes, shape,
                                    args.preview_labels)
-        preview = [decode(vae, sampler(z, y, gens, progress=True))]
+        preview = [decode(vae, sampler(z, y, gens, progress="preview: FP model"))]
     report = quantize_dit(model, cfg, calibration_loop)
     # from here on the model is exactly what the checkpoint stores (and load_quantized returns)
     round_for_storage(model, args.storage_dtype)
@@ -111,7 +124,7 @@ def main(args):
         t1 = time.time()
         gens, y, z = sample_inputs(args.seed, range(len(args.preview_labels)), args.num_classes, shape,
                                    args.preview_labels)
-        preview.append(decode(vae, sampler(z, y, gens, progress=True)))
+        preview.append(decode(vae, sampler(z, y, gens, progress="preview: quantized model")))
         report["timings"]["quantized_preview_s"] = time.time() - t1
     report["timings"]["total_s"] = time.time() - t0
 
@@ -180,12 +193,14 @@ def build_parser():
     parser = ArgumentParser(description=__doc__)
     add_model_args(parser, image_size=d.image_size, num_classes=d.num_classes, vae=d.vae, cfg_scale=d.cfg_scale,
                    steps=d.num_sampling_steps)
-    parser.add_argument("--seed", type=int, default=d.seed, help="calibration / preview noise seed")
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help="calibration and preview noise seed (any integer in [0, 2^63 - 1])")
     add_quant_args(parser)
     parser.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default=DEFAULT_STORAGE_DTYPE,
                         help="dtype of scales, LoRA factors and the FP tensors in the checkpoint "
                              "(fp32 for exactness studies)")
-    parser.add_argument("--calib-cfg-scale", type=float, default=d.calib_cfg_scale)
+    parser.add_argument("--calib-cfg-scale", type=float, default=d.calib_cfg_scale,
+                        help="guidance of the FP calibration loops (the paper's 1.5)")
     parser.add_argument("--calib-labels", type=int, nargs="+", default=None,
                         help="calibration class labels (default: the released 16 ImageNet labels)")
     parser.add_argument("--preview-labels", type=int, nargs="+", default=None,
@@ -193,10 +208,12 @@ def build_parser():
     parser.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True,
                         help="write samples.png: FP (top) vs quantized (bottom) from the same noise")
     parser.add_argument("--upscale", type=int, default=1, help="nearest upscaling of preview images")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--results-dir", type=str, default="results")
+    add_device_arg(parser)
+    threads.add_threads_arg(parser)
+    parser.add_argument("--results-dir", type=str, default="results",
+                        help="where the output directory (named from the setting) goes without --out")
     parser.add_argument("--out", type=str, default=None, help="output directory (default: named from the setting)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return parser
 
 

@@ -4,6 +4,7 @@ A UserError (raised here, by the scripts and by the library) is printed by `run`
 stderr with exit code 2, never a traceback; argparse errors look the same.
 """
 import argparse
+import os
 import sys
 
 import torch
@@ -13,8 +14,21 @@ from models import DiT_models
 from quant.errors import UserError
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default and keeps the description's layout. A default of None means
+    "chosen at run time": its help text says how, and no "(default: None)" is added."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line ("error: ..."), exit 2, like every other input error."""
+    """argparse whose errors are one line ("error: ..."), exit 2, like every other input error; --help
+    shows the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         print(f"error: {message} (see --help)", file=sys.stderr)
@@ -33,15 +47,36 @@ def run(main, args):
         sys.exit(130)
 
 
-def add_model_args(parser, image_size=256, num_classes=1000, vae="mse", cfg_scale=4.0, steps=250):
-    """Upstream's model flags, with the script's upstream defaults."""
-    parser.add_argument("--model", type=str, default="DiT-XL/2", help=f"one of {', '.join(DiT_models)}")
-    parser.add_argument("--image-size", type=int, default=image_size)
-    parser.add_argument("--num-classes", type=int, default=num_classes)
-    parser.add_argument("--vae", type=str, default=vae,
-                        help="ema | mse (stabilityai/sd-vae-ft-*), a local diffusers folder, or none (pixel space)")
-    parser.add_argument("--cfg-scale", type=float, default=cfg_scale)
-    parser.add_argument("--num-sampling-steps", type=int, default=steps)
+# Why the scripts' defaults differ (they follow upstream's scripts and the paper):
+DEFAULTS_WHY = {
+    "vae": "QuantDiT.py and sample.py: mse, as upstream's sample.py; sample_merge_TAS.py: ema, as upstream's "
+           "sample_ddp.py (the FID setting)",
+    "cfg_scale": "4.0 for pictures (sample.py, QuantDiT.py's preview, as upstream's sample.py); 1.5 for FID "
+                 "(sample_merge_TAS.py, the paper's setting)",
+    "steps": "QuantDiT.py: 100, the paper's calibration setting; sample.py and sample_merge_TAS.py: upstream's 250",
+}
+
+
+def add_model_args(parser, model="DiT-XL/2", image_size=256, num_classes=1000, vae="mse", cfg_scale=4.0, steps=250,
+                   from_path=False):
+    """Upstream's model flags, with the script's upstream defaults (from_path: a quantized checkpoint's
+    config supplies --model/--image-size/--num-classes/--vae when not given)."""
+    def given(default):
+        return f" (default: from --path's checkpoint, else {default})" if from_path else ""
+
+    parser.add_argument("--model", type=str, default=None if from_path else model,
+                        help=f"DiT variant, one of {', '.join(DiT_models)}" + given(model))
+    parser.add_argument("--image-size", type=int, default=None if from_path else image_size,
+                        help="image resolution in pixels (a VAE model works at 1/8 of it)" + given(image_size))
+    parser.add_argument("--num-classes", type=int, default=None if from_path else num_classes,
+                        help="class-conditional classes (ImageNet: 1000)" + given(num_classes))
+    parser.add_argument("--vae", type=str, default=None if from_path else vae,
+                        help="ema | mse (stabilityai/sd-vae-ft-*), a local diffusers folder, or none (pixel space); "
+                             + DEFAULTS_WHY["vae"] + given(vae))
+    parser.add_argument("--cfg-scale", type=float, default=cfg_scale,
+                        help="classifier-free guidance scale (1 disables it); " + DEFAULTS_WHY["cfg_scale"])
+    parser.add_argument("--num-sampling-steps", type=int, default=steps,
+                        help="DDPM steps (respaced from 1000); " + DEFAULTS_WHY["steps"])
     parser.add_argument("--ckpt", type=str, default=None,
                         help="DiT checkpoint: .pt / .safetensors / diffusers folder "
                              "(default: the upstream DiT-XL/2 checkpoint for --image-size)")
@@ -62,6 +97,21 @@ def check_sampling_dtype(dtype, quantized, backend):
     if dtype != "fp32" and quantized and backend != "int":
         raise UserError(f"--dtype {dtype} with a quantized checkpoint needs --backend int (fake quantization "
                         f"would round its own quantizer arithmetic to {dtype}); or use --dtype fp32")
+
+
+def add_device_arg(parser):
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the model runs (auto: cuda when a GPU is visible, else cpu)")
+
+
+def check_writable(path, flag):
+    """Fail before any work when `path` (a file or directory to be made) cannot be written: its nearest
+    existing ancestor must be a writable directory. Creates nothing."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path} is not writable ({parent} is not a writable directory)")
 
 
 def pick_device(spec):

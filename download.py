@@ -21,11 +21,14 @@ def download_model(model_name, directory=PRETRAINED_DIR):
     if os.path.isfile(path):
         return path
     url = PRETRAINED_URL.format(name=model_name)
+    created = not os.path.isdir(directory)
     os.makedirs(directory, exist_ok=True)
     try:
         with atomic_path(path, suffix=".part") as tmp:
             torch.hub.download_url_to_file(url, tmp, progress=True)
     except Exception as e:  # no network, DNS failure, HTTP error: all the same to the user
+        if created and not os.listdir(directory):
+            os.rmdir(directory)  # nothing left behind on the way to the error
         raise UserError(
             f"{model_name} is not in {directory}/ and could not be downloaded from {url} "
             f"({type(e).__name__}); download it there by hand and rerun"
@@ -38,6 +41,10 @@ def find_model(model_name):
     if model_name in PRETRAINED_MODELS:
         return _load_file(download_model(model_name))
     if os.path.isdir(model_name):
+        from quant.checkpoint import is_quantized_checkpoint
+        if is_quantized_checkpoint(model_name):
+            raise UserError(f"--ckpt {model_name} is a quantized checkpoint directory (QuantDiT.py's output), not an "
+                            f"FP DiT checkpoint: sample it with sample.py or sample_merge_TAS.py --path {model_name}")
         return load_diffusers_folder(model_name)
     if not os.path.isfile(model_name):
         raise UserError(f"checkpoint {model_name} not found (expected a file, a diffusers folder, "
@@ -91,9 +98,15 @@ def load_model_state(model, state_dict, source):
 def diffusers_to_dit(state, num_layers):
     """Map a diffusers DiTTransformer2DModel state dict to upstream DiT keys.
 
-    diffusers copies the timestep and class embedders into every block's norm; block 0's
-    copy is taken. `pos_embed` is not stored by diffusers (it is fixed sin-cos): the caller
-    fills it from the model's own init.
+    diffusers copies the timestep and class embedders into every block's norm; upstream DiT has one
+    embedder, so the copies must be equal (a model converted from upstream) and block 0's is taken.
+    Copies that differ (a model fine-tuned in diffusers) have no exact upstream form: refused.
+    `pos_embed` is not stored by diffusers (it is fixed sin-cos): the caller fills it from the
+    model's own init.
+
+    Note that diffusers' own DiTTransformer2DModel computes a different function on the same weights
+    (LayerNorm eps 1e-5 instead of upstream's 1e-6, timestep frequencies with downscale_freq_shift=1
+    instead of 0; docs/METHOD.md §12): loaded here, the weights compute upstream DiT's function.
     """
     out = {
         "x_embedder.proj.weight": state["pos_embed.proj.weight"],
@@ -108,6 +121,12 @@ def diffusers_to_dit(state, num_layers):
         for p in ("weight", "bias"):
             out[f"t_embedder.mlp.{i}.{p}"] = state[f"{emb}timestep_embedder.linear_{j}.{p}"]
     out["y_embedder.embedding_table.weight"] = state[f"{emb}class_embedder.embedding_table.weight"]
+    copies = [k for k in state if k.startswith("transformer_blocks.") and ".norm1.emb." in k]
+    for key in copies:
+        first = emb + key.split(".norm1.emb.", 1)[1]
+        if not torch.equal(state[key], state[first]):
+            raise ValueError(f"its per-block embedder copies differ ({key} vs block 0): fine-tuned in diffusers, it "
+                             f"has no exact upstream DiT form (one timestep/class embedder); refused")
     for d in range(num_layers):
         src, dst = f"transformer_blocks.{d}.", f"blocks.{d}."
         for p in ("weight", "bias"):
@@ -164,6 +183,8 @@ def load_diffusers_folder(folder):
         out = diffusers_to_dit(state, cfg["num_layers"])
     except KeyError as e:
         raise UserError(f"{folder}: diffusers weights lack key {e.args[0]}") from None
+    except ValueError as e:
+        raise UserError(f"{folder}: {e}") from None
     hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     grid = cfg["sample_size"] // cfg["patch_size"]
     out["pos_embed"] = torch.from_numpy(get_2d_sincos_pos_embed(hidden, grid)).float().unsqueeze(0)

@@ -20,6 +20,7 @@ import sys
 import zipfile
 
 import numpy as np
+import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 from tqdm import tqdm
 
@@ -178,6 +179,7 @@ def write_json(path, obj):
 
 
 def main(args):
+    threads.set_threads(args.threads)
     try:
         ref_images = load_images(args.ref_batch)
         sample_images = load_images(args.sample_batch)
@@ -210,12 +212,14 @@ def build_parser():
     parser.add_argument("--inception-weights", type=str, default=None,
                         help=f"torch-fidelity Inception weights (default: $DITAS_INCEPTION_WEIGHTS, "
                              f"else {os.path.relpath(DEFAULT_INCEPTION_WEIGHTS)})")
-    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=100, help="images per feature-extractor batch")
     parser.add_argument("--pr-dtype", choices=PR_DTYPES, default="float16",
                         help="arithmetic of the precision / recall distances: float16 is ADM's evaluator's "
                              "(float16, with its float32 fallback on overflow); float32 rounds less and counts "
                              "a few near-ties fewer as inside (default: %(default)s)")
-    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the feature extractor runs")
+    threads.add_threads_arg(parser)
     parser.add_argument("--json", type=str, default=None, help="also write the metrics to this JSON file")
     return parser
 

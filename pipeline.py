@@ -1,11 +1,12 @@
 """The pieces every script shares: model flags, building and loading a DiT, the VAE, and
 deterministic per-sample sampling.
 
-Sample i's label and noise (x_T and every step's noise) come from a generator seeded by
-(seed, i) alone, so a set of images does not depend on batch size, world size or resumption.
+Sample i's label and noise (x_T and every step's noise) come from a random stream keyed by
+(seed, i) alone (SampleRNG), so a set of images does not depend on batch size, world size or resumption.
 """
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -26,13 +27,16 @@ def cast_for_sampling(model, dtype, quantized, backend):
 
 
 def build_model(args, load=True):
-    """The DiT for --model/--image-size/--num-classes/--vae, with --ckpt loaded (eval mode)."""
+    """The DiT for --model/--image-size/--num-classes/--vae, with --ckpt loaded (eval mode). The checkpoint is
+    read first: a missing or unreadable one is reported before the (for DiT-XL/2: slow, large) model is built."""
     check_common_args(args)
     channels, size = latent_shape(args)
-    model = DiT_models[args.model](input_size=size, in_channels=channels, num_classes=args.num_classes)
     if load:
         ckpt = default_ckpt(args)
-        load_model_state(model, find_model(ckpt), ckpt)
+        state = find_model(ckpt)
+    model = DiT_models[args.model](input_size=size, in_channels=channels, num_classes=args.num_classes)
+    if load:
+        load_model_state(model, state, ckpt)
     return model.eval()
 
 
@@ -73,50 +77,57 @@ def decode(vae, x):
     return vae.decode(x / VAE_SCALE).sample
 
 
-SEED_BITS, INDEX_BITS = 12, 20
+MAX_SEED = (1 << 63) - 1
 
 
-def sample_seed(seed, index):
-    """The generator seed of sample `index`: depends on (seed, index) only, and differs for every pair.
+def check_seed(seed, flag="--seed"):
+    """A seed a user typed: any integer in [0, 2^63 - 1]; else a one-line error naming the flag."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{flag} must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    return seed
 
-    torch's CPU generator seeds mt19937 with the low 32 bits only, so (seed, index) is packed into
-    32 bits: 12 for the seed, 20 for the index (1,048,576 samples per seed).
+
+class SampleRNG:
+    """The random stream of one sample: numpy's PCG64 keyed by SeedSequence(seed, spawn_key=(index,)).
+
+    Independent streams for every (seed, index) with any 63-bit seed (torch's CPU generator keeps only
+    the low 32 bits of its seed, so it cannot key on both). Draws, in order: the label (if not given),
+    x_T, then every denoising step's noise.
     """
-    seed, index = int(seed), int(index)
-    if not 0 <= seed < 1 << SEED_BITS:
-        raise UserError(f"seed must be in [0, {1 << SEED_BITS}), got {seed}")
-    if not 0 <= index < 1 << INDEX_BITS:
-        raise UserError(f"sample index {index} exceeds the {1 << INDEX_BITS} samples a seed can address")
-    return (seed << INDEX_BITS) | index
 
+    def __init__(self, seed, index):
+        if not isinstance(index, int) or index < 0:
+            raise UserError(f"sample index must be a non-negative integer, got {index!r}")
+        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(check_seed(seed), spawn_key=(index,))))
 
-def _draw_label(gen, num_classes):
-    return int(torch.randint(0, num_classes, (1,), generator=gen))
+    def randn(self, shape):
+        return torch.from_numpy(self.rng.standard_normal(tuple(shape), dtype=np.float32))
+
+    def label(self, num_classes):
+        return int(self.rng.integers(num_classes))
 
 
 def sample_labels(seed, n, num_classes):
     """The labels sample_inputs draws for samples 0..n-1 (to score class-conditional batches)."""
-    return [_draw_label(torch.Generator().manual_seed(sample_seed(seed, i)), num_classes) for i in range(n)]
+    return [SampleRNG(seed, i).label(num_classes) for i in range(n)]
 
 
-def sample_inputs(seed, indices, num_classes, shape, labels=None):
-    """Per-sample generators, labels and x_T for the given global sample indices.
-
-    Each generator draws the label first (if not given), then x_T, then every step's noise.
-    """
-    gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
+def sample_inputs(seed, indices, num_classes, shape, labels=None, label_flag="--labels"):
+    """Per-sample random streams (SampleRNG), labels and x_T for the given global sample indices."""
+    gens = [SampleRNG(seed, int(i)) for i in indices]
     if labels is None:
-        labels = [_draw_label(g, num_classes) for g in gens]
+        labels = [g.label(num_classes) for g in gens]
     else:
         for y in labels:
             if not 0 <= int(y) < num_classes:
-                raise UserError(f"label {y} outside [0, {num_classes})")
-    z = torch.stack([torch.randn(shape, generator=g) for g in gens])
+                raise UserError(f"{label_flag}: label {y} outside [0, {num_classes})")
+    z = torch.stack([g.randn(shape) for g in gens])
     return gens, torch.tensor([int(y) for y in labels]), z
 
 
 def make_sampler(model, num_sampling_steps, cfg_scale, clip_denoised, dtype="fp32"):
-    """A function (z, y, gens) -> samples in model space, DDPM with classifier-free guidance.
+    """A function (z, y, gens, progress=False) -> samples in model space, DDPM with classifier-free
+    guidance; progress: a bool, or the description of the progress bar (what this loop is for).
 
     dtype: the model's dtype (cast_for_sampling); its input is cast to it and its output back to float32."""
     diffusion = create_diffusion(str(num_sampling_steps))
@@ -137,7 +148,7 @@ def make_sampler(model, num_sampling_steps, cfg_scale, clip_denoised, dtype="fp3
             fn = _in_dtype(fn, MODEL_DTYPES[dtype])
 
         def noise_fn(x):
-            eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, x.dtype)
+            eps = torch.stack([g.randn(x.shape[1:]) for g in gens]).to(x.device, x.dtype)
             return torch.cat([eps, eps], 0) if using_cfg else eps
 
         out = diffusion.p_sample_loop(fn, z.shape, z.to(device), clip_denoised=clip_denoised, model_kwargs=kwargs,

@@ -29,16 +29,17 @@ import json
 import os
 import sys
 
+import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 from tqdm import tqdm
 
-from cli import (ArgumentParser, UserError, add_dtype_arg, add_model_args, check_common_args, check_sampling_dtype,
-                 latent_shape, pick_device, resolve_model_args, run)
-from pipeline import (barrier, build_model, cast_for_sampling, close_distributed, decode, init_distributed, load_vae,
-                      make_sampler, rank, sample_inputs, to_uint8, world_size)
+from cli import (ArgumentParser, UserError, add_device_arg, add_dtype_arg, add_model_args, check_common_args,
+                 check_sampling_dtype, check_writable, latent_shape, pick_device, resolve_model_args, run)
+from pipeline import (barrier, build_model, cast_for_sampling, check_seed, close_distributed, decode, init_distributed,
+                      load_vae, make_sampler, rank, sample_inputs, to_uint8, world_size)
 from quant import fold
 from quant.inference import load_checkpoint, to_backend
-from shards import ShardStore, npz_chunks
+from shards import ShardStore, npz_chunks, npz_shape
 
 # upstream sample_ddp.py's defaults for the flags a quantized checkpoint may supply instead
 MODEL_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "vae": "ema"}
@@ -53,18 +54,16 @@ def _check_args(args):
         raise UserError(f"--num-fid-samples must be positive, got {args.num_fid_samples}")
     if args.per_proc_batch_size <= 0:
         raise UserError(f"--per-proc-batch-size must be positive, got {args.per_proc_batch_size}")
+    check_seed(args.global_seed, "--global-seed")
+    check_writable(args.sample_dir, "--sample-dir")
 
 
-def _check_writable(directory):
-    """Create the sample dir and write/remove a probe file: fail before any sampling."""
-    probe = os.path.join(directory, f".write-probe-{os.getpid()}-{rank()}")
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"--sample-dir {directory} is not writable ({type(e).__name__}: {e.strerror or e})") from None
+def _check_npz(path, n, overwrite):
+    """An existing .npz of another size is replaced only with --overwrite (its name does not carry N)."""
+    found = npz_shape(path)
+    if found is not None and found[0][0] != n and not overwrite:
+        raise UserError(f"{path} holds {found[0][0]} samples, not --num-fid-samples {n}: pass --overwrite to "
+                        f"replace it, or choose another --sample-dir")
 
 
 def output_name(args, meta):
@@ -113,6 +112,7 @@ def main(args):
 
 def _main(args):
     # Setup: check the inputs, then DDP
+    threads.set_threads(args.threads)
     _check_args(args)
     device_kind = pick_device(args.device)
     meta = resolve_model_args(args, MODEL_DEFAULTS)
@@ -121,7 +121,9 @@ def _main(args):
     if device_kind == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
-    _check_writable(args.sample_dir)
+    name = output_name(args, meta)
+    _check_npz(os.path.join(args.sample_dir, f"{name}.npz"), args.num_fid_samples, args.overwrite)
+    vae = load_vae(args.vae, "cpu")  # before the model: a missing VAE is found first
 
     # Load the model: FP from --ckpt, or the quantized checkpoint with its smoothing factors folded
     # (qkv and fc1 into adaLN's shift/scale, proj into the V rows of qkv, fc2 divided on the fly)
@@ -138,7 +140,7 @@ def _main(args):
 
     # The shard store: shard k (a batch of consecutive indices) goes to rank k % world
     n, batch = args.num_fid_samples, args.per_proc_batch_size
-    store = ShardStore(args.sample_dir, output_name(args, meta), n, batch, (args.image_size, args.image_size, 3))
+    store = ShardStore(args.sample_dir, name, n, batch, (args.image_size, args.image_size, 3))
     fp = fingerprint(model, args, meta, device)
     if rank_ == 0:
         store.prepare(fp)
@@ -155,7 +157,7 @@ def _main(args):
         return store.npz_path
 
     # Sample this rank's missing shards
-    vae = load_vae(args.vae, device)
+    vae = None if vae is None else vae.to(device)
     model = model.to(device)
     sample = make_sampler(model, args.num_sampling_steps, args.cfg_scale, clip_denoised=args.vae == "none",
                           dtype=args.dtype)
@@ -164,7 +166,9 @@ def _main(args):
         print(f"sampling {n} images ({args.model}, {kind}) on {world} process(es), {len(store.starts)} shards of "
               f"<= {batch}: {store.shard_dir}", flush=True)
     made = 0
-    for start in tqdm(store.starts[rank_::world], desc=f"rank {rank_} shards", disable=rank_ != 0):
+    mine = store.starts[rank_::world]
+    for start in tqdm(mine, desc=f"sampling shards of {batch} (rank {rank_} of {world})", unit="shard",
+                      disable=rank_ != 0):
         arr = store.read(start)
         if arr is None:  # missing, or left corrupt/mismatched: (re)sample it
             gens, y, z = sample_inputs(args.global_seed, range(start, start + store.count(start)), args.num_classes,
@@ -188,13 +192,13 @@ def _main(args):
 def build_parser():
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser, image_size=256, num_classes=1000, vae="ema", cfg_scale=1.5, steps=250)
-    # None = "not given": taken from --path's checkpoint, else upstream's defaults (MODEL_DEFAULTS)
-    parser.set_defaults(model=None, image_size=None, num_classes=None, vae=None)
-    parser.add_argument("--sample-dir", type=str, default="samples")
-    parser.add_argument("--per-proc-batch-size", type=int, default=32)
-    parser.add_argument("--num-fid-samples", type=int, default=50_000)
-    parser.add_argument("--global-seed", type=int, default=0)
+    add_model_args(parser, **MODEL_DEFAULTS, cfg_scale=1.5, steps=250, from_path=True)
+    parser.add_argument("--sample-dir", type=str, default="samples", help="where the .npz (and its shards) go")
+    parser.add_argument("--per-proc-batch-size", type=int, default=32,
+                        help="samples per forward batch and per shard (the .npz does not depend on the process count)")
+    parser.add_argument("--num-fid-samples", type=int, default=50_000, help="samples in the .npz (N)")
+    parser.add_argument("--global-seed", type=int, default=0,
+                        help="sample i's label and noise depend on (global seed, i) only; any integer in [0, 2^63 - 1]")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="allow TF32 matmuls/convolutions on Ampere+ GPUs (default on)")
     parser.add_argument("--path", type=str, default=None, help="a quantized checkpoint directory (QuantDiT.py)")
@@ -205,7 +209,10 @@ def build_parser():
     add_dtype_arg(parser)
     parser.add_argument("--save-png", action="store_true", help="also write one PNG per sample")
     parser.add_argument("--keep-shards", action="store_true", help="keep the shard files after writing the .npz")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing .npz of the same name that holds another number of samples")
+    add_device_arg(parser)
+    threads.add_threads_arg(parser)
     return parser
 
 

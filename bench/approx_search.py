@@ -21,11 +21,11 @@ import shlex
 import sys
 import time
 
-import numpy as np
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import study  # noqa: E402  (puts the repository root on sys.path)
+import threads  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from bundled.digits import BUNDLED_CKPT  # noqa: E402
 
@@ -107,7 +107,7 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["default"],
                    help="default: the scheme's default activation granularity; token: per-token activations")
     p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--threads", type=int, default=None)
+    threads.add_threads_arg(p)
     p.add_argument("--ckpt", default=BUNDLED_CKPT)
     p.add_argument("--results-dir", default=os.path.join("results", "bench"))
     p.add_argument("--out", default=os.path.join("bench", "results", "approx_search.md"))
@@ -116,8 +116,7 @@ def main(argv=None):
                         "comparison on a shared machine)")
     args = p.parse_args(argv)
     os.chdir(study.ROOT)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads.set_threads(args.threads)
     torch.set_grad_enabled(False)
     t_start = time.time()
     bench = study.Bench(args.ckpt, args.results_dir, args.cfg_scale, calib_steps=args.calib_steps)

@@ -35,10 +35,11 @@ import sys
 import tempfile
 import time
 
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
+import torch  # noqa: E402
 from config import calib_labels  # noqa: E402
 from models import DiT_models  # noqa: E402
 from pipeline import make_sampler, sample_inputs  # noqa: E402
@@ -90,7 +91,7 @@ def _rss_kb():
 def child(args):
     """Run one method; write its measurements as JSON."""
     torch.set_grad_enabled(False)
-    torch.set_num_threads(1)
+    threads.set_threads(args.threads)
     model = build_model(args)
     labels = calib_labels(args.num_classes)[:args.labels]
     shape = (args.in_channels, args.input_size, args.input_size)
@@ -229,6 +230,7 @@ def main():
                     help=f"comma list of our settings: {', '.join(m[5:] for m in OURS)}")
     ap.add_argument("--released-search", choices=("naive", "same", "both"), default="both")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "calibration.md"))
+    ap.add_argument("--threads", type=int, default=1, help="threads of each measured process (single-threaded)")
     ap.add_argument("--child", choices=tuple(NAMES), help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -19,10 +19,11 @@ import sys
 import tempfile
 import time
 
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
+import torch  # noqa: E402
 from models import DiT_models  # noqa: E402
 from quant.calibrate import quantize_dit  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
@@ -190,7 +191,9 @@ def main():
     ap.add_argument("--steps", type=int, default=2, help="calibration steps of the measured small model")
     ap.add_argument("--skip-measured", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "ckpt_size.md"))
+    threads.add_threads_arg(ap)
     args = ap.parse_args()
+    threads.set_threads(args.threads)
     torch.set_grad_enabled(False)
     t0 = time.time()
     meta = meta_of(args.model, args.image_size, args.vae, args.num_classes)

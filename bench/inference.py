@@ -39,10 +39,11 @@ import platform
 import sys
 import time
 
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import threads  # noqa: E402,F401  (before torch: sets OpenMP's wait policy, read when torch loads)
+import torch  # noqa: E402
 from models import DiT_models  # noqa: E402
 from quant.calibrate import collect_tas  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
@@ -235,7 +236,7 @@ def main():
     ap.add_argument("--steps", type=int, default=50, help="sampling steps for images/s")
     ap.add_argument("--group-size", type=int, default=128, help="weight group of the grouped variants")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    threads.add_threads_arg(ap)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "inference.md"))
     args = ap.parse_args()
     args.batches = parse_list(args.batches, int)
@@ -249,8 +250,7 @@ def main():
         ap.error(f"unknown model(s) {bad}")
     if "bundled" in models and not os.path.exists(BUNDLED):
         ap.error(f"{BUNDLED} not found")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads.set_threads(args.threads)
     rows = []
     for spec in models:
         print(f"{spec}:", flush=True)

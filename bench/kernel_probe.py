@@ -14,10 +14,10 @@ import os
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from quant.int_linear import IntLinear  # noqa: E402
 from quant.ops_torch import quantize_act_int8  # noqa: E402
 from quant.qlinear import QuantLinear  # noqa: E402
@@ -50,7 +50,7 @@ def main():
                     help="cpu: process CPU time (robust to time slicing on a shared box; use with --threads 1)")
     ap.add_argument("--weight-only", action="store_true", help="also time torch's weight-only int kernels (slow)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    threads.set_threads(args.threads)
     torch.manual_seed(0)
     m, k, n = args.m, args.k, args.n
     x = torch.randn(m, k)

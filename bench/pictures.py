@@ -20,10 +20,10 @@ import os
 import shlex
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import study  # noqa: E402  (puts the repository root on sys.path)
+import threads  # noqa: E402
+import torch  # noqa: E402
 
 from bundled.digits import BUNDLED_CKPT, NUM_CLASSES  # noqa: E402
 from quant.files import atomic_path  # noqa: E402
@@ -130,15 +130,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="noise seed of the columns")
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--upscale", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
+    threads.add_threads_arg(p)
     p.add_argument("--ckpt", default=BUNDLED_CKPT)
     p.add_argument("--results-dir", default=os.path.join("results", "bench"))
     p.add_argument("--out-dir", default=os.path.join("bench", "results"))
     p.add_argument("--skip-samples", action="store_true", help="only layers.png")
     args = p.parse_args(argv)
     os.chdir(study.ROOT)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads.set_threads(args.threads)
     torch.set_grad_enabled(False)
     bench = study.Bench(args.ckpt, args.results_dir, args.cfg_scale, calib_steps=args.calib_steps)
     os.makedirs(args.out_dir, exist_ok=True)

@@ -31,11 +31,11 @@ import shlex
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from study import (DEFAULT_METHODS, FULL, METHODS, PSNR_CAP_DB, QUICK, ROOT, Bench, fmt, log, machine,  # noqa: E402
                    parse_bits)
+import threads  # noqa: E402
+import torch  # noqa: E402
 from bundled.digits import BUNDLED_CKPT  # noqa: E402
 
 
@@ -108,7 +108,7 @@ def main(argv=None):
                    f"{QUICK['num_samples']} samples, {QUICK['steps']} steps (explicit flags win)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="sampling guidance (the paper's 1.5)")
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    threads.add_threads_arg(p)
     p.add_argument("--ckpt", default=BUNDLED_CKPT, help="the FP digits DiT (default: the bundled asset)")
     p.add_argument("--results-dir", default=os.path.join("results", "bench"))
     p.add_argument("--out", default=os.path.join("bench", "results", "quality.md"))
@@ -117,8 +117,7 @@ def main(argv=None):
     n = args.num_samples or base["num_samples"]
     steps = args.steps or base["steps"]
     os.chdir(ROOT)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads.set_threads(args.threads)
     torch.set_grad_enabled(False)
     if not os.path.isfile(args.ckpt):
         sys.exit(f"error: {args.ckpt} not found (the bundled model; pass --ckpt results/train/last.pt while it "

@@ -13,10 +13,11 @@ import os
 import platform
 import sys
 
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
+import torch  # noqa: E402
 from bench.common import write_report  # noqa: E402
 from config import calib_labels  # noqa: E402
 from bundled.digits import BUNDLED_CKPT, NUM_CLASSES  # noqa: E402
@@ -55,7 +56,7 @@ def main():
     args = ap.parse_args()
     if args.stride < 2:
         ap.error("--stride must be at least 2")
-    torch.set_num_threads(args.threads)
+    threads.set_threads(args.threads)
     exact, strided = calibrate(args, 1), calibrate(args, args.stride)
     rows = []
     for name, r in exact.items():

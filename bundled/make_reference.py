@@ -9,9 +9,9 @@ import argparse
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
+import numpy as np  # noqa: E402
 from bundled.digits import IMAGE_SIZE, load_digits_tensors  # noqa: E402
 from pipeline import to_uint8  # noqa: E402
 
@@ -20,6 +20,7 @@ DEFAULT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 
 def main(args):
+    threads.set_threads(args.threads)
     images, labels = load_digits_tensors(args.image_size)
     arr = to_uint8(images).numpy()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -32,4 +33,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=str, default=DEFAULT_PATH)
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)
+    threads.add_threads_arg(parser)
     main(parser.parse_args())

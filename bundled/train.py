@@ -11,9 +11,9 @@ import sys
 import time
 from copy import deepcopy
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
+import torch  # noqa: E402
 from bundled.digits import NUM_CLASSES, load_digits_tensors  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from models import DiT_models  # noqa: E402
@@ -47,8 +47,7 @@ def export_ema(ema, path, dtype):
 
 def main(args):
     torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads.set_threads(args.threads)
     os.makedirs(args.results_dir, exist_ok=True)
 
     images, labels = load_digits_tensors(args.image_size)
@@ -111,7 +110,7 @@ if __name__ == "__main__":
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    threads.add_threads_arg(parser)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="bf16 autocast (2-3x faster on CPU)")
     parser.add_argument("--log-every", type=int, default=50)

@@ -12,12 +12,12 @@ import os
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
-from sklearn.model_selection import train_test_split
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from sklearn.model_selection import train_test_split  # noqa: E402
 from bundled.classifier import DEFAULT_PATH, DigitClassifier, uint8_to_input  # noqa: E402
 from bundled.digits import IMAGE_SIZE, NUM_CLASSES, load_digits_tensors  # noqa: E402
 from pipeline import to_uint8  # noqa: E402
@@ -46,7 +46,7 @@ def accuracy(model, x, y, batch_size=512):
 
 def main(args):
     torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
+    threads.set_threads(args.threads)
     generator = torch.Generator().manual_seed(args.seed)
 
     images, labels = load_digits_tensors(IMAGE_SIZE)
@@ -101,5 +101,5 @@ if __name__ == "__main__":
     parser.add_argument("--feature-dim", type=int, default=64)
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (the recorded asset used 1)")
     main(parser.parse_args())

@@ -229,14 +229,15 @@ class GaussianDiffusion:
         return final["sample"]
 
     def _reverse_steps(self, model, shape, noise, device, progress, desc):
-        """(x_T, iterator of the timestep tensors T-1, ..., 0) of a sampling loop."""
+        """(x_T, iterator of the timestep tensors T-1, ..., 0) of a sampling loop; progress: a bool, or the
+        progress bar's description."""
         if device is None:
             device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
         assert isinstance(shape, (tuple, list))
         img = noise if noise is not None else th.randn(*shape, device=device)
         indices = list(range(self.num_timesteps))[::-1]
         if progress:
-            indices = tqdm(indices, desc=desc, leave=False)
+            indices = tqdm(indices, desc=progress if isinstance(progress, str) else desc, leave=False)
         return img, (th.tensor([i] * shape[0], device=device) for i in indices)
 
     def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,

@@ -89,7 +89,8 @@ def prepare_candidates(layers, cfg, absmax, progress=True):
     """({name: Candidates} for cfg's alphas, {name: Candidates} of plain round-to-nearest)."""
     wcfg = cfg.weight_cfg()
     candidates, baselines = {}, {}
-    for name, lin in tqdm(layers.items(), desc="preparing candidates", disable=not progress, leave=False):
+    for name, lin in tqdm(layers.items(), desc="candidates (smoothing, quantization, LoRA fits)", unit="layer",
+                          disable=not progress, leave=False):
         candidates[name] = Candidates(lin.weight, lin.bias, absmax[name], cfg.alphas(), wcfg, cfg.lora_rank,
                                       cfg.lora_iters, svd=cfg.svd)
         baselines[name] = Candidates(lin.weight, lin.bias, None, [None], wcfg, lora_rank=0)
@@ -147,19 +148,27 @@ def quantize_dit(model, cfg, loop, progress=True):
     check_layers(layers, cfg)
     scoring = SCORINGS[cfg.search](cfg)
     timings = {}
+    say = tqdm.write if progress else (lambda msg: None)
 
     t0 = time.time()  # 1. TAS statistics (the exact search with no smoothing needs none)
     stats = {name: None for name in layers}
     if cfg.smoothing != "none" or scoring.loops == 1:
+        say(f"calibration 1/3, TAS statistics: one FP sampling loop, {len(layers)} layers observed")
         stats = collect_statistics(layers, loop, scoring.statistic)
+    else:
+        say("calibration 1/3, TAS statistics: not needed (--smoothing none)")
     absmax = {name: None if s is None or cfg.smoothing == "none" else s.value for name, s in stats.items()}
     timings["tas_statistics_s"] = time.time() - t0
 
     t0 = time.time()  # 2. candidate preparation: smoothing, quantized weights, LoRA per alpha
+    lora = f"LoRA rank {cfg.lora_rank}, {cfg.lora_iters} iterations" if cfg.lora_rank else "no LoRA"
+    say(f"calibration 2/3, candidate preparation: {len(cfg.alphas())} alpha(s) x {len(layers)} layers ({lora})")
     candidates, baselines = prepare_candidates(layers, cfg, absmax, progress)
     timings["prepare_candidates_s"] = time.time() - t0
 
     t0 = time.time()  # 3. alpha search: score every candidate
+    say("calibration 3/3, alpha search: " + ("one more FP sampling loop scores every candidate" if scoring.loops == 2
+                                            else "losses predicted from pass 1's statistics (no FP loop)"))
     scores = scoring.score(layers, candidates, baselines, stats, loop)
     timings["alpha_search_s"] = time.time() - t0
 
@@ -173,6 +182,7 @@ def quantize_dit(model, cfg, loop, progress=True):
     if scoring.loops == 1:
         out.update(search=cfg.search, calibration_loops=1)
     if cfg.quantize_adaln:  # 5. adaLN, weight-only
+        say("adaLN linears: weight-only 8-bit")
         t0 = time.time()
         out["adaln_layers"] = quantize_adaln(model)
         timings["quantize_adaln_s"] = time.time() - t0

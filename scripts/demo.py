@@ -13,10 +13,11 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import threads  # noqa: E402,F401  (before torch: sets OpenMP's wait policy, read when torch loads)
+import numpy as np  # noqa: E402
 
 from bundled.digits import BUNDLED_FLAGS  # noqa: E402
 

@@ -91,3 +91,44 @@ def test_offline_pretrained_name_is_one_line_error(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt" in msg and "\n" not in msg
     assert not list(tmp_path.iterdir())  # no partial file left
+
+
+def _diffusers_folder(tmp_path, perturb_block=None):
+    import json
+
+    from safetensors.torch import save_file
+    sd = {k: torch.randn(v.shape) for k, v in small_model().state_dict().items()}
+    dif = dit_to_diffusers(sd, 2)
+    if perturb_block is not None:  # a model fine-tuned in diffusers: its block copies drift apart
+        dif[f"transformer_blocks.{perturb_block}.norm1.emb.timestep_embedder.linear_1.bias"] += 1e-3
+    save_file(dif, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(dict(num_layers=2, num_attention_heads=2, attention_head_dim=32,
+                                                          sample_size=8, patch_size=2, in_channels=3)))
+    return str(tmp_path)
+
+
+def test_diffusers_folder_with_differing_embedder_copies_is_refused(tmp_path):
+    folder = _diffusers_folder(tmp_path, perturb_block=1)
+    with pytest.raises(UserError, match=r"per-block embedder copies differ \(transformer_blocks\.1\.norm1\.emb\."
+                                        r"timestep_embedder\.linear_1\.bias vs block 0\).*refused"):
+        load_diffusers_folder(folder)
+
+
+def test_quantized_checkpoint_as_ckpt_points_to_path(tmp_path):
+    (tmp_path / "quant_config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=r"is a quantized checkpoint directory .*--path"):
+        find_model(str(tmp_path))
+
+
+def test_failed_download_leaves_no_folder(tmp_path, monkeypatch):
+    import download
+
+    def offline(url, dst, progress=True):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    target = tmp_path / "pretrained_models"
+    with pytest.raises(UserError, match="could not be downloaded"):
+        download.download_model("DiT-XL-2-256x256.pt", str(target))
+    assert not target.exists()
