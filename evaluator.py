@@ -14,7 +14,6 @@ mirrors openai/guided-diffusion's evaluations/evaluator.py.  Feature extractors:
 
 `evaluate(ref, sample, extractor)` is the importable entry point for benchmarks.
 """
-import argparse
 import os
 import sys
 import zipfile
@@ -24,6 +23,7 @@ import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 from tqdm import tqdm
 
+from cli import ArgumentParser
 from bundled.classifier import DEFAULT_PATH as DIGITS_CLASSIFIER_PATH, load_classifier, uint8_to_input
 from metrics import PR_DTYPES, compute_statistics, frechet_distance, inception_score_from_logits, precision_recall
 from quant import files
@@ -203,7 +203,7 @@ def main(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ref_batch", type=str, help="reference .npz (arr_0: uint8 N x H x W x 3)")
     parser.add_argument("sample_batch", type=str, help="sample .npz in the same format")
     parser.add_argument("--features", choices=["inception", "digits"], default="inception",

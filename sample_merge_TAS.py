@@ -190,8 +190,7 @@ def _main(args):
 
 
 def build_parser():
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(parser, **MODEL_DEFAULTS, cfg_scale=1.5, steps=250, from_path=True)
     parser.add_argument("--sample-dir", type=str, default="samples", help="where the .npz (and its shards) go")
     parser.add_argument("--per-proc-batch-size", type=int, default=32,

@@ -17,14 +17,29 @@ def _remove(path):
         os.remove(path)
 
 
+def _usual_mode(path):
+    """Give what is published at least the permissions a plain open() would (writers such as safetensors'
+    save_file create 0600 files): the umask's read/write bits added, nothing taken away."""
+    umask = os.umask(0)
+    os.umask(umask)
+    paths = [path]
+    if os.path.isdir(path):
+        paths += [os.path.join(d, f) for d, dirs, files in os.walk(path) for f in dirs + files]
+    for p in paths:
+        usual = (0o777 if os.path.isdir(p) else 0o666) & ~umask
+        os.chmod(p, os.stat(p).st_mode & 0o7777 | usual)
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix=""):
-    """Yield a temporary sibling of `path` to write (a file, or a directory to create); on success it is
-    renamed to `path`, on failure removed. suffix: for writers that go by the extension (".png")."""
+    """Yield a temporary sibling of `path` to write (a file, or a directory to create); on success it gets
+    the usual permissions and is renamed to `path`, on failure removed. suffix: for writers that go by
+    the extension (".png")."""
     tmp = f"{path}.tmp-{os.getpid()}{suffix}"
     _remove(tmp)  # left by a killed run with the same pid
     try:
         yield tmp
+        _usual_mode(tmp)
         os.replace(tmp, path)
     finally:
         _remove(tmp)

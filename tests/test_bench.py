@@ -28,3 +28,15 @@ def test_inference_bench_rejects_unknown_variant(tmp_path):
                       "--out", tmp_path / "x.md")
     assert proc.returncode == 2 and "unknown variant" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_busy_bench_smoke(tmp_path):
+    """bench/busy.py: a quiet and a busy calibration, CPU and wall seconds, the ratio column."""
+    out = tmp_path / "busy.md"
+    proc = run_script("bench/busy.py", "--steps", "2", "--busy", "1", "--settings", "ours", "--out", out, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = [line for line in out.read_text().splitlines() if line.startswith("| ours |")]
+    assert len(row) == 1
+    cells = [c.strip().strip("*x") for c in row[0].strip("|").split("|")]
+    quiet_cpu, busy_cpu, ratio = float(cells[2]), float(cells[4]), float(cells[5])
+    assert quiet_cpu > 0 and busy_cpu > 0 and abs(ratio - busy_cpu / quiet_cpu) < 0.01

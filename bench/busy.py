@@ -1,0 +1,86 @@
+"""The bundled-model calibration on a busy machine: CPU time and wall time, quiet and next to busy processes.
+
+    python bench/busy.py                       # W8A8, 20 calibration steps, 2 busy processes, both settings
+    python bench/busy.py --steps 50 --busy 1   # the documented calibration, one competitor
+
+Each run is `QuantDiT.py` on the bundled DiT-T/2 (W8A8, no preview) in a subprocess; its CPU time is
+the child's user + system time (getrusage). "Busy" starts N pure-Python spin loops (one core each)
+for the duration of the run. Two settings:
+
+* ours: the defaults (threads.py: OpenMP's waiting threads sleep, OMP_WAIT_POLICY=PASSIVE; as many
+  threads as the affinity mask allows);
+* spinning: waiting threads spin first, as libgomp does by default (OMP_WAIT_POLICY=ACTIVE with
+  libgomp's default GOMP_SPINCOUNT=300000), 2 threads: what every script did before threads.py.
+
+Target: ours costs at most 1.5x its quiet CPU time with two busy competitors. Writes bench/results/busy.md.
+"""
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench.common import cpu_name, write_report  # noqa: E402
+from bundled.digits import BUNDLED_FLAGS  # noqa: E402
+
+SETTINGS = {"ours": {}, "spinning": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000", "THREADS": "2"}}
+
+
+def run(setting, steps, busy, tmp):
+    """(wall s, CPU s) of one calibration with `busy` spinning competitors."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+    extra = dict(SETTINGS[setting])
+    threads = extra.pop("THREADS", None)
+    env.update(extra)
+    cmd = [sys.executable, "QuantDiT.py", *BUNDLED_FLAGS, "--weight-bit", "8", "--act-bit", "8",
+           "--num-sampling-steps", str(steps), "--no-preview", "--overwrite", "--out", os.path.join(tmp, setting)]
+    if threads:
+        cmd += ["--threads", threads]
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+    try:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        wall = time.time() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # before the hogs are reaped: the child's alone
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    if proc.returncode:
+        sys.exit(f"error: QuantDiT.py failed:\n{proc.stderr[-2000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=20, help="calibration steps (default: %(default)s)")
+    ap.add_argument("--busy", type=int, default=2, help="busy competing processes (default: %(default)s)")
+    ap.add_argument("--settings", nargs="+", choices=tuple(SETTINGS), default=list(SETTINGS), help="what to compare")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "busy.md"), help="the report")
+    args = ap.parse_args()
+    import tempfile
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for setting in args.settings:
+            quiet = run(setting, args.steps, 0, tmp)
+            busy = run(setting, args.steps, args.busy, tmp)
+            rows.append(f"| {setting} | {quiet[0]:.1f} | {quiet[1]:.1f} | {busy[0]:.1f} | {busy[1]:.1f} | "
+                        f"**{busy[1] / quiet[1]:.2f}x** | {busy[0] / quiet[0]:.2f}x |")
+            print(rows[-1], flush=True)
+    write_report(args.out, [
+        "# The bundled-model calibration on a busy machine", "",
+        f"Command: `python bench/busy.py {' '.join(sys.argv[1:])}`", "",
+        f"QuantDiT.py on the bundled DiT-T/2, W8A8, {args.steps} calibration steps, no preview; busy = "
+        f"{args.busy} pure-Python spin loops. Machine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores "
+        f"available. CPU = the run's user + system seconds.", "",
+        "| setting | quiet wall (s) | quiet CPU (s) | busy wall (s) | busy CPU (s) | CPU busy/quiet | wall busy/quiet |",
+        "|---|---:|---:|---:|---:|---:|---:|", *rows])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The scripts' edges: help that explains every flag, threads that respect the machine, inputs checked
+before any work, one-line errors (also under the torchrun launcher), results never silently replaced."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import evaluator
+import QuantDiT
+import sample
+import sample_merge_TAS
+import threads
+from bundled.digits import BUNDLED_FLAGS
+from helpers import ROOT, assert_one_line_error, assert_user_error, call_main, random_dit, run_script
+from shards import write_npz
+
+SCRIPTS = {"QuantDiT.py": QuantDiT, "sample.py": sample, "sample_merge_TAS.py": sample_merge_TAS,
+           "evaluator.py": evaluator}
+XS = ["--model", "DiT-XS/2", "--image-size", "8", "--num-classes", "10", "--vae", "none"]
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_every_flag_has_help_and_shows_its_default(name):
+    parser = SCRIPTS[name].build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{name} {action.option_strings} has no help text"
+        shown = action.default is None or "default" in parser._get_formatter()._get_help_string(action)
+        assert shown, f"{name} {action.option_strings} does not show its default"
+    assert "--threads" in text
+
+
+def test_differing_defaults_say_why():
+    for name in ("QuantDiT.py", "sample.py", "sample_merge_TAS.py"):
+        text = " ".join(SCRIPTS[name].build_parser().format_help().split())
+        assert "upstream's sample_ddp.py" in text and "the paper's calibration setting" in text, name
+
+
+def test_threads_default_to_the_affinity_mask_and_one_per_torchrun_process(monkeypatch):
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # set on import, before torch loaded OpenMP
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert threads.default_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert threads.default_threads() == 1
+    before = torch.get_num_threads()
+    try:
+        assert threads.set_threads(1) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--threads", "0"], "--threads must be a positive integer"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 9223372036854775807]"),
+    (["--weight-bit", "9"], "--weight-bit 9: bits must be"),
+    (["--act-bit", "1"], "--act-bit 1: bits must be"),
+])
+def test_quantdit_errors_name_the_flag(tmp_path, flags, fragment):
+    code, err = call_main(QuantDiT, *XS, "--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "q", *flags)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_missing_checkpoint_is_found_before_anything_is_built_or_created(tmp_path):
+    """DiT-XL/2 with a missing checkpoint: the one-line error, no model built, no folder left behind."""
+    code, err = call_main(QuantDiT, "--model", "DiT-XL/2", "--ckpt", tmp_path / "nope.pt",
+                          "--results-dir", tmp_path / "results", "--no-preview")
+    assert_one_line_error(code, err, "not found")
+    assert os.listdir(tmp_path) == []
+    code, err = call_main(sample_merge_TAS, "--model", "DiT-XL/2", "--vae", "none", "--ckpt", tmp_path / "nope.pt",
+                          "--sample-dir", tmp_path / "samples")
+    assert_one_line_error(code, err, "not found")
+    assert os.listdir(tmp_path) == []
+
+
+def test_sample_with_bundled_model_needs_no_labels_and_takes_any_seed(tmp_path):
+    out = tmp_path / "grid.png"
+    code, err = call_main(sample, *BUNDLED_FLAGS, "--num-sampling-steps", "2", "--seed", str(2 ** 31 - 1),
+                          "--out", out, "--device", "cpu")
+    assert code == 0, err
+    assert out.stat().st_size > 0
+
+
+def test_existing_npz_of_another_size_is_not_replaced_without_overwrite(tmp_path):
+    ckpt = tmp_path / "xs.pt"
+    torch.save(random_dit(std=0.05).state_dict(), ckpt)
+    flags = [*XS, "--ckpt", ckpt, "--num-sampling-steps", "2", "--sample-dir", tmp_path / "s", "--device", "cpu",
+             "--per-proc-batch-size", "2"]
+    npz = tmp_path / "s" / "DiT-XS-2-size-8-vae-none-cfg-1.5-seed-0-steps-2-fp.npz"
+    npz.parent.mkdir()
+    write_npz(str(npz), 5, (8, 8, 3), [np.zeros((5, 8, 8, 3), np.uint8)])
+    before = npz.read_bytes()
+    code, err = call_main(sample_merge_TAS, *flags, "--num-fid-samples", "3")
+    assert_one_line_error(code, err, "holds 5 samples, not --num-fid-samples 3", "--overwrite")
+    assert npz.read_bytes() == before
+    code, err = call_main(sample_merge_TAS, *flags, "--num-fid-samples", "3", "--overwrite")
+    assert code == 0, err
+    assert np.load(npz)["arr_0"].shape == (3, 8, 8, 3)
+
+
+def test_launcher_reports_an_input_error_once_without_its_traceback(tmp_path):
+    proc = run_script("launch.py", "--standalone", "--nproc_per_node=2", "sample_merge_TAS.py", *BUNDLED_FLAGS,
+                      "--num-fid-samples", "0", "--sample-dir", tmp_path / "s", env={"OMP_NUM_THREADS": "1"},
+                      timeout=120)
+    assert_user_error(proc, "--num-fid-samples must be positive")
+    assert not (tmp_path / "s").exists()
+
+
+def test_quantdit_progress_names_its_phases(tmp_path):
+    ckpt = tmp_path / "xs.pt"
+    torch.save(random_dit(std=0.05).state_dict(), ckpt)
+    proc = run_script("QuantDiT.py", *XS, "--ckpt", ckpt, "--num-sampling-steps", "2", "--calib-labels", "0", "1",
+                      "--group-size", "32", "--lora-rank", "2", "--lora-iters", "1", "--alpha-step", "0.5",
+                      "--no-preview", "--out", tmp_path / "q", cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for phase in ("calibration 1/3, TAS statistics", "calibration 2/3, candidate preparation",
+                  "calibration 3/3, alpha search", "FP sampling loop (calibration)",
+                  "candidates (smoothing, quantization, LoRA fits)"):
+        assert phase in proc.stdout + proc.stderr, phase
+
+
+def test_environment_files_agree_on_the_packages():
+    """requirements.txt's packages and its optional ones are exactly environment.yml's pip list."""
+    import re
+    req = open(os.path.join(ROOT, "requirements.txt")).read()
+    required = {re.split(r"[=<>]", line)[0] for line in req.splitlines() if line and not line.startswith("#")}
+    optional = set(re.findall(r"^#\s+([a-z][\w-]*)\s{2,}", req, re.M))
+    env = open(os.path.join(ROOT, "environment.yml")).read().split("  - pip:\n", 1)[1]  # the pip packages
+    pinned = {re.split(r"[=<>]", m)[0] for m in re.findall(r"^\s+- (\S+)$", env, re.M)}
+    assert optional == {"diffusers", "torch-fidelity", "matplotlib"}, optional
+    assert pinned == required | optional, (pinned, required | optional)
+
+
+def test_checkpoint_files_get_the_usual_permissions(tmp_path):
+    from quant.calibrate import quantize_dit
+    from quant.checkpoint import save_quantized
+    from quant.config import QuantConfig
+    from helpers import calib_loop
+    model = random_dit()
+    quantize_dit(model, QuantConfig(group_size=32, lora_rank=0, smoothing="none"), calib_loop(model, 2, 2),
+                 progress=False)
+    out = save_quantized(model, {"model": "DiT-XS/2"}, {}, str(tmp_path / "q"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask
+    for name in os.listdir(out):
+        assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o666 & ~umask, name
