@@ -29,7 +29,7 @@ from bundled.digits import BUNDLED_FLAGS  # noqa: E402
 SETTINGS = {"ours": {}, "spinning": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000", "THREADS": "2"}}
 
 
-def run(setting, steps, busy, tmp):
+def run(setting, steps, busy, tmp, extra_flags=()):
     """(wall s, CPU s) of one calibration with `busy` spinning competitors."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
     extra = dict(SETTINGS[setting])
@@ -39,6 +39,7 @@ def run(setting, steps, busy, tmp):
            "--num-sampling-steps", str(steps), "--no-preview", "--overwrite", "--out", os.path.join(tmp, setting)]
     if threads:
         cmd += ["--threads", threads]
+    cmd += list(extra_flags)
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
     try:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -62,13 +63,14 @@ def main():
     ap.add_argument("--busy", type=int, default=2, help="busy competing processes (default: %(default)s)")
     ap.add_argument("--settings", nargs="+", choices=tuple(SETTINGS), default=list(SETTINGS), help="what to compare")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "busy.md"), help="the report")
+    ap.add_argument("--quantdit-flags", default="", help="extra QuantDiT.py flags (e.g. a cheaper smoke setting)")
     args = ap.parse_args()
     import tempfile
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for setting in args.settings:
-            quiet = run(setting, args.steps, 0, tmp)
-            busy = run(setting, args.steps, args.busy, tmp)
+            quiet = run(setting, args.steps, 0, tmp, args.quantdit_flags.split())
+            busy = run(setting, args.steps, args.busy, tmp, args.quantdit_flags.split())
             rows.append(f"| {setting} | {quiet[0]:.1f} | {quiet[1]:.1f} | {busy[0]:.1f} | {busy[1]:.1f} | "
                         f"**{busy[1] / quiet[1]:.2f}x** | {busy[0] / quiet[0]:.2f}x |")
             print(rows[-1], flush=True)

@@ -2,6 +2,8 @@
 
     python bench/inference.py                                 # bundled DiT-T/2, DiT-S/2, DiT-B/2 (256 px)
     python bench/inference.py --models DiT-S/2 --batches 1,8  # smaller
+    python bench/inference.py --device cuda --models DiT-XL/2 --batches 1,8,32 --compile \
+        --variants bf16,"int W8A8","int W8A8 per-channel r0","int W4A8","int W4A8 r0" --out bench/results/inference_cuda.md
 
 One denoising step is one model forward (no CFG doubling; with CFG the batch doubles). For
 each model and batch size the variants are timed round-robin (one forward of each per round,
@@ -85,12 +87,12 @@ def build_fp(spec, image_size, seed=0):
     return model.eval(), size, 4, 1000
 
 
-def make_inputs(batch, size, channels, num_classes, seed=0):
+def make_inputs(batch, size, channels, num_classes, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, channels, size, size, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
     y = torch.randint(0, num_classes, (batch,), generator=g)
-    return x, t, y
+    return x.to(device), t.to(device), y.to(device)
 
 
 @torch.no_grad()
@@ -108,8 +110,9 @@ def quantize_fixed(fp, weight_bit, group_size, rank, inputs):
     return fold_smoothing(model).eval()
 
 
-def build_variants(fp, names, inputs, group_size=128):
-    """{name: (model, input dtype)}; group_size replaces the variants' group of 128."""
+def build_variants(fp, names, inputs, group_size=128, compile_=False):
+    """{name: (model, input dtype)}; group_size replaces the variants' group of 128; compile_: also
+    torch.compile'd bf16 and int variants ("... +compile")."""
     out = {}
     for name in names:
         if name == "fp32":
@@ -123,6 +126,9 @@ def build_variants(fp, names, inputs, group_size=128):
                 out[name] = (to_int_backend(q).bfloat16(), torch.bfloat16)
             else:
                 out[name] = (q, torch.float32)
+    if compile_:
+        for name in [n for n in out if n == "bf16" or n.startswith("int ")]:
+            out[f"{name} +compile"] = (torch.compile(out[name][0]), out[name][1])
     return out
 
 
@@ -146,8 +152,16 @@ def _trim():
         pass
 
 
-def peak_extra_mb(fn):
-    """Rise of peak RSS during fn() (VmHWM reset first); None where /proc/self/clear_refs is not writable."""
+def peak_extra_mb(fn, device="cpu"):
+    """Rise of peak memory during fn(): CUDA's peak allocation, or the peak RSS (VmHWM reset first; None where
+    /proc/self/clear_refs is not writable)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / MB
     _trim()
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -159,33 +173,37 @@ def peak_extra_mb(fn):
     return (_status_kb("VmHWM") - before) * 1024 / MB
 
 
-def time_round_robin(cases, reps):
-    """cases {name: fn} -> {name: sorted seconds}; one warm-up call each."""
+def time_round_robin(cases, reps, device="cpu"):
+    """cases {name: fn} -> {name: sorted seconds}; one warm-up call each (CUDA: synchronized)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for fn in cases.values():
         fn()
     times = {name: [] for name in cases}
     for _ in range(reps):
         for name, fn in cases.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {name: sorted(ts) for name, ts in times.items()}
 
 
 def bench_model(spec, args):
     fp, size, channels, ncls = build_fp(spec, args.image_size)
-    calib = make_inputs(4, size, channels, ncls, seed=1)
-    variants = build_variants(fp, args.variants, calib, args.group_size)
+    fp = fp.to(args.device)
+    calib = make_inputs(4, size, channels, ncls, seed=1, device=args.device)
+    variants = build_variants(fp, args.variants, calib, args.group_size, args.compile)
     rows = []
     for batch in args.batches:
-        x, t, y = make_inputs(batch, size, channels, ncls)
+        x, t, y = make_inputs(batch, size, channels, ncls, device=args.device)
         cases = {}
         for name, (model, dtype) in variants.items():
             xi = x.to(dtype)
             cases[name] = (lambda m=model, xi=xi: m(xi, t, y))
         with torch.inference_mode():
-            peaks = {name: peak_extra_mb(fn) for name, fn in cases.items()}
-            times = time_round_robin(cases, args.reps)
+            peaks = {name: peak_extra_mb(fn, args.device) for name, fn in cases.items()}
+            times = time_round_robin(cases, args.reps, args.device)
         base = times["bf16"][len(times["bf16"]) // 2] if "bf16" in times else None
         for name in cases:
             med = times[name][len(times[name]) // 2]
@@ -198,6 +216,12 @@ def bench_model(spec, args):
     return rows
 
 
+def gpu_or_cpu(device):
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), host {cpu_name()}"
+    return f"{cpu_name()}, {os.cpu_count()} cores"
+
+
 def fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
 
@@ -205,7 +229,7 @@ def fmt(v, spec):
 def write_results(rows, args, out):
     lines = ["# Inference speed and memory: FP vs fake vs integer quantized DiT", "",
              f"`python bench/inference.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
-             f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+             f"Machine: {gpu_or_cpu(args.device)}, torch {torch.__version__} "
              f"({torch.get_num_threads()} threads), Python {platform.python_version()}. "
              f"One forward = one denoising step without CFG; images/s = batch / ({args.steps} x forward); "
              f"median of {args.reps} round-robin rounds. 'x bf16' is the bf16 FP model's time over the variant's.",
@@ -235,7 +259,11 @@ def main():
     ap.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"comma list of {ALL_VARIANTS}")
     ap.add_argument("--steps", type=int, default=50, help="sampling steps for images/s")
     ap.add_argument("--group-size", type=int, default=128, help="weight group of the grouped variants")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5, help="round-robin timing rounds")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: timed with synchronization, peak memory = CUDA's peak allocation; the int variants "
+                         "run the Triton kernels (kernel auto)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd bf16 and int variants")
     threads.add_threads_arg(ap)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "inference.md"))
     args = ap.parse_args()
@@ -250,6 +278,8 @@ def main():
         ap.error(f"unknown model(s) {bad}")
     if "bundled" in models and not os.path.exists(BUNDLED):
         ap.error(f"{BUNDLED} not found")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but no CUDA GPU is visible")
     threads.set_threads(args.threads)
     rows = []
     for spec in models:
