@@ -3,7 +3,6 @@
     python bench/calibration.py                       # bundled DiT-T/2, 64 tokens, 20 steps, batch 32 (16 labels x CFG)
     python bench/calibration.py --model DiT-S/2 --steps 10 --released-search naive \
         --out bench/results/calibration_s2.md        # random DiT-S/2 weights, 64 tokens
-    python bench/calibration.py --steps 4 --labels 4  # smaller
 
 Both run on the same model, sampler, steps, seed, labels and QuantConfig (reference scheme by
 default), each in its own subprocess (so peak memory is its own), single-threaded:
@@ -20,10 +19,9 @@ default), each in its own subprocess (so peak memory is its own), single-threade
   `--released-search naive` (default) scores every candidate with a direct fake-quantized product
   as the released code does; `same` uses our AlphaSearch.update (the loop structure's cost alone).
 
-Reported: wall and CPU seconds, full sampling loops (model forward calls / steps), peak RSS
-(ru_maxrss) and its growth over the RSS after the model was built, and how many layers chose
-the same alpha as the released emulation with the direct search (float32 throughout: the
-released numerics). Writes bench/results/calibration.md.
+Reported: wall and CPU seconds, full sampling loops (forward calls / steps), peak RSS (ru_maxrss) and its
+growth after the model was built, and how many layers chose the released emulation's alpha (direct
+search, float32: the released numerics). Writes bench/results/calibration.md.
 """
 import argparse
 import json

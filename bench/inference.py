@@ -1,7 +1,6 @@
 """Inference speed and memory: FP fp32 / bf16, fake-quantized and integer W8A8 / W4A8 DiTs.
 
     python bench/inference.py                                 # bundled DiT-T/2, DiT-S/2, DiT-B/2 (256 px)
-    python bench/inference.py --models DiT-S/2 --batches 1,8  # smaller
     python bench/inference.py --device cuda --models DiT-XL/2 --batches 1,8,32 --compile \
         --variants bf16,"int W8A8","int W8A8 per-channel r0","int W4A8","int W4A8 r0" --out bench/results/inference_cuda.md
 
@@ -24,10 +23,9 @@ Quantization parameters come from a fixed alpha (0.5) and one forward's activati
 a single LoRA iteration: timing does not depend on calibration quality. Random weights for the
 DiT-S/2 and DiT-B/2 shapes, the bundled checkpoint for DiT-T/2.
 
-Memory: 'weights MB' is the bytes of every parameter and buffer the variant keeps (int
-variants: codes, scales, LoRA and the prepared int8 GEMM operands); 'peak extra MB' is the
-rise of the process's peak RSS during one forward at that batch (Linux VmHWM, reset before
-the forward with /proc/self/clear_refs), i.e. activations and temporaries.
+Memory: 'weights MB' is the bytes of every parameter and buffer the variant keeps (int variants: codes,
+scales, LoRA and the prepared GEMM operands); 'peak extra MB' is the rise of the peak RSS (Linux VmHWM,
+reset first) or of CUDA's peak allocation during one forward: activations and temporaries.
 
 Writes bench/results/inference.md (and .json).
 """
