@@ -245,3 +245,22 @@ def test_single_candidate_direct_product(dtype):
         losses.append(search.losses[0])
     assert search.engine.ops["m"].shape == (64, 96)  # Weff^T itself
     assert losses[1] == pytest.approx(losses[0], rel=1e-3 if dtype == "bf16" else 2e-4)
+
+
+@pytest.mark.parametrize("scheme,granularity,group_size", [("ditas", "row", 32), ("reference", "tensor", None)])
+def test_built_layer_reproduces_search_loss(scheme, granularity, group_size):
+    """The QuantLinear built from a candidate is the layer that was scored: its output MSE on the same
+    inputs is the search's loss, its smoothing factors are the candidate's, and best() is the minimum."""
+    w, b, xs = search_problem()
+    alphas = alpha_grid(0.25)
+    wcfg = WeightQuantConfig(bits=4, group_size=group_size, scheme=scheme)
+    acfg = ActQuantConfig(bits=6, granularity=granularity, scheme=scheme)
+    search = _search(w, b, xs, alphas, wcfg, acfg, scheme)
+    built = []
+    for k in range(len(alphas)):
+        q = QuantLinear.from_search(search.candidate(k), acfg)
+        assert torch.equal(q.smooth, search.candidates.smooth[k])
+        built.append(sum(((q(x) - F.linear(x, w, b)) ** 2).mean().item() for x in xs))
+    torch.testing.assert_close(torch.tensor(search.losses), torch.tensor(built), rtol=1e-4, atol=0)
+    best = search.best()
+    assert best.alpha == alphas[min(range(len(alphas)), key=built.__getitem__)]
