@@ -25,13 +25,12 @@ import os
 import sys
 import time
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from study import ROOT, mean_psnr  # noqa: E402  (puts the repository root on sys.path; imports threads first)
 import numpy as np  # noqa: E402
+import threads  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from study import ROOT, mean_psnr  # noqa: E402
 import QuantDiT  # noqa: E402
 from bundled.digits import BUNDLED_FLAGS, NUM_CLASSES  # noqa: E402
 from config import calib_labels  # noqa: E402
@@ -196,8 +195,9 @@ def main():
     p.add_argument("--part", choices=("spread", "diagnose", "netloss"), required=True)
     p.add_argument("--calib-seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--sample-seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s; the study's numbers used 1)")
     args = p.parse_args()
-    torch.set_num_threads(1)
+    threads.set_threads(args.threads)
     torch.set_grad_enabled(False)
     os.chdir(ROOT)
     model = fp_model()
