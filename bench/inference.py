@@ -13,8 +13,9 @@ the table gives the median ms per forward and images per second for a `--steps`-
 Variants (what sample_merge_TAS.py runs: quantized layers built, smoothing folded):
 * fp32, bf16: the FP model in that dtype.
 * fake W8A8 / W4A8: QuantLinear quantize-dequantize in float32 (the released code's kind).
-* int W8A8 / W4A8: `--backend int --dtype bf16` (quant/int_linear.py; int8 GEMMs via torch._int_mm,
-  packed 4-bit codes unpacked once at load); everything that is not a quantized linear
+* int W8A8 / W4A8: `--backend int --dtype bf16` (quant/int_linear.py: the fused AVX512-VNNI kernel
+  where the CPU has it, which keeps 4-bit codes two per byte, else int8 GEMMs via torch._int_mm with
+  the 4-bit codes unpacked once at load); everything that is not a quantized linear
   (attention, norms, adaLN, embedders) runs in bf16, like the bf16 baseline.
 The quantized models use QuantDiT.py's defaults (ditas scheme, group 128 along K, row-wise
 activation ranges, LoRA rank 32), W8A8 with one weight scale per output channel (group 0), and,
@@ -23,9 +24,10 @@ Quantization parameters come from a fixed alpha (0.5) and one forward's activati
 a single LoRA iteration: timing does not depend on calibration quality. Random weights for the
 DiT-S/2 and DiT-B/2 shapes, the bundled checkpoint for DiT-T/2.
 
-Memory: 'weights MB' is the bytes of every parameter and buffer the variant keeps (int variants: codes,
-scales, LoRA and the prepared GEMM operands); 'peak extra MB' is the rise of the peak RSS (Linux VmHWM,
-reset first) or of CUDA's peak allocation during one forward: activations and temporaries.
+Memory: 'weights MB' is the bytes of every parameter and buffer the variant keeps (int variants: the
+prepared GEMM operands (8-bit: codes and the int8 operand; 4-bit on the fused kernel: the nibbles once,
+half a byte per weight), scales, zero points, group sums, LoRA); 'peak extra MB' is the rise of the peak
+RSS (VmHWM, reset first) or of CUDA's peak allocation during one forward: activations and temporaries.
 
 Writes bench/results/inference.md (and .json).
 """

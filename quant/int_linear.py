@@ -6,7 +6,8 @@ the kernel it runs (`kernel`):
 
     fused   quant/ops_avx512.py (csrc/int_linear.c): x86 CPUs with AVX512-VNNI; activation ranges and
             codes in two passes over x, then per K-group vpdpbusd accumulation with the corrections,
-            scales, LoRA, bias and an optional GELU in registers: one write of the output
+            scales, LoRA, bias and an optional GELU in registers: one write of the output. Weights of
+            <= 4 bits stay two codes per byte there (the kernel's nibble layout is their only copy)
     torch   quant/ops_torch.py: torch._int_mm per K-group and torch ops (CUDA, other CPUs, and inputs
             whose zero points break the fused kernel's int32 bound); its docstring has the algebra
     triton  quant/ops_triton.py: CUDA GPUs (and CPU tensors under TRITON_INTERPRET=1, for tests); int8
@@ -38,14 +39,18 @@ class IntLinear(nn.Module):
     """A QuantLinear prepared for integer GEMMs (see the module docstring for the algebra).
 
     Persistent buffers (the deployable form): `codes` uint8 (out, in) for bits > 4 or
-    `codes_packed` uint8 (out, in/2) (two 4-bit codes per byte) for bits <= 4; `scale`,
-    `zero` (out, n_groups); bias, lora_L, lora_R, smooth (all float32 whatever the model
-    dtype; dtype casts of the module are ignored, outputs follow the input's dtype).
+    `codes_packed` uint8 (out, in/2) (two 4-bit codes per byte, quant.quantizer.pack_int4) for
+    bits <= 4; `scale`, `zero` (out, n_groups); bias, lora_L, lora_R, smooth (all float32 whatever
+    the model dtype; dtype casts of the module are ignored, outputs follow the input's dtype).
     Non-persistent operands derived from them by `_prepare` (also after load_state_dict and device
     moves), for the torch kernel: `w_op` int8 (in, out) = B, `cb_t` int32 (n_groups, out) = CB,
     `d_t` (n_groups, out) = d, `w_scale_t` (n_groups, out), `lora_Lt` (r, out), `lora_rsum` (r,);
-    for the fused one instead (those stay None): `w_vnni` (B packed for vpdpbusd) and the `f_*`
-    per-column operands padded to 32-column blocks. `kernel` and `activation`: see from_quantlinear.
+    for the fused one instead (those stay None): `w_vnni` (B packed for vpdpbusd, 8-bit weights)
+    or `w_vnni4` (the raw <= 4-bit codes, two per byte, ops_avx512.pack_b4) and the `f_*`
+    per-column operands padded to 32-column blocks. A fused packed layer keeps `w_vnni4` instead of
+    `codes_packed` (a permutation of the same nibbles: about 0.5 byte per weight in all); its
+    state_dict still holds `codes_packed`, rebuilt from `w_vnni4` when saved.
+    `kernel` and `activation`: see from_quantlinear.
     Symmetric weights are the special case zw = 2^(b-1) and are supported.
     """
 
@@ -98,47 +103,70 @@ class IntLinear(nn.Module):
     def _prepare(self):
         """Derive the GEMM operands from the stored codes: the fused kernel's where it runs, else
         torch._int_mm's (which the fused layer rebuilds on the fly in the rare fallback)."""
-        for name in (*ops_torch.OPERANDS, "w_vnni", "f_sw", "f_cbd", "f_d", "f_Lt", "f_Rt", "f_bias"):
+        codes = self._codes()  # before the operands are reset: a fused packed layer holds them in w_vnni4
+        for name in (*ops_torch.OPERANDS, "w_vnni", "w_vnni4", "f_sw", "f_cbd", "f_d", "f_Lt", "f_Rt", "f_bias"):
             self.register_buffer(name, None, persistent=False)
+        if self.packed:  # the stored form, unless the fused kernel's nibbles replace it (below)
+            self._buffers["codes_packed"] = (self.codes_packed if self.codes_packed is not None
+                                              else pack_int4(codes))
         self.triton_ops = None  # quant.ops_triton.Operands of a layer on the Triton kernel
         if self._triton_chosen(self.scale.device):
             from quant import ops_triton
             self.fused = False
             self.triton_ops = ops_triton.prepare_layer(self)  # reads the packed codes, keeps them packed
             return
-        ops = self._eager_build()
+        self.fused = self._fused_possible(self.scale.device)
+        ops = ops_torch.operands(codes, self.weight_cfg.bits, self.scale, self.zero, self.lora_L, self.lora_R,
+                                 weight=not (self.fused and self.packed))
         cb, d = ops["cb_t"], ops["d_t"]
         g = self.group
         self.use_sa = bool((d != 0).any())
         self.int32_bound = ops_torch.int32_bound(ops, g)
-        self.fused = self._fused_possible(self.scale.device)
         if not self.fused:
             for name in ops_torch.OPERANDS:
                 self.register_buffer(name, ops[name], persistent=False)
             return
-        # fused kernel (quant/ops_avx512.py): D_g = A_g B_g + SA_g d_g - zx (CB_g + g d_g) with A the
-        # uint8 codes; every per-column operand zero-padded to whole 32-column blocks
+        # fused kernel (quant/ops_avx512.py): D_g = A_g B_g + SA_g d_g - zx CBD_g with A the uint8 codes,
+        # B = codes - c, d = c - zw and CBD_g = sum_{k in g} (codes - zw) = CB_g + g d_g for the torch
+        # path's offset c; packed weights run on the raw codes instead (c = 0: d = -zw); every
+        # per-column operand zero-padded to whole 32-column blocks
         n = self.out_features
         npad = -n // ops_avx512.NB * -ops_avx512.NB
         cbd = cb + g * d.to(torch.int32)
-        self.register_buffer("w_vnni", ops_avx512.pack_b(ops["w_op"]), persistent=False)
+        if self.packed:
+            d = -self.zero.t()
+            self.register_buffer("w_vnni4", ops_avx512.pack_b4(codes), persistent=False)
+            self._buffers["codes_packed"] = None  # w_vnni4 holds the same nibbles (see _codes)
+            bmax = 2 ** self.weight_cfg.bits - 1
+        else:
+            self.register_buffer("w_vnni", ops_avx512.pack_b(ops["w_op"]), persistent=False)
+            bmax = 128
         self.register_buffer("f_sw", ops_avx512.pad_cols(self.scale.t(), npad), persistent=False)
         self.register_buffer("f_cbd", ops_avx512.pad_cols(cbd, npad), persistent=False)
-        if self.use_sa:
+        if bool((d != 0).any()):
             self.register_buffer("f_d", ops_avx512.pad_cols(d.to(torch.int32), npad), persistent=False)
         self.register_buffer("f_Lt", ops_avx512.pad_cols(self.lora_L.t(), npad), persistent=False)
         rank = self.lora_R.shape[0]
         self.register_buffer("f_Rt", ops_avx512.pad_cols(self.lora_R.t(), -rank // 16 * -16), persistent=False)
         if self.bias is not None:
             self.register_buffer("f_bias", ops_avx512.pad_cols(self.bias, npad), persistent=False)
-        # |int32 partial| <= g*255*128 + |zx| max|CBD| + 255 g max|d|
-        self._fbound = (g * 255 * 128 + 255 * self.int32_bound[2], float(cbd.abs().max()) if cbd.numel() else 0.0)
+        # |int32 partial| <= g*255*max|B| + 255 g max|d| + |zx| max|CBD|
+        dmax = float(d.abs().max()) if d.numel() else 0.0
+        self._fbound = (g * 255 * bmax + 255 * g * dmax, float(cbd.abs().max()) if cbd.numel() else 0.0)
+
+    def _codes(self):
+        """The weight codes, uint8 (out, in), from whichever form the layer holds."""
+        if not self.packed:
+            return self.codes
+        if self.codes_packed is not None:
+            return unpack_int4(self.codes_packed)
+        return ops_avx512.unpack_b4(self.w_vnni4, self.out_features)
 
     @torch.no_grad()
     def _eager_build(self):
         """The torch path's operands (quant/ops_torch.py), from the stored codes."""
-        codes = unpack_int4(self.codes_packed) if self.packed else self.codes
-        return ops_torch.operands(codes, self.weight_cfg.bits, self.scale, self.zero, self.lora_L, self.lora_R)
+        return ops_torch.operands(self._codes(), self.weight_cfg.bits, self.scale, self.zero, self.lora_L,
+                                  self.lora_R)
 
     @property
     def runs(self):
@@ -167,10 +195,12 @@ class IntLinear(nn.Module):
         if self.kernel == "torch":
             return False
         why = None
+        align = ops_avx512.ALIGN_K4 if self.packed else ops_avx512.ALIGN_K
         if device.type != "cpu":
             why = f"device {device.type}"
-        elif self.in_features % ops_avx512.ALIGN_K or self.group % ops_avx512.ALIGN_K:
-            why = f"in_features {self.in_features} / group {self.group} not multiples of {ops_avx512.ALIGN_K}"
+        elif self.in_features % align or self.group % align:
+            why = (f"in_features {self.in_features} / group {self.group} not multiples of {align}"
+                   + (" (packed 4-bit weights)" if self.packed else ""))
         elif ops_avx512.load() is None:
             why = ops_avx512.status()
         if why is not None and self.kernel == "fused":
@@ -182,7 +212,18 @@ class IntLinear(nn.Module):
         fixed, cbdm = self._fbound
         return fixed + zmax * cbdm < ops_torch.INT32_MAX
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not (self.packed and self.codes_packed is None):
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        self._buffers["codes_packed"] = pack_int4(self._codes())  # rebuilt from w_vnni4 for the save only
+        try:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            self._buffers["codes_packed"] = None
+
     def _load_from_state_dict(self, *args, **kwargs):
+        if self.packed and self.codes_packed is None:  # a target to load into (the current codes if absent)
+            self._buffers["codes_packed"] = pack_int4(self._codes())
         super()._load_from_state_dict(*args, **kwargs)
         self._prepare()  # the GEMM operands derive from the loaded codes/scales/LoRA
 
@@ -286,8 +327,9 @@ def linear_w8a8(x, layer):
 def linear_w4a8(x, layer):
     """Integer forward of a layer with <= 4-bit weights stored packed (two codes per byte).
 
-    The codes were unpacked once into the int8 operand when the IntLinear was built;
-    the saving is memory/checkpoint size, the compute is int8 GEMMs per K-group.
+    The fused CPU kernel reads the codes packed (ops_avx512.pack_b4: the layer keeps about half a
+    byte per weight); the torch kernel unpacks them once into its int8 operand when the IntLinear
+    is built. Either way the compute is 8-bit integer dot products per K-group.
     """
     layer = _as_int_layer(layer)
     if not layer.packed:

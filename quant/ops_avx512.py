@@ -12,6 +12,20 @@ scaling, LoRA, bias and a dtype conversion. int_linear.c does all of that in reg
 applies the zero-point corrections in int32, scales into float accumulators, adds the LoRA
 up-projection and bias and writes float32 or bf16 once.
 
+Weight operand, per K-group g of G columns (A the activation codes, zx their zero point, W the
+weight codes, zw their zero point): with any integer offset c, B = W - c, d = c - zw,
+SA_g = sum_{k in g} A and CBD_g = sum_{k in g} (W - zw) (independent of c),
+
+    D_g = sum_{k in g} (A - zx)(W - zw) = A_g B_g + SA_g d - zx CBD_g        (int32, exact)
+
+* 8-bit weights (ditas_qgemm, `pack_b`): c = zw clamped into [2^b - 128, 128] so that B fits int8,
+  one byte per weight; d = 0 (no SA needed) whenever zw itself fits.
+* weights of <= 4 bits (ditas_qgemm_w4, `pack_b4`): c = 0, B = W the raw codes 0..15 (W - zw spans
+  -15..15, no signed nibble), two per byte; d = -zw and CBD_g = CW_g - G zw with CW_g the group's
+  column sums of W. The kernel splits each byte into its nibbles in registers (mask, shift): half
+  the weight memory of the int8 layout and nothing else kept (the layer's codes_packed is rebuilt
+  from it when needed, see quant/int_linear.py).
+
 The C files are compiled with the system C compiler (`$CC`, else gcc/cc) into a cache directory
 ($DITAS_CACHE, else $XDG_CACHE_HOME/ditas, else ~/.cache/ditas), keyed by a hash of the sources,
 flags and compiler, then loaded with ctypes. Its OpenMP runtime is torch's own libgomp (same
@@ -39,6 +53,7 @@ HEADERS = (os.path.join(CSRC, "ditas_simd.h"),)
 NB = 32          # columns per packed block (both kernels)
 QR = 4           # rows per LoRA block of ditas_encode
 ALIGN_K = 4      # vpdpbusd consumes 4 consecutive K values per int32 lane
+ALIGN_K4 = 8     # pack_b4: one byte holds two of them (K and the group a multiple of 8)
 FLAGS = ("-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16",
          "-fopenmp", "-shared", "-fPIC", f"-DDITAS_NB={NB}", f"-DDITAS_QR={QR}", f"-I{CSRC}")
 _I, _P = ctypes.c_int64, ctypes.c_void_p
@@ -49,6 +64,10 @@ PROTOTYPES = {
                     ("sw", _P), ("cbd", _P), ("dq", _P), ("sa", _P), ("zx", _P), ("zs", _I), ("sx", _P), ("ss", _I),
                     ("lp", _P), ("lpld", _I), ("r", _I), ("Lt", _P), ("bias", _P), ("out", _P), ("ldo", _I),
                     ("out_bf16", _I), ("gelu", _I), ("nthreads", _I)),
+    "ditas_qgemm_w4": (("M", _I), ("N", _I), ("Npad", _I), ("K", _I), ("G", _I), ("A", _P), ("lda", _I),
+                       ("Bp4", _P), ("sw", _P), ("cbd", _P), ("dq", _P), ("sa", _P), ("zx", _P), ("zs", _I),
+                       ("sx", _P), ("ss", _I), ("lp", _P), ("lpld", _I), ("r", _I), ("Lt", _P), ("bias", _P),
+                       ("out", _P), ("ldo", _I), ("out_bf16", _I), ("gelu", _I), ("nthreads", _I)),
     "ditas_rowrange": (("M", _I), ("K", _I), ("x", _P), ("ldx", _I), ("x_bf16", _I), ("s", _P), ("mn", _P),
                        ("mx", _P), ("nthreads", _I)),
     "ditas_encode": (("M", _I), ("K", _I), ("x", _P), ("ldx", _I), ("x_bf16", _I), ("s", _P), ("scale", _P),
@@ -136,6 +155,26 @@ def pack_b(b):
     return _pack_blocks(b, ALIGN_K)
 
 
+def pack_b4(codes):
+    """(N, K) uint8 codes in [0, 15], K a multiple of 8 -> the nibble layout of ditas_qgemm_w4, uint8
+    (Npad/32, K/8, 32, 4): Bp4[j][k/8][c][t] = W[8(k/8) + t, 32 j + c] | W[8(k/8) + 4 + t, 32 j + c] << 4
+    (W = codes^T), i.e. the low / high nibbles of step k/8 are pack_b's steps 2(k/8) / 2(k/8) + 1."""
+    n, k = codes.shape
+    if k % ALIGN_K4:
+        raise ValueError(f"pack_b4 needs K a multiple of {ALIGN_K4}, got {k}")
+    p = _pack_blocks(codes.t(), ALIGN_K)                   # (Npad/32, K/4, 32, 4), one code per byte
+    p = p.view(p.shape[0], k // ALIGN_K4, 2, NB, ALIGN_K)
+    return p[:, :, 0] | (p[:, :, 1] << 4)
+
+
+def unpack_b4(bp4, n):
+    """Inverse of pack_b4: the (N, K) uint8 codes (N the unpadded out_features)."""
+    blocks, steps = bp4.shape[:2]
+    p = torch.stack((bp4 & 15, bp4 >> 4), dim=2)           # (Npad/32, K/8, 2, 32, 4)
+    w = p.permute(1, 2, 4, 0, 3).reshape(steps * ALIGN_K4, blocks * NB)   # (K, Npad)
+    return w[:, :n].t().contiguous()
+
+
 def pad_cols(t, npad):
     """Zero-pad the last dimension of t to npad (contiguous)."""
     return F.pad(t, (0, npad - t.shape[-1])).contiguous()
@@ -186,14 +225,16 @@ def encode(x2, smooth, scale, zero, levels, group=None, rt=None):
 def qgemm(a, bp, n, group, sw, cbd, dq, sa, zx, sx, lp, r, lt, bias, out, gelu=False):
     """out (M, N) float32 or bf16 <- the fused linear (see csrc/int_linear.c); every operand prepared by the caller.
 
-    a uint8 (M, K) with unit column stride; bp from pack_b; sw/cbd/dq (ng, Npad); sa int32 (M, ng) or
-    None; zx int32 and sx float32 of M or 1 elements; lp float32 (M, >= r) or None with the LoRA rank r;
+    a uint8 (M, K) with unit column stride; bp from pack_b (int8: ditas_qgemm) or pack_b4 (uint8:
+    ditas_qgemm_w4); sw/cbd/dq (ng, Npad), dq None where it is 0; sa int32 (M, ng) or None (with dq);
+    zx int32 and sx float32 of M or 1 elements; lp float32 (M, >= r) or None with the LoRA rank r;
     lt (r, Npad); bias (Npad) or None. gelu: apply GELU (tanh form) to the result.
     """
     m, k = a.shape
     npad = bp.shape[0] * NB
     r = 0 if lp is None else r
-    load().ditas_qgemm(m, n, npad, k, group, a.data_ptr(), a.stride(0), bp.data_ptr(), sw.data_ptr(),
+    entry = load().ditas_qgemm_w4 if bp.dtype == torch.uint8 else load().ditas_qgemm
+    entry(m, n, npad, k, group, a.data_ptr(), a.stride(0), bp.data_ptr(), sw.data_ptr(),
                        cbd.data_ptr(), _ptr(dq), _ptr(sa), zx.data_ptr(), int(zx.numel() > 1), sx.data_ptr(),
                        int(sx.numel() > 1), _ptr(lp), 0 if lp is None else lp.stride(0), r,
                        _ptr(lt) if r else None, _ptr(bias), out.data_ptr(), out.stride(0),
@@ -203,12 +244,13 @@ def qgemm(a, bp, n, group, sw, cbd, dq, sa, zx, sx, lp, r, lt, bias, out, gelu=F
 
 def fused_linear(x2, layer, batch):
     """An IntLinear's forward in two C passes: range and codes (+ group sums, LoRA down-projection) over
-    x, then u8 codes x packed int8 weights with corrections, scales, LoRA and bias in registers.
+    x, then u8 codes x packed weights with corrections, scales, LoRA and bias in registers.
 
         x2      (M, K) float32/bf16/fp16 input rows; batch: leading x[b] blocks (row granularity)
-        layer   an IntLinear prepared for this kernel: act_cfg, smooth (K,) or None, group, use_sa,
-                w_vnni (pack_b of B), f_sw float32 / f_cbd int32 / f_d int32 (ng, Npad), f_Rt (K, rpad),
-                f_Lt (r, Npad), f_bias (Npad) or None, activation, out_features, _fused_safe
+        layer   an IntLinear prepared for this kernel: act_cfg, smooth (K,) or None, group,
+                w_vnni (pack_b of B) or w_vnni4 (pack_b4 of the raw codes), f_sw float32 / f_cbd int32 /
+                f_d int32 or None where d = 0 (ng, Npad), f_Rt (K, rpad), f_Lt (r, Npad), f_bias (Npad)
+                or None, activation, out_features, _fused_safe
     Returns (M, N) bf16 for bf16 input, else float32; None where this input's activation zero points
     break the kernel's int32 bound (the caller falls back to the torch ops).
     """
@@ -220,13 +262,14 @@ def fused_linear(x2, layer, batch):
     if not layer._fused_safe(float(zx.abs().max())):
         return None
     rank = layer.lora_R.shape[0]
-    a, sa, lp = encode(x2, layer.smooth, sx, zx, 2 ** cfg.bits - 1, layer.group if layer.use_sa else None,
-                               layer.f_Rt if rank else None)
+    a, sa, lp = encode(x2, layer.smooth, sx, zx, 2 ** cfg.bits - 1, None if layer.f_d is None else layer.group,
+                       layer.f_Rt if rank else None)
     out = torch.empty(x2.shape[0], layer.out_features,
                       dtype=torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32)
-    return qgemm(a, layer.w_vnni, layer.out_features, layer.group, layer.f_sw, layer.f_cbd, layer.f_d, sa,
-                         zx.to(torch.int32).reshape(-1), sx.reshape(-1).contiguous(), lp, rank, layer.f_Lt,
-                         layer.f_bias, out, gelu=layer.activation == "gelu_tanh")
+    bp = layer.w_vnni if layer.w_vnni4 is None else layer.w_vnni4
+    return qgemm(a, bp, layer.out_features, layer.group, layer.f_sw, layer.f_cbd, layer.f_d, sa,
+                 zx.to(torch.int32).reshape(-1), sx.reshape(-1).contiguous(), lp, rank, layer.f_Lt,
+                 layer.f_bias, out, gelu=layer.activation == "gelu_tanh")
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,7 +11,7 @@ from quant.ops_torch import int8_matmul, quantize_act_int8
 from quant.quantizer import affine_params
 from quant.qlinear import QuantLinear
 from quant.search import quantize_linear
-from quant.quantizer import (ActQuantConfig, WeightQuantConfig, quantize_act, quantize_weight,
+from quant.quantizer import (ActQuantConfig, WeightQuantConfig, pack_int4, quantize_act, quantize_weight,
                              scale_qweight_rows)
 
 torch.set_num_threads(1)
@@ -184,13 +184,15 @@ def test_intlinear_input_layouts_and_dtypes(kernel):
         assert yb.dtype == torch.bfloat16 and _rel(yb.float(), ref) < 1e-2
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_extreme_zero_point_uses_exact_wide_path(kernel):
+def test_extreme_zero_point_uses_exact_wide_path(kernel, bits):
     """x far from 0 relative to its range: zx is huge, the int32 bound fails, float64 keeps it exact
-    (the fused kernel's bound fails too and the layer takes the torch path for that input)."""
-    ql = _qlinear(bits=8, group=64, gran="token", rank=4)
+    (the fused kernel's bound fails too and the layer takes the torch path for that input, rebuilding
+    its operands from the packed nibbles for 4-bit weights)."""
+    ql = _qlinear(bits=bits, group=64, gran="token", rank=4)
     il = IntLinear.from_quantlinear(ql, kernel)
-    x = 50.0 + 1e-3 * torch.randn(2, 8, 256)
+    x = (50.0 if bits == 8 else 1000.0) + 1e-3 * torch.randn(2, 8, 256)  # 4-bit: smaller CB, larger zx
     _, _, _, zx = quantize_act_int8(x.reshape(-1, 256), ql.act_cfg)
     assert not ops_torch.int32_safe(il.int32_bound, float((128 - zx).abs().max()))
     assert kernel == "torch" or not il._fused_safe(float(zx.abs().max()))
@@ -226,8 +228,15 @@ def test_packed_storage_state_dict_and_casts(kernel):
     with torch.no_grad():
         assert torch.equal(other(x), il(x))
         il.bfloat16()  # dtype casts leave integer operands and float32 scales alone
-        assert (il.w_vnni if il.fused else il.w_op).dtype == torch.int8 and il.scale.dtype == torch.float32
+        # (the fused kernel's operand of 4-bit weights: the raw codes two per byte, uint8)
+        assert (il.w_vnni4 if il.fused else il.w_op).dtype == (torch.uint8 if il.fused else torch.int8)
+        assert il.scale.dtype == torch.float32
         assert torch.equal(il(x), other(x))
+    # a fused layer keeps the nibbles once (w_vnni4, no codes_packed), its state_dict the stored form
+    assert (il.codes_packed is None) == il.fused and (other.codes_packed is None) == other.fused
+    assert torch.equal(sd["codes_packed"], pack_int4(ql.codes)) and sd["codes_packed"].dtype == torch.uint8
+    assert torch.equal(other.state_dict()["codes_packed"], sd["codes_packed"])
+    assert list(other.state_dict()) == list(sd)
     assert "codes" in IntLinear.from_quantlinear(_qlinear(bits=8)).state_dict()
 
 
@@ -401,6 +410,136 @@ def test_fused_kernel_threads_agree():
         finally:
             torch.set_num_threads(1)
     assert torch.equal(one, two)  # threads split whole (rows x 32 columns) units: same arithmetic
+
+
+def test_pack_b4_is_pack_b_two_steps_per_byte():
+    """pack_b4's low / high nibbles are pack_b's even / odd 4-K steps; unpack_b4 inverts it (N tail)."""
+    g = torch.Generator().manual_seed(3)
+    for n, k in ((40, 64), (32, 8), (1, 16), (97, 200)):
+        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+        p4, p8 = ops_avx512.pack_b4(codes), ops_avx512.pack_b(codes.t().to(torch.int8))
+        npad = -n // 32 * -32
+        assert p4.dtype == torch.uint8 and p4.shape == (npad // 32, k // 8, 32, 4) and p4.numel() * 2 == npad * k
+        assert torch.equal((p4 & 15).to(torch.int8), p8[:, 0::2]) and torch.equal((p4 >> 4).to(torch.int8), p8[:, 1::2])
+        assert torch.equal(ops_avx512.unpack_b4(p4, n), codes)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ops_avx512.pack_b4(torch.zeros(32, 12, dtype=torch.uint8))
+
+
+@needs_fused
+@pytest.mark.parametrize("k,n,group", [(256, 40, 32), (384, 200, 128), (200, 17, None), (128, 64, 64), (64, 33, 8)])
+@pytest.mark.parametrize("rows", [1, 5, 97, 203])
+def test_fused_w4_kernel_integers_exact(k, n, group, rows):
+    """ditas_qgemm_w4's integer part: with unit scales its output is sum_g D_g, exactly
+    sum_k (a - zx)(w - zw) (every partial < 2^24: exact in float32)."""
+    g = torch.Generator().manual_seed(k + n + rows)
+    group = group or k
+    ng = k // group
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    codes[0] = 15  # the extremes of the nibbles
+    codes[-1, : k // 2] = 0
+    zw = torch.randint(0, 16, (n, ng), generator=g)
+    a = torch.randint(0, 256, (rows, k), dtype=torch.uint8, generator=g)
+    a[0] = 255
+    zx = torch.randint(-20, 276, (rows,), generator=g).to(torch.int32)
+    npad = -n // 32 * -32
+    cw = codes.view(n, ng, group).sum(-1, dtype=torch.int32)
+    cbd = ops_avx512.pad_cols((cw - group * zw).t().to(torch.int32), npad)
+    dq = ops_avx512.pad_cols((-zw).t().to(torch.int32), npad)
+    sa = a.view(rows, ng, group).sum(-1, dtype=torch.int32)
+    ones = torch.ones(ng, npad)
+    out = torch.empty(rows, n)
+    ops_avx512.qgemm(a, ops_avx512.pack_b4(codes), n, group, ones, cbd, dq, sa, zx, torch.ones(1), None, 0,
+                     torch.zeros(0, npad), None, out)
+    wz = codes.long() - zw.repeat_interleave(group, 1)
+    ref = (a.long() - zx.long()[:, None]) @ wz.t()
+    assert ref.abs().max() < 2 ** 24
+    assert torch.equal(out.long(), ref) and torch.equal(out, ref.float())
+
+
+@needs_fused
+@pytest.mark.parametrize("k,n,bits,group,gran,rank", [
+    (256, 40, 4, None, "row", 4),     # per channel; N not a multiple of 16 or 32
+    (128, 17, 4, 32, "token", 0),
+    (384, 96, 4, 64, "token", 8),
+    (512, 72, 4, 128, "row", 0),
+    (96, 200, 3, 16, "tensor", 3),    # 3-bit codes, packed the same way
+    (64, 33, 4, 8, "token", 2)])
+@pytest.mark.parametrize("rows", [1, 5, 97, 203])  # micro-tile (6) and chunk (96) remainders
+@pytest.mark.parametrize("activation", [None, "gelu_tanh"])
+def test_fused_w4_kernel_matches_torch_kernel(k, n, bits, group, gran, rank, rows, activation):
+    """The packed 4-bit operand (raw codes, offset in the corrections) against the torch path's int8
+    one: same integers, float epilogue order only; bf16 output rounded once; GELU epilogue."""
+    ql = _qlinear(k=k, n=n, bits=bits, group=group, gran=gran, rank=rank, smooth=True, bias=rows % 2 == 1)
+    fused = IntLinear.from_quantlinear(ql, "fused", activation)
+    eager = IntLinear.from_quantlinear(ql, "torch", activation)
+    assert fused.w_vnni4 is not None and fused.w_vnni is None and fused.codes_packed is None
+    assert eager.w_vnni4 is None and eager.codes_packed is not None
+    x = _x((rows, k), kind="gelu" if rows % 2 else "outliers")
+    with torch.no_grad():
+        yf, ye = fused(x), eager(x)
+        assert yf.shape == (rows, n) and torch.isfinite(yf).all()
+        assert (yf - ye).abs().max() <= 1e-6 * ye.abs().max()
+        yb = fused(x.bfloat16())
+        ref = eager(x.bfloat16().float())
+        assert yb.dtype == torch.bfloat16
+        assert ((yb.float() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-6 * ref.abs().max()).all()
+
+
+@needs_fused
+@pytest.mark.parametrize("group", [32, 128, None])
+def test_fused_w4_kernel_threads_agree(group):
+    ql = _qlinear(k=256, n=200, bits=4, group=group, gran="token", rank=4)
+    il = IntLinear.from_quantlinear(ql, "fused")
+    eager = IntLinear.from_quantlinear(ql, "torch")
+    x = _x((4, 50, 256))
+    with torch.no_grad():
+        one = il(x)
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            try:
+                assert torch.equal(il(x), one)
+            finally:
+                torch.set_num_threads(1)
+        ye = eager(x)
+    assert (one - ye).abs().max() <= 1e-6 * ye.abs().max()
+
+
+def _held_bytes(module):
+    return sum(b.numel() * b.element_size() for b in module.buffers())
+
+
+@needs_fused
+def test_fused_w4_layer_memory():
+    """A fused 4-bit IntLinear keeps about half a byte per weight (the nibbles once, no int8 B, no
+    unpacked codes): <= 0.6x the same layer at 8 bits, persistent and non-persistent buffers alike."""
+    k, n = 768, 384
+    held = {}
+    for bits in (8, 4):
+        il = IntLinear.from_quantlinear(_qlinear(k=k, n=n, bits=bits, group=128, rank=0), "fused")
+        held[bits] = _held_bytes(il)
+        if bits == 4:
+            names = {name for name, b in il.named_buffers()}
+            assert "w_vnni4" in names and not names & {"codes", "codes_packed", "w_vnni", "w_op"}
+            assert il.w_vnni4.numel() == n * k // 2
+            # the weights' share: half a byte per weight plus per-group scales, zero points and sums
+            assert held[4] - 2 * 4 * n <= n * k * (0.5 + 5 * 4 / 128)  # less bias, f_bias
+    assert held[4] <= 0.6 * held[8], held
+    torch_layer = IntLinear.from_quantlinear(_qlinear(k=k, n=n, bits=4, group=128, rank=0), "torch")
+    assert torch_layer.codes_packed is not None and torch_layer.w_op.dtype == torch.int8  # the fallback's form
+
+
+def test_w4_fused_needs_groups_of_8():
+    """pack_b4 holds 8 K values per 32-bit lane pair: a 4-bit group of 4 (mod 8) runs on torch._int_mm."""
+    ql = _qlinear(k=96, n=40, bits=4, group=12, rank=2)
+    if ops_avx512.load() is not None:
+        with pytest.raises(ValueError, match="not multiples of 8"):
+            IntLinear.from_quantlinear(ql, "fused")
+    il = IntLinear.from_quantlinear(ql)
+    assert not il.fused and il.w_op is not None
+    x = _x((3, 96))
+    with torch.no_grad():
+        assert _rel(il(x), ql(x)) < 1e-4
 
 
 def test_kernel_choice_errors():

@@ -4,9 +4,23 @@
 
    D_g[m, n] = sum_{k in g} A[m, k] B[k, n] + sa[m, g] dq[g, n] - zx[m] cbd[g, n]      (int32, exact)
 
-   A: activation codes (uint8, M x K, row stride lda); B: weight codes minus a per-group
-   offset (int8), packed by quant/ops_avx512.py for vpdpbusd as Bp[j][k/4][c][k%4] =
-   B[k, 32 j + c] (32-column blocks, N padded to Npad = 32 * blocks with zero columns).
+   A: activation codes (uint8, M x K, row stride lda), zx their zero points; B = W - c: the weight
+   codes W minus a per-(group, column) integer offset c; with zw the weight zero points,
+   dq = c - zw, sa[m, g] = sum_{k in g} A[m, k] and cbd = sum_{k in g} (W - zw), the identity
+       sum_{k in g} (A - zx)(W - zw) = sum (A - zx)(B + dq) = A_g B_g + sa dq - zx cbd
+   holds for any c (cbd does not depend on c; dq == 0 needs no sa, the caller passes dq = sa = NULL).
+
+   ditas_qgemm (8-bit weights): c = zw clamped into [2^b - 128, 128], so that B fits int8;
+   Bp[j][k/4][c][k%4] = B[k, 32 j + c], one byte per weight (quant/ops_avx512.py pack_b).
+   ditas_qgemm_w4 (weights of <= 4 bits): c = 0, B = W the raw codes 0..15 (W - zw, -15..15,
+   would not fit a signed nibble), so dq = -zw and cbd = CW - G zw with CW the group's column
+   sums of W; two codes per byte (pack_b4): Bp4[j][k/8][c][t] = W[8(k/8) + t, 32 j + c]
+   | W[8(k/8) + 4 + t, 32 j + c] << 4 for t < 4, i.e. the low nibbles of each 128-byte step are
+   the 8-bit layout's step k/4 = 2(k/8), the high nibbles its step 2(k/8) + 1; in registers
+   (q & 15) and ((q >> 4) & 15) are vpdpbusd's s8 operands (0..15, exact products with u8 A).
+   K and G are multiples of 8 there (4 for ditas_qgemm).
+
+   Blocks of 32 columns, N padded to Npad = 32 * blocks with zero columns.
    sw, cbd, dq: (ng, Npad) row-major; sa: (M, ng); zx, sx: per row with stride 0 or 1;
    lp: (M, r); Lt: (r, Npad); bias: (Npad). Outputs: float32 or bfloat16 (round to nearest
    even), M x N with row stride ldo. act: identity, or GELU (tanh form) when gelu != 0.
@@ -60,15 +74,16 @@ static inline __attribute__((always_inline)) __m512 gelu_tanh_ps(__m512 x) {
     return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(u)));
 }
 
-/* mr rows (m0..m0+mr) x 32 columns (block j); mr is a literal at every call site. */
+/* mr rows (m0..m0+mr) x 32 columns (block j); mr and w4 (Bp holds pack_b4's nibbles) are literals at
+   every call site. */
 static inline __attribute__((always_inline)) void ukernel(
-        const int mr, int64_t m0, int64_t j, int64_t N, int64_t Npad, int64_t K, int64_t G,
+        const int mr, const int w4, int64_t m0, int64_t j, int64_t N, int64_t Npad, int64_t K, int64_t G,
         const uint8_t *A, int64_t lda, const int8_t *Bp, const float *sw, const int32_t *cbd,
         const int32_t *dq, const int32_t *sa, const int32_t *zx, int64_t zs, const float *sx, int64_t ss,
         const float *lp, int64_t lpld, int64_t r, const float *Lt, const float *bias, void *out, int64_t ldo,
         int bf16, int gelu) {
     const int64_t ng = K / G, n0 = j * NB;
-    const int8_t *bp = Bp + j * (K / 4) * (NB * 4);
+    const int8_t *bp = Bp + j * K * (w4 ? NB / 2 : NB);  /* a block: K x 32 weights, 1 or 1/2 byte each */
     __m512 facc[MR][2];
     __m512i zv[MR];
     for (int i = 0; i < mr; i++) {
@@ -83,14 +98,36 @@ static inline __attribute__((always_inline)) void ukernel(
             acc[i][1] = _mm512_setzero_si512();
         }
         const uint8_t *a = A + m0 * lda + g * G;
-        for (int64_t k = 0; k < G; k += 4) {
-            __m512i b0 = _mm512_loadu_si512((const void *)bp);
-            __m512i b1 = _mm512_loadu_si512((const void *)(bp + 64));
-            bp += NB * 4;
-            for (int i = 0; i < mr; i++) {
-                __m512i av = _mm512_set1_epi32(*(const int32_t *)(a + i * lda + k));
-                acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], av, b0);
-                acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], av, b1);
+        if (w4) {
+            const __m512i nib = _mm512_set1_epi8(0x0f);
+            for (int64_t k = 0; k < G; k += 8) {  /* one 128-byte step: 8 K values x 32 columns */
+                __m512i q0 = _mm512_loadu_si512((const void *)bp);
+                __m512i q1 = _mm512_loadu_si512((const void *)(bp + 64));
+                bp += NB * 4;
+                __m512i b0 = _mm512_and_si512(q0, nib), b1 = _mm512_and_si512(q1, nib);
+                __m512i b2 = _mm512_and_si512(_mm512_srli_epi16(q0, 4), nib);
+                __m512i b3 = _mm512_and_si512(_mm512_srli_epi16(q1, 4), nib);
+                for (int i = 0; i < mr; i++) {
+                    __m512i av = _mm512_set1_epi32(*(const int32_t *)(a + i * lda + k));
+                    acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], av, b0);
+                    acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], av, b1);
+                }
+                for (int i = 0; i < mr; i++) {
+                    __m512i av = _mm512_set1_epi32(*(const int32_t *)(a + i * lda + k + 4));
+                    acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], av, b2);
+                    acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], av, b3);
+                }
+            }
+        } else {
+            for (int64_t k = 0; k < G; k += 4) {
+                __m512i b0 = _mm512_loadu_si512((const void *)bp);
+                __m512i b1 = _mm512_loadu_si512((const void *)(bp + 64));
+                bp += NB * 4;
+                for (int i = 0; i < mr; i++) {
+                    __m512i av = _mm512_set1_epi32(*(const int32_t *)(a + i * lda + k));
+                    acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], av, b0);
+                    acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], av, b1);
+                }
             }
         }
         const int64_t go = g * Npad + n0;
@@ -142,14 +179,15 @@ static inline __attribute__((always_inline)) void ukernel(
     }
 }
 
-#define UK(mr) ukernel(mr, m, j, N, Npad, K, G, A, lda, Bp, sw, cbd, dq, sa, zx, zs, sx, ss, lp, lpld, r, Lt, bias, \
-                       out, ldo, (int)out_bf16, (int)gelu)
+#define UK(mr) ukernel(mr, w4, m, j, N, Npad, K, G, A, lda, Bp, sw, cbd, dq, sa, zx, zs, sx, ss, lp, lpld, r, Lt, \
+                       bias, out, ldo, (int)out_bf16, (int)gelu)
 
-void ditas_qgemm(int64_t M, int64_t N, int64_t Npad, int64_t K, int64_t G,
-                 const uint8_t *A, int64_t lda, const int8_t *Bp, const float *sw, const int32_t *cbd,
-                 const int32_t *dq, const int32_t *sa, const int32_t *zx, int64_t zs, const float *sx,
-                 int64_t ss, const float *lp, int64_t lpld, int64_t r, const float *Lt, const float *bias,
-                 void *out, int64_t ldo, int64_t out_bf16, int64_t gelu, int64_t nthreads) {
+static inline __attribute__((always_inline)) void qgemm(
+        const int w4, int64_t M, int64_t N, int64_t Npad, int64_t K, int64_t G,
+        const uint8_t *A, int64_t lda, const int8_t *Bp, const float *sw, const int32_t *cbd,
+        const int32_t *dq, const int32_t *sa, const int32_t *zx, int64_t zs, const float *sx,
+        int64_t ss, const float *lp, int64_t lpld, int64_t r, const float *Lt, const float *bias,
+        void *out, int64_t ldo, int64_t out_bf16, int64_t gelu, int64_t nthreads) {
     const int64_t nblocks = Npad / NB, nchunks = (M + MC - 1) / MC;
     /* one work unit = MC rows x 32 columns: the B block (K x 32) stays in L2 across the rows,
        consecutive units of a thread share the A rows */
@@ -170,6 +208,25 @@ void ditas_qgemm(int64_t M, int64_t N, int64_t Npad, int64_t K, int64_t G,
             }
         }
     }
+}
+
+void ditas_qgemm(int64_t M, int64_t N, int64_t Npad, int64_t K, int64_t G,
+                 const uint8_t *A, int64_t lda, const int8_t *Bp, const float *sw, const int32_t *cbd,
+                 const int32_t *dq, const int32_t *sa, const int32_t *zx, int64_t zs, const float *sx,
+                 int64_t ss, const float *lp, int64_t lpld, int64_t r, const float *Lt, const float *bias,
+                 void *out, int64_t ldo, int64_t out_bf16, int64_t gelu, int64_t nthreads) {
+    qgemm(0, M, N, Npad, K, G, A, lda, Bp, sw, cbd, dq, sa, zx, zs, sx, ss, lp, lpld, r, Lt, bias, out, ldo,
+          out_bf16, gelu, nthreads);
+}
+
+/* the same with Bp4 = pack_b4 of the raw <= 4-bit codes (two per byte): see the header comment */
+void ditas_qgemm_w4(int64_t M, int64_t N, int64_t Npad, int64_t K, int64_t G,
+                    const uint8_t *A, int64_t lda, const uint8_t *Bp4, const float *sw, const int32_t *cbd,
+                    const int32_t *dq, const int32_t *sa, const int32_t *zx, int64_t zs, const float *sx,
+                    int64_t ss, const float *lp, int64_t lpld, int64_t r, const float *Lt, const float *bias,
+                    void *out, int64_t ldo, int64_t out_bf16, int64_t gelu, int64_t nthreads) {
+    qgemm(1, M, N, Npad, K, G, A, lda, (const int8_t *)Bp4, sw, cbd, dq, sa, zx, zs, sx, ss, lp, lpld, r, Lt,
+          bias, out, ldo, out_bf16, gelu, nthreads);
 }
 
 /* ---------------------------------------------------------------------------------------------
