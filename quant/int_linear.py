@@ -49,9 +49,8 @@ class IntLinear(nn.Module):
     or `w_vnni4` (the raw <= 4-bit codes, two per byte, ops_avx512.pack_b4) and the `f_*`
     per-column operands padded to 32-column blocks. A fused packed layer keeps `w_vnni4` instead of
     `codes_packed` (a permutation of the same nibbles: about 0.5 byte per weight in all); its
-    state_dict still holds `codes_packed`, rebuilt from `w_vnni4` when saved.
-    `kernel` and `activation`: see from_quantlinear.
-    Symmetric weights are the special case zw = 2^(b-1) and are supported.
+    state_dict still holds `codes_packed`, rebuilt from `w_vnni4` when saved. `kernel` and `activation`:
+    see from_quantlinear. Symmetric weights are the special case zw = 2^(b-1) and are supported.
     """
 
     def __init__(self, codes, scale, zero, weight_cfg, act_cfg, bias=None, lora_L=None, lora_R=None,
@@ -118,41 +117,17 @@ class IntLinear(nn.Module):
         self.fused = self._fused_possible(self.scale.device)
         ops = ops_torch.operands(codes, self.weight_cfg.bits, self.scale, self.zero, self.lora_L, self.lora_R,
                                  weight=not (self.fused and self.packed))
-        cb, d = ops["cb_t"], ops["d_t"]
-        g = self.group
-        self.use_sa = bool((d != 0).any())
-        self.int32_bound = ops_torch.int32_bound(ops, g)
+        self.use_sa = bool((ops["d_t"] != 0).any())
+        self.int32_bound = ops_torch.int32_bound(ops, self.group)
         if not self.fused:
             for name in ops_torch.OPERANDS:
                 self.register_buffer(name, ops[name], persistent=False)
             return
-        # fused kernel (quant/ops_avx512.py): D_g = A_g B_g + SA_g d_g - zx CBD_g with A the uint8 codes,
-        # B = codes - c, d = c - zw and CBD_g = sum_{k in g} (codes - zw) = CB_g + g d_g for the torch
-        # path's offset c; packed weights run on the raw codes instead (c = 0: d = -zw); every
-        # per-column operand zero-padded to whole 32-column blocks
-        n = self.out_features
-        npad = -n // ops_avx512.NB * -ops_avx512.NB
-        cbd = cb + g * d.to(torch.int32)
+        operands, self._fbound = ops_avx512.prepare(self, codes, ops)
+        for name, t in operands.items():
+            self.register_buffer(name, t, persistent=False)
         if self.packed:
-            d = -self.zero.t()
-            self.register_buffer("w_vnni4", ops_avx512.pack_b4(codes), persistent=False)
             self._buffers["codes_packed"] = None  # w_vnni4 holds the same nibbles (see _codes)
-            bmax = 2 ** self.weight_cfg.bits - 1
-        else:
-            self.register_buffer("w_vnni", ops_avx512.pack_b(ops["w_op"]), persistent=False)
-            bmax = 128
-        self.register_buffer("f_sw", ops_avx512.pad_cols(self.scale.t(), npad), persistent=False)
-        self.register_buffer("f_cbd", ops_avx512.pad_cols(cbd, npad), persistent=False)
-        if bool((d != 0).any()):
-            self.register_buffer("f_d", ops_avx512.pad_cols(d.to(torch.int32), npad), persistent=False)
-        self.register_buffer("f_Lt", ops_avx512.pad_cols(self.lora_L.t(), npad), persistent=False)
-        rank = self.lora_R.shape[0]
-        self.register_buffer("f_Rt", ops_avx512.pad_cols(self.lora_R.t(), -rank // 16 * -16), persistent=False)
-        if self.bias is not None:
-            self.register_buffer("f_bias", ops_avx512.pad_cols(self.bias, npad), persistent=False)
-        # |int32 partial| <= g*255*max|B| + 255 g max|d| + |zx| max|CBD|
-        dmax = float(d.abs().max()) if d.numel() else 0.0
-        self._fbound = (g * 255 * bmax + 255 * g * dmax, float(cbd.abs().max()) if cbd.numel() else 0.0)
 
     def _codes(self):
         """The weight codes, uint8 (out, in), from whichever form the layer holds."""
@@ -209,8 +184,7 @@ class IntLinear(nn.Module):
         return why is None
 
     def _fused_safe(self, zmax):
-        fixed, cbdm = self._fbound
-        return fixed + zmax * cbdm < ops_torch.INT32_MAX
+        return self._fbound[0] + zmax * self._fbound[1] < ops_torch.INT32_MAX
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if not (self.packed and self.codes_packed is None):

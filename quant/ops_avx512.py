@@ -242,6 +242,36 @@ def qgemm(a, bp, n, group, sw, cbd, dq, sa, zx, sx, lp, r, lt, bias, out, gelu=F
     return out
 
 
+def prepare(layer, codes, ops):
+    """({name: tensor}, int32 bound) of an IntLinear on this kernel, from its codes uint8 (N, K) and the
+    torch path's operands `ops` (quant/ops_torch.py: cb_t, d_t, w_op).
+
+    D_g = A_g B_g + SA_g d_g - zx CBD_g with A the uint8 activation codes, B = codes - c, d = c - zw and
+    CBD_g = sum_{k in g} (codes - zw) = CB_g + g d_g for the torch path's offset c; packed weights run
+    on the raw codes instead (c = 0: d = -zw). Every per-column operand is zero-padded to whole
+    32-column blocks. The bound: |int32 partial| <= g*255*max|B| + 255 g max|d| + |zx| max|CBD|.
+    """
+    g, n = layer.group, layer.out_features
+    npad = -n // NB * -NB
+    d = ops["d_t"]
+    cbd = ops["cb_t"] + g * d.to(torch.int32)
+    out = {}
+    if layer.packed:
+        d = -layer.zero.t()
+        out["w_vnni4"], bmax = pack_b4(codes), 2 ** layer.weight_cfg.bits - 1
+    else:
+        out["w_vnni"], bmax = pack_b(ops["w_op"]), 128
+    out["f_sw"], out["f_cbd"] = pad_cols(layer.scale.t(), npad), pad_cols(cbd, npad)
+    if bool((d != 0).any()):
+        out["f_d"] = pad_cols(d.to(torch.int32), npad)
+    rank = layer.lora_R.shape[0]
+    out["f_Lt"], out["f_Rt"] = pad_cols(layer.lora_L.t(), npad), pad_cols(layer.lora_R.t(), -rank // 16 * -16)
+    if layer.bias is not None:
+        out["f_bias"] = pad_cols(layer.bias, npad)
+    dmax = float(d.abs().max()) if d.numel() else 0.0
+    return out, (g * 255 * bmax + 255 * g * dmax, float(cbd.abs().max()) if cbd.numel() else 0.0)
+
+
 def fused_linear(x2, layer, batch):
     """An IntLinear's forward in two C passes: range and codes (+ group sums, LoRA down-projection) over
     x, then u8 codes x packed weights with corrections, scales, LoRA and bias in registers.
