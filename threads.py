@@ -5,6 +5,11 @@ Import this module before torch: torch's OpenMP runtime (libgomp) reads OMP_WAIT
 it loads. Its default lets a waiting thread spin before it sleeps, which on a shared machine burns
 the cores other processes need (measured on 2 cores with one busy competitor: 6x the wall time).
 PASSIVE puts waiting threads to sleep at once; an explicit OMP_WAIT_POLICY in the environment wins.
+The price is on a quiet machine: the calibration's many small parallel regions then pay a wake-up
+each, so at 2 threads it runs about 2.6x longer than with spinning (bench/results/busy.md); next to
+busy processes it is the one setting measured here whose CPU time did not grow (short spins,
+GOMP_SPINCOUNT=10000, measured 1.2x once and 4.4x once). On a machine of your own,
+OMP_WAIT_POLICY=ACTIVE in the environment gets the quiet speed back.
 """
 import os
 
