@@ -1,11 +1,13 @@
 """Speed probe for the integer backend (not a test).
 
     python bench/kernel_probe.py [--threads 2] [--m 2048] [--k 768] [--n 3072] [--reps 10] [--clock wall|cpu]
+    python bench/kernel_probe.py --device cuda --m 8192 --k 1152 --n 4608   # DiT-XL/2's fc1 at batch 32
 
 Times one (M, K) x (K, N) linear: fp32 / bf16 F.linear, raw torch._int_mm, IntLinear
 W8A8 (per channel and grouped) and W4A8 (group 64/128) on the fused CPU kernel and on the
 torch kernel against QuantLinear's fake forward, plus the torch weight-only int kernels that
-exist on CPU.
+exist on CPU. With --device cuda the integer layers run the Triton kernels (and the torch-op path
+beside them), every case synchronized.
 Cases are timed round-robin (one run of each per round, `reps` rounds after a warm-up)
 so that load changes on a shared machine hit all of them alike; min and median in ms.
 """
@@ -49,18 +51,20 @@ def main():
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: process CPU time (robust to time slicing on a shared box; use with --threads 1)")
     ap.add_argument("--weight-only", action="store_true", help="also time torch's weight-only int kernels (slow)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the layer runs")
     args = ap.parse_args()
     threads.set_threads(args.threads)
     torch.manual_seed(0)
     m, k, n = args.m, args.k, args.n
-    x = torch.randn(m, k)
-    w = torch.randn(n, k) * 0.02
-    bias = torch.randn(n) * 0.01
+    dev = args.device
+    x = torch.randn(m, k, device=dev)
+    w = torch.randn(n, k, device=dev) * 0.02
+    bias = torch.randn(n, device=dev) * 0.01
     xb, wb, bb = x.bfloat16(), w.bfloat16(), bias.bfloat16()
     cases = []
 
     def row(name, f):
-        cases.append((name, f))
+        cases.append((name, f if dev == "cpu" else (lambda f=f: (f(), torch.cuda.synchronize()))))
 
     print(f"M={m} K={k} N={n} threads={torch.get_num_threads()} rank={args.rank} act={args.granularity} "
           f"clock={args.clock} torch {torch.__version__} cpu {torch.backends.cpu.get_cpu_capability()}")
@@ -68,31 +72,31 @@ def main():
         row("fp32 F.linear", lambda: F.linear(x, w, bias))
         row("bf16 F.linear (nn.Linear in bf16)", lambda: F.linear(xb, wb, bb))
         if args.rank:
-            lb, rb = torch.randn(n, args.rank).bfloat16(), torch.randn(args.rank, k).bfloat16()
+            lb, rb = torch.randn(n, args.rank, device=dev).bfloat16(), torch.randn(args.rank, k, device=dev).bfloat16()
             row(f"bf16 F.linear + bf16 LoRA r{args.rank}",
                 lambda: F.linear(xb, wb, bb) + F.linear(F.linear(xb, rb), lb))
-        a8 = torch.randint(-128, 128, (m, k), dtype=torch.int8)
-        b8 = torch.randint(-128, 128, (k, n), dtype=torch.int8)
+        a8 = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=dev)
+        b8 = torch.randint(-128, 128, (k, n), dtype=torch.int8, device=dev)
         row("torch._int_mm int8 (GEMM only)", lambda: torch._int_mm(a8, b8))
         acfg = ActQuantConfig(8, args.granularity)
         row("act quant (quantize_act_int8)", lambda: quantize_act_int8(x, acfg, m))
         for bits, g in ((8, None), (8, 128), (4, 128), (4, 64)):
             qw = quantize_weight(w, WeightQuantConfig(bits=bits, group_size=g))
             r = args.rank
-            lora = (torch.randn(n, r) * 1e-3, torch.randn(r, k) * 1e-2) if r else (None, None)
+            lora = (torch.randn(n, r, device=dev) * 1e-3, torch.randn(r, k, device=dev) * 1e-2) if r else (None, None)
             ql = QuantLinear(qw, bias, *lora, act_cfg=acfg)
             il = IntLinear.from_quantlinear(ql)
             tag = f"W{bits}A8 g{g or 'chan'} r{r}"
             row(f"QuantLinear fake {tag}", lambda ql=ql: ql(x))
-            row(f"IntLinear {tag}" + (" (fused)" if il.fused else ""), lambda il=il: il(x))
-            if il.fused:
+            row(f"IntLinear {tag} ({il.runs})", lambda il=il: il(x))
+            if il.runs != "torch":
                 it = IntLinear.from_quantlinear(ql, "torch")
                 row(f"IntLinear {tag} (torch)", lambda it=it: it(x))
             if r:
                 ql0 = QuantLinear(qw, bias, act_cfg=acfg)
                 il0 = IntLinear.from_quantlinear(ql0)
                 row(f"IntLinear W{bits}A8 g{g or 'chan'} r0", lambda il0=il0: il0(x))
-        if args.weight_only:
+        if args.weight_only and dev == "cpu":
             w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8)
             s8 = torch.rand(n)
             row("_weight_int8pack_mm bf16 (weight-only)", lambda: torch._weight_int8pack_mm(xb, w8, s8.bfloat16()))
