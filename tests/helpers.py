@@ -95,3 +95,35 @@ def search_problem(seed=0, steps=3, out=96, inp=64, batch=4, tokens=5, shift=0.0
         x[..., [7, 41, 50]] *= 40.0  # activation outlier channels
         xs.append(x)
     return w, b, xs
+
+
+def int_layer(k, n, bits=8, group=None, gran="token", rank=0, smooth=False, bias=True, symmetric=False, a_bits=8,
+              act_scheme="ditas", seed=0, wshift=0.0):
+    """A QuantLinear for the integer-kernel tests: a channel with 10x the weights, optional LoRA, smoothing,
+    bias; wshift moves the first rows far from 0 (4-bit zero points beyond the int8 offset range)."""
+    import torch
+
+    from quant.qlinear import QuantLinear
+    from quant.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[:, 3] *= 10
+    w[:4] += wshift
+    qw = quantize_weight(w, WeightQuantConfig(bits=bits, group_size=group, symmetric=symmetric))
+    L = torch.randn(n, rank, generator=g) * 0.01 if rank else None
+    R = torch.randn(rank, k, generator=g) * 0.1 if rank else None
+    s = torch.rand(k, generator=g) + 0.5 if smooth else None
+    b = torch.randn(n, generator=g) if bias else None
+    return QuantLinear(qw, b, L, R, s, ActQuantConfig(a_bits, gran, scheme=act_scheme))
+
+
+def int_input(shape, seed=1, kind="outliers"):
+    """Activations with an outlier channel; kind "gelu": codes crowd near the bottom of the range (zero
+    point far from 128)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    x[..., 7] *= 20
+    if kind == "gelu":
+        x = torch.nn.functional.gelu(3 * x)
+    return x

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import int_input, int_layer
 from quant import ops_avx512, ops_torch
 from quant.int_linear import IntLinear, linear_w4a8, linear_w8a8, to_int_backend
 from quant.ops_torch import int8_matmul, quantize_act_int8
@@ -25,26 +26,12 @@ def _rel(y, ref):
     return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def _qlinear(k=256, n=192, bits=8, group=None, gran="token", rank=0, smooth=False, bias=True,
-             symmetric=False, a_bits=8, act_scheme="ditas", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.05
-    w[:, 3] *= 10
-    qw = quantize_weight(w, WeightQuantConfig(bits=bits, group_size=group, symmetric=symmetric))
-    L = torch.randn(n, rank, generator=g) * 0.01 if rank else None
-    R = torch.randn(rank, k, generator=g) * 0.1 if rank else None
-    s = torch.rand(k, generator=g) + 0.5 if smooth else None
-    b = torch.randn(n, generator=g) if bias else None
-    return QuantLinear(qw, b, L, R, s, ActQuantConfig(a_bits, gran, scheme=act_scheme))
+def _qlinear(k=256, n=192, **kwargs):
+    return int_layer(k, n, **kwargs)
 
 
 def _x(shape=(3, 40, 256), seed=1, kind="outliers"):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g)
-    x[..., 7] *= 20
-    if kind == "gelu":  # codes crowd near the bottom of the range: zero point far from 128
-        x = torch.nn.functional.gelu(3 * x)
-    return x
+    return int_input(shape, seed, kind)
 
 
 # ---------------------------------------------------------------------------

@@ -13,12 +13,11 @@ import torch
 
 pytest.importorskip("triton", reason="triton not installed: pip install triton (tests run its CPU interpreter)")
 
+from helpers import int_input, int_layer  # noqa: E402
 from quant import ops_triton as ot  # noqa: E402
 from quant.int_linear import IntLinear  # noqa: E402
 from quant.ops_torch import batch_of as _batch_of, quantize_act_int8  # noqa: E402
-from quant.qlinear import QuantLinear  # noqa: E402
-from quant.quantizer import (ActQuantConfig, WeightQuantConfig, pack_int4, quantize_act,  # noqa: E402
-                             quantize_weight)
+from quant.quantizer import ActQuantConfig, pack_int4, quantize_act  # noqa: E402
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.skipif(not ot.available(), reason=f"Triton kernels: {ot.status()}")
@@ -28,27 +27,12 @@ def _rel(y, ref):
     return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def _qlinear(k=128, n=40, bits=8, group=None, gran="token", rank=0, smooth=False, bias=True, symmetric=False,
-             a_bits=8, act_scheme="ditas", seed=0, wshift=0.0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.05
-    w[:, 3] *= 10
-    w[:4] += wshift  # rows far from 0: 4-bit zero points beyond the int8 offset range (d != 0)
-    qw = quantize_weight(w, WeightQuantConfig(bits=bits, group_size=group, symmetric=symmetric))
-    L = torch.randn(n, rank, generator=g) * 0.01 if rank else None
-    R = torch.randn(rank, k, generator=g) * 0.1 if rank else None
-    s = torch.rand(k, generator=g) + 0.5 if smooth else None
-    b = torch.randn(n, generator=g) if bias else None
-    return QuantLinear(qw, b, L, R, s, ActQuantConfig(a_bits, gran, scheme=act_scheme))
+def _qlinear(k=128, n=40, **kwargs):
+    return int_layer(k, n, **kwargs)
 
 
 def _x(shape, seed=1, kind="outliers"):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g)
-    x[..., 7] *= 20
-    if kind == "gelu":  # codes crowd near the bottom of the range: zero point far from 128
-        x = torch.nn.functional.gelu(3 * x)
-    return x
+    return int_input(shape, seed, kind)
 
 
 def _run(ql, x, activation=None, out_dtype=None):
