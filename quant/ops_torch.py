@@ -156,29 +156,38 @@ OPERANDS = ("w_op", "cb_t", "d_t", "w_scale_t", "lora_Lt", "lora_rsum")
 
 
 @torch.no_grad()
+def offsets(codes, bits, zero):
+    """(c, cb_t, d_t) of every integer kernel's exact zero-point algebra (the module docstring).
+
+        codes   uint8 (N, K) codes in [0, 2^bits - 1]; zero float32 (N, ng) integer zero points, G = K / ng
+    c float32 (N, ng): zero clamped into [2^b - 128, 128], so that B = codes - c fits int8; cb_t int32 (ng, N):
+    the column sums of B per group; d_t float32 (ng, N) = c - zero (exact integers; 0 when zero fits).
+    """
+    n, k = codes.shape
+    ng = zero.shape[1]
+    g = k // ng
+    c = zero.clamp(2 ** bits - 1 - 127, 128)
+    cw = codes.view(n, ng, g).sum(-1, dtype=torch.int32)   # column sums of the codes: CB = CW - G c
+    return c, (cw - g * c.to(torch.int32)).t().contiguous(), (c - zero).t().contiguous()
+
+
 def operands(codes, bits, scale, zero, lora_L, lora_R, weight=True):
     """The torch path's weight operands {name: tensor} from a layer's stored form.
 
         codes   uint8 (N, K) codes in [0, 2^bits - 1]
         scale   float32 (N, ng), zero float32 (N, ng) integer zero points; group G = K / ng
         lora_L  float32 (N, r), lora_R float32 (r, K)
-    Returns w_op int8 (K, N) = B = codes - c with c = zero clamped into [2^b - 128, 128] (so B fits
-    int8; None unless `weight`), cb_t int32 (ng, N) column sums of B per group, d_t float32 (ng, N)
-    = c - zero (exact integers; 0 when zero fits), w_scale_t (ng, N), lora_Lt (r, N), lora_rsum (r,).
+    Returns w_op int8 (K, N) = B = codes - c (offsets(); None unless `weight`), cb_t int32 (ng, N), d_t
+    float32 (ng, N) (offsets()), w_scale_t (ng, N), lora_Lt (r, N), lora_rsum (r,).
     """
     n, k = codes.shape
     ng = scale.shape[1]
-    g = k // ng
-    levels = 2 ** bits - 1
-    c = zero.clamp(levels - 127, 128)                      # per-group offset so B fits int8
-    cw = codes.view(n, ng, g).sum(-1, dtype=torch.int32)   # column sums of the codes: CB = CW - G c
+    c, cb_t, d_t = offsets(codes, bits, zero)
     w_op = None
     if weight:
-        b = codes.view(n, ng, g).to(torch.int16) - c.to(torch.int16).unsqueeze(-1)
+        b = codes.view(n, ng, k // ng).to(torch.int16) - c.to(torch.int16).unsqueeze(-1)
         w_op = b.view(n, k).t().contiguous().to(torch.int8)
-    return {"w_op": w_op,
-            "cb_t": (cw - g * c.to(torch.int32)).t().contiguous(),
-            "d_t": (c - zero).t().contiguous(),
+    return {"w_op": w_op, "cb_t": cb_t, "d_t": d_t,
             "w_scale_t": scale.t().contiguous(),
             "lora_Lt": lora_L.t().contiguous(),
             "lora_rsum": lora_R.sum(1)}

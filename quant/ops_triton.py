@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quant.ops_torch import INT32_MAX, combine_range, int32_safe
+from quant.ops_torch import INT32_MAX, combine_range, int32_bound, int32_safe, offsets
 from quant.quantizer import affine_params, num_intervals, unpack_int4
 
 try:
@@ -227,9 +227,8 @@ def prepare(codes_or_packed, bits, scale, zero, lora_L=None, lora_R=None, bias=N
     zero = zero.detach().float()
     if not bool(torch.isfinite(zero).all()) or not torch.equal(zero, zero.round()):
         raise ValueError("weight zero points are not integers")
-    c = zero.clamp(levels - 127, 128)                        # B = codes - c fits int8 (as quant.ops_torch.operands)
-    b = codes.view(n, k // g, g).to(torch.int16) - c.to(torch.int16).unsqueeze(-1)
-    cb, d = b.sum(-1, dtype=torch.int32).t().contiguous(), (c - zero).t().to(torch.int32).contiguous()
+    c, cb, d = offsets(codes, bits, zero)  # B = codes - c fits int8; CB its group sums; d = c - zero
+    d = d.to(torch.int32)
     rank, rt, lt = 0 if lora_R is None else lora_R.shape[0], None, None
     if rank:
         if lora_L.shape != (n, rank) or lora_R.shape != (rank, k):
@@ -238,8 +237,10 @@ def prepare(codes_or_packed, bits, scale, zero, lora_L=None, lora_R=None, bias=N
         lt = torch.zeros(_pow2(rank), n, dtype=torch.float32, device=w.device)
         rt[:, :rank], lt[:rank] = lora_R.detach().float().t(), lora_L.detach().float().t()
     use_sa = bool((d != 0).any())
-    bound = (g * 128 * 128, float(cb.abs().max()) if cb.numel() else 0.0, float(d.abs().max()) * g if use_sa else 0.0)
-    return Operands(bits, k, g, w.contiguous() if bits <= 4 else b.view(n, k).to(torch.int8).contiguous(),
+    bound = int32_bound({"cb_t": cb, "d_t": d}, g)
+    if bits > 4:  # B itself, int8 (N, K); packed weights are unpacked and offset in the kernel
+        w = (codes.view(n, k // g, g).to(torch.int16) - c.to(torch.int16).unsqueeze(-1)).view(n, k).to(torch.int8)
+    return Operands(bits, k, g, w.contiguous(),
                     c.t().to(torch.int16).contiguous() if bits <= 4 else None, cb, d if use_sa else None,
                     scale.detach().float().t().contiguous(), rt, lt,
                     None if bias is None else bias.detach().float().contiguous(), bound)
