@@ -18,10 +18,10 @@ from dataclasses import fields
 import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 
-from cli import (ArgumentParser, UserError, add_device_arg, add_model_args, check_common_args, check_writable, latent_shape,
-                 pick_device, run)
+from cli import (ArgumentParser, UserError, add_device_arg, add_model_args, check_common_args, check_seed,
+                 check_writable, latent_shape, pick_device, run)
 from config import DEFAULTS, calib_labels
-from pipeline import build_model, check_seed, decode, load_vae, make_sampler, sample_inputs, save_grid
+from pipeline import build_model, decode, load_vae, make_sampler, sample_inputs, save_grid
 from quant.calibrate import quantize_dit
 from quant.config import SCHEME_DEFAULT, QuantConfig, field_default
 from quant.layers import check_layers, quantizable_layers
@@ -164,7 +164,8 @@ def add_quant_args(parser):
                         help="search: layer-wise alpha grid search (default); fixed: --alpha (the default when "
                              "--alpha is given); none: plain round-to-nearest")
     parser.add_argument("--alpha", type=float, default=None,
-                        help=f"fixed smoothing exponent in [0, 1] (implies --smoothing fixed; default {q('alpha', 'ditas')})")
+                        help=f"fixed smoothing exponent in [0, 1] (implies --smoothing fixed; "
+                             f"default {q('alpha', 'ditas')})")
     parser.add_argument("--alpha-step", type=float, default=q("alpha_step"), help="alpha grid spacing")
     parser.add_argument("--lora-rank", type=int, default=q("lora_rank"), help="0 disables the LoRA branch")
     parser.add_argument("--lora-iters", type=int, default=q("lora_iters"),

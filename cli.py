@@ -114,6 +114,16 @@ def check_writable(path, flag):
         raise UserError(f"{flag} {path} is not writable ({parent} is not a writable directory)")
 
 
+MAX_SEED = (1 << 63) - 1
+
+
+def check_seed(seed, flag="--seed"):
+    """A seed a user typed: any integer in [0, 2^63 - 1]; else a one-line error naming the flag."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{flag} must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    return seed
+
+
 def pick_device(spec):
     """auto | cpu | cuda -> the device kind; cuda without a GPU is a one-line error."""
     if spec == "cuda" and not torch.cuda.is_available():

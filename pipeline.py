@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import MODEL_DTYPES, check_common_args, check_sampling_dtype, default_ckpt, latent_shape
+from cli import MODEL_DTYPES, check_common_args, check_sampling_dtype, check_seed, default_ckpt, latent_shape
 from quant.errors import UserError
 from diffusion import create_diffusion
 from download import find_model, load_model_state
@@ -75,16 +75,6 @@ def decode(vae, x):
     if vae is None:
         return x
     return vae.decode(x / VAE_SCALE).sample
-
-
-MAX_SEED = (1 << 63) - 1
-
-
-def check_seed(seed, flag="--seed"):
-    """A seed a user typed: any integer in [0, 2^63 - 1]; else a one-line error naming the flag."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise UserError(f"{flag} must be an integer in [0, {MAX_SEED}], got {seed!r}")
-    return seed
 
 
 class SampleRNG:

@@ -7,8 +7,8 @@ import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 
 from cli import (ArgumentParser, UserError, add_device_arg, add_dtype_arg, add_model_args, check_sampling_dtype,
-                 check_writable, pick_device, resolve_model_args, run)
-from pipeline import build_model, cast_for_sampling, check_seed, decode, load_vae, make_sampler, sample_inputs, save_grid
+                 check_seed, check_writable, pick_device, resolve_model_args, run)
+from pipeline import build_model, cast_for_sampling, decode, load_vae, make_sampler, sample_inputs, save_grid
 from quant.fold import fold_smoothing
 from quant.inference import load_checkpoint, to_backend
 
@@ -27,7 +27,8 @@ def main(args):
     check_writable(args.out, "--out")
     device = pick_device(args.device)
     meta = resolve_model_args(args, MODEL_DEFAULTS)
-    labels = args.labels or (IMAGENET_SAMPLE_LABELS if args.num_classes == 1000 else list(range(min(8, args.num_classes))))
+    labels = args.labels or (IMAGENET_SAMPLE_LABELS if args.num_classes == 1000
+                             else list(range(min(8, args.num_classes))))
     for y in labels:
         if not 0 <= y < args.num_classes:
             raise UserError(f"--labels: label {y} outside [0, {args.num_classes}) (--num-classes {args.num_classes})")

@@ -34,8 +34,8 @@ import torch
 from tqdm import tqdm
 
 from cli import (ArgumentParser, UserError, add_device_arg, add_dtype_arg, add_model_args, check_common_args,
-                 check_sampling_dtype, check_writable, latent_shape, pick_device, resolve_model_args, run)
-from pipeline import (barrier, build_model, cast_for_sampling, check_seed, close_distributed, decode, init_distributed,
+                 check_sampling_dtype, check_seed, check_writable, latent_shape, pick_device, resolve_model_args, run)
+from pipeline import (barrier, build_model, cast_for_sampling, close_distributed, decode, init_distributed,
                       load_vae, make_sampler, rank, sample_inputs, to_uint8, world_size)
 from quant import fold
 from quant.inference import load_checkpoint, to_backend
@@ -204,7 +204,8 @@ def build_parser():
     parser.add_argument("--weight-bit", type=int, default=None, help="optional check against the checkpoint")
     parser.add_argument("--act-bit", type=int, default=None, help="optional check against the checkpoint")
     parser.add_argument("--backend", choices=["fake", "int"], default="fake",
-                        help="fake: quantize-dequantize in float; int: integer GEMMs (fused AVX512-VNNI CPU kernel, else torch._int_mm)")
+                        help="fake: quantize-dequantize in float; int: integer GEMMs (Triton on CUDA, the fused "
+                             "AVX512-VNNI kernel on x86 CPUs, else torch._int_mm)")
     add_dtype_arg(parser)
     parser.add_argument("--save-png", action="store_true", help="also write one PNG per sample")
     parser.add_argument("--keep-shards", action="store_true", help="keep the shard files after writing the .npz")

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from quant.errors import UserError
-from pipeline import MAX_SEED, SampleRNG, check_seed, sample_inputs, sample_labels
+from cli import MAX_SEED, check_seed
+from pipeline import SampleRNG, sample_inputs, sample_labels
 
 
 def test_global_seed_changes_every_sample():
