@@ -87,18 +87,18 @@ def collect_tas(layers, loop):
 
 def prepare_candidates(layers, cfg, absmax, progress=True):
     """({name: Candidates} for cfg's alphas, {name: Candidates} of plain round-to-nearest)."""
-    wcfg = cfg.weight_cfg()
+    wcfg, alphas = cfg.weight_cfg(), cfg.alphas()
     candidates, baselines = {}, {}
     for name, lin in tqdm(layers.items(), desc="candidates (smoothing, quantization, LoRA fits)", unit="layer",
                           disable=not progress, leave=False):
-        candidates[name] = Candidates(lin.weight, lin.bias, absmax[name], cfg.alphas(), wcfg, cfg.lora_rank,
+        candidates[name] = Candidates(lin.weight, lin.bias, absmax[name], alphas, wcfg, cfg.lora_rank,
                                       cfg.lora_iters, svd=cfg.svd)
         baselines[name] = Candidates(lin.weight, lin.bias, None, [None], wcfg, lora_rank=0)
     return candidates, baselines
 
 
 def layer_report(cands, scores):
-    """(index of the best alpha, the layer's report entry); losses per step, as searched."""
+    """(LayerQuant of the best alpha, the layer's report entry); losses per step, as searched."""
     k = select_alpha(scores.losses, cands.alphas)
     best = cands.layer(k)
     steps = max(scores.steps, 1)
