@@ -17,11 +17,25 @@ def _remove(path):
         os.remove(path)
 
 
+def _umask():
+    """The process's umask, read without changing it where Linux reports it (os.umask(0) would open a
+    window in which another thread's new files get mode 0666)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _usual_mode(path):
     """Give what is published at least the permissions a plain open() would (writers such as safetensors'
     save_file create 0600 files): the umask's read/write bits added, nothing taken away."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     paths = [path]
     if os.path.isdir(path):
         paths += [os.path.join(d, f) for d, dirs, files in os.walk(path) for f in dirs + files]
