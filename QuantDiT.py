@@ -12,6 +12,7 @@ the model that loads back. --quantize-adaln also quantizes every block's adaLN l
 """
 import argparse
 import os
+import sys
 import time
 from dataclasses import fields
 
@@ -21,11 +22,14 @@ import torch
 from cli import (ArgumentParser, UserError, add_device_arg, add_model_args, check_common_args, check_seed,
                  check_writable, latent_shape, pick_device, run)
 from config import DEFAULTS, calib_labels
-from pipeline import build_model, decode, load_vae, make_sampler, sample_inputs, save_grid
+from pipeline import (build_model, close_distributed, decode, init_distributed, load_vae, make_sampler,
+                      sample_inputs, save_grid)
+from quant.budget import GIB
 from quant.calibrate import quantize_dit
 from quant.config import SCHEME_DEFAULT, QuantConfig, field_default
 from quant.layers import check_layers, quantizable_layers
 from quant.checkpoint import is_quantized_checkpoint, save_quantized
+from quant.ranks import Ranks
 from quant.storage import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES, round_for_storage
 
 
@@ -36,7 +40,7 @@ def quant_config_from_args(args):
         if not 2 <= given[flag] <= 8:
             raise UserError(f"--{flag.replace('_', '-')} {given[flag]}: bits must be an integer in 2..8")
     given["group_size"] = given["group_size"] or None  # 0 = per output channel
-    for name in ("act_granularity", "search_steps"):  # None: the scheme's default
+    for name in ("act_granularity", "search_steps", "svd"):  # None: the scheme's default
         if given[name] is None:
             given[name] = SCHEME_DEFAULT
     try:
@@ -70,6 +74,17 @@ def default_out_dir(args, cfg):
 
 
 def main(args):
+    try:
+        return _main(args)
+    except UserError:
+        if Ranks.current().rank != 0:  # every rank stops with the same error; rank 0 reports it
+            sys.exit(2)
+        raise
+    finally:
+        close_distributed()
+
+
+def _main(args):
     # Check every input before the (slow, large) model is built; nothing is written on the way to an error
     threads.set_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -87,8 +102,14 @@ def main(args):
     for flag, given in (("--calib-labels", labels), ("--preview-labels", args.preview_labels)):
         if any(not 0 <= y < args.num_classes for y in given):
             raise UserError(f"{flag}: labels must lie in [0, {args.num_classes}) (--num-classes)")
-    device = pick_device(args.device)
-    vae = load_vae(args.vae, device) if args.preview else None
+    if args.calib_memory_gb <= 0:
+        raise UserError(f"--calib-memory-gb must be positive, got {args.calib_memory_gb:g}")
+    # Several processes under torchrun: each calibrates its share of the layers, rank 0 writes
+    device = init_distributed(pick_device(args.device))
+    ranks = Ranks.current()
+    ranks.agree(vars(args), "flags")
+    lead = ranks.rank == 0
+    vae = load_vae(args.vae, device) if args.preview and lead else None
 
     # Load the FP model
     model = build_model(args)
@@ -105,19 +126,27 @@ def main(args):
     def calibration_loop():
         # the same fixed noise batch every pass: the FP trajectory is identical each time
         gens, y, z = sample_inputs(args.seed, range(len(labels)), args.num_classes, shape, labels)
-        calib(z, y, gens, progress="FP sampling loop (calibration)")
+        calib(z, y, gens, progress="FP sampling loop (calibration)" if lead else False)
 
-    print(f"calibrating {args.model} ({len(labels)} labels, cfg {args.calib_cfg_scale}, "
-          f"{args.num_sampling_steps} steps, {torch.get_num_threads()} threads); {cfg}", flush=True)
+    if lead:
+        print(f"calibrating {args.model} ({len(labels)} labels, cfg {args.calib_cfg_scale}, "
+              f"{args.num_sampling_steps} steps, {torch.get_num_threads()} threads, {ranks.world} process(es)); {cfg}",
+              flush=True)
     t0 = time.time()
     preview = None
-    if args.preview:
+    if args.preview and lead:
         # FP preview before the layers are swapped: the quantized one below uses the same noise
         sampler = make_sampler(model, args.num_sampling_steps, args.cfg_scale, clip_denoised=clip)
         gens, y, z = sample_inputs(args.seed, range(len(args.preview_labels)), args.num_classes, shape,
                                    args.preview_labels)
         preview = [decode(vae, sampler(z, y, gens, progress="preview: FP model"))]
-    report = quantize_dit(model, cfg, calibration_loop)
+    try:
+        report = quantize_dit(model, cfg, calibration_loop, progress=lead, memory_budget=round(args.calib_memory_gb * GIB),
+                              ranks=ranks)
+    except ValueError as e:  # a memory budget below one layer's search state
+        raise UserError(str(e)) from None
+    if not lead:
+        return None
     # from here on the model is exactly what the checkpoint stores (and load_quantized returns)
     round_for_storage(model, args.storage_dtype)
     if args.preview:
@@ -170,8 +199,11 @@ def add_quant_args(parser):
     parser.add_argument("--lora-rank", type=int, default=q("lora_rank"), help="0 disables the LoRA branch")
     parser.add_argument("--lora-iters", type=int, default=q("lora_iters"),
                         help="alternating quantize / low-rank fit iterations")
-    parser.add_argument("--svd", choices=("full", "lowrank"), default=q("svd"),
-                        help="SVD of the LoRA fit: full, or randomized lowrank (faster on large layers)")
+    parser.add_argument("--svd", choices=("full", "lowrank", "subspace"), default=None,
+                        help=f"truncated SVD of the LoRA fit: full (LAPACK), lowrank (randomized, fresh every "
+                             f"iteration) or subspace (warm-started through the alternating loop and from the "
+                             f"neighbouring alpha; quant/lora.py) (default: {q('svd', 'ditas')} for ditas, "
+                             f"{q('svd', 'reference')} for reference, the released code's)")
     parser.add_argument("--search-steps", type=int, default=None,
                         help=f"search loss over the first N calibration steps only (default: all for ditas, "
                              f"{q('search_steps', 'reference')} for reference)")
@@ -200,6 +232,10 @@ def build_parser():
     parser.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default=DEFAULT_STORAGE_DTYPE,
                         help="dtype of scales, LoRA factors and the FP tensors in the checkpoint "
                              "(fp32 for exactness studies)")
+    parser.add_argument("--calib-memory-gb", type=float, default=d.calib_memory_gb, metavar="GIB",
+                        help="search state one process may hold, in GiB (quant/budget.py); layers beyond it are "
+                             "calibrated in groups, each over its own FP sampling loop (same result, more loops). "
+                             "The FP model and the sampling activations come on top")
     parser.add_argument("--calib-cfg-scale", type=float, default=d.calib_cfg_scale,
                         help="guidance of the FP calibration loops (the paper's 1.5)")
     parser.add_argument("--calib-labels", type=int, nargs="+", default=None,

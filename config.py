@@ -21,6 +21,9 @@ class Defaults:
     # calibration: DDPM, respaced to num_sampling_steps, CFG 1.5 on a fixed noise batch
     num_sampling_steps: int = 100
     calib_cfg_scale: float = 1.5
+    # the alpha search's state per process, GiB (quant/budget.py): DiT-XL/2's ditas search holds about
+    # 6.5 GiB in one group, so 8 fits it next to the FP model and 512x512 activations on a 24 GB GPU
+    calib_memory_gb: float = 8.0
     # preview
     cfg_scale: float = 4.0
 

@@ -182,20 +182,18 @@ def noise_variance(stats, smooth, act_cfg, colnorm2=None, step_chunk=16):
 
 
 @torch.no_grad()
-def approx_losses(candidates, stats, act_cfg, chunk=None):
+def approx_losses(candidates, stats, act_cfg):
     """Predicted loss sum_t mean((Y_q - Y_fp)^2) of every candidate (quant.search.Candidates) from one
-    layer's InputStats: returns (total, weight_term, noise_term) as lists of floats."""
-    s_all, ws_all = candidates.smoothed_effective()
+    layer's InputStats: returns (total, weight_term, noise_term) as lists of floats. One candidate's
+    dense weight at a time."""
     weight = candidates.weight
     out = weight.shape[0]
     n = stats.mean_rows()
     m = stats.xtx.to(weight.device)
     weight_terms, noise_terms = [], []
-    A = s_all.shape[0]
-    size = A if chunk is None else chunk
-    for i in range(0, A, size):
-        s, ws = s_all[i:i + size], ws_all[i:i + size]
-        d = (ws / s[:, None, :] - weight).to(m.dtype)                         # (a, out, in)
+    for k in range(len(candidates.alphas)):
+        s, ws = candidates.smooth[k:k + 1], candidates.smoothed_weight(k).unsqueeze(0)
+        d = (ws / s[:, None, :] - weight).to(m.dtype)                         # (1, out, in)
         weight_terms.append(((d @ m) * d).sum(dim=(1, 2)) / (n * out))
         ws2 = ws.double().pow(2)
         uniform, clamped = noise_variance(stats, s, act_cfg, colnorm2=ws2.sum(1))

@@ -1,29 +1,35 @@
-"""Data-free calibration and quantization of a DiT (docs/METHOD.md §2-§5, §8): the one driver.
+"""Data-free calibration and quantization of a DiT (docs/METHOD.md §2-§5, §8, §13): the one driver.
 
 Every statistic the method needs is a running max or sum over denoising steps, accumulated by
 forward pre-hooks while the full-precision model samples a fixed noise batch (`loop`); no step's
 activations are kept. The phases of quantize_dit, each named after the paper's step:
 
     1. TAS statistics       pass 1: a_j = max over steps and rows of |X_t[:, j]| per layer (§3)
-                            (the approximate search also gathers its loss statistics here)
+                            (the approximate search gathers its loss statistics in each group's pass)
     2. candidate prep       per layer and alpha: smoothing factors, quantized weight, LoRA (§4, §5)
-    3. alpha search         scoring: exact = pass 2 streams every step's FP input through every
-                            candidate (quant/search.py); approx = predicted from pass 1
+    3. alpha search         scoring: exact = a pass streams every step's FP input through every
+                            candidate (quant/search.py); approx = predicted from the statistics
                             (quant/approx_search.py, beyond the paper)
     4. layers and report    each layer becomes the QuantLinear of its best alpha
-    5. adaLN                with quantize_adaln: every block's adaLN linear, weight-only 8-bit
 
-Two FP sampling loops in all (one with the approximate search), whatever the depth.
+Phases 2 and 3 run per group of layers whose search state fits the memory budget
+(quant/budget.py), each group over its own FP loop of the same fixed noise, so the result does
+not depend on the budget. Under torchrun each rank calibrates its share of the layers
+(quant/ranks.py) and rank 0 builds the model. With quantize_adaln, 5.: every block's adaLN
+linear, weight-only 8-bit.
 """
+import resource
 import time
 
 import torch
 from tqdm.auto import tqdm
 
 from quant.approx_search import ApproxScoring
+from quant.budget import human, plan_groups
 from quant.layers import ADALN_WEIGHT_CFG, adaln_layers, check_layers, quantizable_layers
 from quant.qlinear import QuantLinear
 from quant.quantizer import dequantize_weight
+from quant.ranks import Ranks
 from quant.search import AlphaSearch, Candidates, Scores, quantize_linear, select_alpha
 from quant.smoothing import RunningAbsMax
 
@@ -51,7 +57,8 @@ class ExactScoring:
             rtn[name].update(x)
 
         run_hooked(layers, observe, loop)
-        return {name: Scores(s.losses, s.steps, rtn[name].losses[0], rtn[name].steps, {})
+        return {name: Scores(s.losses, s.steps, rtn[name].losses[0], rtn[name].steps, {},
+                             s.engine.nbytes() + rtn[name].engine.nbytes())
                 for name, s in searches.items()}
 
 
@@ -85,6 +92,10 @@ def collect_tas(layers, loop):
     return {name: s.value for name, s in collect_statistics(layers, loop, RunningAbsMax).items()}
 
 
+def _nbytes(*tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 def prepare_candidates(layers, cfg, absmax, progress=True):
     """({name: Candidates} for cfg's alphas, {name: Candidates} of plain round-to-nearest)."""
     wcfg, alphas = cfg.weight_cfg(), cfg.alphas()
@@ -97,8 +108,9 @@ def prepare_candidates(layers, cfg, absmax, progress=True):
     return candidates, baselines
 
 
-def layer_report(cands, scores):
-    """(LayerQuant of the best alpha, the layer's report entry); losses per step, as searched."""
+def layer_report(cands, scores, baseline=None, statistic=None):
+    """(LayerQuant of the best alpha, the layer's report entry); losses per step, as searched. The entry's
+    state_bytes: what the layer's search held between steps (candidates, baseline, operands, statistic)."""
     k = select_alpha(scores.losses, cands.alphas)
     best = cands.layer(k)
     steps = max(scores.steps, 1)
@@ -113,6 +125,9 @@ def layer_report(cands, scores):
         "output_error": scores.losses[k] / steps,
         "output_error_rtn": scores.rtn_loss / max(scores.rtn_steps, 1),
         "search_steps": scores.steps,
+        "svds": cands.svds,
+        "state_bytes": cands.nbytes() + (0 if baseline is None else baseline.nbytes()) + scores.operand_bytes
+        + (0 if statistic is None else _nbytes(statistic.value, getattr(statistic, "xtx", None))),
     }
 
 
@@ -137,48 +152,113 @@ def quantize_adaln(model):
     return report
 
 
-def quantize_dit(model, cfg, loop, progress=True):
+def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None):
     """Calibrate on `loop` (a callable running one FP sampling loop of model) and swap in QuantLinears.
 
-    cfg: a QuantConfig. Returns the report: per layer alpha, search losses, weight errors
+    cfg: a QuantConfig. memory_budget: bytes of search state this process may hold (None: no limit,
+    one group); a budget below one layer's state is a ValueError naming the layer and the minimum.
+    ranks: quant.ranks.Ranks (default: this process alone); with several, every rank must call this
+    with the same arguments; each calibrates its share, rank 0 swaps every layer and returns the
+    report, the others return None. The report: per layer alpha, search losses, weight errors
     before/after LoRA, output errors (mean squared error per step, and plain round-to-nearest's for
-    reference); wall time per phase.
+    reference), SVDs and state bytes; wall time per phase; the calibration's passes, groups, state
+    and peak memory (`calibration`).
     """
+    ranks = ranks or Ranks()
     layers = quantizable_layers(model)
     check_layers(layers, cfg)
     scoring = SCORINGS[cfg.search](cfg)
-    timings = {}
+    device = next(model.parameters()).device
     say = tqdm.write if progress else (lambda msg: None)
+    shapes = {name: tuple(lin.weight.shape) for name, lin in layers.items()}
+    mine = ranks.together(lambda: ranks.share({name: out * inp for name, (out, inp) in shapes.items()}))
+    groups, estimates = ranks.together(lambda: plan_groups({n: shapes[n] for n in mine}, cfg, memory_budget,
+                                                           device.type))
+    n_groups = max(ranks.all(len(groups)))
+    timings = dict.fromkeys(("tas_statistics_s", "prepare_candidates_s", "alpha_search_s", "build_layers_s"), 0.0)
+    where = f" on rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""
+    budget = "no memory budget" if memory_budget is None else f"a budget of {memory_budget / 2 ** 30:g} GiB"
+    say(f"calibration: {len(mine)} layers{where} in {len(groups)} group(s) ({budget}; estimated search state "
+        f"{human(sum(estimates.values()))} in all)")
+    passes = 0
 
     t0 = time.time()  # 1. TAS statistics (the exact search with no smoothing needs none)
-    stats = {name: None for name in layers}
-    if cfg.smoothing != "none" or scoring.loops == 1:
-        say(f"calibration 1/3, TAS statistics: one FP sampling loop, {len(layers)} layers observed")
-        stats = collect_statistics(layers, loop, scoring.statistic)
-    else:
-        say("calibration 1/3, TAS statistics: not needed (--smoothing none)")
-    absmax = {name: None if s is None or cfg.smoothing == "none" else s.value for name, s in stats.items()}
-    timings["tas_statistics_s"] = time.time() - t0
+    stats = {name: None for name in mine}
+    if cfg.smoothing != "none" and scoring.loops == 2:
+        say(f"calibration 1/3, TAS statistics: one FP sampling loop, {len(mine)} layers observed")
+        stats = ranks.together(lambda: collect_statistics({n: layers[n] for n in mine}, loop, scoring.statistic))
+        passes += 1
+    timings["tas_statistics_s"] += time.time() - t0
 
-    t0 = time.time()  # 2. candidate preparation: smoothing, quantized weights, LoRA per alpha
-    lora = f"LoRA rank {cfg.lora_rank}, {cfg.lora_iters} iterations" if cfg.lora_rank else "no LoRA"
-    say(f"calibration 2/3, candidate preparation: {len(cfg.alphas())} alpha(s) x {len(layers)} layers ({lora})")
-    candidates, baselines = prepare_candidates(layers, cfg, absmax, progress)
-    timings["prepare_candidates_s"] = time.time() - t0
+    chosen, state_max = {}, 0
+    for g in range(n_groups):
+        part = {n: layers[n] for n in (groups[g] if g < len(groups) else [])}
+        of = f"group {g + 1}/{n_groups}, " if n_groups > 1 else ""
 
-    t0 = time.time()  # 3. alpha search: score every candidate
-    say("calibration 3/3, alpha search: " + ("one more FP sampling loop scores every candidate" if scoring.loops == 2
-                                            else "losses predicted from pass 1's statistics (no FP loop)"))
-    scores = scoring.score(layers, candidates, baselines, stats, loop)
-    timings["alpha_search_s"] = time.time() - t0
+        def calibrate_group():
+            nonlocal passes
+            if not part:
+                return {}, 0
+            t0 = time.time()
+            group_stats = stats
+            if scoring.loops == 1:  # the approximate search: its statistics (and the TAS maxima) in one loop
+                say(f"calibration 1/3, {of}statistics: one FP sampling loop, {len(part)} layers observed")
+                group_stats = collect_statistics(part, loop, scoring.statistic)
+                passes += 1
+            absmax = {n: None if group_stats[n] is None or cfg.smoothing == "none" else group_stats[n].value
+                      for n in part}
+            timings["tas_statistics_s"] += time.time() - t0
+
+            t0 = time.time()  # 2. candidate preparation: smoothing, quantized weights, LoRA per alpha
+            lora = f"LoRA rank {cfg.lora_rank}, {cfg.lora_iters} iterations, {cfg.svd} SVD" if cfg.lora_rank \
+                else "no LoRA"
+            say(f"calibration 2/3, {of}candidate preparation: {len(cfg.alphas())} alpha(s) x {len(part)} layers "
+                f"({lora})")
+            candidates, baselines = prepare_candidates(part, cfg, absmax, progress)
+            timings["prepare_candidates_s"] += time.time() - t0
+
+            t0 = time.time()  # 3. alpha search: score every candidate
+            say(f"calibration 3/3, {of}alpha search: " + (
+                "one more FP sampling loop scores every candidate" if scoring.loops == 2
+                else "losses predicted from the statistics (no FP loop)"))
+            scores = scoring.score(part, candidates, baselines, group_stats, loop)
+            passes += scoring.loops - 1
+            timings["alpha_search_s"] += time.time() - t0
+            results = {n: layer_report(candidates[n], scores[n], baselines[n], group_stats[n]) for n in part}
+            return results, sum(r[1]["state_bytes"] for r in results.values())
+
+        results, state = ranks.together(calibrate_group)
+        chosen.update(results)
+        state_max = max(state_max, state)
+
+    mem = {"rank": ranks.rank, "fp_passes": passes, "groups": len(groups), "state_bytes_max": state_max,
+           "state_bytes_estimated": sum(estimates.values()),
+           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "peak_cuda_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+    if ranks.world > 1:  # rank 0 builds the model from every rank's layers
+        chosen = {n: (best.to("cpu"), entry) for n, (best, entry) in chosen.items()}
+    every = ranks.gather({"layers": chosen, "memory": mem})
+    if every is None:
+        return None
+    chosen = {n: r for part in every for n, r in part["layers"].items()}
 
     t0 = time.time()  # 4. the best candidate of every layer, and the report
     report = {}
     for name in layers:
-        best, report[name] = layer_report(candidates[name], scores[name])
-        model.set_submodule(name, QuantLinear.from_search(best, cfg.act_cfg()))
+        best, report[name] = chosen[name]
+        model.set_submodule(name, QuantLinear.from_search(best.to(device), cfg.act_cfg()))
     timings["build_layers_s"] = time.time() - t0
-    out = {"layers": report, "timings": timings}
+    ranks_mem = [part["memory"] for part in every]
+    out = {"layers": report, "timings": timings, "calibration": {
+        "ranks": ranks.world, "device": str(device), "budget_bytes": memory_budget, "svd": cfg.svd,
+        "svds": sum(r["svds"] for r in report.values()),
+        "fp_passes": max(m["fp_passes"] for m in ranks_mem), "groups": max(m["groups"] for m in ranks_mem),
+        "state_bytes_max": max(m["state_bytes_max"] for m in ranks_mem),
+        "state_bytes_total": sum(r["state_bytes"] for r in report.values()),
+        "state_bytes_estimated": sum(m["state_bytes_estimated"] for m in ranks_mem),
+        "peak_rss_bytes": max(m["peak_rss_bytes"] for m in ranks_mem),
+        "peak_cuda_bytes": None if device.type != "cuda" else max(m["peak_cuda_bytes"] for m in ranks_mem),
+        "per_rank": ranks_mem}}
     if scoring.loops == 1:
         out.update(search=cfg.search, calibration_loops=1)
     if cfg.quantize_adaln:  # 5. adaLN, weight-only

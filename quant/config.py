@@ -10,6 +10,8 @@ Scheme-dependent defaults (docs/METHOD.md §8):
     act_granularity   row      tensor      (per batch row: a sample never depends on its neighbours)
     search_steps      None     50          (None = every calibration step; the released search
                                             scores the first 50, noisiest, steps only)
+    svd               subspace full        (the LoRA fit's truncated SVD: one fit per alpha in the ditas
+                                            scheme makes the full SVD its dominant cost, quant/lora.py)
 
 `smoothing` defaults to "fixed" when an `alpha` is given and to "search" otherwise; `alpha`
 itself then defaults to 0.5 (SmoothQuant's value).
@@ -20,12 +22,12 @@ from quant.quantizer import ActQuantConfig, WeightQuantConfig
 from quant.search import alpha_grid
 
 SCHEME_DEFAULT = "scheme default"  # sentinel of the fields resolved per scheme
-_SCHEME_DEFAULTS = {"ditas": {"act_granularity": "row", "search_steps": None},
-                    "reference": {"act_granularity": "tensor", "search_steps": 50}}
+_SCHEME_DEFAULTS = {"ditas": {"act_granularity": "row", "search_steps": None, "svd": "subspace"},
+                    "reference": {"act_granularity": "tensor", "search_steps": 50, "svd": "full"}}
 MATMUL_DTYPES = ("fp32", "bf16")
 SEARCHES = ("exact", "approx")
 SMOOTHINGS = ("search", "fixed", "none")
-SVDS = ("full", "lowrank")
+SVDS = ("full", "lowrank", "subspace")
 DEFAULT_ALPHA = 0.5
 
 
@@ -42,7 +44,7 @@ class QuantConfig:
     alpha_step: float = 0.05          # the searched grid {0, step, ..., 1}
     lora_rank: int = 32               # 0 = no LoRA branch
     lora_iters: int = 10
-    svd: str = "full"                 # full | lowrank (randomized)
+    svd: str = SCHEME_DEFAULT         # full | lowrank (randomized) | subspace (warm-started, quant/lora.py)
     search_steps: int | None | str = SCHEME_DEFAULT  # search loss over the first N steps (None: all)
     quantize_adaln: bool = False      # also quantize every block's adaLN linear, weight-only 8-bit
     search_dtype: str = "fp32"        # reference scheme: candidate products in fp32 or bf16
@@ -76,7 +78,7 @@ class QuantConfig:
         if self.search_dtype not in MATMUL_DTYPES:
             raise ValueError(f"search dtype must be one of {MATMUL_DTYPES}, got {self.search_dtype!r}")
         if self.svd not in SVDS:
-            raise ValueError(f"svd must be 'full' or 'lowrank', got {self.svd!r}")
+            raise ValueError(f"svd must be one of {SVDS}, got {self.svd!r}")
         if self.lora_rank < 0 or self.lora_iters < 1:
             raise ValueError(f"LoRA rank must be >= 0 and iterations >= 1, got {self.lora_rank}, {self.lora_iters}")
         if self.search_steps is not None and (isinstance(self.search_steps, bool)

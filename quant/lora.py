@@ -9,6 +9,18 @@ The low-rank branch absorbs the largest directions of the quantization error,
 and re-quantizing W - L R lets Q spend its grid on what the branch cannot carry.
 Weights may carry leading dims (stacked candidates, e.g. one per alpha): the
 loop then runs on the whole stack at once.
+
+The truncated SVD (`svd`):
+* full: LAPACK's full SVD of W - Q every iteration (the released code's; its cost dominates the
+  ditas scheme's calibration, which fits one LoRA branch per alpha);
+* lowrank: a randomized SVD (Halko et al.) every iteration, from a fresh random basis;
+* subspace: a subspace iteration carried through the alternating loop (beyond the paper). W - Q
+  changes little between iterations (only codes on a rounding boundary flip), so each iteration
+  starts from the previous one's right singular vectors: U = orth(E V), U^T E = u S V'^T gives the
+  factors and the next V, one power step per iteration on the slowly changing error, two products
+  of width p = rank + OVERSAMPLE instead of a full SVD. The first iteration starts from `basis`
+  (e.g. the fit of the neighbouring alpha) or from a seeded random one, with WARMUP_STEPS extra
+  power steps. bench/candidate_fits.py compares it with the full SVD.
 """
 from dataclasses import dataclass
 
@@ -16,21 +28,29 @@ import torch
 
 from quant.quantizer import QWeight, dequantize_weight
 
+SVDS = ("full", "lowrank", "subspace")
+OVERSAMPLE = 16   # subspace/lowrank: basis width p = rank + OVERSAMPLE
+WARMUP_STEPS = 2  # subspace: power steps before the first factorisation
+
 
 @dataclass
 class LoraFit:
     """Result of fit_lora for a weight (..., out, in).
 
-    q: dequantized final Q; qweight: its QWeight; L (..., out, r); R (..., r, in).
+    q: dequantized final Q (None once dropped); qweight: its QWeight; L (..., out, r); R (..., r, in).
     errors: (iters, ...) ||W - Q - L R||_F after each iteration (one entry for rank 0).
     rtn_error: (...) ||W - Q(W)||_F of plain round-to-nearest (= the first Q).
+    svds: truncated SVDs computed (one per iteration and stacked weight). basis: subspace only, the
+    final right singular vectors (..., in, p), a warm start for a neighbouring fit (else None).
     """
-    q: torch.Tensor
+    q: torch.Tensor | None
     qweight: QWeight
     L: torch.Tensor
     R: torch.Tensor
     errors: torch.Tensor
     rtn_error: torch.Tensor
+    svds: int = 0
+    basis: torch.Tensor | None = None
 
     @property
     def effective(self):
@@ -39,26 +59,19 @@ class LoraFit:
 
     def __getitem__(self, k):
         """The fit of stacked candidate k."""
-        return LoraFit(self.q[k], self.qweight[k], self.L[k], self.R[k], self.errors[:, k], self.rtn_error[k])
+        return LoraFit(None if self.q is None else self.q[k], self.qweight[k], self.L[k], self.R[k],
+                       self.errors[:, k], self.rtn_error[k], self.svds, None if self.basis is None else self.basis[k])
 
-    @staticmethod
-    def cat(fits):
-        """Concatenate fits of consecutive chunks of stacked candidates."""
-        if len(fits) == 1:
-            return fits[0]
-        qws = [f.qweight for f in fits]
-        qweight = QWeight(torch.cat([q.codes for q in qws]), torch.cat([q.scale for q in qws]),
-                          torch.cat([q.zero for q in qws]), qws[0].cfg)
-        return LoraFit(torch.cat([f.q for f in fits]), qweight, torch.cat([f.L for f in fits]),
-                       torch.cat([f.R for f in fits]), torch.cat([f.errors for f in fits], dim=1),
-                       torch.cat([f.rtn_error for f in fits]))
+
+def _random_basis(w, p, seed=0):
+    """A seeded Gaussian (..., in, p): deterministic, the global RNG untouched."""
+    gen = torch.Generator(device=w.device).manual_seed(seed)
+    return torch.randn(*w.shape[:-2], w.shape[-1], p, generator=gen, device=w.device, dtype=w.dtype)
 
 
 def _lowrank_svd(a, q, niter=2, seed=0):
-    """Randomized truncated SVD (Halko et al.) with its own generator: deterministic, global RNG untouched."""
-    gen = torch.Generator(device=a.device).manual_seed(seed)
-    omega = torch.randn(*a.shape[:-2], a.shape[-1], q, generator=gen, device=a.device, dtype=a.dtype)
-    basis = torch.linalg.qr(a @ omega).Q
+    """Randomized truncated SVD (Halko et al.) from a fresh seeded basis."""
+    basis = torch.linalg.qr(a @ _random_basis(a, q, seed)).Q
     for _ in range(niter):
         basis = torch.linalg.qr(a.transpose(-1, -2) @ basis).Q
         basis = torch.linalg.qr(a @ basis).Q
@@ -66,23 +79,37 @@ def _lowrank_svd(a, q, niter=2, seed=0):
     return basis @ u, s, vh
 
 
-def low_rank_factors(e, rank, svd="full"):
-    """Best rank-r factorisation E ~ L R with sqrt(S) on both sides."""
-    if svd == "full":
-        u, s, vh = torch.linalg.svd(e, full_matrices=False)
-    elif svd == "lowrank":
-        u, s, vh = _lowrank_svd(e, min(rank + 8, *e.shape[-2:]))
-    else:
-        raise ValueError(f"svd must be 'full' or 'lowrank', got {svd!r}")
+def _subspace_svd(a, basis, steps):
+    """Truncated SVD of a (..., out, in) in the span of a @ basis after `steps` power steps: (u, s, vh)."""
+    for _ in range(steps):
+        basis = torch.linalg.qr(a.transpose(-1, -2) @ torch.linalg.qr(a @ basis).Q).Q
+    u = torch.linalg.qr(a @ basis).Q
+    uu, s, vh = torch.linalg.svd(u.transpose(-1, -2) @ a, full_matrices=False)
+    return u @ uu, s, vh
+
+
+def _split(u, s, vh, rank):
     root = s[..., :rank].sqrt()
     return u[..., :rank] * root.unsqueeze(-2), root.unsqueeze(-1) * vh[..., :rank, :]
 
 
-def fit_lora(w, quantize_fn, rank=32, iters=10, svd="full"):
+def low_rank_factors(e, rank, svd="full"):
+    """Best rank-r factorisation E ~ L R with sqrt(S) on both sides (full or randomized SVD)."""
+    if svd == "full":
+        return _split(*torch.linalg.svd(e, full_matrices=False), rank)
+    if svd == "lowrank":
+        return _split(*_lowrank_svd(e, min(rank + OVERSAMPLE, *e.shape[-2:])), rank)
+    raise ValueError(f"svd must be 'full' or 'lowrank' here, got {svd!r}")
+
+
+def fit_lora(w, quantize_fn, rank=32, iters=10, svd="full", basis=None):
     """Alternating quantize / rank-r fit; quantize_fn(float weight) -> QWeight.
 
-    rank 0 is plain round-to-nearest (empty L and R, one error entry).
+    rank 0 is plain round-to-nearest (empty L and R, one error entry). basis: svd="subspace"'s warm
+    start (..., in, p), e.g. a neighbouring fit's LoraFit.basis.
     """
+    if svd not in SVDS:
+        raise ValueError(f"svd must be one of {SVDS}, got {svd!r}")
     w = w.detach()
     w = w if w.dtype in (torch.float32, torch.float64) else w.float()
     out, inp = w.shape[-2:]
@@ -91,14 +118,29 @@ def fit_lora(w, quantize_fn, rank=32, iters=10, svd="full"):
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     lead = w.shape[:-2]
+    stack = int(torch.tensor(lead).prod()) if lead else 1
     L, R = w.new_zeros(*lead, out, rank), w.new_zeros(*lead, rank, inp)
-    errors = []
+    p = min(rank + OVERSAMPLE, out, inp)
+    steps = 0
+    if svd == "subspace" and rank:
+        steps = WARMUP_STEPS if basis is None else 0
+        basis = _random_basis(w, p) if basis is None else basis.to(w)
+    errors, svds = [], 0
     for _ in range(iters if rank else 1):
         qweight = quantize_fn(w - L @ R)
         q = dequantize_weight(qweight).to(w.dtype)
+        e = w - q
         if not errors:
-            rtn_error = torch.linalg.matrix_norm(w - q)
+            rtn_error = torch.linalg.matrix_norm(e)
         if rank:
-            L, R = low_rank_factors(w - q, rank, svd)
-        errors.append(torch.linalg.matrix_norm(w - q - L @ R))
-    return LoraFit(q, qweight, L, R, torch.stack(errors), rtn_error)
+            if svd == "subspace":
+                u, s, vh = _subspace_svd(e, basis, steps)
+                L, R = _split(u, s, vh, rank)
+                basis, steps = vh.transpose(-1, -2), 0
+            else:
+                L, R = low_rank_factors(e, rank, svd)
+            svds += stack
+            e = e.sub_(L @ R)
+        errors.append(torch.linalg.matrix_norm(e))
+    return LoraFit(q, qweight, L, R, torch.stack(errors), rtn_error, svds,
+                   basis if svd == "subspace" and rank else None)

@@ -20,10 +20,11 @@ from functools import partial
 
 import torch
 
-from quant.lora import LoraFit, fit_lora
+from quant.lora import fit_lora
 from quant.qlinear import QuantLinear
-from quant.quantizer import QWeight, dequantize_weight, quantize_weight, scale_qweight_columns
-from quant.search_losses import LossEngine, chunks
+from quant.quantizer import (QWeight, dequantize_weight, pack_int4, quantize_weight, scale_qweight_columns,
+                             unpack_int4)
+from quant.search_losses import LossEngine
 from quant.smoothing import smoothing_factors, weight_channel_absmax
 
 
@@ -60,35 +61,52 @@ class LayerQuant:
     weight_error_lora: float
     lora_errors: list
 
+    def to(self, device):
+        """The same layer with its tensors on `device`."""
+        def move(t):
+            return None if t is None else t.to(device)
+        return replace(self, smooth=move(self.smooth), qweight=self.qweight.to(device), lora_L=move(self.lora_L),
+                       lora_R=move(self.lora_R), bias=move(self.bias))
+
 
 @dataclass
 class Scores:
     """One layer's search result: summed losses per alpha over `steps` steps, the plain round-to-nearest
-    baseline's summed loss over `rtn_steps`, and extra per-alpha terms for the report."""
+    baseline's summed loss over `rtn_steps`, extra per-alpha terms for the report, and the bytes of
+    the operands the scoring kept between steps (LossEngine.nbytes())."""
     losses: list
     steps: int
     rtn_loss: float
     rtn_steps: int
     extra: dict
+    operand_bytes: int = 0
 
 
 class Candidates:
-    """The candidate layers of one linear: smoothing factors and LoRA-fitted quantized weights per alpha.
+    """The candidate layers of one linear: smoothing factors and LoRA-fitted quantized weights per alpha,
+    stored compactly (integer codes, scales and LoRA factors; no dense float weight per candidate).
 
     weight (out, in), bias (out,) or None; act_absmax: the TAS statistic a_j (in,), unused when
-    every alpha is None. scheme defaults to weight_cfg.scheme. chunk: alphas fitted together
-    (bounds memory). Public state: alphas, scheme, weight (float32), bias, smooth (A, in) (rows of
-    ones for alpha None), fit (the LoraFit, one stacked fit for ditas, without its dense q).
+    every alpha is None. scheme defaults to weight_cfg.scheme.
+    * ditas: one LoRA fit per alpha, one alpha at a time (the transient memory of one fit), each
+      subspace fit warm-started from its neighbour's (quant/lora.py). Stored: codes (A, out, in)
+      uint8, two 4-bit codes per byte (A, out, in / 2) at <= 4 bits; scale, zero (A, out, groups);
+      L (A, out, r), R (A, r, in).
+    * reference: one fit of the unsmoothed W (`fit`, a LoraFit without its dense q); every alpha
+      applies it to fq(X/s) s.
+    Public state: alphas, scheme, weight (float32, the FP layer's own tensor), bias, smooth (A, in)
+    (rows of ones for alpha None), svds (truncated SVDs computed), nbytes() (what is stored).
     """
 
     def __init__(self, weight, bias, act_absmax, alphas, weight_cfg, lora_rank=32, lora_iters=10, scheme=None,
-                 svd="full", chunk=None):
+                 svd="full"):
         self.alphas = list(alphas)
         if not self.alphas:
             raise ValueError("AlphaSearch needs at least one candidate alpha")
         self.scheme = weight_cfg.scheme if scheme is None else scheme
         if self.scheme not in ("ditas", "reference"):
             raise ValueError(f"scheme must be 'ditas' or 'reference', got {self.scheme!r}")
+        self.weight_cfg = weight_cfg
         self.weight = weight.detach().float()
         self.bias = None if bias is None else bias.detach()
         fit = partial(fit_lora, quantize_fn=partial(quantize_weight, cfg=weight_cfg), rank=lora_rank,
@@ -96,12 +114,21 @@ class Candidates:
         if self.scheme == "reference":
             f = fit(self.weight)
             self.smooth = self._factors(act_absmax, weight_channel_absmax(f.q))
-        else:
-            self.smooth = self._factors(act_absmax, weight_channel_absmax(self.weight))
-            f = LoraFit.cat([fit(self.weight * self.smooth[sl, None, :]) for sl in chunks(len(self.alphas), chunk)])
-        self._dense = f.effective
-        # the dequantized q (= dequant(qweight)) is not needed any more: do not keep a dense copy per layer
-        self.fit = replace(f, q=None)
+            self.fit, self.svds = replace(f, q=None, basis=None), f.svds
+            return
+        self.smooth = self._factors(act_absmax, weight_channel_absmax(self.weight))
+        self.packed = weight_cfg.bits <= 4 and self.weight.shape[1] % 2 == 0
+        fits, basis = [], None
+        for k in range(len(self.alphas)):
+            f = fit(self.weight * self.smooth[k], basis=basis)
+            basis = f.basis
+            codes = pack_int4(f.qweight.codes) if self.packed else f.qweight.codes
+            fits.append((codes, f.qweight.scale, f.qweight.zero, f.L, f.R, f.errors, f.rtn_error, f.svds))
+            del f
+        codes, scale, zero, L, R, errors, rtn, svds = zip(*fits)
+        self.codes, self.scale, self.zero = torch.stack(codes), torch.stack(scale), torch.stack(zero)
+        self.L, self.R = torch.stack(L), torch.stack(R)
+        self.errors, self.rtn_error, self.svds = torch.stack(errors, 1), torch.stack(rtn), sum(svds)
 
     def _factors(self, act_absmax, w_absmax):
         """(n_alpha, in) smoothing factors, rows of ones for alpha None."""
@@ -111,36 +138,51 @@ class Candidates:
                 s[k] = smoothing_factors(act_absmax.to(s.device), w_absmax, a)
         return s
 
-    def effective(self):
-        """Q + L R, dense: (out, in) for reference (one weight), (n_alpha, out, in) for ditas."""
-        if self._dense is None:
-            f = self.fit
-            self._dense = dequantize_weight(f.qweight).to(self.weight) + f.L @ f.R
-        return self._dense
+    def _stored(self):
+        held = [self.smooth] + ([self.fit.qweight.codes, self.fit.qweight.scale, self.fit.qweight.zero, self.fit.L,
+                                 self.fit.R] if self.scheme == "reference" else
+                                [self.codes, self.scale, self.zero, self.L, self.R])
+        return held
 
-    def release_dense(self):
-        """Drop the dense effective weight (effective() recomputes it on demand)."""
-        self._dense = None
+    def nbytes(self):
+        """Bytes of the stored candidate state (the FP weight and bias are the model's own)."""
+        return sum(t.numel() * t.element_size() for t in self._stored())
 
-    def smoothed_effective(self):
-        """(s (A, C), W_s (A, out, in)): the weight each candidate applies to X/s."""
-        weff = self.effective()
+    def qweight(self, k):
+        """QWeight of candidate k in the smoothed domain (the weight the layer applies to fq(x/s))."""
         if self.scheme == "reference":
-            return self.smooth, weff.unsqueeze(0) * self.smooth[:, None, :]
-        return self.smooth, weff
+            q = self.fit.qweight
+            return q if self.alphas[k] is None else scale_qweight_columns(q, self.smooth[k])
+        codes = unpack_int4(self.codes[k]) if self.packed else self.codes[k]
+        return QWeight(codes, self.scale[k], self.zero[k], self.weight_cfg)
+
+    def lora(self, k):
+        """(L (out, r), R (r, in)) of candidate k in the smoothed domain."""
+        if self.scheme == "reference":
+            return self.fit.L, (self.fit.R if self.alphas[k] is None else self.fit.R * self.smooth[k])
+        return self.L[k], self.R[k]
+
+    def effective(self):
+        """Reference scheme: Q + L R, dense (out, in), computed on demand (not kept)."""
+        if self.scheme != "reference":
+            raise ValueError("the ditas scheme has one effective weight per alpha: see smoothed_weight(k)")
+        return dequantize_weight(self.fit.qweight).to(self.weight) + self.fit.L @ self.fit.R
+
+    def smoothed_weight(self, k):
+        """W_s (out, in), dense: the weight candidate k applies to fq(X/s_k) (Q + L R in the smoothed domain)."""
+        L, R = self.lora(k)
+        return dequantize_weight(self.qweight(k)).to(self.weight) + L @ R
 
     def layer(self, k):
         """LayerQuant of candidate k."""
         alpha, s = self.alphas[k], self.smooth[k]
-        f = self.fit
         if self.scheme == "reference":
-            qweight, L, R, errors, rtn = f.qweight, f.L, f.R, f.errors, f.rtn_error
+            errors, rtn = self.fit.errors, self.fit.rtn_error
         else:
-            qweight, L, R, errors, rtn = f.qweight[k], f.L[k], f.R[k], f.errors[:, k], f.rtn_error[k]
-        if self.scheme == "reference" and alpha is not None:
-            qweight, R = scale_qweight_columns(qweight, s), R * s
+            errors, rtn = self.errors[:, k], self.rtn_error[k]
+        L, R = self.lora(k)
         # clones: the returned layer must not keep the whole candidate stack alive
-        return LayerQuant(alpha=alpha, smooth=None if alpha is None else s.clone(), qweight=qweight.clone(),
+        return LayerQuant(alpha=alpha, smooth=None if alpha is None else s.clone(), qweight=self.qweight(k).clone(),
                           lora_L=L.clone(), lora_R=R.clone(), bias=self.bias,
                           weight_error_rtn=float(rtn), weight_error_lora=float(errors[-1]),
                           lora_errors=errors.tolist())
@@ -159,7 +201,7 @@ class AlphaSearch:
                  scheme=None, max_steps=None, svd="full", chunk=None, matmul_dtype="fp32", impl="fast",
                  row_stride=1):
         engine = LossEngine(act_cfg, chunk=chunk, matmul_dtype=matmul_dtype, impl=impl, row_stride=row_stride)
-        candidates = Candidates(weight, bias, act_absmax, alphas, weight_cfg, lora_rank, lora_iters, scheme, svd, chunk)
+        candidates = Candidates(weight, bias, act_absmax, alphas, weight_cfg, lora_rank, lora_iters, scheme, svd)
         self._start(candidates, engine, max_steps)
 
     @classmethod

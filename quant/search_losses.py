@@ -29,10 +29,11 @@ search):
 import torch
 
 from quant import ops_avx512
-from quant.quantizer import affine_params, fake_quantize_act, num_intervals
+from quant.quantizer import affine_params, dequantize_weight, fake_quantize_act, num_intervals
 
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _CHUNK_ELEMENTS = 1 << 18  # candidates x rows x in per row chunk: ~1 MB of float32, stays in L2
+_BLOCK_ELEMENTS = 1 << 22  # own-weight path: rows x out of a step's FP output kept at once (16 MB of float32)
 
 
 def chunks(n, size):
@@ -78,16 +79,25 @@ class LossEngine:
         self.c = None
 
     def attach(self, candidates):
-        """Bind to the candidates; the reference fast path builds its operands now and drops the dense weight."""
+        """Bind to the candidates; the shared-weight path (reference scheme, several alphas) builds its operands now."""
         self.c = candidates
-        if candidates.scheme == "reference" and self.impl == "fast" and self.act_cfg is not None:
+        if self.shared:
             self._operands()
-            candidates.release_dense()
         return self
 
     @property
     def fast(self):
         return self.impl == "fast" and self.act_cfg is not None
+
+    @property
+    def shared(self):
+        """The reference scheme's shared-weight algebra (one weight for every alpha); otherwise every
+        candidate is evaluated from its own codes (_own_weight_losses)."""
+        return self.fast and self.c.scheme == "reference" and len(self.c.alphas) > 1
+
+    def nbytes(self):
+        """Bytes of the operands kept between steps."""
+        return sum(t.numel() * t.element_size() for t in (self.ops or {}).values() if torch.is_tensor(t))
 
     def losses(self, x):
         """float64 (n_alpha,): every candidate's mean squared output error on x (..., in) float32."""
@@ -96,21 +106,17 @@ class LossEngine:
         return loss
 
     def _update_naive(self, x, loss):
-        """Direct evaluation: y_k = fq(x/s_k) W_k^T per candidate, minus y_fp."""
+        """Direct evaluation: y_k = fq(x/s_k) W_s,k^T per candidate, minus y_fp."""
         c = self.c
-        weff = c.effective()
         y_fp = x.reshape(-1, x.shape[-1]) @ c.weight.T  # bias cancels in Y_q - Y_fp
         for sl in chunks(len(c.alphas), self.chunk):
             s = c.smooth[sl]
             xs = x.unsqueeze(0) / s.view(s.shape[0], *[1] * (x.dim() - 1), s.shape[1])
             xq = xs if self.act_cfg is None else fake_quantize_act(xs, self.act_cfg, stack_dims=1)
             xq = xq.reshape(s.shape[0], -1, x.shape[-1])
-            if c.scheme == "reference":
-                y = (xq * s.unsqueeze(1)) @ weff.T
-            else:
-                y = torch.bmm(xq, weff[sl].transpose(1, 2))
-            err = (y - y_fp).view(s.shape[0], -1, y_fp.shape[-1])[:, ::self.row_stride]
-            loss[sl] += err.pow(2).mean(dim=(1, 2)).double()
+            for j, k in enumerate(range(sl.start, sl.stop)):
+                err = (xq[j] @ c.smoothed_weight(k).T - y_fp)[::self.row_stride]
+                loss[k] += err.pow(2).mean().double()
 
     def _operands(self):
         """Per-layer constants of the fast path (see the module docstring)."""
@@ -119,13 +125,12 @@ class LossEngine:
         c = self.c
         w = c.weight
         ops = {"qmax": 2 ** self.act_cfg.bits - 1, "intervals": num_intervals(self.act_cfg.bits, self.act_cfg.scheme)}
-        if c.scheme == "reference":
+        if self.shared:
             weff = c.effective().double()
             d = weff - w.double()
             out, inp = w.shape
-            # project onto Weff's column space, (in x in) products per candidate: pays its SVD back
-            # only with several candidates (the single-candidate RTN baseline multiplies directly)
-            if inp < out and len(c.alphas) > 1:
+            # project onto Weff's column space, (in x in) products per candidate
+            if inp < out:
                 u, sv, vh = torch.linalg.svd(weff, full_matrices=False)
                 m, n = vh.T * sv, d.T @ u
                 d_perp = d - u @ (u.T @ d)
@@ -149,8 +154,6 @@ class LossEngine:
             parts = ([n @ m.to(mdt).double().T] if ops["split"] else [n]) + ([] if h is None else [h])
             ops["xmul"] = torch.cat(parts, 1).float().contiguous()  # X @ xmul = [X N M^T or P, X F]
             ops["const_from"] = parts[0].shape[1]
-        else:
-            ops["w_t"] = w.T
         self.ops = ops
         return ops
 
@@ -177,10 +180,10 @@ class LossEngine:
             ranges = None if groups is None else self._ranges(x2, groups, s)
             if ranges is not None and stride > 1:
                 ranges = tuple(r[:, ::stride].contiguous() for r in ranges)
-            if self.c.scheme == "reference":
+            if self.shared:
                 acc = self._reference_losses(xr, s, ranges, groups == 1)
             else:
-                acc = self._ditas_losses(xr, s, ranges, sl)
+                acc = self._own_weight_losses(xr, s, ranges, sl)
             loss[sl] += acc / (xr.shape[0] * self.c.weight.shape[0])
 
     def _fake_quant(self, t, ranges, r0):
@@ -255,22 +258,37 @@ class LossEngine:
             acc += torch.linalg.vector_norm(z.view(k, -1), dim=1, dtype=torch.float32).double().pow(2)
         return acc + const
 
-    def _ditas_losses(self, x2, s, ranges, sl):
-        """Sum over rows of ||fq(x/s_k) Weff_k^T - x W^T||^2, one candidate at a time (own weight)."""
-        ops = self.ops
+    def _own_weight_losses(self, x2, s, ranges, sl):
+        """Sum over rows of ||fq(x/s_k) (Q_k + L_k R_k)^T - x W^T||^2, one candidate at a time, each
+        evaluated from its codes: Q_k is dequantized into one reused buffer per block of rows (one
+        block unless the rows of a step are many), the LoRA branch applied as two thin products."""
         rows, c = x2.shape
-        y_fp = x2 @ ops["w_t"]  # bias cancels in Y_q - Y_fp
+        cands = self.c
+        out = cands.weight.shape[0]
         step = max(64, _CHUNK_ELEMENTS // c)
+        block = max(step, rows_per_block(out, c))
         buf = x2.new_empty(min(step, rows), c)
-        weff = self.c.effective()
         acc = torch.zeros(s.shape[0], dtype=torch.float64, device=x2.device)
-        for j, k in enumerate(range(sl.start, sl.stop)):
-            sk = s[j]
-            rk = None if ranges is None else (ranges[0][j], ranges[1][j])
-            for r0 in range(0, rows, step):
-                xc = x2[r0:r0 + step]
-                n = xc.shape[0]
-                t, sc = self._fake_quant(torch.div(xc, sk, out=buf[:n]), rk, r0)
-                z = torch.mm(t.mul_(sc), weff[k].T).sub_(y_fp[r0:r0 + n])
-                acc[j] += float(torch.linalg.vector_norm(z)) ** 2
+        for b0 in range(0, rows, block):
+            xb = x2[b0:b0 + block]
+            y_fp = xb @ cands.weight.T  # bias cancels in Y_q - Y_fp
+            for j, k in enumerate(range(sl.start, sl.stop)):
+                q = dequantize_weight(cands.qweight(k)).to(x2.dtype)
+                L, R = cands.lora(k)
+                rk = None if ranges is None else (ranges[0][j], ranges[1][j])
+                for r0 in range(0, xb.shape[0], step):
+                    xc = xb[r0:r0 + step]
+                    n = xc.shape[0]
+                    t, sc = self._fake_quant(torch.div(xc, s[j], out=buf[:n]), rk, b0 + r0)
+                    t = t.mul_(sc)
+                    z = torch.mm(t, q.T)
+                    if R.shape[0]:
+                        z.addmm_(t @ R.T, L.T)
+                    acc[j] += float(torch.linalg.vector_norm(z.sub_(y_fp[r0:r0 + n]))) ** 2
         return acc
+
+
+def rows_per_block(out, inp):
+    """Rows of one step scored together by the own-weight path: the block's FP output (rows x out) and
+    its candidate outputs stay within _BLOCK_ELEMENTS floats each."""
+    return max(1, _BLOCK_ELEMENTS // max(out, inp))

@@ -1,0 +1,119 @@
+"""The calibration's memory budget (`--calib-memory-gb`, docs/METHOD.md §13): what the alpha search
+holds per layer between steps, and the layer groups that fit.
+
+The state of one layer (quant.search.Candidates, its round-to-nearest baseline and the loss
+engine's operands) is known from its shape and the QuantConfig before anything is computed, so
+the driver (quant/calibrate.py) plans groups first: consecutive layers whose states add up to at
+most the budget. Each group is prepared and scored over its own FP sampling loop of the same
+fixed noise (the FP trajectory is identical every time, so the result equals one pass), then its
+state is freed. tests/test_budget.py checks every formula here against the bytes actually stored.
+
+Not in the budget: the FP model, the sampling loop's activations and the per-step workspace of
+the layer being scored (`workspace_bytes`, freed after each layer's step); bench/scale.py adds
+them up for DiT-XL/2.
+"""
+from quant.search_losses import _CHUNK_ELEMENTS, rows_per_block
+
+GIB = 1 << 30
+F32 = 4
+
+
+def _groups(inp, cfg):
+    return 1 if cfg.group_size is None else inp // cfg.group_size
+
+
+def _shared(cfg, n_alphas):
+    """Does the loss engine use the reference scheme's shared-weight operands (LossEngine.shared)?"""
+    return cfg.scheme == "reference" and n_alphas > 1 and cfg.search == "exact"
+
+
+def candidate_bytes(out, inp, cfg, n_alphas=None, lora_rank=None):
+    """Bytes a Candidates of an (out, in) layer stores (Candidates.nbytes())."""
+    a = len(cfg.alphas()) if n_alphas is None else n_alphas
+    r = cfg.lora_rank if lora_rank is None else lora_rank
+    smooth = F32 * a * inp
+    if cfg.scheme == "reference":  # one fit, 32-row column groups
+        return smooth + out * inp + 2 * F32 * (out // 32) * inp + F32 * r * (out + inp)
+    packed = cfg.weight_bit <= 4 and inp % 2 == 0
+    codes = a * out * (inp // 2 if packed else inp)
+    return smooth + codes + 2 * F32 * a * out * _groups(inp, cfg) + F32 * a * r * (out + inp)
+
+
+def engine_bytes(out, inp, cfg, n_alphas=None, device_type="cpu"):
+    """Bytes of the loss engine's operands (LossEngine.nbytes()): the shared-weight path only."""
+    a = len(cfg.alphas()) if n_alphas is None else n_alphas
+    if not _shared(cfg, a):
+        return 0
+    bf16 = cfg.search_dtype == "bf16"
+    m_cols = inp if inp < out else out                  # M = V S (in x in) or Weff^T (in x out)
+    total = (2 if bf16 else F32) * inp * m_cols
+    total += F32 * inp * (2 * inp if m_cols >= inp else out)  # xmul: [X N M^T, X F] or P = X N
+    if bf16 and device_type == "cpu" and _fused_bf16():
+        total += 2 * (-inp // 2 * -2) * (-m_cols // 32 * -32)  # the fused kernel's packed copy of M
+    return total
+
+
+def _fused_bf16():
+    from quant import ops_avx512
+    return ops_avx512.bf16_ok()
+
+
+def statistic_bytes(out, inp, cfg):
+    """Pass-1 statistic kept per layer: the TAS maximum (none for the exact search without smoothing), and
+    the approximate search's X^T X (float64); its per-step ranges (a few C-vectors per step) are not counted."""
+    if cfg.search == "approx":
+        return F32 * inp + 8 * inp * inp
+    return 0 if cfg.smoothing == "none" else F32 * inp
+
+
+def layer_state_bytes(out, inp, cfg, device_type="cpu"):
+    """Everything one layer's search holds between steps: candidates, baseline, operands, statistic."""
+    return (candidate_bytes(out, inp, cfg) + candidate_bytes(out, inp, cfg, n_alphas=1, lora_rank=0)
+            + engine_bytes(out, inp, cfg, device_type=device_type) + statistic_bytes(out, inp, cfg))
+
+
+def workspace_bytes(out, inp, rows, cfg):
+    """Transient bytes while one step of one layer is scored (an estimate; freed after the layer's step).
+
+    Own-weight path (ditas, baselines): a dequantized candidate weight and its two temporaries, the
+    FP output of a block of rows, one row chunk's input and output. Shared path (reference): X @ xmul
+    and a row chunk of every candidate's activation error.
+    """
+    step = max(64, _CHUNK_ELEMENTS // inp)
+    own = 3 * F32 * out * inp + F32 * min(rows, rows_per_block(out, inp)) * out + F32 * step * (inp + out)
+    a = len(cfg.alphas())
+    if not _shared(cfg, a):
+        return own
+    m_cols = inp if inp < out else out
+    xmul_cols = 2 * inp if m_cols >= inp else out
+    chunk = max(16, _CHUNK_ELEMENTS // (a * inp))
+    return max(own, F32 * rows * xmul_cols + 3 * F32 * a * min(chunk, rows) * max(inp, m_cols))
+
+
+def human(nbytes):
+    """'1.234 GiB' or '12.34 MiB'."""
+    return f"{nbytes / GIB:.3f} GiB" if nbytes >= GIB / 100 else f"{nbytes / 2 ** 20:.2f} MiB"
+
+
+def plan_groups(shapes, cfg, budget_bytes, device_type="cpu"):
+    """Consecutive groups of layer names whose states fit budget_bytes: [[name, ...], ...].
+
+    shapes: {name: (out, in)} in calibration order. budget_bytes None: one group. Raises ValueError
+    naming the largest layer and the minimum budget when a single layer does not fit.
+    """
+    sizes = {name: layer_state_bytes(out, inp, cfg, device_type) for name, (out, inp) in shapes.items()}
+    if budget_bytes is None or not sizes:
+        return [list(shapes)], sizes
+    largest = max(sizes, key=sizes.get)
+    if sizes[largest] > budget_bytes:
+        need = -(-sizes[largest] * 100 // GIB) / 100  # GiB, rounded up to 0.01
+        raise ValueError(f"--calib-memory-gb {budget_bytes / GIB:.3g} is too small for {largest}, whose search state "
+                         f"takes {human(sizes[largest])}: pass at least --calib-memory-gb {need:.2f}")
+    groups, used = [[]], 0
+    for name, size in sizes.items():
+        if groups[-1] and used + size > budget_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups, sizes
