@@ -260,8 +260,9 @@ class LossEngine:
 
     def _own_weight_losses(self, x2, s, ranges, sl):
         """Sum over rows of ||fq(x/s_k) (Q_k + L_k R_k)^T - x W^T||^2, one candidate at a time, each
-        evaluated from its codes: Q_k is dequantized into one reused buffer per block of rows (one
-        block unless the rows of a step are many), the LoRA branch applied as two thin products."""
+        evaluated from its codes: Q_k is dequantized per block of rows (one block unless the rows of a
+        step are many). The LoRA branch is added to it (out x in x r) when that costs less than applying
+        it to the rows as two thin products (rows x (in + out) x r)."""
         rows, c = x2.shape
         cands = self.c
         out = cands.weight.shape[0]
@@ -272,9 +273,12 @@ class LossEngine:
         for b0 in range(0, rows, block):
             xb = x2[b0:b0 + block]
             y_fp = xb @ cands.weight.T  # bias cancels in Y_q - Y_fp
+            fold = xb.shape[0] * (c + out) > out * c
             for j, k in enumerate(range(sl.start, sl.stop)):
                 q = dequantize_weight(cands.qweight(k)).to(x2.dtype)
                 L, R = cands.lora(k)
+                if fold and R.shape[0]:
+                    q = q.addmm_(L, R)
                 rk = None if ranges is None else (ranges[0][j], ranges[1][j])
                 for r0 in range(0, xb.shape[0], step):
                     xc = xb[r0:r0 + step]
@@ -282,7 +286,7 @@ class LossEngine:
                     t, sc = self._fake_quant(torch.div(xc, s[j], out=buf[:n]), rk, b0 + r0)
                     t = t.mul_(sc)
                     z = torch.mm(t, q.T)
-                    if R.shape[0]:
+                    if R.shape[0] and not fold:
                         z.addmm_(t @ R.T, L.T)
                     acc[j] += float(torch.linalg.vector_norm(z.sub_(y_fp[r0:r0 + n]))) ** 2
         return acc
