@@ -25,9 +25,8 @@ from config import DEFAULTS, calib_labels
 from pipeline import (build_model, close_distributed, decode, init_distributed, load_vae, make_sampler,
                       sample_inputs, save_grid)
 from quant.budget import GIB
-from quant.calibrate import quantize_dit
+from quant.calibrate import plan_calibration, quantize_dit
 from quant.config import SCHEME_DEFAULT, QuantConfig, field_default
-from quant.layers import check_layers, quantizable_layers
 from quant.checkpoint import is_quantized_checkpoint, save_quantized
 from quant.ranks import Ranks
 from quant.storage import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES, round_for_storage
@@ -113,8 +112,9 @@ def _main(args):
 
     # Load the FP model
     model = build_model(args)
-    try:
-        check_layers(quantizable_layers(model), cfg)
+    budget = round(args.calib_memory_gb * GIB)
+    try:  # the layers, the ranks and the memory budget fit, before any FP loop
+        plan_calibration(model, cfg, budget, ranks, device.type)
     except ValueError as e:
         raise UserError(str(e)) from None
     model = model.to(device)
@@ -140,11 +140,7 @@ def _main(args):
         gens, y, z = sample_inputs(args.seed, range(len(args.preview_labels)), args.num_classes, shape,
                                    args.preview_labels)
         preview = [decode(vae, sampler(z, y, gens, progress="preview: FP model"))]
-    try:
-        report = quantize_dit(model, cfg, calibration_loop, progress=lead, memory_budget=round(args.calib_memory_gb * GIB),
-                              ranks=ranks)
-    except ValueError as e:  # a memory budget below one layer's search state
-        raise UserError(str(e)) from None
+    report = quantize_dit(model, cfg, calibration_loop, progress=lead, memory_budget=budget, ranks=ranks)
     if not lead:
         return None
     # from here on the model is exactly what the checkpoint stores (and load_quantized returns)

@@ -152,6 +152,22 @@ def quantize_adaln(model):
     return report
 
 
+def plan_calibration(model, cfg, memory_budget=None, ranks=None, device_type=None):
+    """(this rank's layer names, their groups, {name: estimated state bytes}) before any work is done:
+    ValueError for a config that does not fit some layer, more ranks than layers, or a memory budget
+    below one layer's state (on every rank, when one rank's share does not fit). device_type: where
+    the model will calibrate (default: where it is)."""
+    ranks = ranks or Ranks()
+    layers = quantizable_layers(model)
+    check_layers(layers, cfg)
+    shapes = {name: tuple(lin.weight.shape) for name, lin in layers.items()}
+    device_type = device_type or next(model.parameters()).device.type
+    mine = ranks.together(lambda: ranks.share({name: out * inp for name, (out, inp) in shapes.items()}))
+    groups, estimates = ranks.together(lambda: plan_groups({n: shapes[n] for n in mine}, cfg, memory_budget,
+                                                           device_type))
+    return mine, groups, estimates
+
+
 def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None):
     """Calibrate on `loop` (a callable running one FP sampling loop of model) and swap in QuantLinears.
 
@@ -166,14 +182,10 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
     """
     ranks = ranks or Ranks()
     layers = quantizable_layers(model)
-    check_layers(layers, cfg)
     scoring = SCORINGS[cfg.search](cfg)
     device = next(model.parameters()).device
     say = tqdm.write if progress else (lambda msg: None)
-    shapes = {name: tuple(lin.weight.shape) for name, lin in layers.items()}
-    mine = ranks.together(lambda: ranks.share({name: out * inp for name, (out, inp) in shapes.items()}))
-    groups, estimates = ranks.together(lambda: plan_groups({n: shapes[n] for n in mine}, cfg, memory_budget,
-                                                           device.type))
+    mine, groups, estimates = plan_calibration(model, cfg, memory_budget, ranks)
     n_groups = max(ranks.all(len(groups)))
     timings = dict.fromkeys(("tas_statistics_s", "prepare_candidates_s", "alpha_search_s", "build_layers_s"), 0.0)
     where = f" on rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""
