@@ -65,6 +65,8 @@ def default_out_dir(args, cfg):
         parts.append("adaln8")
     if "search" in changed:
         parts.append(f"{cfg.search}search")
+    if "svd" in changed:
+        parts.append(f"{cfg.svd}svd")
     if "search_row_stride" in changed:
         parts.append(f"rows{cfg.search_row_stride}")
     if args.storage_dtype != DEFAULT_STORAGE_DTYPE:

@@ -75,19 +75,19 @@ def layer_state_bytes(out, inp, cfg, device_type="cpu"):
 def workspace_bytes(out, inp, rows, cfg):
     """Transient bytes while one step of one layer is scored (an estimate; freed after the layer's step).
 
-    Own-weight path (ditas, baselines): a dequantized candidate weight and its two temporaries, the
-    FP output of a block of rows, one row chunk's input and output. Shared path (reference): X @ xmul
-    and a row chunk of every candidate's activation error.
+    Own-weight path (ditas, baselines): a dequantized candidate weight with its unpacked codes and two
+    float temporaries, the FP output of a block of rows, one row chunk's input and output. Shared path
+    (reference): -X, X @ xmul and a row chunk of every candidate's activation error.
     """
     step = max(64, _CHUNK_ELEMENTS // inp)
-    own = 3 * F32 * out * inp + F32 * min(rows, rows_per_block(out, inp)) * out + F32 * step * (inp + out)
+    own = (3 * F32 + 1) * out * inp + F32 * min(rows, rows_per_block(out, inp)) * out + F32 * step * (inp + out)
     a = len(cfg.alphas())
     if not _shared(cfg, a):
         return own
     m_cols = inp if inp < out else out
     xmul_cols = 2 * inp if m_cols >= inp else out
     chunk = max(16, _CHUNK_ELEMENTS // (a * inp))
-    return max(own, F32 * rows * xmul_cols + 3 * F32 * a * min(chunk, rows) * max(inp, m_cols))
+    return max(own, F32 * rows * (inp + xmul_cols) + 3 * F32 * a * min(chunk, rows) * max(inp, m_cols))
 
 
 def human(nbytes):

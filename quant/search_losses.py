@@ -289,6 +289,7 @@ class LossEngine:
                     if R.shape[0] and not fold:
                         z.addmm_(t @ R.T, L.T)
                     acc[j] += float(torch.linalg.vector_norm(z.sub_(y_fp[r0:r0 + n]))) ** 2
+                del q  # before the next candidate's weight is dequantized
         return acc
 
 

@@ -174,6 +174,8 @@ def test_quantdit_missing_checkpoint(tmp_path):
      {"scheme": "reference", "search_dtype": "bf16", "search_row_stride": 2}),
     (["--quantize-adaln", "--svd", "lowrank", "--lora-iters", "3", "--alpha-step", "0.1"],
      {"quantize_adaln": True, "svd": "lowrank", "lora_iters": 3, "alpha_step": 0.1}),
+    (["--svd", "full"], {"svd": "full"}),
+    (["--scheme", "reference", "--svd", "subspace"], {"scheme": "reference", "svd": "subspace"}),
 ])
 def test_cli_and_python_api_build_equal_configs(flags, kwargs):
     """QuantConfig(**kwargs) from Python is exactly what QuantDiT.py builds from the same flags."""
@@ -185,8 +187,18 @@ def test_scheme_defaults_resolve_in_quant_config():
     ref = QuantConfig(scheme="reference")
     assert (ref.act_granularity, ref.search_steps, ref.smoothing, ref.alpha) == ("tensor", 50, "search", 0.5)
     ditas = QuantConfig()
-    assert (ditas.act_granularity, ditas.search_steps) == ("row", None)
+    assert (ditas.act_granularity, ditas.search_steps, ditas.svd) == ("row", None, "subspace")
+    assert ref.svd == "full" and QuantConfig(svd="full").changed() == {"svd": "full"}
     assert QuantConfig(alpha=0.25).smoothing == "fixed"
     assert QuantConfig(scheme="reference", search_steps=None).search_steps is None  # all steps, explicitly
     assert QuantConfig(scheme="reference", act_granularity="tensor").changed() == {}
     assert QuantConfig(scheme="reference", act_granularity="row").changed() == {"act_granularity": "row"}
+
+
+def test_default_out_dir_names_the_svd():
+    def out_dir(*flags):
+        args = QuantDiT.build_parser().parse_args(list(flags))
+        return QuantDiT.default_out_dir(args, QuantDiT.quant_config_from_args(args))
+    assert out_dir() == os.path.join("results", "DiT-XL-2-256-W4A8-ditas")
+    assert out_dir("--svd", "full") == os.path.join("results", "DiT-XL-2-256-W4A8-ditas-fullsvd")
+    assert out_dir("--scheme", "reference") == os.path.join("results", "DiT-XL-2-256-W4A8-reference")
