@@ -152,6 +152,37 @@ def quantize_adaln(model):
     return report
 
 
+def calibrate_group(part, cfg, scoring, stats, loop, timings, say, of="", progress=True):
+    """Phases 2 and 3 for one group of layers ({name: nn.Linear}); stats: pass 1's, None for the approximate
+    search (it gathers its own here). Adds to `timings`; returns ({name: (LayerQuant, report entry)}, FP loops
+    run). The group's candidates are freed on return."""
+    if not part:
+        return {}, 0
+    loops = 0
+    t0 = time.time()
+    if scoring.loops == 1:  # the approximate search: its statistics (and the TAS maxima) in one loop
+        say(f"calibration 1/3, {of}statistics: one FP sampling loop, {len(part)} layers observed")
+        stats = collect_statistics(part, loop, scoring.statistic)
+        loops += 1
+    absmax = {n: None if stats[n] is None or cfg.smoothing == "none" else stats[n].value for n in part}
+    timings["tas_statistics_s"] += time.time() - t0
+
+    t0 = time.time()  # 2. candidate preparation: smoothing, quantized weights, LoRA per alpha
+    lora = f"LoRA rank {cfg.lora_rank}, {cfg.lora_iters} iterations, {cfg.svd} SVD" if cfg.lora_rank else "no LoRA"
+    say(f"calibration 2/3, {of}candidate preparation: {len(cfg.alphas())} alpha(s) x {len(part)} layers ({lora})")
+    candidates, baselines = prepare_candidates(part, cfg, absmax, progress)
+    timings["prepare_candidates_s"] += time.time() - t0
+
+    t0 = time.time()  # 3. alpha search: score every candidate
+    say(f"calibration 3/3, {of}alpha search: " + ("one more FP sampling loop scores every candidate"
+                                                  if scoring.loops == 2 else
+                                                  "losses predicted from the statistics (no FP loop)"))
+    scores = scoring.score(part, candidates, baselines, stats, loop)
+    loops += scoring.loops - 1
+    timings["alpha_search_s"] += time.time() - t0
+    return {n: layer_report(candidates[n], scores[n], baselines[n], stats[n]) for n in part}, loops
+
+
 def plan_calibration(model, cfg, memory_budget=None, ranks=None, device_type=None):
     """(this rank's layer names, their groups, {name: estimated state bytes}) before any work is done:
     ValueError for a config that does not fit some layer, more ranks than layers, or a memory budget
@@ -203,45 +234,14 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
     timings["tas_statistics_s"] += time.time() - t0
 
     chosen, state_max = {}, 0
-    for g in range(n_groups):
+    for g in range(n_groups):  # 2. and 3. per group; every rank takes part in every round
         part = {n: layers[n] for n in (groups[g] if g < len(groups) else [])}
         of = f"group {g + 1}/{n_groups}, " if n_groups > 1 else ""
-
-        def calibrate_group():
-            nonlocal passes
-            if not part:
-                return {}, 0
-            t0 = time.time()
-            group_stats = stats
-            if scoring.loops == 1:  # the approximate search: its statistics (and the TAS maxima) in one loop
-                say(f"calibration 1/3, {of}statistics: one FP sampling loop, {len(part)} layers observed")
-                group_stats = collect_statistics(part, loop, scoring.statistic)
-                passes += 1
-            absmax = {n: None if group_stats[n] is None or cfg.smoothing == "none" else group_stats[n].value
-                      for n in part}
-            timings["tas_statistics_s"] += time.time() - t0
-
-            t0 = time.time()  # 2. candidate preparation: smoothing, quantized weights, LoRA per alpha
-            lora = f"LoRA rank {cfg.lora_rank}, {cfg.lora_iters} iterations, {cfg.svd} SVD" if cfg.lora_rank \
-                else "no LoRA"
-            say(f"calibration 2/3, {of}candidate preparation: {len(cfg.alphas())} alpha(s) x {len(part)} layers "
-                f"({lora})")
-            candidates, baselines = prepare_candidates(part, cfg, absmax, progress)
-            timings["prepare_candidates_s"] += time.time() - t0
-
-            t0 = time.time()  # 3. alpha search: score every candidate
-            say(f"calibration 3/3, {of}alpha search: " + (
-                "one more FP sampling loop scores every candidate" if scoring.loops == 2
-                else "losses predicted from the statistics (no FP loop)"))
-            scores = scoring.score(part, candidates, baselines, group_stats, loop)
-            passes += scoring.loops - 1
-            timings["alpha_search_s"] += time.time() - t0
-            results = {n: layer_report(candidates[n], scores[n], baselines[n], group_stats[n]) for n in part}
-            return results, sum(r[1]["state_bytes"] for r in results.values())
-
-        results, state = ranks.together(calibrate_group)
+        results, loops = ranks.together(lambda: calibrate_group(part, cfg, scoring, stats, loop, timings, say, of,
+                                                                progress))
         chosen.update(results)
-        state_max = max(state_max, state)
+        passes += loops
+        state_max = max(state_max, sum(entry["state_bytes"] for _, entry in results.values()))
 
     mem = {"rank": ranks.rank, "fp_passes": passes, "groups": len(groups), "state_bytes_max": state_max,
            "state_bytes_estimated": sum(estimates.values()),
