@@ -50,3 +50,49 @@ def test_inference_bench_cuda_without_gpu_is_one_line(tmp_path):
         pytest.skip("a CUDA GPU is visible")
     proc = run_script("bench/inference.py", "--device", "cuda", "--models", "DiT-XS/2", "--out", tmp_path / "x.md")
     assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_candidate_fits_bench_quick(tmp_path):
+    """bench/candidate_fits.py --quick: both tables, and the alpha-equality share is a percentage."""
+    import re
+    out = tmp_path / "candidate_fits.md"
+    proc = run_script("bench/candidate_fits.py", "--quick", "--threads", "1", "--out", out, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    assert "## A. Quality" in text and "## B. Cost at DiT-XL/2 shapes" in text
+    row = [line for line in text.splitlines() if line.startswith("| bundled DiT-T/2")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    pct = float(re.fullmatch(r"\d+ \(([\d.]+)%\).*", cells[3]).group(1))
+    assert 0 <= pct <= 100
+    assert json.loads(out.with_suffix(".json").read_text())["quality"][0]["layers"] == 32
+
+
+def test_scale_bench_smoke(tmp_path):
+    """bench/scale.py: one QuantDiT run on a random DiT-S/2 (1 token), its row, the projection rows, the probe."""
+    from bench.scale import COLUMNS, PROBE_COLUMNS, PROJECTION_COLUMNS
+    out = tmp_path / "scale.md"
+    proc = run_script("bench/scale.py", "--model", "DiT-S/2", "--image-size", "16", "--steps", "2", "--schemes",
+                      "reference", "--threads", "1", "--extra", "--lora-rank 0 --smoothing none", "--cache",
+                      tmp_path / "cache", "--probe-full", "4", "--probe-block", "256", "--out", out, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = out.read_text().splitlines()
+
+    def rows(cols):  # the cells of the table with these columns
+        from itertools import takewhile
+        i = lines.index("| " + " | ".join(cols) + " |")
+        body = [[c.strip() for c in line.strip("|").split("|")]
+                for line in takewhile(lambda line: line.startswith("| "), lines[i + 2:])]
+        assert body and all(len(r) == len(cols) for r in body), body
+        return body
+
+    run, = rows(COLUMNS)
+    assert run[0] == "reference" and all(float(run[i]) > 0 for i in (5, 6, 7, 8))  # total, wall, CPU, peak RSS
+    assert [r[:3] for r in rows(PROJECTION_COLUMNS)] == [["reference", "16", "1"], ["reference", "256", "256"],
+                                                         ["reference", "512", "1024"]]
+    data = json.loads(out.with_suffix(".json").read_text())
+    for r in data["projection"]:  # a report with the calibration entry: every term known
+        assert r["projected"] == r["model"] + r["state"] + r["activations"] and r["state"] > 0
+    assert data["projection"][0]["measured"] == data["runs"]["reference"]["peak_rss_bytes"] > 0
+    probe = rows(PROBE_COLUMNS)
+    assert [r[:2] for r in probe] == [["whole model", "4"], ["one block", "256"]]
+    assert 0.8 <= float(probe[1][5]) <= 1.25, probe  # the activation model where tensors dominate
