@@ -86,7 +86,7 @@ def main(args):
     load1 = os.getloadavg()
     write_report(args.out, [
         "# The exhaustive alpha search against small changes of the problem", "",
-        f"Command: `python bench/search_noise.py {' '.join(sys.argv[1:])}`".rstrip() + "", "",
+        f"Command: `{' '.join(['python', 'bench/search_noise.py', *sys.argv[1:]])}`", "",
         f"The bundled DiT-T/2, ditas W4A8 defaults otherwise (21 alphas, LoRA rank 32, 10 iterations), {args.steps} "
         f"DDPM steps, {len(labels)} labels, cfg 1.5, calibration seed {SEED}; baseline: `QuantConfig(svd=\"full\")`. "
         f"{cpu_name()}, {args.threads} thread(s); load average {load0[0]:.2f} before, {load1[0]:.2f} after; "
