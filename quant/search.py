@@ -192,9 +192,9 @@ class AlphaSearch:
     """Streaming grid search of alpha for one linear layer: Candidates, a loss engine, running sums.
 
     Arguments as Candidates, plus: act_cfg (None leaves activations unquantized); max_steps (updates
-    after that many are ignored; reference: 50); matmul_dtype, impl, row_stride: the loss engine's
-    (quant/search_losses.py: "bf16" candidate products, the "naive" direct evaluation, scoring every
-    row_stride-th row only).
+    after that many are ignored; reference: 50); chunk, matmul_dtype, impl, row_stride: the loss
+    engine's (quant/search_losses.py: candidates evaluated together, "bf16" candidate products, the
+    "naive" direct evaluation, scoring every row_stride-th row only).
     """
 
     def __init__(self, weight, bias, act_absmax, alphas, weight_cfg, act_cfg, lora_rank=32, lora_iters=10,

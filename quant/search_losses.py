@@ -23,8 +23,11 @@ search):
   run in bfloat16 (the cross term, the constants and all sums stay float32); losses move by ~1e-5
   relative (tests/test_search.py, bench/calibration.py). On x86 CPUs with AVX512-BF16 that bf16
   evaluation runs fused in C (quant/ops_avx512.py, quant/csrc/alpha_search_bf16.c);
-* ditas scheme (a weight per alpha): one (in x out) float32 product per candidate and row chunk,
-  against Y_fp computed once per step.
+* ditas scheme (a weight per alpha), and any single candidate (the round-to-nearest baselines):
+  every candidate is evaluated from its own codes (`_own_weight_losses`): its weight is dequantized
+  once per step (per block of rows when a step has many), one (in x out) float32 product per
+  candidate and row chunk, against Y_fp computed once per block. Nothing dense is kept between
+  steps (quant/budget.py counts what is).
 """
 import torch
 
