@@ -71,7 +71,7 @@ def main():
     load1 = os.getloadavg()
     write_report(args.out, [
         "# Calibration over several processes", "",
-        f"Command: `python bench/calib_ranks.py {' '.join(sys.argv[1:])}`", "",
+        f"Command: `{' '.join(['python', 'bench/calib_ranks.py', *sys.argv[1:]])}`", "",
         f"QuantDiT.py on the bundled DiT-T/2 with its defaults, {args.steps} calibration steps, no preview, one "
         f"thread per process. Machine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores; load average "
         f"{load0[0]:.2f} before, {load1[0]:.2f} after. Phases: rank 0's report (each rank runs its own FP loops).", "",
