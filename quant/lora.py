@@ -22,6 +22,7 @@ The truncated SVD (`svd`):
   (e.g. the fit of the neighbouring alpha) or from a seeded random one, with WARMUP_STEPS extra
   power steps. bench/candidate_fits.py compares it with the full SVD.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -118,8 +119,8 @@ def fit_lora(w, quantize_fn, rank=32, iters=10, svd="full", basis=None):
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     lead = w.shape[:-2]
-    stack = int(torch.tensor(lead).prod()) if lead else 1
     L, R = w.new_zeros(*lead, out, rank), w.new_zeros(*lead, rank, inp)
+    lr = None  # L @ R of the last iteration: its error, then the next iteration's quantizer input
     p = min(rank + OVERSAMPLE, out, inp)
     steps = 0
     if svd == "subspace" and rank:
@@ -127,7 +128,7 @@ def fit_lora(w, quantize_fn, rank=32, iters=10, svd="full", basis=None):
         basis = _random_basis(w, p) if basis is None else basis.to(w)
     errors, svds = [], 0
     for _ in range(iters if rank else 1):
-        qweight = quantize_fn(w - L @ R)
+        qweight = quantize_fn(w if lr is None else w - lr)
         q = dequantize_weight(qweight).to(w.dtype)
         e = w - q
         if not errors:
@@ -139,8 +140,9 @@ def fit_lora(w, quantize_fn, rank=32, iters=10, svd="full", basis=None):
                 basis, steps = vh.transpose(-1, -2), 0
             else:
                 L, R = low_rank_factors(e, rank, svd)
-            svds += stack
-            e = e.sub_(L @ R)
+            svds += math.prod(lead)
+            lr = L @ R
+            e = e.sub_(lr)
         errors.append(torch.linalg.matrix_norm(e))
     return LoraFit(q, qweight, L, R, torch.stack(errors), rtn_error, svds,
                    basis if svd == "subspace" and rank else None)
