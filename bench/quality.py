@@ -1,73 +1,144 @@
-"""Quality study on the bundled digits DiT: what each part of DiTAS buys, at W8A8 and W4A8, per scheme.
+"""Quality study on the bundled digits DiT: what each part of DiTAS buys, per bit width and scheme.
 
-    python bench/quality.py [--num-samples 1000 --steps 50 --seeds 0 1 2 --bits W8A8 W4A8 \
-        --schemes ditas reference] [--quick]
+    python bench/quality.py --jobs 2 --threads 1                     # the committed table, ~2 h on 2 cores
+    python bench/quality.py --quick                                  # 100 samples, 1 draw: minutes
 
 Rows, for every bit width and scheme (the quantized rows all from QuantDiT.py's flags):
 
-    FP                      the full-precision model
     RTN                     --smoothing none --lora-rank 0      (round-to-nearest, no smoothing)
-    TAS alpha=0.5, no LoRA  --smoothing fixed --alpha 0.5 --lora-rank 0
+    SmoothQuant alpha 0.5   --smoothing fixed --alpha 0.5 --lora-rank 0
     TAS searched, no LoRA   --smoothing search --lora-rank 0
     DiTAS                   --smoothing search (LoRA rank 32: the full method)
-    DiTAS + per-token       ... --act-granularity token (a finer dynamic range than the paper's)
+    extra rows (--extra):   the approximate search (--search approx), per-token activations, ...
 
-(the no-LoRA rows use --lora-rank 0 to isolate smoothing). Columns: FID-digits and IS-digits
-(evaluator.evaluate, digits features, against assets/digits_ref.npz), the fraction the bundled
-classifier assigns to the conditioning label, and the mean PSNR of each sample against the FP
-sample from the same noise (same global seed and index). Every number is mean +- standard
-deviation over the sampling seeds (--seeds), with the same quantized checkpoint.
+plus FP and real digits as floors. A *draw* is one (calibration seed, sampling seed) pair: every
+quantized row is calibrated with QuantDiT.py --seed c and sampled with global seed s, for each pair
+of --calib-seeds and --seeds (zipped), so each cell's mean +- standard deviation covers both noise
+sources; FP rows have only the sampling seed. Since all rows of one draw share its seeds, the
+"FID - RTN" column also gives each row's difference to RTN paired within the draw (the
+comparison the seeds disturb least). Columns: FID-digits and IS-digits (evaluator.evaluate,
+digits features, against assets/digits_ref.npz), the fraction the bundled classifier assigns to the
+conditioning label, and the mean PSNR of each sample against the FP sample from the same noise.
 
-Everything runs in this process (QuantDiT.main, sample_merge_TAS.main, evaluator.evaluate):
-torch is imported once. Quantized checkpoints are cached in results/bench/ckpt/ (keyed by the
-FP checkpoint's content and the flags) and sample batches in results/bench/samples/ (the
-sampler's own resumable shards), so a rerun only computes what is missing. Writes
-bench/results/quality.md and bench/results/quality.json.
+--backend-check W8A8:ditas adds a second table: that row sampled with the fake and the int
+backend from the same checkpoint (calibration seed = the first --calib-seeds) for every
+--backend-seeds, FID of both, and the PSNR between the two backends' images.
+
+Work is divided over --jobs processes (one cell = calibrate if not cached, sample, score);
+quantized checkpoints are cached in results/bench/ckpt/ (keyed by the FP checkpoint's content and
+the flags) and sample batches in results/bench/samples/ (the sampler's own resumable shards), so
+an interrupted run resumes and a rerun only computes what is missing. Writes bench/results/
+quality.md, quality.json and (with matplotlib) quality.png: FID-digits and PSNR vs bit width.
 """
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import shlex
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from study import (DEFAULT_METHODS, FULL, METHODS, PSNR_CAP_DB, QUICK, ROOT, Bench, fmt, log, machine,  # noqa: E402
-                   parse_bits)
+from study import METHODS, PSNR_CAP_DB, QUICK, ROOT, Bench, fmt, log, machine, mean_std, parse_bits  # noqa: E402
 import threads  # noqa: E402
 import torch  # noqa: E402
 from bundled.digits import BUNDLED_CKPT  # noqa: E402
 
-
-def run_rows(bench, settings, methods, seeds, n, steps, fp=True):
-    """{row key: {"label", "bits", "scheme", "method", "ckpt", "per_seed": [metrics...]}} (FP first)."""
-    rows = {"real": {"label": f"real digits ({n} drawn from the reference per seed)", "bits": None, "scheme": None,
-                     "method": "real", "ckpt": None, "per_seed": [bench.score_real(n, s) for s in seeds]}}
-    fp_images = {}
-    for seed in seeds:
-        fp_images[seed] = bench.samples(None, seed, n, steps)
-    if fp:
-        rows["FP"] = {"label": "FP", "bits": None, "scheme": None, "method": "fp", "ckpt": bench.ckpt,
-                      "per_seed": [bench.score(fp_images[s], s) for s in seeds]}
-        log(f"FP: {summary(rows['FP'])}")
-    for bits, schemes in settings.items():
-        for scheme in schemes:
-            for method in methods:
-                qdir = bench.checkpoint(bits, scheme, method, steps)
-                per_seed = [bench.score(bench.samples(qdir, s, n, steps), s, fp_images[s]) for s in seeds]
-                key = f"W{bits[0]}A{bits[1]} {scheme} {method}"
-                rows[key] = {"label": METHODS[method][0], "bits": list(bits), "scheme": scheme, "method": method,
-                             "ckpt": qdir, "per_seed": per_seed}
-                log(f"{key}: {summary(rows[key])}")
-    return rows
+FULL = dict(num_samples=1000, steps=10)
+DEFAULT_BITS = ["W4A8", "W4A6", "W4A4", "W3A8"]
+DEFAULT_METHODS = ["rtn", "fixed", "search", "ditas"]
+DEFAULT_EXTRA = ["W4A8:ditas:approx", "W4A4:ditas:token"]
+LABELS = {"fixed": "SmoothQuant alpha 0.5 (TAS statistic, no LoRA)"}  # the study's names where METHODS' differ
+COST = {"ditas": 4, "token": 4, "approx": 3, "search": 3, "fixed": 1, "rtn": 1}  # calibration cost order
 
 
-def summary(row):
-    ps = row["per_seed"]
-    parts = [f"FID {fmt([p['fid'] for p in ps])}", f"acc {fmt([p['label_acc'] for p in ps], 1, 100)}%"]
-    if "psnr" in ps[0]:
-        parts.append(f"PSNR {fmt([p['psnr'] for p in ps])}")
-    return ", ".join(parts)
+def bits_name(bits):
+    return f"W{bits[0]}A{bits[1]}"
+
+
+def parse_extra(spec):
+    """'W4A8:ditas:approx' -> ((4, 8), 'ditas', 'approx')."""
+    try:
+        b, scheme, method = spec.split(":")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an extra row looks like W4A8:ditas:approx, got {spec!r}") from None
+    if scheme not in ("ditas", "reference") or method not in METHODS:
+        raise argparse.ArgumentTypeError(f"{spec!r}: scheme ditas|reference, method one of {', '.join(METHODS)}")
+    return parse_bits(b), scheme, method
+
+
+def parse_check(spec):
+    """'W8A8:ditas' -> ((8, 8), 'ditas')."""
+    b, _, scheme = spec.partition(":")
+    if scheme not in ("ditas", "reference"):
+        raise argparse.ArgumentTypeError(f"a backend check looks like W8A8:ditas, got {spec!r}")
+    return parse_bits(b), scheme
+
+
+# ---------------------------------------------------------------------------------------------- cells
+# A cell is one unit of work, a plain tuple (so it crosses to a worker process):
+#   ("real", seed) | ("fp", seed) | ("q", bits, scheme, method, calib_seed, seed, backend)
+
+def run_cell(spec, cell):
+    """Compute one cell (calibrate / sample unless cached) and return (cell, metrics, timings)."""
+    bench = Bench(spec["ckpt"], spec["results_dir"], spec["cfg_scale"], spec["batch_size"], spec["calib_steps"])
+    n, steps = spec["n"], spec["steps"]
+    kind, seed = cell[0], cell[-2] if cell[0] == "q" else cell[1]
+    if kind == "real":
+        return cell, bench.score_real(n, seed), bench.timings
+    fp = bench.samples(None, seed, n, steps)
+    if kind == "fp":
+        return cell, bench.score(fp, seed), bench.timings
+    _, bits, scheme, method, calib_seed, seed, backend = cell
+    qdir = bench.checkpoint(tuple(bits), scheme, method, steps, calib_seed)
+    images = bench.samples(qdir, seed, n, steps, backend)
+    metrics = bench.score(images, seed, fp)
+    metrics["calibration_s"] = calib_time(qdir)
+    if backend != "fake":  # the same checkpoint's fake-backend images: how far the backends' images differ
+        from study import mean_psnr
+        metrics["psnr_vs_fake"] = mean_psnr(images, bench.samples(qdir, seed, n, steps, "fake"))
+    return cell, metrics, bench.timings
+
+
+def _init_worker(n_threads):
+    threads.set_threads(n_threads)
+    torch.set_grad_enabled(False)
+
+
+def run_cells(spec, cells, jobs, n_threads):
+    """{cell: metrics} for all cells, over `jobs` spawned processes (inline for jobs 1)."""
+    results, timings = {}, {}
+
+    def take(out):
+        cell, metrics, t = out
+        results[cell] = metrics
+        timings.update(t)
+        log(f"done {describe(cell)}: FID {metrics['fid']:.2f}" + (f", PSNR {metrics['psnr']:.2f} dB"
+                                                                    if "psnr" in metrics else ""))
+
+    # FP samples first: every quantized cell of a sampling seed scores its PSNR against them
+    first = [c for c in cells if c[0] != "q"]
+    rest = sorted((c for c in cells if c[0] == "q"), key=lambda c: (c[6] != "fake", -COST[c[3]], c[1][1], c))
+    if jobs <= 1:
+        for c in first + rest:
+            take(run_cell(spec, c))
+        return results, timings
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                                                initargs=(n_threads,)) as pool:
+        for group in (first, rest):
+            for fut in concurrent.futures.as_completed([pool.submit(run_cell, spec, c) for c in group]):
+                take(fut.result())
+    return results, timings
+
+
+def describe(cell):
+    if cell[0] != "q":
+        return f"{cell[0]} seed {cell[1]}"
+    _, bits, scheme, method, cs, s, backend = cell
+    return f"{bits_name(bits)} {scheme} {method} calib seed {cs} sampling seed {s}" + (
+        f" ({backend})" if backend != "fake" else "")
 
 
 def calib_time(qdir):
@@ -78,85 +149,220 @@ def calib_time(qdir):
         return None
 
 
-def table(rows):
-    lines = ["| setting | method | FID-digits ↓ | IS-digits ↑ | classified as label ↑ | PSNR vs FP (dB) ↑ | "
-             "calibration (s) |", "|---|---|---|---|---|---|---|"]
-    for key, r in rows.items():
-        ps = r["per_seed"]
-        setting = {"real": "data", "fp": "FP"}.get(r["method"]) or f"W{r['bits'][0]}A{r['bits'][1]} {r['scheme']}"
-        ct = calib_time(r["ckpt"]) if r["bits"] is not None else None
-        lines.append(f"| {setting} | {r['label']} | {fmt([p['fid'] for p in ps])} | {fmt([p['is'] for p in ps])} | "
-                     f"{fmt([p['label_acc'] for p in ps], 1, 100)} % | "
-                     f"{fmt([p['psnr'] for p in ps]) if 'psnr' in ps[0] else '-'} | "
-                     f"{'-' if ct is None else f'{ct:.0f}'} |")
+# ---------------------------------------------------------------------------------------------- tables
+def study_rows(results, settings, extra, draws):
+    """Row dicts in table order: real, FP, then per bit width and scheme the methods and extra rows."""
+    sampling = [s for _, s in draws]
+    rows = [{"key": "real", "setting": "data", "label": "real digits (N drawn from the reference per seed)",
+             "per_draw": [results[("real", s)] for s in sampling]},
+            {"key": "FP", "setting": "FP", "label": "FP", "per_draw": [results[("fp", s)] for s in sampling]}]
+    for bits, scheme, methods in settings:
+        for method in methods:
+            per = [results[("q", bits, scheme, method, cs, s, "fake")] for cs, s in draws]
+            rows.append({"key": f"{bits_name(bits)} {scheme} {method}", "setting": f"{bits_name(bits)} {scheme}",
+                         "bits": list(bits), "scheme": scheme, "method": method,
+                         "label": LABELS.get(method, METHODS[method][0]), "per_draw": per,
+                         "extra": (bits, scheme, method) in extra})
+    rtn = {(tuple(r["bits"]), r["scheme"]): r for r in rows if r.get("method") == "rtn"}
+    for r in rows:
+        base = rtn.get((tuple(r["bits"]), r["scheme"])) if "bits" in r else None
+        if base is not None and r is not base:
+            r["fid_minus_rtn"] = [a["fid"] - b["fid"] for a, b in zip(r["per_draw"], base["per_draw"])]
+    return rows
+
+
+def cell_of(values, digits=2, scale=1.0):
+    return fmt([v for v in values if v is not None], digits, scale) if any(v is not None for v in values) else "-"
+
+
+def main_table(rows):
+    lines = ["| setting | method | FID-digits ↓ | FID − RTN (paired) | IS-digits ↑ | classified as label ↑ | "
+             "PSNR vs FP (dB) ↑ | calibration (s) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ps = r["per_draw"]
+        lines.append(
+            f"| {r['setting']} | {r['label']} | {cell_of([p['fid'] for p in ps])} | "
+            f"{cell_of(r['fid_minus_rtn']) if 'fid_minus_rtn' in r else '-'} | {cell_of([p['is'] for p in ps])} | "
+            f"{cell_of([p['label_acc'] for p in ps], 1, 100)} % | {cell_of([p.get('psnr') for p in ps])} | "
+            f"{cell_of([p.get('calibration_s') for p in ps], 0)} |")
     return "\n".join(lines)
 
 
-def main(argv=None):
+def backend_table(results, checks, calib_seed, seeds):
+    lines = ["| setting | sampling seed | FID-digits, fake | FID-digits, int | int − fake | PSNR vs FP, fake | "
+             "PSNR vs FP, int | PSNR int vs fake (dB) |", "|---|---|---|---|---|---|---|---|"]
+    summary = []
+    for bits, scheme in checks:
+        diffs = []
+        for s in seeds:
+            f = results[("q", bits, scheme, "ditas", calib_seed, s, "fake")]
+            i = results[("q", bits, scheme, "ditas", calib_seed, s, "int")]
+            diffs.append(i["fid"] - f["fid"])
+            lines.append(f"| {bits_name(bits)} {scheme} DiTAS | {s} | {f['fid']:.2f} | {i['fid']:.2f} | "
+                         f"{i['fid'] - f['fid']:+.2f} | {f['psnr']:.2f} | {i['psnr']:.2f} | {i['psnr_vs_fake']:.2f} |")
+        fids = [results[("q", bits, scheme, "ditas", calib_seed, s, "fake")]["fid"] for s in seeds]
+        summary.append({"setting": f"{bits_name(bits)} {scheme}", "int_minus_fake": mean_std(diffs),
+                        "fake_seed_spread": mean_std(fids)})
+    return "\n".join(lines), summary
+
+
+def figure(rows, path):
+    """FID-digits and PSNR vs FP against bit width (weights at A8, activations at W4), one line per method."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: no figure")
+        return None
+    table = {(tuple(r["bits"]), r["scheme"], r["method"]): r for r in rows if "bits" in r}
+    fp = mean_std([p["fid"] for p in rows[1]["per_draw"]])[0]
+    axes_def = [("weight bits (A8)", [(w, 8) for w in (3, 4, 8)]), ("activation bits (W4)", [(4, a) for a in (4, 6, 8)])]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharey="row")
+    methods = sorted({k[2] for k in table}, key=list(METHODS).index)
+    colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for col, (xlabel, points) in enumerate(axes_def):
+        for row, (metric, ylabel) in enumerate((("fid", "FID-digits ↓"), ("psnr", "PSNR vs FP (dB) ↑"))):
+            ax = axes[row, col]
+            for scheme, style in (("ditas", "-"), ("reference", "--")):
+                for m in methods:
+                    pts = [(b, table[(b, scheme, m)]) for b in points if (b, scheme, m) in table]
+                    if len(pts) < 2:
+                        continue
+                    x = [b[0] if col == 0 else b[1] for b, _ in pts]
+                    ms = [mean_std([p[metric] for p in r["per_draw"]]) for _, r in pts]
+                    ax.errorbar(x, [v[0] for v in ms], yerr=[v[1] for v in ms], linestyle=style, marker="o",
+                                color=colors[m], capsize=3, label=f"{scheme}: {LABELS.get(m, METHODS[m][0])}")
+            if metric == "fid":
+                ax.axhline(fp, color="black", linewidth=0.8, linestyle=":", label="FP")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_xticks(sorted({b[0] if col == 0 else b[1] for b in points}))
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- main
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--num-samples", type=int, default=None, help=f"samples per row and seed "
+    p.add_argument("--num-samples", type=int, default=None, help=f"samples per row and draw "
                    f"(default {FULL['num_samples']}; --quick {QUICK['num_samples']})")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"DDPM steps for sampling and calibration (default {FULL['steps']}; --quick {QUICK['steps']})")
+    p.add_argument("--steps", type=int, default=None, help=f"DDPM steps for sampling and calibration "
+                   f"(default {FULL['steps']}; --quick {QUICK['steps']})")
     p.add_argument("--calib-steps", type=int, default=None,
                    help="calibration steps if different from --steps (the paper calibrates at the sampling steps)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds (global seed)")
-    p.add_argument("--bits", type=parse_bits, nargs="+", default=[(8, 8), (4, 8)], help="e.g. W8A8 W4A8")
+    p.add_argument("--calib-seeds", type=int, nargs="+", default=None,
+                   help="QuantDiT.py --seed of each draw (default 1 2; --quick 1)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="sampling (global) seed of each draw, zipped with --calib-seeds (default 0 1; --quick 0)")
+    p.add_argument("--bits", type=parse_bits, nargs="+", default=[parse_bits(b) for b in DEFAULT_BITS],
+                   help=f"bit widths (default {' '.join(DEFAULT_BITS)})")
     p.add_argument("--schemes", nargs="+", choices=("ditas", "reference"), default=["ditas", "reference"])
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
+    p.add_argument("--extra", type=parse_extra, nargs="*", default=[parse_extra(e) for e in DEFAULT_EXTRA],
+                   help=f"extra rows BITS:SCHEME:METHOD (default {' '.join(DEFAULT_EXTRA)})")
+    p.add_argument("--backend-check", type=parse_check, nargs="*", default=[parse_check("W8A8:ditas")],
+                   help="settings whose DiTAS row is also sampled with --backend int (default W8A8:ditas)")
+    p.add_argument("--backend-seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="sampling seeds of the backend check (default 0 1 2)")
     p.add_argument("--quick", action="store_true", help="the reduced setting: "
-                   f"{QUICK['num_samples']} samples, {QUICK['steps']} steps (explicit flags win)")
+                   f"{QUICK['num_samples']} samples, {QUICK['steps']} steps, one draw (explicit flags win)")
     p.add_argument("--cfg-scale", type=float, default=1.5, help="sampling guidance (the paper's 1.5)")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (each with --threads threads)")
     threads.add_threads_arg(p)
     p.add_argument("--ckpt", default=BUNDLED_CKPT, help="the FP digits DiT (default: the bundled asset)")
     p.add_argument("--results-dir", default=os.path.join("results", "bench"))
     p.add_argument("--out", default=os.path.join("bench", "results", "quality.md"))
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
     n = args.num_samples or base["num_samples"]
     steps = args.steps or base["steps"]
+    calib_seeds = args.calib_seeds or ([1] if args.quick else [1, 2])
+    seeds = args.seeds or ([0] if args.quick else [0, 1])
+    if len(calib_seeds) != len(seeds):
+        parser.error(f"--calib-seeds ({len(calib_seeds)}) and --seeds ({len(seeds)}) pair up into draws: "
+                     f"give them the same length")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     os.chdir(ROOT)
     threads.set_threads(args.threads)
     torch.set_grad_enabled(False)
     if not os.path.isfile(args.ckpt):
         sys.exit(f"error: {args.ckpt} not found (the bundled model; pass --ckpt results/train/last.pt while it "
                  f"trains)")
+    draws = list(zip(calib_seeds, seeds))
+    settings = [(tuple(b), s, list(args.methods) + [m for eb, es, m in args.extra if eb == tuple(b) and es == s])
+                for b in args.bits for s in args.schemes]
+    extra = set(args.extra)
+    for eb, es, m in args.extra:  # extra rows of a setting outside --bits / --schemes get their own setting
+        if not any(b == eb and s == es for b, s, _ in settings):
+            settings.append((eb, es, [m]))
+    all_seeds = sorted(set(seeds) | (set(args.backend_seeds) if args.backend_check else set()))
+    cells = [("real", s) for s in seeds] + [("fp", s) for s in all_seeds]
+    cells += [("q", b, sch, m, cs, s, "fake") for b, sch, ms in settings for m in ms for cs, s in draws]
+    for b, sch in args.backend_check:
+        cells += [("q", b, sch, "ditas", calib_seeds[0], s, be) for s in args.backend_seeds for be in ("fake", "int")]
+    cells = list(dict.fromkeys(cells))
+    spec = dict(ckpt=args.ckpt, results_dir=args.results_dir, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
+                calib_steps=args.calib_steps, n=n, steps=steps)
+    log(f"{len(cells)} cells ({len(draws)} draws x {sum(len(ms) for _, _, ms in settings)} quantized rows, FP, real,"
+        f" backend check) on {args.jobs} process(es) x {torch.get_num_threads()} thread(s)")
     t_start = time.time()
-    bench = Bench(args.ckpt, args.results_dir, args.cfg_scale, args.batch_size, args.calib_steps)
-    settings = {tuple(b): list(args.schemes) for b in args.bits}
-    rows = run_rows(bench, settings, args.methods, args.seeds, n, steps)
+    results, timings = run_cells(spec, cells, args.jobs, torch.get_num_threads())
     wall = time.time() - t_start
 
+    # Tables, figure, JSON
+    rows = study_rows(results, settings, extra, draws)
+    btable, bsummary = backend_table(results, args.backend_check, calib_seeds[0], args.backend_seeds)
+    png = figure(rows, os.path.splitext(args.out)[0] + ".png")
     command = "python bench/quality.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     calib = args.calib_steps or steps
     text = "\n".join([
         "# Quality study: what each part of DiTAS buys (bundled digits DiT-T/2)", "",
         f"Command: `{command}`", "",
-        f"Model: `{args.ckpt}` (sha256 {bench.digest}…), {n} samples per row and seed, {steps} DDPM steps, "
-        f"cfg {args.cfg_scale}, sampling seeds {' '.join(map(str, args.seeds))}; calibration: QuantDiT.py "
-        f"defaults (16 labels, cfg 1.5, seed 1) at {calib} steps. "
-        f"Machine: {machine()}. Wall time {wall / 60:.1f} min (cached stages excluded).", "",
-        "Each cell: mean ± standard deviation over the sampling seeds (same quantized checkpoint). "
+        f"Model: `{args.ckpt}` (sha256 {Bench(args.ckpt).digest}…), {n} samples per row and draw, {steps} DDPM "
+        f"steps, cfg {args.cfg_scale}; draws (calibration seed, sampling seed): "
+        f"{', '.join(f'({c}, {s})' for c, s in draws)}; calibration: QuantDiT.py defaults (16 labels, cfg 1.5) "
+        f"at {calib} steps. Machine: {machine()}, {args.jobs} process(es). Wall time {wall / 60:.1f} min "
+        f"(cached cells excluded).", "",
+        "Each cell: mean ± standard deviation over the draws (each draw its own calibration noise and "
+        "sampling noise). FID − RTN: the row's FID minus the same setting's RTN FID within each draw. "
         "FID-digits / IS-digits: evaluator.evaluate with the bundled digit classifier's features against "
-        f"the 1797 real digits (assets/digits_ref.npz); the first row, {n} real digits drawn from that batch, "
+        f"the 1797 real digits (assets/digits_ref.npz); the `data` row, {n} real digits drawn from that batch, "
         "is the floor at this N. PSNR: per sample against the FP sample from the same noise and label, "
-        f"averaged (identical images count as {PSNR_CAP_DB:g} dB). "
-        "The no-LoRA rows use --lora-rank 0 to isolate smoothing; ditas quantizes activations per batch row "
-        "and reference per tensor unless the row says per-token. Calibration (s): QuantDiT's total time "
-        "for that checkpoint.", "",
-        table(rows), "",
+        f"averaged (identical images count as {PSNR_CAP_DB:g} dB). The no-LoRA rows use --lora-rank 0; ditas "
+        "quantizes activations per batch row and reference per tensor unless the row says per-token. "
+        "Calibration (s): QuantDiT's total time for that checkpoint (under the run's load).", "",
+        main_table(rows), "",
+        *([f"![FID-digits and PSNR vs bit width]({os.path.basename(png)})", ""] if png else []),
+        *(["## Integer vs fake backend", "",
+           f"The DiTAS checkpoint of calibration seed {calib_seeds[0]} sampled with `--backend fake` and "
+           "`--backend int` (same noise per sampling seed).", "", btable, "",
+           *[f"- {b['setting']}: int − fake FID {b['int_minus_fake'][0]:+.2f} ± {b['int_minus_fake'][1]:.2f} "
+             f"over the sampling seeds; the fake backend's FID spread over the same seeds ± "
+             f"{b['fake_seed_spread'][1]:.2f}." for b in bsummary], ""] if args.backend_check else []),
     ])
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump({"command": command, "num_samples": n, "steps": steps, "calib_steps": calib,
-                   "cfg_scale": args.cfg_scale, "seeds": args.seeds, "ckpt": args.ckpt, "ckpt_sha256": bench.digest,
-                   "machine": machine(), "wall_s": wall, "timings": bench.timings, "rows": rows}, f, indent=1)
+                   "cfg_scale": args.cfg_scale, "draws": draws, "ckpt": args.ckpt, "machine": machine(),
+                   "jobs": args.jobs, "wall_s": wall, "timings": timings, "rows": rows, "backend_check": bsummary,
+                   "backend_cells": [{"cell": list(map(str, c)), **results[c]} for c in cells if c[0] == "q"
+                                     and c[6] != "fake"]}, f, indent=1, default=str)
     print(text)
-    for k, v in bench.timings.items():
-        print(f"  {v:7.1f}s  {k}")
     return rows
 
 

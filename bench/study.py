@@ -91,20 +91,23 @@ class Bench:
         self._ref = self._extractor = self._classifier = None
 
     # ------------------------------------------------------------------ quantize
-    def quant_argv(self, bits, scheme, method, steps):
+    def quant_argv(self, bits, scheme, method, steps, calib_seed=None):
+        """QuantDiT.py's flags for one row; calib_seed None keeps QuantDiT's default --seed."""
         w, a = bits
         calib = self.calib_steps or steps
+        seed = [] if calib_seed is None else ["--seed", str(calib_seed)]
         return (model_flags(self.ckpt) + ["--weight-bit", str(w), "--act-bit", str(a), "--scheme", scheme,
                                           "--num-sampling-steps", str(calib), "--no-preview", "--device", "cpu"]
-                + METHODS[method][1])
+                + seed + METHODS[method][1])
 
-    def checkpoint(self, bits, scheme, method, steps):
+    def checkpoint(self, bits, scheme, method, steps, calib_seed=None):
         """The quantized checkpoint directory (made by QuantDiT.main unless cached)."""
         import QuantDiT
         from quant.checkpoint import is_quantized_checkpoint
-        argv = self.quant_argv(bits, scheme, method, steps)
+        argv = self.quant_argv(bits, scheme, method, steps, calib_seed)
         key = hashlib.sha256(json.dumps([self.digest, argv]).encode()).hexdigest()[:10]
-        name = f"W{bits[0]}A{bits[1]}-{scheme}-{method}-c{self.calib_steps or steps}-{key}"
+        cs = "" if calib_seed is None else f"-cs{calib_seed}"
+        name = f"W{bits[0]}A{bits[1]}-{scheme}-{method}-c{self.calib_steps or steps}{cs}-{key}"
         out = os.path.join(self.results_dir, "ckpt", name)
         if is_quantized_checkpoint(out):
             return out
@@ -115,7 +118,7 @@ class Bench:
         return out
 
     # ------------------------------------------------------------------ sample
-    def samples(self, qdir, seed, n, steps):
+    def samples(self, qdir, seed, n, steps, backend="fake"):
         """uint8 (n, 16, 16, 3) samples (sample_merge_TAS.main; its shards make it resumable)."""
         import sample_merge_TAS
         source = ["--path", qdir] if qdir else model_flags(self.ckpt)
@@ -124,6 +127,8 @@ class Bench:
         argv = source + ["--num-fid-samples", str(n), "--num-sampling-steps", str(steps), "--cfg-scale",
                          str(self.cfg_scale), "--global-seed", str(seed), "--sample-dir", sample_dir,
                          "--per-proc-batch-size", str(self.batch_size), "--device", "cpu"]
+        if qdir:
+            argv += ["--backend", backend]
         t0 = time.time()
         npz = sample_merge_TAS.main(sample_merge_TAS.build_parser().parse_args(argv))
         dt = time.time() - t0

@@ -1,5 +1,8 @@
 """The inference benchmark runs end to end on a tiny model and writes a well-formed table."""
 import json
+import os
+
+import numpy as np
 
 from helpers import run_script
 
@@ -96,3 +99,59 @@ def test_scale_bench_smoke(tmp_path):
     probe = rows(PROBE_COLUMNS)
     assert [r[:2] for r in probe] == [["whole model", "4"], ["one block", "256"]]
     assert 0.8 <= float(probe[1][5]) <= 1.25, probe  # the activation model where tensors dominate
+
+
+def _quality_module():
+    import importlib
+    import sys
+    from helpers import ROOT
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    return importlib.import_module("quality")
+
+
+def test_quality_bench_draws_and_paired_column(tmp_path):
+    """bench/quality.py: every row per draw (calibration seed, sampling seed), FID - RTN paired within a draw,
+    an extra row outside --schemes gets its own setting, each draw's checkpoint carries its calibration seed."""
+    out = tmp_path / "q.md"
+    proc = run_script("bench/quality.py", "--num-samples", "12", "--steps", "2", "--bits", "W4A8", "--schemes",
+                      "ditas", "--methods", "rtn", "fixed", "--extra", "W4A8:reference:rtn", "--backend-check",
+                      "--calib-seeds", "1", "2", "--seeds", "0", "1", "--threads", "1",
+                      "--results-dir", tmp_path / "res", "--out", out, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["draws"] == [[1, 0], [2, 1]]
+    rows = {r["key"]: r for r in data["rows"]}
+    assert list(rows) == ["real", "FP", "W4A8 ditas rtn", "W4A8 ditas fixed", "W4A8 reference rtn"]
+    rtn, fixed = rows["W4A8 ditas rtn"], rows["W4A8 ditas fixed"]
+    assert fixed["fid_minus_rtn"] == [f["fid"] - r["fid"] for f, r in zip(fixed["per_draw"], rtn["per_draw"])]
+    assert "fid_minus_rtn" not in rtn and "fid_minus_rtn" not in rows["W4A8 reference rtn"]
+    assert all(0 < p["psnr"] <= 80 and 0 <= p["label_acc"] <= 1 for p in rtn["per_draw"])
+    # the two draws are two calibrations (QuantDiT --seed) and two sampling seeds
+    ckpts = sorted((tmp_path / "res" / "ckpt").glob("W4A8-ditas-rtn-*"))
+    assert [json.loads((c / "quant_config.json").read_text())["seed"] for c in ckpts] == [1, 2]
+    assert rtn["per_draw"][0]["fid"] != rtn["per_draw"][1]["fid"]
+    table = out.read_text()
+    assert table.count("| W4A8 ditas |") == 2 and table.count("| W4A8 reference |") == 1
+    assert "Integer vs fake backend" not in table
+
+
+def test_quality_bench_rejects_unpaired_seeds(tmp_path):
+    proc = run_script("bench/quality.py", "--calib-seeds", "1", "2", "--seeds", "0", "--out", tmp_path / "q.md")
+    assert proc.returncode == 2 and "pair up into draws" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("bench/quality.py", "--extra", "W4A8:ditas", "--out", tmp_path / "q.md")
+    assert proc.returncode == 2 and "W4A8:ditas:approx" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "q.md").exists()
+
+
+def test_quality_backend_table_pairs_fake_and_int():
+    """The backend table: int - fake per sampling seed from the same checkpoint, and its mean and spread."""
+    q = _quality_module()
+    res = {}
+    for s, (f, i) in enumerate([(100.0, 101.5), (104.0, 103.0), (98.0, 99.5)]):
+        res[("q", (8, 8), "ditas", "ditas", 1, s, "fake")] = {"fid": f, "psnr": 40.0}
+        res[("q", (8, 8), "ditas", "ditas", 1, s, "int")] = {"fid": i, "psnr": 39.0, "psnr_vs_fake": 45.0}
+    text, summary = q.backend_table(res, [((8, 8), "ditas")], 1, [0, 1, 2])
+    assert text.count("| W8A8 ditas DiTAS |") == 3 and "| +1.50 |" in text and "| -1.00 |" in text
+    (mean, std), = [summary[0]["int_minus_fake"]]
+    assert abs(mean - 2.0 / 3) < 1e-12 and abs(std - np.std([1.5, -1.0, 1.5], ddof=1)) < 1e-12
+    assert abs(summary[0]["fake_seed_spread"][1] - np.std([100.0, 104.0, 98.0], ddof=1)) < 1e-12
