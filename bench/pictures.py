@@ -77,11 +77,8 @@ def read_report(qdir):
 
 def layers_png(panels, path):
     """panels: [(title, {"search": report, "ditas": report})] -> alpha and error per layer."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = study.pyplot()
+    if plt is None:
         print("layers.png skipped: matplotlib is not installed (pip install matplotlib)")
         return False
     fig, axes = plt.subplots(len(panels), 2, figsize=(14, 3.2 * len(panels)), squeeze=False)

@@ -1,15 +1,17 @@
 """Quality study on the bundled digits DiT: what each part of DiTAS buys, per bit width and scheme.
 
-    python bench/quality.py --jobs 2 --threads 1                     # the committed table, ~2 h on 2 cores
+    python bench/quality.py --jobs 2 --threads 1                     # the committed table, ~96 min on 2 cores
     python bench/quality.py --quick                                  # 100 samples, 1 draw: minutes
 
-Rows, for every bit width and scheme (the quantized rows all from QuantDiT.py's flags):
+Rows, for every bit width of the ditas scheme (the quantized rows all from QuantDiT.py's flags):
 
     RTN                     --smoothing none --lora-rank 0      (round-to-nearest, no smoothing)
     SmoothQuant alpha 0.5   --smoothing fixed --alpha 0.5 --lora-rank 0
     TAS searched, no LoRA   --smoothing search --lora-rank 0
     DiTAS                   --smoothing search (LoRA rank 32: the full method)
-    extra rows (--extra):   the approximate search (--search approx), per-token activations, ...
+    extra rows (--extra):   the approximate search (--search approx), per-token activations, and by
+                            default the released numerics' four rows at W4A8 (--schemes ditas reference
+                            gives them at every bit width, ~30 min more)
 
 plus FP and real digits as floors. A *draw* is one (calibration seed, sampling seed) pair: every
 quantized row is calibrated with QuantDiT.py --seed c and sampled with global seed s, for each pair
@@ -37,10 +39,12 @@ import multiprocessing
 import os
 import shlex
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from study import METHODS, PSNR_CAP_DB, QUICK, ROOT, Bench, fmt, log, machine, mean_std, parse_bits  # noqa: E402
+from study import (METHODS, PSNR_CAP_DB, QUICK, ROOT, Bench, fmt, log, machine, mean_std, parse_bits,  # noqa: E402
+                   pyplot)
 import threads  # noqa: E402
 import torch  # noqa: E402
 from bundled.digits import BUNDLED_CKPT  # noqa: E402
@@ -48,9 +52,13 @@ from bundled.digits import BUNDLED_CKPT  # noqa: E402
 FULL = dict(num_samples=1000, steps=10)
 DEFAULT_BITS = ["W4A8", "W4A6", "W4A4", "W3A8"]
 DEFAULT_METHODS = ["rtn", "fixed", "search", "ditas"]
-DEFAULT_EXTRA = ["W4A8:ditas:approx", "W4A4:ditas:token"]
+DEFAULT_SCHEMES = ["ditas"]
+# The released numerics (reference) at W4A8 only: its four rows at every bit width would add ~30 min to the
+# default run's ~96 min; --schemes ditas reference gives them all.
+DEFAULT_EXTRA = ["W4A8:ditas:approx", "W4A4:ditas:token"] + [f"W4A8:reference:{m}" for m in DEFAULT_METHODS]
 LABELS = {"fixed": "SmoothQuant alpha 0.5 (TAS statistic, no LoRA)"}  # the study's names where METHODS' differ
-COST = {"ditas": 4, "token": 4, "approx": 3, "search": 3, "fixed": 1, "rtn": 1}  # calibration cost order
+# calibration cost order (the dearest cells start first)
+COST = {"ditas": 4, "token": 4, "adaln": 4, "approx": 3, "approx-token": 3, "search": 3, "fixed": 1, "rtn": 1}
 
 
 def bits_name(bits):
@@ -101,9 +109,18 @@ def run_cell(spec, cell):
     return cell, metrics, bench.timings
 
 
-def _init_worker(n_threads):
+def _init_worker(n_threads, parent):
     threads.set_threads(n_threads)
     torch.set_grad_enabled(False)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent, poll_s=2.0):
+    """A worker outlives a killed parent and goes on with the cells queued to it (calibrating and sampling
+    beside the rerun's workers): leave as soon as the parent is gone."""
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    os._exit(1)
 
 
 def run_cells(spec, cells, jobs, n_threads):
@@ -126,7 +143,7 @@ def run_cells(spec, cells, jobs, n_threads):
         return results, timings
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                                                initargs=(n_threads,)) as pool:
+                                                initargs=(n_threads, os.getpid())) as pool:
         for group in (first, rest):
             for fut in concurrent.futures.as_completed([pool.submit(run_cell, spec, c) for c in group]):
                 take(fut.result())
@@ -188,6 +205,35 @@ def main_table(rows):
     return "\n".join(lines)
 
 
+# What one component buys: row a minus row b of the same setting, paired within each draw.
+COMPONENTS = [("TAS smoothing at alpha 0.5", "fixed", "rtn"), ("layer-wise alpha search", "search", "fixed"),
+              ("LoRA branch (rank 32)", "ditas", "search"), ("all of DiTAS", "ditas", "rtn"),
+              ("approximate instead of exact search", "approx", "ditas"),
+              ("per-token instead of per-row activations", "token", "ditas"),
+              ("adaLN linears quantized too (weight-only 8-bit)", "adaln", "ditas")]
+
+
+def components_table(rows):
+    """Per setting and component: FID and PSNR differences paired within draws, and in how many draws each
+    difference is an improvement (lower FID, higher PSNR)."""
+    by = {(tuple(r["bits"]), r["scheme"], r["method"]): r["per_draw"] for r in rows if "bits" in r}
+    lines = ["| setting | component (rows compared) | Δ FID-digits | FID better in | Δ PSNR vs FP (dB) | "
+             "PSNR better in |", "|---|---|---|---|---|---|"]
+    summary = []
+    for bits, scheme in dict.fromkeys((b, s) for b, s, _ in by):
+        for name, a, b in COMPONENTS:
+            if (bits, scheme, a) not in by or (bits, scheme, b) not in by:
+                continue
+            pa, pb = by[(bits, scheme, a)], by[(bits, scheme, b)]
+            dfid = [x["fid"] - y["fid"] for x, y in zip(pa, pb)]
+            dpsnr = [x["psnr"] - y["psnr"] for x, y in zip(pa, pb)]
+            setting = f"{bits_name(bits)} {scheme}"
+            lines.append(f"| {setting} | {name} ({a} − {b}) | {fmt(dfid)} | {sum(d < 0 for d in dfid)}/{len(dfid)} "
+                         f"| {fmt(dpsnr)} | {sum(d > 0 for d in dpsnr)}/{len(dpsnr)} |")
+            summary.append({"setting": setting, "component": name, "rows": [a, b], "d_fid": dfid, "d_psnr": dpsnr})
+    return "\n".join(lines), summary
+
+
 def backend_table(results, checks, calib_seed, seeds):
     lines = ["| setting | sampling seed | FID-digits, fake | FID-digits, int | int − fake | PSNR vs FP, fake | "
              "PSNR vs FP, int | PSNR int vs fake (dB) |", "|---|---|---|---|---|---|---|---|"]
@@ -208,11 +254,8 @@ def backend_table(results, checks, calib_seed, seeds):
 
 def figure(rows, path):
     """FID-digits and PSNR vs FP against bit width (weights at A8, activations at W4), one line per method."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         log("matplotlib not installed: no figure")
         return None
     table = {(tuple(r["bits"]), r["scheme"], r["method"]): r for r in rows if "bits" in r}
@@ -224,23 +267,29 @@ def figure(rows, path):
     for col, (xlabel, points) in enumerate(axes_def):
         for row, (metric, ylabel) in enumerate((("fid", "FID-digits ↓"), ("psnr", "PSNR vs FP (dB) ↑"))):
             ax = axes[row, col]
-            for scheme, style in (("ditas", "-"), ("reference", "--")):
+            xs = set()
+            for scheme, style, marker in (("ditas", "-", "o"), ("reference", "--", "s")):
                 for m in methods:
                     pts = [(b, table[(b, scheme, m)]) for b in points if (b, scheme, m) in table]
-                    if len(pts) < 2:
+                    if not pts:  # a row at one bit width only (an extra row) is a lone marker
                         continue
                     x = [b[0] if col == 0 else b[1] for b, _ in pts]
                     ms = [mean_std([p[metric] for p in r["per_draw"]]) for _, r in pts]
-                    ax.errorbar(x, [v[0] for v in ms], yerr=[v[1] for v in ms], linestyle=style, marker="o",
-                                color=colors[m], capsize=3, label=f"{scheme}: {LABELS.get(m, METHODS[m][0])}")
+                    xs.update(x)
+                    ax.errorbar(x, [v[0] for v in ms], yerr=[v[1] for v in ms], linestyle=style, marker=marker,
+                                fillstyle="full" if scheme == "ditas" else "none", color=colors[m], capsize=3,
+                                label=f"{scheme}: {LABELS.get(m, METHODS[m][0])}")
             if metric == "fid":
                 ax.axhline(fp, color="black", linewidth=0.8, linestyle=":", label="FP")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
-            ax.set_xticks(sorted({b[0] if col == 0 else b[1] for b in points}))
+            ax.set_xticks(sorted(xs))
             ax.grid(alpha=0.3)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7)
+    legend = {}  # every panel's lines (a row at one setting only shows in one panel), once each
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, h)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=2, fontsize=7)
     fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -262,7 +311,7 @@ def build_parser():
                    help="sampling (global) seed of each draw, zipped with --calib-seeds (default 0 1; --quick 0)")
     p.add_argument("--bits", type=parse_bits, nargs="+", default=[parse_bits(b) for b in DEFAULT_BITS],
                    help=f"bit widths (default {' '.join(DEFAULT_BITS)})")
-    p.add_argument("--schemes", nargs="+", choices=("ditas", "reference"), default=["ditas", "reference"])
+    p.add_argument("--schemes", nargs="+", choices=("ditas", "reference"), default=DEFAULT_SCHEMES)
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
     p.add_argument("--extra", type=parse_extra, nargs="*", default=[parse_extra(e) for e in DEFAULT_EXTRA],
                    help=f"extra rows BITS:SCHEME:METHOD (default {' '.join(DEFAULT_EXTRA)})")
@@ -306,8 +355,11 @@ def main(argv=None):
                 for b in args.bits for s in args.schemes]
     extra = set(args.extra)
     for eb, es, m in args.extra:  # extra rows of a setting outside --bits / --schemes get their own setting
-        if not any(b == eb and s == es for b, s, _ in settings):
+        own = [ms for b, s, ms in settings if b == eb and s == es]
+        if not own:
             settings.append((eb, es, [m]))
+        elif m not in own[0]:
+            own[0].append(m)
     all_seeds = sorted(set(seeds) | (set(args.backend_seeds) if args.backend_check else set()))
     cells = [("real", s) for s in seeds] + [("fp", s) for s in all_seeds]
     cells += [("q", b, sch, m, cs, s, "fake") for b, sch, ms in settings for m in ms for cs, s in draws]
@@ -324,6 +376,7 @@ def main(argv=None):
 
     # Tables, figure, JSON
     rows = study_rows(results, settings, extra, draws)
+    ctable, csummary = components_table(rows)
     btable, bsummary = backend_table(results, args.backend_check, calib_seeds[0], args.backend_seeds)
     png = figure(rows, os.path.splitext(args.out)[0] + ".png")
     command = "python bench/quality.py " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -345,6 +398,10 @@ def main(argv=None):
         "quantizes activations per batch row and reference per tensor unless the row says per-token. "
         "Calibration (s): QuantDiT's total time for that checkpoint (under the run's load).", "",
         main_table(rows), "",
+        "## What each component buys", "",
+        "Row minus row of the same setting, paired within each draw (mean ± standard deviation over the draws); "
+        "'better in' counts the draws where the component lowered FID-digits or raised PSNR.", "",
+        ctable, "",
         *([f"![FID-digits and PSNR vs bit width]({os.path.basename(png)})", ""] if png else []),
         *(["## Integer vs fake backend", "",
            f"The DiTAS checkpoint of calibration seed {calib_seeds[0]} sampled with `--backend fake` and "
@@ -359,7 +416,7 @@ def main(argv=None):
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump({"command": command, "num_samples": n, "steps": steps, "calib_steps": calib,
                    "cfg_scale": args.cfg_scale, "draws": draws, "ckpt": args.ckpt, "machine": machine(),
-                   "jobs": args.jobs, "wall_s": wall, "timings": timings, "rows": rows, "backend_check": bsummary,
+                   "jobs": args.jobs, "wall_s": wall, "timings": timings, "rows": rows, "components": csummary, "backend_check": bsummary,
                    "backend_cells": [{"cell": list(map(str, c)), **results[c]} for c in cells if c[0] == "q"
                                      and c[6] != "fake"]}, f, indent=1, default=str)
     print(text)

@@ -90,6 +90,12 @@ class Bench:
         self.timings = {}
         self._ref = self._extractor = self._classifier = None
 
+    @staticmethod
+    def _threads():
+        """The caller's thread count for the scripts run in-process (each would otherwise take every core);
+        not part of any cache key."""
+        return ["--threads", str(torch.get_num_threads())]
+
     # ------------------------------------------------------------------ quantize
     def quant_argv(self, bits, scheme, method, steps, calib_seed=None):
         """QuantDiT.py's flags for one row; calib_seed None keeps QuantDiT's default --seed."""
@@ -113,7 +119,7 @@ class Bench:
             return out
         log(f"quantize {name}: QuantDiT.py {shlex.join(argv)}")
         t0 = time.time()
-        QuantDiT.main(QuantDiT.build_parser().parse_args(argv + ["--out", out, "--overwrite"]))
+        QuantDiT.main(QuantDiT.build_parser().parse_args(argv + ["--out", out, "--overwrite"] + self._threads()))
         self.timings[f"quantize {name}"] = time.time() - t0
         return out
 
@@ -130,7 +136,7 @@ class Bench:
         if qdir:
             argv += ["--backend", backend]
         t0 = time.time()
-        npz = sample_merge_TAS.main(sample_merge_TAS.build_parser().parse_args(argv))
+        npz = sample_merge_TAS.main(sample_merge_TAS.build_parser().parse_args(argv + self._threads()))
         dt = time.time() - t0
         if dt > 1:
             self.timings[f"sample {tag} seed {seed}"] = dt
@@ -189,6 +195,17 @@ def fmt(values, digits=2, scale=1.0):
         return "-"
     m, s = mean_std([scale * x for x in values])
     return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None without matplotlib (the bench plots are optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def machine():

@@ -111,17 +111,19 @@ def _quality_module():
 
 def test_quality_bench_draws_and_paired_column(tmp_path):
     """bench/quality.py: every row per draw (calibration seed, sampling seed), FID - RTN paired within a draw,
-    an extra row outside --schemes gets its own setting, each draw's checkpoint carries its calibration seed."""
+    extra rows outside --schemes share their own setting, each draw's checkpoint carries its calibration seed."""
     out = tmp_path / "q.md"
     proc = run_script("bench/quality.py", "--num-samples", "12", "--steps", "2", "--bits", "W4A8", "--schemes",
-                      "ditas", "--methods", "rtn", "fixed", "--extra", "W4A8:reference:rtn", "--backend-check",
+                      "ditas", "--methods", "rtn", "fixed", "--extra", "W4A8:reference:rtn", "W4A8:reference:fixed",
+                      "--backend-check",
                       "--calib-seeds", "1", "2", "--seeds", "0", "1", "--threads", "1",
                       "--results-dir", tmp_path / "res", "--out", out, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["draws"] == [[1, 0], [2, 1]]
     rows = {r["key"]: r for r in data["rows"]}
-    assert list(rows) == ["real", "FP", "W4A8 ditas rtn", "W4A8 ditas fixed", "W4A8 reference rtn"]
+    assert list(rows) == ["real", "FP", "W4A8 ditas rtn", "W4A8 ditas fixed", "W4A8 reference rtn",
+                          "W4A8 reference fixed"]
     rtn, fixed = rows["W4A8 ditas rtn"], rows["W4A8 ditas fixed"]
     assert fixed["fid_minus_rtn"] == [f["fid"] - r["fid"] for f, r in zip(fixed["per_draw"], rtn["per_draw"])]
     assert "fid_minus_rtn" not in rtn and "fid_minus_rtn" not in rows["W4A8 reference rtn"]
@@ -131,7 +133,12 @@ def test_quality_bench_draws_and_paired_column(tmp_path):
     assert [json.loads((c / "quant_config.json").read_text())["seed"] for c in ckpts] == [1, 2]
     assert rtn["per_draw"][0]["fid"] != rtn["per_draw"][1]["fid"]
     table = out.read_text()
-    assert table.count("| W4A8 ditas |") == 2 and table.count("| W4A8 reference |") == 1
+    ref_rtn, ref_fixed = rows["W4A8 reference rtn"], rows["W4A8 reference fixed"]  # paired within their setting
+    assert ref_fixed["fid_minus_rtn"] == [f["fid"] - r["fid"] for f, r in zip(ref_fixed["per_draw"],
+                                                                                 ref_rtn["per_draw"])]
+    # per setting: two rows in the main table and one component (alpha 0.5 against RTN)
+    assert table.count("| W4A8 ditas |") == 3 and table.count("| W4A8 reference |") == 3
+    assert table.count("(fixed − rtn) |") == 2
     assert "Integer vs fake backend" not in table
 
 
@@ -155,3 +162,76 @@ def test_quality_backend_table_pairs_fake_and_int():
     (mean, std), = [summary[0]["int_minus_fake"]]
     assert abs(mean - 2.0 / 3) < 1e-12 and abs(std - np.std([1.5, -1.0, 1.5], ddof=1)) < 1e-12
     assert abs(summary[0]["fake_seed_spread"][1] - np.std([100.0, 104.0, 98.0], ddof=1)) < 1e-12
+
+
+def test_quality_components_are_paired_differences():
+    """The component table: row minus row of one setting per draw, improvements counted per draw."""
+    q = _quality_module()
+    def row(method, fids, psnrs, bits=(4, 8), scheme="ditas"):
+        return {"bits": list(bits), "scheme": scheme, "method": method,
+                "per_draw": [{"fid": f, "psnr": p} for f, p in zip(fids, psnrs)]}
+    rows = [{"key": "FP", "per_draw": []}, row("rtn", [150.0, 160.0], [30.0, 31.0]),
+            row("fixed", [140.0, 165.0], [31.0, 31.5]), row("ditas", [130.0, 150.0], [33.0, 33.0]),
+            row("rtn", [200.0, 210.0], [27.0, 27.0], scheme="reference")]
+    text, summary = q.components_table(rows)
+    got = {(c["setting"], c["rows"][0], c["rows"][1]): c for c in summary}
+    assert set(got) == {("W4A8 ditas", "fixed", "rtn"), ("W4A8 ditas", "ditas", "rtn")}  # search row missing
+    assert got[("W4A8 ditas", "fixed", "rtn")]["d_fid"] == [-10.0, 5.0]
+    assert got[("W4A8 ditas", "ditas", "rtn")]["d_psnr"] == [3.0, 2.0]
+    assert ("| W4A8 ditas | TAS smoothing at alpha 0.5 (fixed − rtn) | -2.50 ± 10.61 | 1/2 | 0.75 ± 0.35 | 2/2 |"
+            in text)
+    assert set(q.COST) == set(q.METHODS)  # every row has a place in the cells' order
+
+
+def test_quality_worker_leaves_with_its_parent(tmp_path):
+    """A quality.py worker whose parent is killed exits instead of going on with its queued cells."""
+    import subprocess
+    import sys
+    import time
+    from helpers import ROOT
+    child = ("import os, sys; sys.path.insert(0, 'bench'); import quality; "
+             "open(sys.argv[1], 'w').write(str(os.getpid())); quality._exit_with(int(sys.argv[2]), 0.05)")
+    parent = ("import os, subprocess, sys, time; subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2], "
+              "str(os.getpid())]); [time.sleep(0.1) for _ in range(600) if not os.path.exists(sys.argv[2])]")
+    pid_file = tmp_path / "pid"
+    subprocess.run([sys.executable, "-c", parent, child, str(pid_file)], cwd=ROOT, check=True, timeout=120)
+    pid = int(pid_file.read_text())
+    for _ in range(200):  # the parent is gone: the worker notices within its poll interval
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        raise AssertionError("the worker outlived its parent")
+
+
+def test_bench_passes_its_threads_to_the_scripts(tmp_path, monkeypatch):
+    """Bench runs QuantDiT.py and sample_merge_TAS.py in-process with the caller's thread count (their own
+    default would take every core, oversubscribing quality.py --jobs N --threads 1)."""
+    import sys
+    import torch
+    from helpers import ROOT
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import QuantDiT
+    import sample_merge_TAS
+    import study
+    from bundled.digits import BUNDLED_CKPT
+    seen = {}
+
+    def fake_sample(args):
+        seen["sample"] = args.threads
+        np.savez(tmp_path / "s.npz", np.zeros((1, 16, 16, 3), np.uint8))
+        return str(tmp_path / "s.npz")
+    monkeypatch.setattr(QuantDiT, "main", lambda args: seen.setdefault("quantize", args.threads))
+    monkeypatch.setattr(sample_merge_TAS, "main", fake_sample)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bench = study.Bench(os.path.join(ROOT, BUNDLED_CKPT), str(tmp_path))
+        bench.checkpoint((4, 8), "ditas", "rtn", 2)
+        bench.samples(None, 0, 1, 2)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"quantize": 1, "sample": 1}
