@@ -116,8 +116,8 @@ def _init_worker(n_threads, parent):
 
 
 def _exit_with(parent, poll_s=2.0):
-    """A worker outlives a killed parent and goes on with the cells queued to it (calibrating and sampling
-    beside the rerun's workers): leave as soon as the parent is gone."""
+    """Exit once the parent is gone: a killed parent's worker would otherwise go on with the cells queued
+    to it, calibrating and sampling beside the rerun's workers."""
     while os.getppid() == parent:
         time.sleep(poll_s)
     os._exit(1)
@@ -416,7 +416,8 @@ def main(argv=None):
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump({"command": command, "num_samples": n, "steps": steps, "calib_steps": calib,
                    "cfg_scale": args.cfg_scale, "draws": draws, "ckpt": args.ckpt, "machine": machine(),
-                   "jobs": args.jobs, "wall_s": wall, "timings": timings, "rows": rows, "components": csummary, "backend_check": bsummary,
+                   "jobs": args.jobs, "wall_s": wall, "timings": timings, "rows": rows, "components": csummary,
+                   "backend_check": bsummary,
                    "backend_cells": [{"cell": list(map(str, c)), **results[c]} for c in cells if c[0] == "q"
                                      and c[6] != "fake"]}, f, indent=1, default=str)
     print(text)
