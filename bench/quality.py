@@ -351,15 +351,13 @@ def main(argv=None):
         sys.exit(f"error: {args.ckpt} not found (the bundled model; pass --ckpt results/train/last.pt while it "
                  f"trains)")
     draws = list(zip(calib_seeds, seeds))
-    settings = [(tuple(b), s, list(args.methods) + [m for eb, es, m in args.extra if eb == tuple(b) and es == s])
-                for b in args.bits for s in args.schemes]
+    by_setting = {(tuple(b), s): list(args.methods) for b in args.bits for s in args.schemes}
+    for eb, es, m in args.extra:  # an extra row joins its setting, one outside --bits / --schemes starts one
+        methods = by_setting.setdefault((eb, es), [])
+        if m not in methods:
+            methods.append(m)
+    settings = [(b, s, ms) for (b, s), ms in by_setting.items()]
     extra = set(args.extra)
-    for eb, es, m in args.extra:  # extra rows of a setting outside --bits / --schemes get their own setting
-        own = [ms for b, s, ms in settings if b == eb and s == es]
-        if not own:
-            settings.append((eb, es, [m]))
-        elif m not in own[0]:
-            own[0].append(m)
     all_seeds = sorted(set(seeds) | (set(args.backend_seeds) if args.backend_check else set()))
     cells = [("real", s) for s in seeds] + [("fp", s) for s in all_seeds]
     cells += [("q", b, sch, m, cs, s, "fake") for b, sch, ms in settings for m in ms for cs, s in draws]
@@ -375,6 +373,7 @@ def main(argv=None):
     wall = time.time() - t_start
 
     # Tables, figure, JSON
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)  # the figure is written first
     rows = study_rows(results, settings, extra, draws)
     ctable, csummary = components_table(rows)
     btable, bsummary = backend_table(results, args.backend_check, calib_seeds[0], args.backend_seeds)
@@ -410,7 +409,6 @@ def main(argv=None):
              f"over the sampling seeds; the fake backend's FID spread over the same seeds ± "
              f"{b['fake_seed_spread'][1]:.2f}." for b in bsummary], ""] if args.backend_check else []),
     ])
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:

@@ -101,18 +101,18 @@ def test_scale_bench_smoke(tmp_path):
     assert 0.8 <= float(probe[1][5]) <= 1.25, probe  # the activation model where tensors dominate
 
 
-def _quality_module():
+def _bench_module(name):
     import importlib
     import sys
     from helpers import ROOT
     sys.path.insert(0, os.path.join(ROOT, "bench"))
-    return importlib.import_module("quality")
+    return importlib.import_module(name)
 
 
 def test_quality_bench_draws_and_paired_column(tmp_path):
     """bench/quality.py: every row per draw (calibration seed, sampling seed), FID - RTN paired within a draw,
     extra rows outside --schemes share their own setting, each draw's checkpoint carries its calibration seed."""
-    out = tmp_path / "q.md"
+    out = tmp_path / "new" / "q.md"  # --out's folder is made, before the figure is written there
     proc = run_script("bench/quality.py", "--num-samples", "12", "--steps", "2", "--bits", "W4A8", "--schemes",
                       "ditas", "--methods", "rtn", "fixed", "--extra", "W4A8:reference:rtn", "W4A8:reference:fixed",
                       "--backend-check",
@@ -152,7 +152,7 @@ def test_quality_bench_rejects_unpaired_seeds(tmp_path):
 
 def test_quality_backend_table_pairs_fake_and_int():
     """The backend table: int - fake per sampling seed from the same checkpoint, and its mean and spread."""
-    q = _quality_module()
+    q = _bench_module("quality")
     res = {}
     for s, (f, i) in enumerate([(100.0, 101.5), (104.0, 103.0), (98.0, 99.5)]):
         res[("q", (8, 8), "ditas", "ditas", 1, s, "fake")] = {"fid": f, "psnr": 40.0}
@@ -166,7 +166,7 @@ def test_quality_backend_table_pairs_fake_and_int():
 
 def test_quality_components_are_paired_differences():
     """The component table: row minus row of one setting per draw, improvements counted per draw."""
-    q = _quality_module()
+    q = _bench_module("quality")
     def row(method, fids, psnrs, bits=(4, 8), scheme="ditas"):
         return {"bits": list(bits), "scheme": scheme, "method": method,
                 "per_draw": [{"fid": f, "psnr": p} for f, p in zip(fids, psnrs)]}
@@ -210,13 +210,11 @@ def test_quality_worker_leaves_with_its_parent(tmp_path):
 def test_bench_passes_its_threads_to_the_scripts(tmp_path, monkeypatch):
     """Bench runs QuantDiT.py and sample_merge_TAS.py in-process with the caller's thread count (their own
     default would take every core, oversubscribing quality.py --jobs N --threads 1)."""
-    import sys
     import torch
     from helpers import ROOT
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    study = _bench_module("study")
     import QuantDiT
     import sample_merge_TAS
-    import study
     from bundled.digits import BUNDLED_CKPT
     seen = {}
 
