@@ -26,7 +26,7 @@ from pipeline import (build_model, close_distributed, decode, init_distributed, 
                       sample_inputs, save_grid)
 from quant.budget import GIB
 from quant.calibrate import plan_calibration, quantize_dit
-from quant.config import SCHEME_DEFAULT, QuantConfig, field_default
+from quant.config import DEFAULT_SHORTLIST, SCHEME_DEFAULT, SEARCHES, QuantConfig, field_default
 from quant.checkpoint import is_quantized_checkpoint, save_quantized
 from quant.ranks import Ranks
 from quant.storage import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES, round_for_storage
@@ -39,7 +39,7 @@ def quant_config_from_args(args):
         if not 2 <= given[flag] <= 8:
             raise UserError(f"--{flag.replace('_', '-')} {given[flag]}: bits must be an integer in 2..8")
     given["group_size"] = given["group_size"] or None  # 0 = per output channel
-    for name in ("act_granularity", "search_steps", "svd"):  # None: the scheme's default
+    for name in ("act_granularity", "search_steps", "svd", "search", "search_shortlist"):  # None: the default
         if given[name] is None:
             given[name] = SCHEME_DEFAULT
     try:
@@ -65,6 +65,8 @@ def default_out_dir(args, cfg):
         parts.append("adaln8")
     if "search" in changed:
         parts.append(f"{cfg.search}search")
+    if "search_shortlist" in changed and cfg.search_shortlist is not None:
+        parts.append(f"short{cfg.search_shortlist}")
     if "svd" in changed:
         parts.append(f"{cfg.svd}svd")
     if "search_row_stride" in changed:
@@ -205,14 +207,20 @@ def add_quant_args(parser):
     parser.add_argument("--search-steps", type=int, default=None,
                         help=f"search loss over the first N calibration steps only (default: all for ditas, "
                              f"{q('search_steps', 'reference')} for reference)")
-    parser.add_argument("--search", choices=("exact", "approx"), default=q("search"),
-                        help="alpha search loss: exact (a second FP loop scores every candidate, the paper) or "
-                             "approx (predicted from the single TAS pass; quant/approx_search.py)")
+    parser.add_argument("--search", choices=SEARCHES, default=None,
+                        help=f"alpha search loss: exact (a second FP loop scores every candidate, the paper), "
+                             f"shortlist (every candidate ranked by the approximate loss of pass 1, the "
+                             f"--search-shortlist best scored exactly by the second loop) or approx (predicted "
+                             f"from pass 1 alone; quant/approx_search.py) (default: {q('search', 'ditas')} for "
+                             f"ditas, {q('search', 'reference')} for reference; exact with one alpha)")
+    parser.add_argument("--search-shortlist", type=int, default=None, metavar="K",
+                        help=f"--search shortlist: candidates per layer scored exactly (default "
+                             f"{DEFAULT_SHORTLIST}; {len(QuantConfig().alphas())} = every alpha of the default grid)")
     parser.add_argument("--search-dtype", choices=("fp32", "bf16"), default=q("search_dtype"),
                         help="reference scheme: dtype of the alpha search's candidate products (bf16: 1.6-1.7x "
                              "faster calibration, losses within ~1e-5 relative; see bench/results/calibration.md)")
     parser.add_argument("--search-row-stride", type=int, default=q("search_row_stride"), metavar="N",
-                        help="exact search: score the candidates on every N-th token row of each step only "
+                        help="exact/shortlist search: score the candidates on every N-th token row of each step only "
                              "(an approximation, N times less candidate work; ranges still from all rows; "
                              "1 = all rows, the paper)")
     parser.add_argument("--quantize-adaln", action="store_true", default=q("quantize_adaln"),

@@ -13,6 +13,9 @@ default), each in its own subprocess (so peak memory is its own), single-threade
   products in float32 (`ours-fp32`) and in bfloat16 (`ours-bf16`, QuantConfig.search_dtype), and
   with bf16 products scoring every 2nd (or 4th) token row only (`ours-bf16-rows2`, an approximation:
   QuantConfig.search_row_stride).
+* ours-defaults: QuantDiT.py's defaults, the ditas scheme (--scheme is the others'): pass 1 gathers the
+  approximate search's statistics, every alpha's candidate is fitted (subspace SVD) and ranked by its
+  predicted loss, the pass 2 scores the 2 best exactly (on the fused integer kernel on x86 CPUs).
 * released (docs/METHOD.md §9, emulated): one TAS loop, then for EACH layer one full FP sampling
   loop whose forward pre-hook keeps that layer's input at every step in memory, then the 21-point
   search on the captured list, with our numerics (the same AlphaSearch, so the alphas compare).
@@ -67,15 +70,17 @@ def build_model(args):
 
 
 # our methods: (search dtype, search row stride)
-OURS = {"ours-fp32": ("fp32", 1), "ours-bf16": ("bf16", 1), "ours-bf16-rows2": ("bf16", 2),
-        "ours-bf16-rows4": ("bf16", 4)}
-
-
-def quant_config(args, search_dtype="fp32", row_stride=1):
+def quant_config(args, search_dtype="fp32", row_stride=1, scheme=None):
     """QuantDiT's config for the bench's flags (the scheme's defaults from quant/config.py)."""
-    return QuantConfig(scheme=args.scheme, weight_bit=args.weight_bit, act_bit=args.act_bit, group_size=args.group_size,
-                       lora_rank=args.lora_rank, lora_iters=args.lora_iters, search_dtype=search_dtype,
-                       search_row_stride=row_stride)
+    return QuantConfig(scheme=scheme or args.scheme, weight_bit=args.weight_bit, act_bit=args.act_bit,
+                       group_size=args.group_size, lora_rank=args.lora_rank, lora_iters=args.lora_iters,
+                       search_dtype=search_dtype, search_row_stride=row_stride)
+
+
+OURS = {"ours-defaults": lambda args: quant_config(args, scheme="ditas"),  # QuantDiT.py's defaults (ditas)
+        "ours-fp32": quant_config, "ours-bf16": lambda args: quant_config(args, "bf16"),
+        "ours-bf16-rows2": lambda args: quant_config(args, "bf16", 2),
+        "ours-bf16-rows4": lambda args: quant_config(args, "bf16", 4)}
 
 
 def _rss_kb():
@@ -101,7 +106,7 @@ def child(args):
         gens, y, z = sample_inputs(args.seed, range(len(labels)), args.num_classes, shape, labels)
         sampler(z, y, gens)
 
-    cfg = quant_config(args, *OURS.get(args.child, ("fp32", 1)))
+    cfg = OURS.get(args.child, quant_config)(args)
     rss0 = _rss_kb()
     t0, c0 = time.perf_counter(), time.process_time()
     phases = {}
@@ -146,7 +151,8 @@ def child(args):
     out = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
            "forwards": forwards[0], "loops": forwards[0] / args.steps,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "rss_after_build_mb": rss0 / 1024, "alphas": alphas, "phases": phases}
+           "rss_after_build_mb": rss0 / 1024, "alphas": alphas, "phases": phases, "scheme": cfg.scheme,
+           "config": str(cfg)}
     with open(args.json, "w") as f:
         json.dump(out, f)
 
@@ -163,7 +169,8 @@ def run_child(method, argv, tmp):
         return json.load(f)
 
 
-NAMES = {"ours-fp32": "ours, fp32 search (quantize_dit: 2 streaming loops)",
+NAMES = {"ours-defaults": "ours, QuantDiT.py's defaults (ditas scheme: shortlist search, subspace fits)",
+         "ours-fp32": "ours, fp32 search (quantize_dit: 2 streaming loops)",
          "ours-bf16": "ours, bf16 candidate products (--search-dtype bf16)",
          "ours-bf16-rows2": "ours, bf16, every 2nd row scored (--search-dtype bf16 --search-row-stride 2)",
          "ours-bf16-rows4": "ours, bf16, every 4th row scored (--search-dtype bf16 --search-row-stride 4)",
@@ -178,9 +185,10 @@ def fmt_table(results):
             "|---|---:|---:|---:|---:|---:|---:|"]
     for method, r in results.items():
         same = sum(r["alphas"][k] == ref["alphas"][k] for k in ref["alphas"])
+        same = (f"{same}/{n_layers} ({100 * same / n_layers:.0f}%)" if r.get("scheme") == ref.get("scheme")
+                else f"n/a ({r.get('scheme')} scheme)")
         rows.append(f"| {NAMES[method]} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['loops']:g} | "
-                    f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['rss_after_build_mb']:.0f} | "
-                    f"{same}/{n_layers} ({100 * same / n_layers:.0f}%) |")
+                    f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['rss_after_build_mb']:.0f} | {same} |")
     rows += ["", "| released / ours | wall | CPU | loops | peak RSS growth |", "|---|---:|---:|---:|---:|"]
     for rel in ("released-naive", "released-same"):
         for ours in OURS:
@@ -266,6 +274,8 @@ def main():
     doc = ["# Calibration cost: ours vs the released procedure (emulated)", "",
            f"`python bench/calibration.py {' '.join(sys.argv[1:])}`".replace("` ", "`").rstrip(), "",
            f"Setting: {setting}.", "",
+           *[f"- {m}: {r['config']}" for m, r in results.items() if m.startswith("ours") and r["config"] != str(cfg)],
+           "",
            f"Machine: {cpu_name()}, {os.cpu_count()} cores (each method single-threaded, in its own "
            f"subprocess; the machine was shared, so CPU seconds are the steadier measure); "
            f"torch {torch.__version__}, Python {platform.python_version()}.", "",

@@ -1,11 +1,13 @@
-"""The ditas scheme's candidate LoRA fits: subspace SVD (the default) vs the exhaustive full SVD.
+"""The ditas scheme's defaults (subspace-SVD LoRA fits, shortlist search) vs the exhaustive search.
 
     python bench/candidate_fits.py                 # ~15-18 min on one thread (a shared 2-core machine)
     python bench/candidate_fits.py --quick         # A: bundled, 2 steps, 2 labels, 11 alphas; B: shapes / 9
 
 A. Quality. quantize_dit(model, QuantConfig(), loop) (ditas defaults: 21 alphas, one LoRA fit each,
-   svd="subspace") against QuantConfig(svd="full") (a LAPACK full SVD in every iteration of every
-   fit: the exhaustive search), each on a fresh copy of the model and the same calibration loop
+   svd="subspace", the 2 best predicted scored exactly) against QuantConfig(svd="full", search="exact") (a
+   LAPACK full SVD in every iteration of every fit, every candidate scored: the exhaustive search), and
+   QuantConfig(search="exact") (the default fits, every candidate scored: the shortlist's effect alone),
+   each on a fresh copy of the model and the same calibration loop
    (same noise, labels, steps, cfg 1.5), for the bundled DiT-T/2 (16x16x3, 10 classes, pixel space)
    and DiT-S/2 shapes with random weights (8x8x4 latent, 16 tokens, 1000 classes, the released 16
    labels). Per layer: the chosen alpha, the output error and the weight error after LoRA.
@@ -68,41 +70,53 @@ def pct(d):
     return f"{d['mean']:+.2f}% ({d['min']:+.2f}% / {d['max']:+.2f}%)"
 
 
+CONFIGS = {  # the defaults; the same candidate fits scored exhaustively; the exhaustive search (full SVD, exact)
+    "new": lambda step: QuantConfig(alpha_step=step),
+    "exact": lambda step: QuantConfig(alpha_step=step, search="exact"),
+    "full": lambda step: QuantConfig(alpha_step=step, svd="full", search="exact")}
+
+
 def quality(kind, steps, n_labels, alpha_step=0.05):
-    """Both configs on fresh copies of one model with the same loop: the table row and per-layer data."""
+    """The three configs on fresh copies of one model with the same loop: the table row and per-layer data."""
     model, s = build_model(kind)
     labels = calib_labels(s["classes"])[:n_labels]
     runs = {}
-    configs = {"new": QuantConfig(alpha_step=alpha_step), "full": QuantConfig(svd="full", alpha_step=alpha_step)}
-    for key, cfg in configs.items():
+    for key, make in CONFIGS.items():
+        cfg = make(alpha_step)
         m = copy.deepcopy(model)
         sampler = make_sampler(m, steps, 1.5, clip_denoised=s["clip"])
 
         def loop():
             gens, y, z = sample_inputs(SEED, range(len(labels)), s["classes"], s["shape"], labels)
             sampler(z, y, gens)
-        print(f"{kind}: quantize_dit, svd={cfg.svd} ...", flush=True)
+        print(f"{kind}: quantize_dit, svd={cfg.svd}, search={cfg.search} ...", flush=True)
         t0 = time.perf_counter()
         report = quantize_dit(m, cfg, loop, progress=False)
         runs[key] = dict(report=report, wall_s=time.perf_counter() - t0)
         del m
-    new, full = (runs[k]["report"]["layers"] for k in ("new", "full"))
-    per_layer = {n: dict(alpha_new=new[n]["alpha"], alpha_full=full[n]["alpha"],
+    new, exact, full = (runs[k]["report"]["layers"] for k in CONFIGS)
+    per_layer = {n: dict(alpha_new=new[n]["alpha"], alpha_exact=exact[n]["alpha"], alpha_full=full[n]["alpha"],
                          out_ratio=new[n]["output_error"] / full[n]["output_error"],
+                         # the shortlist alone: the same fits, its pick against every candidate's exact score
+                         short_ratio=new[n]["output_error"] / exact[n]["output_error"],
                          w_ratio=new[n]["weight_error_after_lora"] / full[n]["weight_error_after_lora"],
-                         # the search loss of every alpha: the candidates compared at the same alpha
-                         all_ratios=[new[n]["search_losses"][a] / full[n]["search_losses"][a]
+                         # the fits alone: every alpha's exact loss, subspace vs full SVD
+                         all_ratios=[exact[n]["search_losses"][a] / full[n]["search_losses"][a]
                                      for a in full[n]["search_losses"]],
-                         losses_new=new[n]["search_losses"], losses_full=full[n]["search_losses"])
+                         shortlist=sorted(new[n]["search_losses"], key=float),
+                         losses_exact=exact[n]["search_losses"], losses_full=full[n]["search_losses"])
                  for n in new}
     rs = per_layer.values()
     same = sum(r["alpha_new"] == r["alpha_full"] for r in rs)
+    short_same = sum(r["alpha_new"] == r["alpha_exact"] for r in rs)
     row = dict(model=s["name"], steps=steps, labels=n_labels, layers=len(rs), same=same, same_pct=100 * same / len(rs),
-               near=sum(abs(r["alpha_new"] - r["alpha_full"]) <= 0.05 + 1e-9 for r in rs),
+               near=sum(abs(r["alpha_exact"] - r["alpha_full"]) <= 0.05 + 1e-9 for r in rs),
+               short_same=short_same, short=spread([r["short_ratio"] for r in rs]),
                out=spread([r["out_ratio"] for r in rs]), w=spread([r["w_ratio"] for r in rs]),
                w_same=spread([r["w_ratio"] for r in rs if r["alpha_new"] == r["alpha_full"]]),
                every=spread([x for r in rs for x in r["all_ratios"]]),
                **{f"prep_{k}": runs[k]["report"]["timings"]["prepare_candidates_s"] for k in runs},
+               **{f"search_{k}": runs[k]["report"]["timings"]["alpha_search_s"] for k in runs},
                **{f"svds_{k}": runs[k]["report"]["calibration"]["svds"] for k in runs},
                **{f"wall_{k}": runs[k]["wall_s"] for k in runs})
     return row, per_layer
@@ -147,24 +161,34 @@ def cost(div=1, exhaustive=("proj",)):
 
 def fmt_quality(rows, n_alphas):
     ok = lambda good: "ok" if good else "MISSED"  # noqa: E731
-    lines = ["## A. Quality: the ditas default (subspace SVD) vs the exhaustive search (full SVD)", "",
-             "| model | steps x labels | layers | equal alpha (target >= 90 %) | output error new/full - 1, mean "
-             "(min / max) (target: mean <= +1 %) | weight error after LoRA new/full - 1, mean (min / max) | "
-             "prepare s, new / full | SVDs, new / full |", "|---|---|---:|---|---|---|---|---|"]
+    c = QuantConfig()
+    lines = ["## A. Quality: the ditas defaults vs the exhaustive search", "",
+             f"new = QuantDiT.py's defaults (subspace SVD, the {c.search_shortlist} best predicted candidates scored "
+             "exactly); exhaustive = full SVD in every fit and every candidate scored exactly (`--svd full --search "
+             "exact`).", "",
+             "| model | steps x labels | layers | equal alpha (target >= 90 %) | output error new/exhaustive - 1, mean "
+             "(min / max) (target: mean <= +1 %) | weight error after LoRA new/exhaustive - 1, mean (min / max) | "
+             "prepare s, new / exhaustive | alpha search s, new / exhaustive | SVDs, new / exhaustive |",
+             "|---|---|---:|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['steps']} x {r['labels']} | {r['layers']} | {r['same']} ({r['same_pct']:.1f}%) "
               f"{ok(r['same_pct'] >= 90)} | {pct(r['out'])} {ok(r['out']['mean'] <= 1)} | {pct(r['w'])} | "
               f"{r['prep_new']:.1f} / {r['prep_full']:.1f} ({r['prep_full'] / r['prep_new']:.1f}x) | "
+              f"{r['search_new']:.1f} / {r['search_full']:.1f} ({r['search_full'] / r['search_new']:.1f}x) | "
               f"{r['svds_new']} / {r['svds_full']} |" for r in rows]
-    c = QuantConfig()
     lines += ["", f"W{c.weight_bit}A{c.act_bit}, group {c.group_size}, LoRA rank {c.lora_rank}, {c.lora_iters} "
               f"iterations, {n_alphas} alphas (QuantConfig's defaults); DDPM, "
-              f"cfg 1.5, calibration seed {SEED}, the same noise for both. Per layer, each run at its own chosen alpha "
-              "(output error: the search loss there, mean squared error per step); negative = the default is better.",
-              "", "The candidates compared at the same alpha (whatever alpha the search picks):", "",
-              "| model | alpha within +-0.05 | output error new/full - 1 over every (layer, alpha), mean (min / max) "
-              "| weight error after LoRA new/full - 1, layers of equal alpha, mean (min / max) |", "|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['near']} ({100 * r['near'] / r['layers']:.1f}%) | {pct(r['every'])} | "
-              f"{pct(r['w_same'])} |" for r in rows]
+              f"cfg 1.5, calibration seed {SEED}, the same noise for every run. Per layer, each run at its own chosen "
+              "alpha (output error: the search loss there, mean squared error per step); negative = the default is "
+              "better.", "",
+              "Each approximation alone:", "",
+              "| model | shortlist: equal alpha to scoring every candidate of the same fits (`--search exact`) | "
+              "shortlist: output error / every candidate's best - 1, mean (min / max) | subspace fits: alpha within "
+              "+-0.05 of the exhaustive | subspace fits: output error / full SVD's - 1 over every (layer, alpha), mean "
+              "(min / max) | weight error after LoRA new/exhaustive - 1, layers of equal alpha, mean (min / max) |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['short_same']} ({100 * r['short_same'] / r['layers']:.1f}%) | {pct(r['short'])} | "
+              f"{r['near']} ({100 * r['near'] / r['layers']:.1f}%) | {pct(r['every'])} | {pct(r['w_same'])} |"
+              for r in rows]
     return lines
 
 
@@ -207,7 +231,7 @@ def main(args):
     div = 9 if args.quick else 1  # B. cost at DiT-XL/2 shapes (--quick: a ninth of each side)
     res = cost(div, () if args.quick else ("proj",)) if args.cost else {}
     load1 = os.getloadavg()
-    doc = ["# Candidate LoRA fits: subspace SVD (the ditas default) vs full SVD", "",
+    doc = ["# The ditas defaults (subspace SVD fits, shortlist search) vs the exhaustive search", "",
            f"`python bench/candidate_fits.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
            f"Machine: {cpu_name()}, {os.cpu_count()} cores, **one thread** (torch.set_num_threads({args.threads})); "
            f"torch {torch.__version__}, Python {platform.python_version()}. Load average (1/5/15 min) before: "

@@ -77,11 +77,23 @@ class InputStats:
         self.rows = []
         self.cmin, self.cmax, self.tokens = [], [], []
         self.seen = 0  # all updates (TAS); len(self.rows) counts the ones in the loss
+        self._xtx_bytes = 0  # X^T X's bytes once release()d
 
     @property
     def value(self):
         """The TAS statistic a_j, as RunningAbsMax.value."""
         return self.absmax
+
+    def nbytes(self):
+        """Bytes of a_j and X^T X (while held, or as held before release())."""
+        held = self._xtx_bytes if self.xtx is None else self.xtx.numel() * self.xtx.element_size()
+        return held + (0 if self.absmax is None else self.absmax.numel() * self.absmax.element_size())
+
+    def release(self):
+        """Drop everything but a_j (the shortlist, once the layer's candidates are ranked)."""
+        if self.xtx is not None:
+            self._xtx_bytes = self.xtx.numel() * self.xtx.element_size()
+        self.xtx, self.cmin, self.cmax, self.tokens = None, [], [], []
 
     @property
     def steps(self):
@@ -209,7 +221,7 @@ class ApproxScoring:
     Its report adds each alpha's weight and activation terms (search_losses_weight_term / _act_term);
     output_error and output_error_rtn are the predicted per-step losses.
     """
-    loops = 1
+    group_statistics, scoring_loop = True, False
 
     def __init__(self, cfg, token_samples=DEFAULT_TOKEN_SAMPLES):
         self.cfg, self.token_samples = cfg, token_samples
@@ -217,6 +229,9 @@ class ApproxScoring:
     def statistic(self):
         return InputStats(self.cfg.act_cfg().granularity, max_steps=self.cfg.search_steps,
                           token_samples=self.token_samples)
+
+    def prune(self, name, candidates, statistic):
+        return candidates
 
     def score(self, layers, candidates, baselines, stats, loop):
         """{name: Scores} predicted from pass 1's statistics (no FP loop)."""

@@ -60,16 +60,29 @@ def _fused_bf16():
 
 def statistic_bytes(out, inp, cfg):
     """Pass-1 statistic kept per layer: the TAS maximum (none for the exact search without smoothing), and
-    the approximate search's X^T X (float64); its per-step ranges (a few C-vectors per step) are not counted."""
-    if cfg.search == "approx":
-        return F32 * inp + 8 * inp * inp
+    the approximate search's X^T X (float64; float32 for the shortlist, which frees it once the layer's
+    candidates are ranked); its per-step ranges (a few C-vectors per step) are not counted."""
+    if cfg.search in ("approx", "shortlist"):
+        return F32 * inp + (8 if cfg.search == "approx" else F32) * inp * inp
     return 0 if cfg.smoothing == "none" else F32 * inp
+
+
+def kept_alphas(cfg):
+    """Candidates per layer held through the scoring: the shortlist, or every alpha."""
+    a = len(cfg.alphas())
+    return min(a, cfg.search_shortlist) if cfg.search == "shortlist" else a
 
 
 def layer_state_bytes(out, inp, cfg, device_type="cpu"):
     """Everything one layer's search holds between steps: candidates, baseline, operands, statistic."""
-    return (candidate_bytes(out, inp, cfg) + candidate_bytes(out, inp, cfg, n_alphas=1, lora_rank=0)
-            + engine_bytes(out, inp, cfg, device_type=device_type) + statistic_bytes(out, inp, cfg))
+    kept = kept_alphas(cfg)
+    return (candidate_bytes(out, inp, cfg, n_alphas=kept) + candidate_bytes(out, inp, cfg, n_alphas=1, lora_rank=0)
+            + engine_bytes(out, inp, cfg, n_alphas=kept, device_type=device_type) + statistic_bytes(out, inp, cfg))
+
+
+def transient_bytes(out, inp, cfg):
+    """The shortlist: one layer's candidates beyond the kept ones, held from their preparation to its ranking."""
+    return candidate_bytes(out, inp, cfg) - candidate_bytes(out, inp, cfg, n_alphas=kept_alphas(cfg))
 
 
 def workspace_bytes(out, inp, rows, cfg):
@@ -104,16 +117,18 @@ def plan_groups(shapes, cfg, budget_bytes, device_type="cpu"):
     sizes = {name: layer_state_bytes(out, inp, cfg, device_type) for name, (out, inp) in shapes.items()}
     if budget_bytes is None or not sizes:
         return [list(shapes)], sizes
+    # a group's state plus one layer's transient candidates (the largest) must fit
+    transient = max(transient_bytes(out, inp, cfg) for out, inp in shapes.values())
     largest = max(sizes, key=sizes.get)
-    if sizes[largest] > budget_bytes:
-        need = -(-sizes[largest] * 100 // GIB) / 100  # GiB, rounded up to 0.01
+    if sizes[largest] + transient > budget_bytes:
+        need = -(-(sizes[largest] + transient) * 100 // GIB) / 100  # GiB, rounded up to 0.01
         raise ValueError(f"--calib-memory-gb {budget_bytes / GIB:.3g} is too small for {largest}, whose search state "
-                         f"takes {human(sizes[largest])}: pass at least --calib-memory-gb {need:.2f}")
-    groups, used = [[]], 0
+                         f"takes {human(sizes[largest] + transient)}: pass at least --calib-memory-gb {need:.2f}")
+    groups, used = [[]], transient
     for name, size in sizes.items():
         if groups[-1] and used + size > budget_bytes:
             groups.append([])
-            used = 0
+            used = transient
         groups[-1].append(name)
         used += size
     return groups, sizes

@@ -20,11 +20,12 @@ linear, weight-only 8-bit.
 """
 import resource
 import time
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
-from quant.approx_search import ApproxScoring
+from quant.approx_search import ApproxScoring, InputStats, approx_losses
 from quant.budget import human, plan_groups
 from quant.layers import ADALN_WEIGHT_CFG, adaln_layers, check_layers, quantizable_layers
 from quant.qlinear import QuantLinear
@@ -35,14 +36,22 @@ from quant.smoothing import RunningAbsMax
 
 
 class ExactScoring:
-    """Pass 2 (the paper's search): every candidate scored on every calibration step's FP input."""
-    loops = 2
+    """Pass 2 (the paper's search): every candidate scored on every calibration step's FP input.
+
+    The scoring protocol (ShortlistScoring, approx_search.ApproxScoring): group_statistics (pass 1 runs
+    per group of layers, else once for all), scoring_loop (phase 3 runs one more FP loop), statistic()
+    (pass 1's per-layer statistic), prune(name, candidates, statistic) (right after a layer's candidates
+    are prepared: the ones kept) and score(...)."""
+    group_statistics, scoring_loop = False, True
 
     def __init__(self, cfg):
         self.cfg = cfg
 
     def statistic(self):
         return RunningAbsMax()
+
+    def prune(self, name, candidates, statistic):
+        return candidates
 
     def score(self, layers, candidates, baselines, stats, loop):
         """{name: Scores} from a streaming FP loop over `layers` ({name: nn.Linear})."""
@@ -52,26 +61,61 @@ class ExactScoring:
         # plain round-to-nearest on the same inputs: the "before smoothing, before LoRA" error
         rtn = {name: AlphaSearch.over(c, acfg, cfg.search_steps, **engine) for name, c in baselines.items()}
 
-        def observe(name, x):
-            searches[name].update(x)
-            rtn[name].update(x)
+        def observe(name, x, y):  # y: the FP layer's output, the candidates' reference (no FP product)
+            searches[name].update(x, y)
+            rtn[name].update(x, y)
 
-        run_hooked(layers, observe, loop)
+        run_hooked(layers, observe, loop, outputs=True)
         return {name: Scores(s.losses, s.steps, rtn[name].losses[0], rtn[name].steps, {},
                              s.engine.nbytes() + rtn[name].engine.nbytes())
                 for name, s in searches.items()}
 
 
-SCORINGS = {"exact": ExactScoring, "approx": ApproxScoring}
+class ShortlistScoring:
+    """The default search of the ditas scheme (beyond the paper): pass 1, per group of layers, gathers the
+    approximate search's statistics (the TAS maxima among them, quant/approx_search.py); right after a
+    layer's candidates are prepared they are ranked by the predicted loss and only the
+    `search_shortlist` best are kept (the others freed); pass 2 scores those exactly, as ExactScoring
+    does, and the best of them wins. Equal to the exact search wherever its winner is on the shortlist
+    (bench/results/candidate_fits.md); the report keeps every alpha's prediction."""
+    group_statistics, scoring_loop = True, True
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.exact = ExactScoring(cfg)
+        self.predicted = {}
+
+    def statistic(self):
+        # float32 X^T X: it only ranks candidates for the exact pass (half the memory and time of float64)
+        return InputStats(self.cfg.act_cfg().granularity, max_steps=self.cfg.search_steps, dtype=torch.float32)
+
+    def prune(self, name, candidates, statistic):
+        """The shortlist of one layer's candidates; its statistic keeps only the TAS maxima (the rest is no
+        longer needed)."""
+        losses = approx_losses(candidates, statistic, self.cfg.act_cfg())[0]
+        alphas = candidates.alphas
+        self.predicted[name] = dict(zip(alphas, losses))
+        statistic.release()
+        keep = sorted(range(len(alphas)), key=lambda k: (losses[k], -1.0 if alphas[k] is None else alphas[k]))
+        return candidates.subset(sorted(keep[:self.cfg.search_shortlist]))
+
+    def score(self, layers, candidates, baselines, stats, loop):
+        scores = self.exact.score(layers, candidates, baselines, stats, loop)
+        return {name: replace(s, predicted=self.predicted.pop(name)) for name, s in scores.items()}
 
 
-def run_hooked(layers, fn, loop):
-    """Run loop() with fn(name, x) observing every layer's input ({name: module}); hooks are always removed."""
+SCORINGS = {"exact": ExactScoring, "shortlist": ShortlistScoring, "approx": ApproxScoring}
+
+
+def run_hooked(layers, fn, loop, outputs=False):
+    """Run loop() with fn(name, x) observing every layer's input ({name: module}), or fn(name, x, y) with
+    its output y too (outputs=True: called after the layer ran); hooks are always removed."""
     def hook(name):
-        def observe(module, inputs):
-            fn(name, inputs[0])  # returning None leaves the input untouched
+        def observe(module, inputs, *output):
+            fn(name, inputs[0], *output)  # returning None leaves the input (output) untouched
         return observe
-    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in layers.items()]
+    register = "register_forward_hook" if outputs else "register_forward_pre_hook"
+    handles = [getattr(lin, register)(hook(name)) for name, lin in layers.items()]
     try:
         with torch.no_grad():
             loop()
@@ -96,14 +140,18 @@ def _nbytes(*tensors):
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def prepare_candidates(layers, cfg, absmax, progress=True):
-    """({name: Candidates} for cfg's alphas, {name: Candidates} of plain round-to-nearest)."""
+def prepare_candidates(layers, cfg, absmax, progress=True, prune=None):
+    """({name: Candidates} for cfg's alphas, {name: Candidates} of plain round-to-nearest). prune(name,
+    candidates): the candidates kept, called right after each layer's are prepared (the rest freed
+    before the next layer's)."""
     wcfg, alphas = cfg.weight_cfg(), cfg.alphas()
     candidates, baselines = {}, {}
     for name, lin in tqdm(layers.items(), desc="candidates (smoothing, quantization, LoRA fits)", unit="layer",
                           disable=not progress, leave=False):
-        candidates[name] = Candidates(lin.weight, lin.bias, absmax[name], alphas, wcfg, cfg.lora_rank,
-                                      cfg.lora_iters, svd=cfg.svd)
+        cands = Candidates(lin.weight, lin.bias, absmax[name], alphas, wcfg, cfg.lora_rank, cfg.lora_iters,
+                           svd=cfg.svd)
+        candidates[name] = cands if prune is None else prune(name, cands)
+        del cands
         baselines[name] = Candidates(lin.weight, lin.bias, None, [None], wcfg, lora_rank=0)
     return candidates, baselines
 
@@ -125,9 +173,11 @@ def layer_report(cands, scores, baseline=None, statistic=None):
         "output_error": scores.losses[k] / steps,
         "output_error_rtn": scores.rtn_loss / max(scores.rtn_steps, 1),
         "search_steps": scores.steps,
+        **({} if scores.predicted is None else
+           {"search_losses_predicted": {str(a): v / steps for a, v in scores.predicted.items()}}),
         "svds": cands.svds,
         "state_bytes": cands.nbytes() + (0 if baseline is None else baseline.nbytes()) + scores.operand_bytes
-        + (0 if statistic is None else _nbytes(statistic.value, getattr(statistic, "xtx", None))),
+        + (0 if statistic is None else statistic.nbytes()),
     }
 
 
@@ -153,15 +203,15 @@ def quantize_adaln(model):
 
 
 def calibrate_group(part, cfg, scoring, stats, loop, timings, say, of="", progress=True):
-    """Phases 2 and 3 for one group of layers ({name: nn.Linear}); stats: pass 1's, None for the approximate
-    search (it gathers its own here). Adds to `timings`; returns ({name: (LayerQuant, report entry)}, FP loops
-    run). The group's candidates are freed on return."""
+    """Phases 2 and 3 for one group of layers ({name: nn.Linear}); stats: pass 1's, None where the scoring
+    gathers its statistics per group (here). Adds to `timings`; returns ({name: (LayerQuant, report entry)},
+    FP loops run). The group's candidates are freed on return."""
     if not part:
         return {}, 0
     loops = 0
     t0 = time.time()
-    if scoring.loops == 1:  # the approximate search: its statistics (and the TAS maxima) in one loop
-        say(f"calibration 1/3, {of}statistics: one FP sampling loop, {len(part)} layers observed")
+    if scoring.group_statistics:  # the approximate search's statistics (and the TAS maxima) in one loop
+        say(f"calibration 1/3, {of}TAS and loss statistics: one FP sampling loop, {len(part)} layers observed")
         stats = collect_statistics(part, loop, scoring.statistic)
         loops += 1
     absmax = {n: None if stats[n] is None or cfg.smoothing == "none" else stats[n].value for n in part}
@@ -169,17 +219,28 @@ def calibrate_group(part, cfg, scoring, stats, loop, timings, say, of="", progre
 
     t0 = time.time()  # 2. candidate preparation: smoothing, quantized weights, LoRA per alpha
     lora = f"LoRA rank {cfg.lora_rank}, {cfg.lora_iters} iterations, {cfg.svd} SVD" if cfg.lora_rank else "no LoRA"
-    say(f"calibration 2/3, {of}candidate preparation: {len(cfg.alphas())} alpha(s) x {len(part)} layers ({lora})")
-    candidates, baselines = prepare_candidates(part, cfg, absmax, progress)
-    timings["prepare_candidates_s"] += time.time() - t0
+    kept = f", the {cfg.search_shortlist} best predicted kept" if cfg.search == "shortlist" else ""
+    say(f"calibration 2/3, {of}candidate preparation: {len(cfg.alphas())} alpha(s) x {len(part)} layers "
+        f"({lora}{kept})")
+    ranking = [0.0]
 
-    t0 = time.time()  # 3. alpha search: score every candidate
-    say(f"calibration 3/3, {of}alpha search: " + ("one more FP sampling loop scores every candidate"
-                                                  if scoring.loops == 2 else
-                                                  "losses predicted from the statistics (no FP loop)"))
+    def prune(name, cands):  # the shortlist's ranking is part of the search: timed as phase 3
+        t = time.time()
+        kept = scoring.prune(name, cands, stats[name])
+        ranking[0] += time.time() - t
+        return kept
+    candidates, baselines = prepare_candidates(part, cfg, absmax, progress, prune)
+    timings["prepare_candidates_s"] += time.time() - t0 - ranking[0]
+
+    t0 = time.time()  # 3. alpha search: score the candidates
+    what = {"exact": "one more FP sampling loop scores every candidate",
+            "shortlist": f"one more FP sampling loop scores the shortlisted candidates ({cfg.search_shortlist} "
+                         "per layer)",
+            "approx": "losses predicted from the statistics (no FP loop)"}[cfg.search]
+    say(f"calibration 3/3, {of}alpha search: {what}")
     scores = scoring.score(part, candidates, baselines, stats, loop)
-    loops += scoring.loops - 1
-    timings["alpha_search_s"] += time.time() - t0
+    loops += int(scoring.scoring_loop)
+    timings["alpha_search_s"] += time.time() - t0 + ranking[0]
     return {n: layer_report(candidates[n], scores[n], baselines[n], stats[n]) for n in part}, loops
 
 
@@ -227,7 +288,7 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
 
     t0 = time.time()  # 1. TAS statistics (the exact search with no smoothing needs none)
     stats = {name: None for name in mine}
-    if cfg.smoothing != "none" and scoring.loops == 2:
+    if cfg.smoothing != "none" and not scoring.group_statistics:
         say(f"calibration 1/3, TAS statistics: one FP sampling loop, {len(mine)} layers observed")
         stats = ranks.together(lambda: collect_statistics({n: layers[n] for n in mine}, loop, scoring.statistic))
         passes += 1
@@ -271,7 +332,8 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
         "peak_rss_bytes": max(m["peak_rss_bytes"] for m in ranks_mem),
         "peak_cuda_bytes": None if device.type != "cuda" else max(m["peak_cuda_bytes"] for m in ranks_mem),
         "per_rank": ranks_mem}}
-    if scoring.loops == 1:
+    out["calibration"]["search"] = cfg.search
+    if not scoring.scoring_loop:
         out.update(search=cfg.search, calibration_loops=1)
     if cfg.quantize_adaln:  # 5. adaLN, weight-only
         say("adaLN linears: weight-only 8-bit")

@@ -12,6 +12,10 @@ Scheme-dependent defaults (docs/METHOD.md §8):
                                             scores the first 50, noisiest, steps only)
     svd               subspace full        (the LoRA fit's truncated SVD: one fit per alpha in the ditas
                                             scheme makes the full SVD its dominant cost, quant/lora.py)
+    search            shortlist exact      (shortlist: the approximate search ranks every candidate from
+                                            pass-1 statistics and the exact pass scores only the
+                                            `search_shortlist` best (2); exact: it scores every candidate,
+                                            the paper's search; with one alpha (fixed, none) always exact)
 
 `smoothing` defaults to "fixed" when an `alpha` is given and to "search" otherwise; `alpha`
 itself then defaults to 0.5 (SmoothQuant's value).
@@ -22,10 +26,11 @@ from quant.quantizer import ActQuantConfig, WeightQuantConfig
 from quant.search import alpha_grid
 
 SCHEME_DEFAULT = "scheme default"  # sentinel of the fields resolved per scheme
-_SCHEME_DEFAULTS = {"ditas": {"act_granularity": "row", "search_steps": None, "svd": "subspace"},
-                    "reference": {"act_granularity": "tensor", "search_steps": 50, "svd": "full"}}
+_SCHEME_DEFAULTS = {"ditas": {"act_granularity": "row", "search_steps": None, "svd": "subspace", "search": "shortlist"},
+                    "reference": {"act_granularity": "tensor", "search_steps": 50, "svd": "full", "search": "exact"}}
 MATMUL_DTYPES = ("fp32", "bf16")
-SEARCHES = ("exact", "approx")
+SEARCHES = ("exact", "shortlist", "approx")
+DEFAULT_SHORTLIST = 2
 SMOOTHINGS = ("search", "fixed", "none")
 SVDS = ("full", "lowrank", "subspace")
 DEFAULT_ALPHA = 0.5
@@ -48,29 +53,44 @@ class QuantConfig:
     search_steps: int | None | str = SCHEME_DEFAULT  # search loss over the first N steps (None: all)
     quantize_adaln: bool = False      # also quantize every block's adaLN linear, weight-only 8-bit
     search_dtype: str = "fp32"        # reference scheme: candidate products in fp32 or bf16
-    search: str = "exact"             # exact: a second FP loop scores candidates; approx: predicted from pass 1
-    search_row_stride: int = 1        # exact search: score every N-th token row only (an approximation)
+    search: str = SCHEME_DEFAULT      # exact: a second FP loop scores every candidate; shortlist: only the
+                                      # best predicted from pass 1; approx: all predicted from pass 1
+    search_shortlist: int | None | str = SCHEME_DEFAULT  # shortlist: candidates scored exactly (None otherwise)
+    search_row_stride: int = 1        # exact/shortlist: score every N-th token row only (an approximation)
 
     def __post_init__(self):
         if self.scheme not in _SCHEME_DEFAULTS:
             raise ValueError(f"scheme must be one of {tuple(_SCHEME_DEFAULTS)}, got {self.scheme!r}")
+        if self.smoothing is None:
+            object.__setattr__(self, "smoothing", "search" if self.alpha is None else "fixed")
+        if self.search == SCHEME_DEFAULT:  # resolved before the scheme's table: one alpha has nothing to rank
+            object.__setattr__(self, "search", _SCHEME_DEFAULTS[self.scheme]["search"]
+                               if self.smoothing == "search" else "exact")
         for name, value in _SCHEME_DEFAULTS[self.scheme].items():
             if getattr(self, name) == SCHEME_DEFAULT:
                 object.__setattr__(self, name, value)
-        if self.smoothing is None:
-            object.__setattr__(self, "smoothing", "search" if self.alpha is None else "fixed")
+        if self.search_shortlist == SCHEME_DEFAULT:
+            object.__setattr__(self, "search_shortlist", DEFAULT_SHORTLIST if self.search == "shortlist" else None)
         if self.alpha is None:
             object.__setattr__(self, "alpha", DEFAULT_ALPHA)
         self._validate()
 
     def _validate(self):
         if self.search not in SEARCHES:
-            raise ValueError(f"search must be exact or approx, got {self.search!r}")
+            raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
         if isinstance(self.search_row_stride, bool) or not isinstance(self.search_row_stride, int) \
                 or self.search_row_stride < 1:
             raise ValueError(f"search row stride must be a positive integer, got {self.search_row_stride!r}")
-        if self.search_row_stride != 1 and self.search != "exact":
-            raise ValueError("the search row stride applies to the exact search only (--search exact)")
+        if self.search_row_stride != 1 and self.search == "approx":
+            raise ValueError("the search row stride applies to the scoring pass (--search exact or shortlist)")
+        if self.search == "shortlist":
+            if self.smoothing != "search":
+                raise ValueError("--search shortlist ranks the searched alphas: it needs --smoothing search")
+            k = self.search_shortlist
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"the search shortlist must be a positive number of candidates, got {k!r}")
+        elif self.search_shortlist is not None:
+            raise ValueError(f"the search shortlist applies to --search shortlist only (this is --search {self.search})")
         if self.smoothing not in SMOOTHINGS:
             raise ValueError(f"smoothing must be search, fixed or none, got {self.smoothing!r}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -105,9 +125,12 @@ class QuantConfig:
         return asdict(self)
 
     def changed(self):
-        """{field: value} where this config differs from its scheme's defaults (names an output dir)."""
+        """{field: value} where this config differs from its scheme's defaults (names an output dir); the
+        search fields against the defaults of its smoothing (one alpha: the exact search)."""
         base = QuantConfig(scheme=self.scheme)
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(base, f.name)}
+        search_base = base if self.smoothing == "search" else QuantConfig(scheme=self.scheme, smoothing=self.smoothing)
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) != getattr(search_base if f.name.startswith("search") else base, f.name)}
 
 
 def field_default(name, scheme=None):

@@ -184,7 +184,7 @@ class IntLinear(nn.Module):
         return why is None
 
     def _fused_safe(self, zmax):
-        return self._fbound[0] + zmax * self._fbound[1] < ops_torch.INT32_MAX
+        return ops_avx512.fused_safe(self._fbound, zmax)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if not (self.packed and self.codes_packed is None):

@@ -24,10 +24,12 @@ The truncated SVD (`svd`):
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from quant.quantizer import QWeight, dequantize_weight
+from quant import ops_avx512
+from quant.quantizer import QWeight, WeightQuantConfig, dequantize_weight, quantize_weight
 
 SVDS = ("full", "lowrank", "subspace")
 OVERSAMPLE = 16   # subspace/lowrank: basis width p = rank + OVERSAMPLE
@@ -84,9 +86,34 @@ def _subspace_svd(a, basis, steps):
     """Truncated SVD of a (..., out, in) in the span of a @ basis after `steps` power steps: (u, s, vh)."""
     for _ in range(steps):
         basis = torch.linalg.qr(a.transpose(-1, -2) @ torch.linalg.qr(a @ basis).Q).Q
-    u = torch.linalg.qr(a @ basis).Q
+    y = a @ basis
+    found = _rayleigh_ritz(a, y)
+    if found is not None:
+        return found
+    u = torch.linalg.qr(y).Q  # y numerically rank-deficient: orthonormalise it directly
     uu, s, vh = torch.linalg.svd(u.transpose(-1, -2) @ a, full_matrices=False)
     return u @ uu, s, vh
+
+
+def _rayleigh_ritz(a, y):
+    """The SVD of a projected onto span(y) (..., out, p), from p x p float64 Gram matrices: y = U C
+    (C^T C = y^T y, Cholesky), B = U^T a = C^-T (y^T a), B B^T = W diag(s^2) W^T (eigh), so a's
+    projection is (y C^-1 W) diag(s) (diag(1/s) W^T B). The same factors as QR of y and an SVD of B,
+    at the cost of the two products with a that both need. None where y is numerically rank-deficient
+    (the Cholesky factorisation fails, or a Ritz value is ~0 so its right vector is undefined)."""
+    yd = y.double()
+    c, info = torch.linalg.cholesky_ex(yd.transpose(-1, -2) @ yd, upper=True)
+    if bool((info != 0).any()):
+        return None
+    b = torch.linalg.solve_triangular(c.transpose(-1, -2), (y.transpose(-1, -2) @ a).double(), upper=False)
+    lam, w = torch.linalg.eigh(b @ b.transpose(-1, -2))
+    lam, w = lam.flip(-1), w.flip(-1)  # descending, as svd
+    if bool((lam[..., -1:] <= lam[..., :1] * 1e-24).any()):
+        return None
+    s = lam.sqrt()
+    vh = (w.transpose(-1, -2) @ b) / s.unsqueeze(-1)
+    u = y @ torch.linalg.solve_triangular(c, w, upper=True).to(a.dtype)  # well conditioned: a's precision
+    return u, s.to(a.dtype), vh.to(a.dtype)
 
 
 def _split(u, s, vh, rank):
@@ -103,8 +130,32 @@ def low_rank_factors(e, rank, svd="full"):
     raise ValueError(f"svd must be 'full' or 'lowrank' here, got {svd!r}")
 
 
+def _fused(w, lr, cfg):
+    """Can csrc/weight_quant.c run this step (ditas asymmetric groups of a multiple of 16 columns, CPU float32)?"""
+    return (isinstance(cfg, WeightQuantConfig) and cfg.scheme == "ditas" and not cfg.symmetric
+            and w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
+            and (lr is None or lr.is_contiguous()) and (cfg.group_size or w.shape[-1]) % 16 == 0
+            and w.shape[-1] % (cfg.group_size or w.shape[-1]) == 0 and ops_avx512.load() is not None)
+
+
+def _quantize_residual(w, lr, quantize):
+    """(QWeight of w - lr, E = w - its dequantized value): one step of the loop. quantize: a
+    WeightQuantConfig (round-to-nearest; in one C pass where it applies, the same bits) or a callable."""
+    if _fused(w, lr, quantize):
+        k = w.shape[-1]
+        codes, scale, zero, e = ops_avx512.quant_residual(w.reshape(-1, k), None if lr is None else lr.reshape(-1, k),
+                                                          quantize.group_size or k, 2 ** quantize.bits - 1)
+        lead = w.shape[:-1]
+        return (QWeight(codes.view(w.shape), scale.view(*lead, -1), zero.view(*lead, -1), quantize),
+                e.view(w.shape))
+    fn = partial(quantize_weight, cfg=quantize) if isinstance(quantize, WeightQuantConfig) else quantize
+    qweight = fn(w if lr is None else w - lr)
+    return qweight, w - dequantize_weight(qweight).to(w.dtype)
+
+
 def fit_lora(w, quantize_fn, rank=32, iters=10, svd="full", basis=None):
-    """Alternating quantize / rank-r fit; quantize_fn(float weight) -> QWeight.
+    """Alternating quantize / rank-r fit; quantize_fn: a WeightQuantConfig (round-to-nearest with it) or
+    a callable (float weight) -> QWeight.
 
     rank 0 is plain round-to-nearest (empty L and R, one error entry). basis: svd="subspace"'s warm
     start (..., in, p), e.g. a neighbouring fit's LoraFit.basis.
@@ -128,9 +179,7 @@ def fit_lora(w, quantize_fn, rank=32, iters=10, svd="full", basis=None):
         basis = _random_basis(w, p) if basis is None else basis.to(w)
     errors, svds = [], 0
     for _ in range(iters if rank else 1):
-        qweight = quantize_fn(w if lr is None else w - lr)
-        q = dequantize_weight(qweight).to(w.dtype)
-        e = w - q
+        qweight, e = _quantize_residual(w, lr, quantize_fn)
         if not errors:
             rtn_error = torch.linalg.matrix_norm(e)
         if rank:
@@ -144,5 +193,6 @@ def fit_lora(w, quantize_fn, rank=32, iters=10, svd="full", basis=None):
             lr = L @ R
             e = e.sub_(lr)
         errors.append(torch.linalg.matrix_norm(e))
+    q = dequantize_weight(qweight).to(w.dtype)  # the final Q (w - e before the branch was subtracted)
     return LoraFit(q, qweight, L, R, torch.stack(errors), rtn_error, svds,
                    basis if svd == "subspace" and rank else None)

@@ -1,9 +1,10 @@
 """ctypes wrappers of the DiTAS CPU kernels for x86 with AVX512 (quant/csrc/), compiled on first use.
 
-Two kernels, one library: the fused integer linear (csrc/int_linear.c, AVX512-VNNI) that IntLinear
-runs on CPUs (quant/int_linear.py), and the reference scheme's bf16 alpha-search losses
-(csrc/alpha_search_bf16.c, AVX512-BF16) that the search's loss engine runs
-(quant/search_losses.py).
+Three kernels, one library: the fused integer linear (csrc/int_linear.c, AVX512-VNNI) that IntLinear
+runs on CPUs (quant/int_linear.py) and the alpha search's loss engine runs for the ditas scheme's
+candidates (quant/search_losses.py); the reference scheme's bf16 alpha-search losses
+(csrc/alpha_search_bf16.c, AVX512-BF16); and the LoRA loop's quantize-and-residual step
+(csrc/weight_quant.c: one pass instead of a dozen torch ops, quant/lora.py).
 
 torch._int_mm is fast, but around it the eager integer backend spends as much again on
 memory passes over the (M, N) int32 partials: one GEMM and two rank-1 corrections per K-group,
@@ -44,11 +45,11 @@ import torch
 import torch.nn.functional as F
 
 from quant.files import atomic_path
-from quant.ops_torch import combine_range
+from quant.ops_torch import INT32_MAX, combine_range
 from quant.quantizer import affine_params, num_intervals
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-SOURCES = tuple(os.path.join(CSRC, f) for f in ("int_linear.c", "alpha_search_bf16.c"))
+SOURCES = tuple(os.path.join(CSRC, f) for f in ("int_linear.c", "alpha_search_bf16.c", "weight_quant.c"))
 HEADERS = (os.path.join(CSRC, "ditas_simd.h"),)
 NB = 32          # columns per packed block (both kernels)
 QR = 4           # rows per LoRA block of ditas_encode
@@ -73,6 +74,8 @@ PROTOTYPES = {
     "ditas_encode": (("M", _I), ("K", _I), ("x", _P), ("ldx", _I), ("x_bf16", _I), ("s", _P), ("scale", _P),
                      ("ss", _I), ("zero", _P), ("zs", _I), ("levels", _I), ("a", _P), ("G", _I), ("sa", _P),
                      ("Rt", _P), ("rpad", _I), ("lp", _P), ("scratch", _P), ("nthreads", _I)),
+    "ditas_quant_residual": (("rows", _I), ("K", _I), ("G", _I), ("W", _P), ("LR", _P), ("levels", _I),
+                             ("codes", _P), ("scale", _P), ("zero", _P), ("E", _P), ("nthreads", _I)),
     "ditas_ref_losses": (("n", _I), ("rows", _I), ("r0", _I), ("c", _I), ("w", _I), ("k", _I), ("x", _P),
                          ("one_range", _I), ("inv", _P), ("ss", _P), ("s", _P), ("sc", _P), ("top", _P), ("Mp", _P),
                          ("partner", _P), ("pw", _I), ("split", _I), ("E", _P), ("part", _P), ("nthreads", _I)),
@@ -242,25 +245,56 @@ def qgemm(a, bp, n, group, sw, cbd, dq, sa, zx, sx, lp, r, lt, bias, out, gelu=F
     return out
 
 
+def w4_operands(codes, scale, zero, lora_L, lora_R, bias=None):
+    """ditas_qgemm_w4's weight side of a grouped <= 4-bit weight, from its stored form.
+
+        codes   uint8 (N, K) in [0, 15], K and the group G = K / ng multiples of ALIGN_K4
+        scale   float32 (N, ng); zero float32 (N, ng) integer zero points zw
+        lora_L  float32 (N, r), lora_R float32 (r, K) (r may be 0); bias float32 (N,) or None
+    Returns ({w_vnni4 (pack_b4 of the raw codes), f_sw float32 / f_cbd int32 / f_d int32 (ng, Npad),
+    f_Lt (r, Npad), f_Rt (K, rpad), f_bias (Npad) or absent; f_d absent where every zw is 0}, int32 bound
+    (g 255 max(codes) + 255 g max|zw|, max|CBD|)) with c = 0: d = -zw, CBD_g = sum_{k in g} (codes - zw);
+    per-column operands zero-padded to whole 32-column blocks.
+    """
+    n, k = codes.shape
+    ng = scale.shape[1]
+    g = k // ng
+    npad = -n // NB * -NB
+    zw = zero.to(torch.int32)
+    cbd = codes.view(n, ng, g).sum(-1, dtype=torch.int32) - g * zw
+    rank = lora_R.shape[0]
+    out = {"w_vnni4": pack_b4(codes), "f_sw": pad_cols(scale.t(), npad), "f_cbd": pad_cols(cbd.t(), npad),
+           "f_Lt": pad_cols(lora_L.t(), npad), "f_Rt": pad_cols(lora_R.t(), -rank // 16 * -16)}
+    if bool((zw != 0).any()):
+        out["f_d"] = pad_cols((-zw).t(), npad)
+    if bias is not None:
+        out["f_bias"] = pad_cols(bias.float(), npad)
+    bmax = int(codes.max()) if codes.numel() else 0
+    zmax = float(zw.abs().max()) if zw.numel() else 0.0
+    return out, (g * 255 * bmax + 255 * g * zmax, float(cbd.abs().max()) if cbd.numel() else 0.0)
+
+
+def fused_safe(bound, zx_max):
+    """Do the int32 partials fit for activation zero points up to zx_max in magnitude (bound: prepare's)?"""
+    return bound[0] + zx_max * bound[1] < INT32_MAX
+
+
 def prepare(layer, codes, ops):
     """({name: tensor}, int32 bound) of an IntLinear on this kernel, from its codes uint8 (N, K) and the
     torch path's operands `ops` (quant/ops_torch.py: cb_t, d_t, w_op).
 
     D_g = A_g B_g + SA_g d_g - zx CBD_g with A the uint8 activation codes, B = codes - c, d = c - zw and
     CBD_g = sum_{k in g} (codes - zw) = CB_g + g d_g for the torch path's offset c; packed weights run
-    on the raw codes instead (c = 0: d = -zw). Every per-column operand is zero-padded to whole
-    32-column blocks. The bound: |int32 partial| <= g*255*max|B| + 255 g max|d| + |zx| max|CBD|.
+    on the raw codes instead (w4_operands: c = 0, d = -zw). Every per-column operand is zero-padded to
+    whole 32-column blocks. The bound: |int32 partial| <= g*255*max|B| + 255 g max|d| + |zx| max|CBD|.
     """
+    if layer.packed:
+        return w4_operands(codes, layer.scale, layer.zero, layer.lora_L, layer.lora_R, layer.bias)
     g, n = layer.group, layer.out_features
     npad = -n // NB * -NB
     d = ops["d_t"]
     cbd = ops["cb_t"] + g * d.to(torch.int32)
-    out = {}
-    if layer.packed:
-        d = -layer.zero.t()
-        out["w_vnni4"], bmax = pack_b4(codes), 2 ** layer.weight_cfg.bits - 1
-    else:
-        out["w_vnni"], bmax = pack_b(ops["w_op"]), 128
+    out = {"w_vnni": pack_b(ops["w_op"])}
     out["f_sw"], out["f_cbd"] = pad_cols(layer.scale.t(), npad), pad_cols(cbd, npad)
     if bool((d != 0).any()):
         out["f_d"] = pad_cols(d.to(torch.int32), npad)
@@ -269,7 +303,7 @@ def prepare(layer, codes, ops):
     if layer.bias is not None:
         out["f_bias"] = pad_cols(layer.bias, npad)
     dmax = float(d.abs().max()) if d.numel() else 0.0
-    return out, (g * 255 * bmax + 255 * g * dmax, float(cbd.abs().max()) if cbd.numel() else 0.0)
+    return out, (g * 255 * 128 + 255 * g * dmax, float(cbd.abs().max()) if cbd.numel() else 0.0)
 
 
 def fused_linear(x2, layer, batch):
@@ -300,6 +334,23 @@ def fused_linear(x2, layer, batch):
     return qgemm(a, bp, layer.out_features, layer.group, layer.f_sw, layer.f_cbd, layer.f_d, sa,
                  zx.to(torch.int32).reshape(-1), sx.reshape(-1).contiguous(), lp, rank, layer.f_Lt,
                  layer.f_bias, out, gelu=layer.activation == "gelu_tanh")
+
+
+def quant_residual(w, lr, group, levels):
+    """One round-to-nearest step of the LoRA loop in one pass (csrc/weight_quant.c).
+
+        w       float32 (rows, K) contiguous, the weight;  lr float32 like w (L @ R) or None
+        group   G columns per group (K % G == 0, G % 16 == 0);  levels 2^bits - 1
+    Returns codes uint8 (rows, K), scale and zero float32 (rows, K / G) of v = w - lr (quant.quantizer's
+    asymmetric ditas quantizer, bit for bit), and E = w - dequant(codes) float32 (rows, K).
+    """
+    rows, k = w.shape
+    codes = torch.empty(rows, k, dtype=torch.uint8)
+    scale, zero = torch.empty(rows, k // group), torch.empty(rows, k // group)
+    e = torch.empty_like(w)
+    load().ditas_quant_residual(rows, k, group, w.data_ptr(), _ptr(lr), levels, codes.data_ptr(), scale.data_ptr(),
+                                zero.data_ptr(), e.data_ptr(), torch.get_num_threads())
+    return codes, scale, zero, e
 
 
 @functools.lru_cache(maxsize=None)

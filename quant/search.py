@@ -15,6 +15,7 @@ Schemes (docs/METHOD.md §8):
   error depends on alpha.
 A candidate alpha of None means "no smoothing" (s = 1).
 """
+import copy
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -22,8 +23,7 @@ import torch
 
 from quant.lora import fit_lora
 from quant.qlinear import QuantLinear
-from quant.quantizer import (QWeight, dequantize_weight, pack_int4, quantize_weight, scale_qweight_columns,
-                             unpack_int4)
+from quant.quantizer import QWeight, dequantize_weight, pack_int4, scale_qweight_columns, unpack_int4
 from quant.search_losses import LossEngine
 from quant.smoothing import smoothing_factors, weight_channel_absmax
 
@@ -72,14 +72,16 @@ class LayerQuant:
 @dataclass
 class Scores:
     """One layer's search result: summed losses per alpha over `steps` steps, the plain round-to-nearest
-    baseline's summed loss over `rtn_steps`, extra per-alpha terms for the report, and the bytes of
-    the operands the scoring kept between steps (LossEngine.nbytes())."""
+    baseline's summed loss over `rtn_steps`, extra per-alpha terms for the report, the bytes of
+    the operands the scoring kept between steps (LossEngine.nbytes()), and where a shortlist was
+    scored, every alpha's predicted summed loss ({alpha: loss}, the ranking it was drawn from)."""
     losses: list
     steps: int
     rtn_loss: float
     rtn_steps: int
     extra: dict
     operand_bytes: int = 0
+    predicted: dict | None = None
 
 
 class Candidates:
@@ -109,7 +111,7 @@ class Candidates:
         self.weight_cfg = weight_cfg
         self.weight = weight.detach().float()
         self.bias = None if bias is None else bias.detach()
-        fit = partial(fit_lora, quantize_fn=partial(quantize_weight, cfg=weight_cfg), rank=lora_rank,
+        fit = partial(fit_lora, quantize_fn=weight_cfg, rank=lora_rank,
                       iters=lora_iters, svd=svd)
         if self.scheme == "reference":
             f = fit(self.weight)
@@ -129,6 +131,22 @@ class Candidates:
         self.codes, self.scale, self.zero = torch.stack(codes), torch.stack(scale), torch.stack(zero)
         self.L, self.R = torch.stack(L), torch.stack(R)
         self.errors, self.rtn_error, self.svds = torch.stack(errors, 1), torch.stack(rtn), sum(svds)
+
+    def subset(self, indices):
+        """The candidates `indices` (positions in alphas) alone, as a new Candidates of their own copies
+        (the rest can then be freed). svds still counts every fit that was computed."""
+        idx = list(indices)
+        if not idx:
+            raise ValueError("a subset of candidates needs at least one of them")
+        new = copy.copy(self)
+        new.alphas = [self.alphas[k] for k in idx]
+        t = torch.tensor(idx, device=self.smooth.device)
+        new.smooth = self.smooth[t].clone()
+        if self.scheme == "ditas":
+            new.codes, new.scale, new.zero = self.codes[t].clone(), self.scale[t].clone(), self.zero[t].clone()
+            new.L, new.R = self.L[t].clone(), self.R[t].clone()
+            new.errors, new.rtn_error = self.errors[:, t].clone(), self.rtn_error[t].clone()
+        return new
 
     def _factors(self, act_absmax, w_absmax):
         """(n_alpha, in) smoothing factors, rows of ones for alpha None."""
@@ -223,11 +241,16 @@ class AlphaSearch:
         return self.candidates.alphas
 
     @torch.no_grad()
-    def update(self, x):
-        """Add one calibration step's loss for every alpha; x (..., in) is the full-precision input."""
+    def update(self, x, y=None):
+        """Add one calibration step's loss for every alpha; x (..., in) is the full-precision input, y
+        (optional) the FP layer's output on it (x W^T + b: saves the engine the FP product; used where
+        it is float32 on the candidates' device, as the model computes it in float32)."""
         if self.max_steps is not None and self.steps >= self.max_steps:
             return
-        self._loss += self.engine.losses(x.detach().to(self.candidates.weight.device, torch.float32))
+        device = self.candidates.weight.device
+        if y is not None and (y.dtype != torch.float32 or y.device != device):
+            y = None
+        self._loss += self.engine.losses(x.detach().to(device, torch.float32), None if y is None else y.detach())
         self.steps += 1
 
     @property

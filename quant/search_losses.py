@@ -102,16 +102,19 @@ class LossEngine:
         """Bytes of the operands kept between steps."""
         return sum(t.numel() * t.element_size() for t in (self.ops or {}).values() if torch.is_tensor(t))
 
-    def losses(self, x):
-        """float64 (n_alpha,): every candidate's mean squared output error on x (..., in) float32."""
+    def losses(self, x, y=None):
+        """float64 (n_alpha,): every candidate's mean squared output error on x (..., in) float32.
+
+        y: the FP layer's own output on x (x W^T + b, float32 (..., out)), the reference the candidates
+        are compared with where given (it saves the FP product); None computes x W^T."""
         loss = torch.zeros(len(self.c.alphas), dtype=torch.float64, device=x.device)
-        (self._update_fast if self.fast else self._update_naive)(x, loss)
+        (self._update_fast if self.fast else self._update_naive)(x, loss, y)
         return loss
 
-    def _update_naive(self, x, loss):
+    def _update_naive(self, x, loss, y=None):
         """Direct evaluation: y_k = fq(x/s_k) W_s,k^T per candidate, minus y_fp."""
         c = self.c
-        y_fp = x.reshape(-1, x.shape[-1]) @ c.weight.T  # bias cancels in Y_q - Y_fp
+        y_fp = x.reshape(-1, x.shape[-1]) @ c.weight.T  # bias cancels in Y_q - Y_fp (y unused: the check path)
         for sl in chunks(len(c.alphas), self.chunk):
             s = c.smooth[sl]
             xs = x.unsqueeze(0) / s.view(s.shape[0], *[1] * (x.dim() - 1), s.shape[1])
@@ -171,13 +174,14 @@ class LossEngine:
         rep = rows // groups
         return scale.repeat_interleave(rep, 1), (self.ops["qmax"] - zero).repeat_interleave(rep, 1)
 
-    def _update_fast(self, x, loss):
+    def _update_fast(self, x, loss, y=None):
         self._operands()
         c = x.shape[-1]
         x2 = x.reshape(-1, c)
         groups = _range_groups(x, self.act_cfg.granularity)
         stride = self.row_stride
         xr = x2[::stride].contiguous() if stride > 1 else x2  # the scored rows (ranges: from all of x)
+        yr = None if y is None else y.reshape(-1, y.shape[-1])[::stride]
         for sl in chunks(len(self.c.alphas), self.chunk):
             s = self.c.smooth[sl]
             ranges = None if groups is None else self._ranges(x2, groups, s)
@@ -186,7 +190,7 @@ class LossEngine:
             if self.shared:
                 acc = self._reference_losses(xr, s, ranges, groups == 1)
             else:
-                acc = self._own_weight_losses(xr, s, ranges, sl)
+                acc = self._own_weight_losses(xr, s, ranges, sl, yr)
             loss[sl] += acc / (xr.shape[0] * self.c.weight.shape[0])
 
     def _fake_quant(self, t, ranges, r0):
@@ -261,39 +265,86 @@ class LossEngine:
             acc += torch.linalg.vector_norm(z.view(k, -1), dim=1, dtype=torch.float32).double().pow(2)
         return acc + const
 
-    def _own_weight_losses(self, x2, s, ranges, sl):
+    def _own_weight_losses(self, x2, s, ranges, sl, ref=None):
         """Sum over rows of ||fq(x/s_k) (Q_k + L_k R_k)^T - x W^T||^2, one candidate at a time, each
-        evaluated from its codes: Q_k is dequantized per block of rows (one block unless the rows of a
-        step are many). The LoRA branch is added to it (out x in x r) when that costs less than applying
-        it to the rows as two thin products (rows x (in + out) x r)."""
+        evaluated from its codes. ref: the layer's own output x W^T + b for these rows (the candidates
+        then add the bias too), else x W^T is computed here per block of rows (one block unless the
+        rows of a step are many). On the fused CPU kernel (`_kernel_sq`) a candidate is its integer
+        GEMM; otherwise Q_k is dequantized per block and the LoRA branch is added to it (out x in x r)
+        when that costs less than applying it to the rows as two thin products (rows x (in + out) x r)."""
         rows, c = x2.shape
         cands = self.c
         out = cands.weight.shape[0]
+        bias = None if ref is None else cands.bias
         step = max(64, _CHUNK_ELEMENTS // c)
         block = max(step, rows_per_block(out, c))
         buf = x2.new_empty(min(step, rows), c)
         acc = torch.zeros(s.shape[0], dtype=torch.float64, device=x2.device)
+        kernel = self._kernel_ready(x2)
         for b0 in range(0, rows, block):
             xb = x2[b0:b0 + block]
-            y_fp = xb @ cands.weight.T  # bias cancels in Y_q - Y_fp
+            y_fp = xb @ cands.weight.T if ref is None else ref[b0:b0 + block]
             fold = xb.shape[0] * (c + out) > out * c
             for j, k in enumerate(range(sl.start, sl.stop)):
+                rk = None if ranges is None else (ranges[0][j, b0:b0 + block], ranges[1][j, b0:b0 + block])
+                sq = self._kernel_sq(xb, s[j], rk, k, bias, y_fp) if kernel else None
+                if sq is not None:
+                    acc[j] += sq
+                    continue
                 q = dequantize_weight(cands.qweight(k)).to(x2.dtype)
                 L, R = cands.lora(k)
                 if fold and R.shape[0]:
                     q = q.addmm_(L, R)
-                rk = None if ranges is None else (ranges[0][j], ranges[1][j])
                 for r0 in range(0, xb.shape[0], step):
                     xc = xb[r0:r0 + step]
                     n = xc.shape[0]
-                    t, sc = self._fake_quant(torch.div(xc, s[j], out=buf[:n]), rk, b0 + r0)
+                    rc = None if rk is None else (rk[0][r0:r0 + n], rk[1][r0:r0 + n])
+                    t, sc = self._fake_quant(torch.div(xc, s[j], out=buf[:n]), rc, 0)
                     t = t.mul_(sc)
-                    z = torch.mm(t, q.T)
+                    z = torch.mm(t, q.T) if bias is None else torch.addmm(bias, t, q.T)
                     if R.shape[0] and not fold:
                         z.addmm_(t @ R.T, L.T)
-                    acc[j] += float(torch.linalg.vector_norm(z.sub_(y_fp[r0:r0 + n]))) ** 2
+                    acc[j] += float(torch.linalg.vector_norm(z.sub_(y_fp[r0:r0 + n]), dim=1).double().pow(2).sum())
                 del q  # before the next candidate's weight is dequantized
         return acc
+
+    def _kernel_ready(self, x2):
+        """Can this step's candidates run on the fused CPU kernel (ditas_qgemm_w4, quant/ops_avx512.py)?
+        The ditas scheme's <= 4-bit grouped codes, asymmetric 8-bit activations, CPU float32 rows."""
+        c, acfg = self.c, self.act_cfg
+        group = c.scale.shape[-1] if c.scheme == "ditas" else 0
+        return (self.impl == "fast" and c.scheme == "ditas" and c.weight_cfg.bits <= 4 and acfg.bits == 8
+                and x2.device.type == "cpu" and x2.dtype == torch.float32 and group
+                and (c.weight.shape[1] // group) % ops_avx512.ALIGN_K4 == 0 and ops_avx512.load() is not None)
+
+    def _kernel_sq(self, xb, s, rk, k, bias, y_fp):
+        """||fq(xb/s) (Q_k + L_k R_k)^T (+ b) - y_fp||^2 on the fused kernel (the integer linear IntLinear
+        runs: the same integers, float epilogue), or None where this input's activation zero points
+        break its int32 bound (the caller then dequantizes).
+
+            xb    (n, in) float32 rows;  s (in,) the candidate's smoothing factors
+            rk    (scale, qmax - zero) float32 (n,) each: the rows' activation ranges, or None (per row of xb/s)
+            y_fp  (n, out) float32 reference rows (x W^T, or the layer's output with bias b)
+        """
+        c = self.c
+        qw = c.qweight(k)
+        L, R = c.lora(k)
+        ops, bound = ops_avx512.w4_operands(qw.codes, qw.scale, qw.zero, L, R, bias)
+        s = s.contiguous()
+        if rk is None:
+            sx, zx = affine_params(*ops_avx512.rowrange(xb, s), self.ops["intervals"])
+        else:
+            sx, zx = rk[0].contiguous(), (self.ops["qmax"] - rk[1]).contiguous()
+        if not ops_avx512.fused_safe(bound, float(zx.abs().max())):
+            return None
+        group = xb.shape[1] // qw.scale.shape[-1]
+        a, sa, lp = ops_avx512.encode(xb, s, sx, zx, self.ops["qmax"], group if "f_d" in ops else None,
+                                      ops["f_Rt"] if R.shape[0] else None)
+        y = torch.empty_like(y_fp)
+        ops_avx512.qgemm(a, ops["w_vnni4"], y.shape[1], group, ops["f_sw"], ops["f_cbd"], ops.get("f_d"), sa,
+                         zx.to(torch.int32), sx, lp, R.shape[0], ops["f_Lt"], ops.get("f_bias"), y)
+        # per-row norms: a float32 sum over the whole block would lose ~1e-4 of the loss
+        return float(torch.linalg.vector_norm(y.sub_(y_fp), dim=1).double().pow(2).sum())
 
 
 def rows_per_block(out, inp):

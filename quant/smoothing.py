@@ -48,3 +48,6 @@ class RunningAbsMax:
         self.value = m if self.value is None else torch.maximum(self.value, m)
         self.steps += 1
         return self
+
+    def nbytes(self):
+        return 0 if self.value is None else self.value.numel() * self.value.element_size()

@@ -128,8 +128,10 @@ def test_quantize_dit_approx_uses_one_loop():
 def test_quantize_dit_dispatches_on_search():
     with pytest.raises(ValueError):
         QuantConfig(search="fast")
-    assert QuantConfig().search == "exact"
-    assert callable(quantize_dit)
+    # the ditas scheme ranks by the prediction and scores a shortlist; the reference scheme and one alpha: exact
+    assert (QuantConfig().search, QuantConfig().search_shortlist) == ("shortlist", 2)
+    assert (QuantConfig(scheme="reference").search, QuantConfig(scheme="reference").search_shortlist) == ("exact", None)
+    assert QuantConfig(alpha=0.5).search == QuantConfig(smoothing="none").search == "exact"
 
 
 def test_quantdit_search_flag(tmp_path):
@@ -154,7 +156,7 @@ def test_quantdit_search_flag(tmp_path):
     assert report["search"] == "approx" and report["calibration_loops"] == 1
     with open(os.path.join(out, "quant_config.json")) as f:
         assert json.load(f)["search"] == "approx"
-    assert QuantDiT.build_parser().parse_args(argv[:-2]).search == "exact"
+    assert QuantDiT.quant_config_from_args(QuantDiT.build_parser().parse_args(argv[:-2])).search == "shortlist"
 
 
 def test_reference_per_token_models_the_clamped_maximum():
@@ -175,3 +177,32 @@ def test_reference_per_token_models_the_clamped_maximum():
     ws2 = (fresh.candidates.effective().unsqueeze(0) * fresh.candidates.smooth[:, None, :]).double().pow(2).sum(dim=(1, 2))
     plain = torch.tensor(wt) + uniform * ws2 / w.shape[0]
     assert (plain / torch.tensor(exact.losses)).min() < 0.8  # 0.67 at alpha 0.5 here
+
+
+def test_shortlist_search_scores_the_best_predicted_exactly():
+    """--search shortlist: every alpha predicted (the approximate search's losses on the same statistics),
+    the K best scored exactly; K = every alpha is the exact search bit for bit (same alphas, same losses),
+    K = 1 takes the predicted winner; two FP loops either way, every layer reported."""
+    from helpers import calib_loop, random_dit
+    base = dict(group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25)
+    reports = {}
+    for key, cfg in (("exact", QuantConfig(**base, search="exact")), ("all", QuantConfig(**base, search_shortlist=5)),
+                     ("one", QuantConfig(**base, search_shortlist=1)), ("two", QuantConfig(**base)),
+                     ("approx", QuantConfig(**base, search="approx"))):
+        model = random_dit()
+        reports[key] = quantize_dit(model, cfg, calib_loop(model, 2, 2), progress=False)
+    for name, ex in reports["exact"]["layers"].items():
+        every, one, two = (reports[k]["layers"][name] for k in ("all", "one", "two"))
+        assert every["search_losses"] == ex["search_losses"] and every["alpha"] == ex["alpha"]
+        predicted = reports["approx"]["layers"][name]["search_losses"]  # the same statistics and candidates
+        for r in (every, one, two):
+            _close(list(r["search_losses_predicted"].values()), list(predicted.values()), rtol=1e-4)
+            assert list(r["search_losses_predicted"]) == list(predicted)
+        ranked = sorted(predicted, key=predicted.get)
+        assert list(one["search_losses"]) == ranked[:1] and str(one["alpha"]) == ranked[0]
+        assert sorted(two["search_losses"]) == sorted(ranked[:2])
+        assert two["output_error"] == min(two["search_losses"].values())
+        for a, v in two["search_losses"].items():  # the shortlisted candidates' exact scores
+            assert v == pytest.approx(ex["search_losses"][a], rel=1e-6)
+    for key in ("all", "one", "two"):
+        assert reports[key]["calibration"]["fp_passes"] == 2 and reports[key]["calibration"]["search"] == "shortlist"

@@ -116,8 +116,9 @@ def test_quantdit_progress_names_its_phases(tmp_path):
                       "--group-size", "32", "--lora-rank", "2", "--lora-iters", "1", "--alpha-step", "0.5",
                       "--no-preview", "--out", tmp_path / "q", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for phase in ("calibration 1/3, TAS statistics", "calibration 2/3, candidate preparation",
-                  "calibration 3/3, alpha search", "FP sampling loop (calibration)",
+    for phase in ("calibration 1/3, TAS and loss statistics", "calibration 2/3, candidate preparation",
+                  "the 2 best predicted kept", "calibration 3/3, alpha search: one more FP sampling loop scores the "
+                  "shortlisted candidates", "FP sampling loop (calibration)",
                   "candidates (smoothing, quantization, LoRA fits)"):
         assert phase in proc.stdout + proc.stderr, phase
 

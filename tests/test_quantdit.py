@@ -50,7 +50,9 @@ def test_every_layer_gets_an_alpha_and_checkpoint_roundtrips(tmp_path):
     for name in names:
         r = report["layers"][name]
         assert r["alpha"] in [round(k * 0.05, 10) for k in range(21)]
-        assert len(r["search_losses"]) == 21
+        # the default shortlist: every alpha predicted, the 2 best predicted scored exactly, the best scored wins
+        predicted = r["search_losses_predicted"]
+        assert len(predicted) == 21 and sorted(r["search_losses"]) == sorted(sorted(predicted, key=predicted.get)[:2])
         assert r["output_error"] == min(r["search_losses"].values())
         assert r["weight_error_after_lora"] < r["weight_error_before_lora"]
         assert isinstance(model.get_submodule(name), QuantLinear)
@@ -141,7 +143,10 @@ def test_quantdit_cli_writes_complete_directory(tiny_ckpt, tmp_path):
     (["--image-size", "16"], "has shape"),
     (["--calib-labels", "10"], "labels must lie in"),
     (["--search-row-stride", "0"], "row stride must be a positive integer"),
-    (["--search-row-stride", "2", "--search", "approx"], "exact search only"),
+    (["--search-row-stride", "2", "--search", "approx"], "applies to the scoring pass"),
+    (["--search-shortlist", "3", "--search", "exact"], "applies to --search shortlist only"),
+    (["--search-shortlist", "0"], "positive number of candidates"),
+    (["--search", "shortlist", "--alpha", "0.5"], "needs --smoothing search"),
 ])
 def test_quantdit_bad_input(tiny_ckpt, tmp_path, flags, fragment):
     out = tmp_path / "q"

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from helpers import search_problem
 from quant.lora import fit_lora
 from quant.qlinear import QuantLinear
-from quant.quantizer import ActQuantConfig, WeightQuantConfig, fake_quantize_act, quantize_weight
+from quant.quantizer import ActQuantConfig, WeightQuantConfig, dequantize_weight, fake_quantize_act, quantize_weight
 from quant import ops_avx512
 from quant.search import AlphaSearch, alpha_grid, select_alpha
+from quant.search_losses import LossEngine
 from quant.smoothing import RunningAbsMax, smoothing_factors, weight_channel_absmax
 
 torch.set_num_threads(1)
@@ -264,3 +265,60 @@ def test_built_layer_reproduces_search_loss(scheme, granularity, group_size):
     torch.testing.assert_close(torch.tensor(search.losses), torch.tensor(built), rtol=1e-4, atol=0)
     best = search.best()
     assert best.alpha == alphas[min(range(len(alphas)), key=built.__getitem__)]
+
+
+@pytest.mark.skipif(ops_avx512.load() is None, reason="fused CPU kernel not available here")
+@pytest.mark.parametrize("granularity,shape", [("row", (3, 37, 64)), ("tensor", (2, 300, 64)), ("token", (4, 9, 64))])
+def test_ditas_candidates_on_the_integer_kernel(monkeypatch, granularity, shape):
+    """ditas W4A8 candidates are scored on the fused integer kernel (IntLinear's arithmetic): their losses
+    are the float64 evaluation of the same quantized layers, as are the dequantized float32 path's; given the
+    FP layer's own output (x W^T + b) instead of computing x W^T changes nothing beyond rounding."""
+    w, b, _ = search_problem(out=96)
+    xs, wcfg, acfg, absmax = _streams("ditas", granularity, shape, seed=11)
+    alphas = alpha_grid(0.25) + [None]
+    calls = []
+    qgemm = ops_avx512.qgemm
+    monkeypatch.setattr(ops_avx512, "qgemm", lambda *a, **k: calls.append(1) or qgemm(*a, **k))
+
+    def losses(outputs=False):
+        search = AlphaSearch(w, b, absmax, alphas, wcfg, acfg, lora_rank=RANK, lora_iters=ITERS, svd="subspace")
+        for x in xs:
+            search.update(x, F.linear(x, w, b) if outputs else None)
+        return search, torch.tensor(search.losses, dtype=torch.float64)
+
+    search, kernel = losses()
+    assert len(calls) == len(alphas) * len(xs)  # every candidate, every step
+    _, kernel_y = losses(outputs=True)
+    c = search.candidates
+    truth = []
+    for k in range(len(alphas)):
+        L, R = c.lora(k)
+        weff = dequantize_weight(c.qweight(k)).double() + L.double() @ R.double()
+        truth.append(sum(((fake_quantize_act(x / c.smooth[k], acfg).double() @ weff.T
+                           - x.double() @ w.double().T) ** 2).mean().item() for x in xs))
+    truth = torch.tensor(truth, dtype=torch.float64)
+    torch.testing.assert_close(kernel, truth, rtol=1e-5, atol=0)
+    torch.testing.assert_close(kernel_y, truth, rtol=1e-5, atol=0)
+    monkeypatch.setattr(LossEngine, "_kernel_ready", lambda self, x2: False)
+    calls.clear()
+    _, dequantized = losses()
+    assert not calls
+    torch.testing.assert_close(dequantized, truth, rtol=1e-5, atol=0)
+
+
+def test_subset_of_candidates_is_the_same_candidates():
+    """Candidates.subset keeps the chosen candidates bit for bit (their own copies) and drops the rest."""
+    w, b, xs = search_problem()
+    wcfg, acfg = WeightQuantConfig(bits=4, group_size=32), ActQuantConfig(bits=8, granularity="row")
+    search = _search(w, b, xs, alpha_grid(0.25), wcfg, acfg, "ditas")
+    c = search.candidates
+    sub = c.subset([3, 1])
+    assert sub.alphas == [c.alphas[3], c.alphas[1]] and c.nbytes() * 2 == sub.nbytes() * len(c.alphas)
+    for i, k in enumerate((3, 1)):
+        a, s = c.layer(k), sub.layer(i)
+        assert a.alpha == s.alpha and torch.equal(a.smooth, s.smooth) and torch.equal(a.lora_L, s.lora_L)
+        assert torch.equal(a.qweight.codes, s.qweight.codes) and torch.equal(a.qweight.scale, s.qweight.scale)
+        assert a.lora_errors == s.lora_errors and a.weight_error_rtn == s.weight_error_rtn
+    assert sub.codes.data_ptr() != c.codes.data_ptr()
+    with pytest.raises(ValueError, match="at least one"):
+        c.subset([])

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from quant import lora, ops_avx512
 from quant.lora import fit_lora
 from quant.quantizer import WeightQuantConfig, dequantize_weight, quantize_weight
 from quant.smoothing import RunningAbsMax, channel_absmax, smoothing_factors, weight_channel_absmax
@@ -141,3 +142,44 @@ def test_subspace_warm_start_from_a_neighbour():
     assert not torch.equal(warm.L, cold.L)  # the basis was used
     stacked = fit_lora(torch.stack([w, w2]), qfn, rank=8, iters=3, svd="subspace")
     assert stacked.svds == 6 and stacked.basis.shape == (2, 96, 24)
+
+
+@pytest.mark.skipif(ops_avx512.load() is None, reason="fused CPU kernel not available here")
+@pytest.mark.parametrize("shape,group,svd", [((96, 64), 32, "subspace"), ((2, 48, 128), 16, "full"),
+                                             ((40, 256), None, "subspace")])
+def test_fused_quantize_residual_is_the_torch_ops(monkeypatch, shape, group, svd):
+    """The LoRA loop's quantize-and-residual step in one C pass (csrc/weight_quant.c) is quant.quantizer's
+    round-to-nearest bit for bit: the same codes, scales, zero points, factors and errors after the whole
+    loop, including a constant group (rng 0) and an all-zero one (the scale fallbacks)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(shape, generator=g) * torch.exp(torch.randn(shape[-1], generator=g))
+    w[..., 0, :16] = 0.25
+    w[..., 1, :16] = 0.0
+    cfg = WeightQuantConfig(bits=4, group_size=group)
+    calls = []
+    fused = lora.ops_avx512.quant_residual
+    monkeypatch.setattr(lora.ops_avx512, "quant_residual", lambda *a: calls.append(1) or fused(*a))
+    a = fit_lora(w, cfg, rank=4, iters=3, svd=svd)
+    assert len(calls) == 3
+    b = fit_lora(w, partial(quantize_weight, cfg=cfg), rank=4, iters=3, svd=svd)  # a callable: the torch ops
+    assert len(calls) == 3
+    for x, y in ((a.qweight.codes, b.qweight.codes), (a.qweight.scale, b.qweight.scale),
+                 (a.qweight.zero, b.qweight.zero), (a.q, b.q), (a.L, b.L), (a.R, b.R), (a.errors, b.errors),
+                 (a.rtn_error, b.rtn_error)):
+        assert torch.equal(x, y)
+    # where the kernel does not apply (symmetric weights, groups not a multiple of 16): the torch ops
+    for other in (WeightQuantConfig(bits=4, group_size=group, symmetric=True), WeightQuantConfig(bits=4, group_size=8)):
+        fit_lora(w, other, rank=4, iters=2, svd=svd)
+    assert len(calls) == 3
+
+
+def test_subspace_fit_of_an_exactly_representable_weight():
+    """W on the quantization grid: W - Q = 0 has no subspace (the Gram route finds none and falls back to
+    QR): a zero branch, zero errors, nothing undefined."""
+    g = torch.Generator().manual_seed(0)
+    cfg = WeightQuantConfig(bits=4, group_size=32)
+    w = torch.randint(0, 16, (64, 64), generator=g).float()
+    w[:, ::32], w[:, 1::32] = 0.0, 15.0  # every group spans [0, 15]: scale 1, zero point 0, codes = w
+    fit = fit_lora(w, cfg, rank=4, iters=3, svd="subspace")
+    assert torch.isfinite(fit.L).all() and torch.isfinite(fit.R).all() and torch.isfinite(fit.basis).all()
+    assert float(fit.errors.abs().max()) == 0.0 and torch.equal(fit.q, w)
