@@ -5,11 +5,14 @@ forward pre-hooks while the full-precision model samples a fixed noise batch (`l
 activations are kept. The phases of quantize_dit, each named after the paper's step:
 
     1. TAS statistics       pass 1: a_j = max over steps and rows of |X_t[:, j]| per layer (§3)
-                            (the approximate search gathers its loss statistics in each group's pass)
-    2. candidate prep       per layer and alpha: smoothing factors, quantized weight, LoRA (§4, §5)
+                            (the shortlist and approximate searches gather their loss statistics
+                            with it, in each group's pass)
+    2. candidate prep       per layer and alpha: smoothing factors, quantized weight, LoRA (§4, §5);
+                            the shortlist keeps each layer's best predicted candidates only
     3. alpha search         scoring: exact = a pass streams every step's FP input through every
-                            candidate (quant/search.py); approx = predicted from the statistics
-                            (quant/approx_search.py, beyond the paper)
+                            candidate (quant/search.py); shortlist (the ditas default) = the same
+                            pass over the kept candidates; approx = predicted from the statistics
+                            (quant/approx_search.py; shortlist and approx are beyond the paper)
     4. layers and report    each layer becomes the QuantLinear of its best alpha
 
 Phases 2 and 3 run per group of layers whose search state fits the memory budget

@@ -6,7 +6,7 @@ import torch
 
 import QuantDiT
 from helpers import assert_one_line_error, calib_loop, call_main, random_dit
-from quant.budget import GIB, layer_state_bytes, plan_groups
+from quant.budget import GIB, layer_state_bytes, plan_groups, transient_bytes
 from quant.calibrate import quantize_dit
 from quant.config import QuantConfig
 from quant.layers import quantizable_layers
@@ -15,7 +15,8 @@ from quant.quantizer import WeightQuantConfig
 
 SMALL = dict(group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25)
 CONFIGS = [
-    QuantConfig(**SMALL),                                            # ditas W4: packed codes
+    QuantConfig(**SMALL),                                            # ditas W4: packed codes, the shortlist
+    QuantConfig(**SMALL, search="exact"),                            # every candidate through the scoring
     QuantConfig(**SMALL, weight_bit=8, act_granularity="token"),      # ditas W8: one byte a code
     QuantConfig(**{**SMALL, "group_size": None}, smoothing="none"),  # one candidate, per channel
     QuantConfig(**{**SMALL, "group_size": None}, scheme="reference"),  # shared-weight operands
@@ -63,11 +64,13 @@ def test_groups_are_consecutive_and_fit():
     budget = 2 * max(sizes.values())
     groups, _ = plan_groups(shapes, cfg, budget)
     assert [n for g in groups for n in g] == list(shapes) and len(groups) > 1
-    assert all(sum(sizes[n] for n in g) <= budget for g in groups)
+    # the shortlist: one layer's candidates beyond the kept ones are held too, while it is ranked
+    transient = max(transient_bytes(o, i, cfg) for o, i in shapes.values())
+    assert transient > 0 and all(sum(sizes[n] for n in g) + transient <= budget for g in groups)
     assert plan_groups(shapes, cfg, None)[0] == [list(shapes)]
 
 
-@pytest.mark.parametrize("search", ["exact", "approx"])
+@pytest.mark.parametrize("search", ["exact", "approx", "shortlist"])
 def test_grouped_passes_give_the_same_model(search):
     """A budget of one layer's state: a group per layer, each over its own FP loop; identical layers."""
     cfg = QuantConfig(**SMALL, search=search)
@@ -75,17 +78,20 @@ def test_grouped_passes_give_the_same_model(search):
     for budget in (None, "one layer"):
         model = random_dit()
         shapes = {n: tuple(lin.weight.shape) for n, lin in quantizable_layers(model).items()}
-        size = None if budget is None else max(layer_state_bytes(o, i, cfg) for o, i in shapes.values())
+        size = None if budget is None else max(layer_state_bytes(o, i, cfg) + transient_bytes(o, i, cfg)
+                                               for o, i in shapes.values())
         reports.append(quantize_dit(model, cfg, calib_loop(model, 2, 2), progress=False, memory_budget=size))
         states.append(model.state_dict())
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
     one, grouped = reports[0]["calibration"], reports[1]["calibration"]
-    pass1 = 1 if search == "exact" else 0  # the approximate search gathers its statistics in each group's loop
-    assert one["groups"] == 1 and one["fp_passes"] == pass1 + 1
-    assert grouped["groups"] == (len(shapes) if search == "exact" else 4)  # approx: fc2's X^T X sets the budget
-    assert grouped["fp_passes"] == pass1 + grouped["groups"]
+    # exact: one TAS pass, then a scoring pass per group; approx: a statistics pass per group; shortlist: both
+    pass1, per_group = {"exact": (1, 1), "approx": (0, 1), "shortlist": (0, 2)}[search]
+    assert one["groups"] == 1 and one["fp_passes"] == pass1 + per_group
+    if search != "shortlist":
+        assert grouped["groups"] == (len(shapes) if search == "exact" else 4)  # approx: fc2's X^T X sets the budget
+    assert grouped["groups"] > 1 and grouped["fp_passes"] == pass1 + per_group * grouped["groups"]
     assert grouped["state_bytes_max"] < one["state_bytes_max"]
     for name in shapes:
         assert reports[0]["layers"][name]["search_losses"] == reports[1]["layers"][name]["search_losses"]

@@ -322,3 +322,18 @@ def test_subset_of_candidates_is_the_same_candidates():
     assert sub.codes.data_ptr() != c.codes.data_ptr()
     with pytest.raises(ValueError, match="at least one"):
         c.subset([])
+
+
+@pytest.mark.skipif(ops_avx512.load() is None, reason="fused CPU kernel not available here")
+def test_integer_kernel_falls_back_where_zero_points_overflow_int32(monkeypatch):
+    """Inputs far from 0 (activation zero points beyond the kernel's int32 bound for some candidates) are
+    scored by the dequantized float path instead, with the direct evaluation's losses."""
+    w, b, xs = search_problem(shift=1e7)
+    wcfg, acfg = WeightQuantConfig(bits=4, group_size=32), ActQuantConfig(bits=8, granularity="row")
+    calls = []
+    qgemm = ops_avx512.qgemm
+    monkeypatch.setattr(ops_avx512, "qgemm", lambda *a, **k: calls.append(1) or qgemm(*a, **k))
+    fast = _search(w, b, xs, alpha_grid(0.5), wcfg, acfg, "ditas")
+    naive = _search(w, b, xs, alpha_grid(0.5), wcfg, acfg, "ditas", impl="naive")
+    assert len(calls) < len(alpha_grid(0.5)) * len(xs)  # some (candidate, step) fell back
+    torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(naive.losses), rtol=2e-4, atol=0)
