@@ -57,6 +57,41 @@ from quant.smoothing import channel_absmax
 DEFAULT_TOKEN_SAMPLES = 64
 
 
+class StepStack:
+    """Per-step tensors of one shape, appended into one buffer that doubles when full: a few large
+    allocations instead of one small long-lived tensor per step and layer, which fragments glibc's
+    heap between the FP loop's large transient activations (measured on DiT-S/2, 20 steps: 5.3 GB
+    RSS for ~0.2 GB of statistics). Reads as a sequence of the appended tensors (views); a tensor of
+    another shape is kept on its own."""
+
+    def __init__(self):
+        self._buf, self._n, self._other = None, 0, []
+
+    def append(self, t):
+        if self._other or (self._buf is not None and t.shape != self._buf.shape[1:]):
+            self._other.append(t)
+            return
+        if self._buf is None or self._n == self._buf.shape[0]:
+            grown = t.new_empty((max(8, 2 * self._n),) + tuple(t.shape))
+            if self._n:
+                grown[:self._n] = self._buf[:self._n]
+            self._buf = grown
+        self._buf[self._n] = t
+        self._n += 1
+
+    def _items(self):
+        return ([] if self._buf is None else list(self._buf[:self._n])) + self._other
+
+    def __len__(self):
+        return self._n + len(self._other)
+
+    def __iter__(self):
+        return iter(self._items())
+
+    def __getitem__(self, k):
+        return self._items()[k]
+
+
 class InputStats:
     """Everything the approximate search needs from one layer's inputs, accumulated step by step.
 
@@ -75,7 +110,7 @@ class InputStats:
         self.absmax = None
         self.xtx = None
         self.rows = []
-        self.cmin, self.cmax, self.tokens = [], [], []
+        self.cmin, self.cmax, self.tokens = StepStack(), StepStack(), StepStack()
         self.seen = 0  # all updates (TAS); len(self.rows) counts the ones in the loss
         self._xtx_bytes = 0  # X^T X's bytes once release()d
 
@@ -93,7 +128,7 @@ class InputStats:
         """Drop everything but a_j (the shortlist, once the layer's candidates are ranked)."""
         if self.xtx is not None:
             self._xtx_bytes = self.xtx.numel() * self.xtx.element_size()
-        self.xtx, self.cmin, self.cmax, self.tokens = None, [], [], []
+        self.xtx, self.cmin, self.cmax, self.tokens = None, StepStack(), StepStack(), StepStack()
 
     @property
     def steps(self):
