@@ -206,3 +206,18 @@ def test_shortlist_search_scores_the_best_predicted_exactly():
             assert v == pytest.approx(ex["search_losses"][a], rel=1e-6)
     for key in ("all", "one", "two"):
         assert reports[key]["calibration"]["fp_passes"] == 2 and reports[key]["calibration"]["search"] == "shortlist"
+
+
+def test_step_stack_is_the_sequence_appended():
+    """StepStack (InputStats' per-step storage): reads back exactly what was appended, in order, across
+    its buffer's growth; a tensor of another shape is kept too."""
+    from quant.approx_search import StepStack
+    st, ref = StepStack(), []
+    for t in range(19):  # grows 8 -> 16 -> 32
+        x = torch.full((2, 3), float(t))
+        st.append(x)
+        ref.append(x.clone())
+    st.append(torch.ones(5))
+    ref.append(torch.ones(5))
+    assert len(st) == 20 and all(torch.equal(a, b) for a, b in zip(st, ref)) and torch.equal(st[7], ref[7])
+    assert st._buf.shape == (32, 2, 3)
