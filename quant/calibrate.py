@@ -139,10 +139,6 @@ def collect_tas(layers, loop):
     return {name: s.value for name, s in collect_statistics(layers, loop, RunningAbsMax).items()}
 
 
-def _nbytes(*tensors):
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 def prepare_candidates(layers, cfg, absmax, progress=True, prune=None):
     """({name: Candidates} for cfg's alphas, {name: Candidates} of plain round-to-nearest). prune(name,
     candidates): the candidates kept, called right after each layer's are prepared (the rest freed

@@ -288,13 +288,15 @@ class LossEngine:
         buf = x2.new_empty(min(step, rows), c)
         acc = torch.zeros(s.shape[0], dtype=torch.float64, device=x2.device)
         kernel = self._kernel_ready(x2)
+        # the kernel's weight operands of each candidate, built once per step (kept only if it has several blocks)
+        weight_ops = {} if rows > block else None
         for b0 in range(0, rows, block):
             xb = x2[b0:b0 + block]
             y_fp = xb @ cands.weight.T if ref is None else ref[b0:b0 + block]
             fold = xb.shape[0] * (c + out) > out * c
             for j, k in enumerate(range(sl.start, sl.stop)):
                 rk = None if ranges is None else (ranges[0][j, b0:b0 + block], ranges[1][j, b0:b0 + block])
-                sq = self._kernel_sq(xb, s[j], rk, k, bias, y_fp) if kernel else None
+                sq = self._kernel_sq(xb, s[j], rk, k, bias, y_fp, weight_ops) if kernel else None
                 if sq is not None:
                     acc[j] += sq
                     continue
@@ -319,12 +321,12 @@ class LossEngine:
         """Can this step's candidates run on the fused CPU kernel (ditas_qgemm_w4, quant/ops_avx512.py)?
         The ditas scheme's <= 4-bit grouped codes, asymmetric 8-bit activations, CPU float32 rows."""
         c, acfg = self.c, self.act_cfg
-        group = c.scale.shape[-1] if c.scheme == "ditas" else 0
+        n_groups = c.scale.shape[-1] if c.scheme == "ditas" else 0
         return (self.impl == "fast" and c.scheme == "ditas" and c.weight_cfg.bits <= 4 and acfg.bits == 8
-                and x2.device.type == "cpu" and x2.dtype == torch.float32 and group
-                and (c.weight.shape[1] // group) % ops_avx512.ALIGN_K4 == 0 and ops_avx512.load() is not None)
+                and x2.device.type == "cpu" and x2.dtype == torch.float32 and n_groups
+                and (c.weight.shape[1] // n_groups) % ops_avx512.ALIGN_K4 == 0 and ops_avx512.load() is not None)
 
-    def _kernel_sq(self, xb, s, rk, k, bias, y_fp):
+    def _kernel_sq(self, xb, s, rk, k, bias, y_fp, weight_ops=None):
         """||fq(xb/s) (Q_k + L_k R_k)^T (+ b) - y_fp||^2 on the fused kernel (the integer linear IntLinear
         runs: the same integers, float epilogue), or None where this input's activation zero points
         break its int32 bound (the caller then dequantizes).
@@ -332,11 +334,18 @@ class LossEngine:
             xb    (n, in) float32 rows;  s (in,) the candidate's smoothing factors
             rk    (scale, qmax - zero) float32 (n,) each: the rows' activation ranges, or None (per row of xb/s)
             y_fp  (n, out) float32 reference rows (x W^T, or the layer's output with bias b)
+            weight_ops  {k: (w4_operands(...), group, rank)} of this step's earlier blocks, filled here
+                        (None: built and dropped)
         """
-        c = self.c
-        qw = c.qweight(k)
-        L, R = c.lora(k)
-        ops, bound = ops_avx512.w4_operands(qw.codes, qw.scale, qw.zero, L, R, bias)
+        if weight_ops is not None and k in weight_ops:
+            ops, bound, group, rank = weight_ops[k]
+        else:
+            qw = self.c.qweight(k)
+            L, R = self.c.lora(k)
+            ops, bound = ops_avx512.w4_operands(qw.codes, qw.scale, qw.zero, L, R, bias)
+            group, rank = xb.shape[1] // qw.scale.shape[-1], R.shape[0]
+            if weight_ops is not None:
+                weight_ops[k] = ops, bound, group, rank
         s = s.contiguous()
         if rk is None:
             sx, zx = affine_params(*ops_avx512.rowrange(xb, s), self.ops["intervals"])
@@ -344,12 +353,11 @@ class LossEngine:
             sx, zx = rk[0].contiguous(), (self.ops["qmax"] - rk[1]).contiguous()
         if not ops_avx512.fused_safe(bound, float(zx.abs().max())):
             return None
-        group = xb.shape[1] // qw.scale.shape[-1]
         a, sa, lp = ops_avx512.encode(xb, s, sx, zx, self.ops["qmax"], group if "f_d" in ops else None,
-                                      ops["f_Rt"] if R.shape[0] else None)
+                                      ops["f_Rt"] if rank else None)
         y = torch.empty_like(y_fp)
         ops_avx512.qgemm(a, ops["w_vnni4"], y.shape[1], group, ops["f_sw"], ops["f_cbd"], ops.get("f_d"), sa,
-                         zx.to(torch.int32), sx, lp, R.shape[0], ops["f_Lt"], ops.get("f_bias"), y)
+                         zx.to(torch.int32), sx, lp, rank, ops["f_Lt"], ops.get("f_bias"), y)
         # per-row norms: a float32 sum over the whole block would lose ~1e-4 of the loss
         return float(torch.linalg.vector_norm(y.sub_(y_fp), dim=1).double().pow(2).sum())
 

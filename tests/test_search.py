@@ -337,3 +337,22 @@ def test_integer_kernel_falls_back_where_zero_points_overflow_int32(monkeypatch)
     naive = _search(w, b, xs, alpha_grid(0.5), wcfg, acfg, "ditas", impl="naive")
     assert len(calls) < len(alpha_grid(0.5)) * len(xs)  # some (candidate, step) fell back
     torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(naive.losses), rtol=2e-4, atol=0)
+
+
+@pytest.mark.skipif(ops_avx512.load() is None, reason="fused CPU kernel not available here")
+def test_integer_kernel_builds_weight_operands_once_per_step(monkeypatch):
+    """A step of many rows is scored in blocks; each candidate's kernel operands are built once per
+    step, not once per block, and the losses are the single-block ones."""
+    from quant import search_losses
+    w, b, _ = search_problem(out=96)
+    xs, wcfg, acfg, absmax = _streams("ditas", "row", (2, 300, 64), seed=11)
+    alphas = alpha_grid(0.5)
+    single = _search(w, b, xs, alphas, wcfg, acfg, "ditas")
+    monkeypatch.setattr(search_losses, "_CHUNK_ELEMENTS", 64 * 64)  # 64-row blocks: 10 per step
+    monkeypatch.setattr(search_losses, "_BLOCK_ELEMENTS", 64)
+    built = []
+    w4 = ops_avx512.w4_operands
+    monkeypatch.setattr(ops_avx512, "w4_operands", lambda *a, **k: built.append(1) or w4(*a, **k))
+    blocks = _search(w, b, xs, alphas, wcfg, acfg, "ditas")
+    assert len(built) == len(alphas) * len(xs)
+    torch.testing.assert_close(torch.tensor(blocks.losses), torch.tensor(single.losses), rtol=1e-9, atol=0)
