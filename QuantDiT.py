@@ -22,12 +22,13 @@ import torch
 from cli import (ArgumentParser, UserError, add_device_arg, add_model_args, check_common_args, check_seed,
                  check_writable, latent_shape, pick_device, run)
 from config import DEFAULTS, calib_labels
-from pipeline import (build_model, close_distributed, decode, init_distributed, load_vae, make_sampler,
-                      sample_inputs, save_grid)
+from pipeline import (build_model, close_distributed, decode, init_distributed, load_vae, make_lockstep_sampler,
+                      make_sampler, sample_inputs, save_grid)
 from quant.budget import GIB
 from quant.calibrate import plan_calibration, quantize_dit
 from quant.config import DEFAULT_SHORTLIST, SCHEME_DEFAULT, SEARCHES, QuantConfig, field_default
 from quant.checkpoint import is_quantized_checkpoint, save_quantized
+from quant.feed import ChunkedLoop
 from quant.ranks import Ranks
 from quant.storage import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES, round_for_storage
 
@@ -107,6 +108,9 @@ def _main(args):
             raise UserError(f"{flag}: labels must lie in [0, {args.num_classes}) (--num-classes)")
     if args.calib_memory_gb <= 0:
         raise UserError(f"--calib-memory-gb must be positive, got {args.calib_memory_gb:g}")
+    if args.calib_chunks < 1 or len(labels) % args.calib_chunks:
+        raise UserError(f"--calib-chunks {args.calib_chunks}: must divide the {len(labels)} calibration labels "
+                        f"into equal chunks")
     # Several processes under torchrun: each calibrates its share of the layers, rank 0 writes
     device = init_distributed(pick_device(args.device))
     ranks = Ranks.current()
@@ -118,19 +122,21 @@ def _main(args):
     model = build_model(args)
     budget = round(args.calib_memory_gb * GIB)
     try:  # the layers, the ranks and the memory budget fit, before any FP loop
-        plan_calibration(model, cfg, budget, ranks, device.type)
+        plan_calibration(model, cfg, budget, ranks, device.type, chunks=args.calib_chunks)
     except ValueError as e:
         raise UserError(str(e)) from None
     model = model.to(device)
     torch.manual_seed(args.seed)
     shape = (model.in_channels, model.x_embedder.img_size, model.x_embedder.img_size)
     clip = args.vae == "none"
-    calib = make_sampler(model, args.num_sampling_steps, args.calib_cfg_scale, clip_denoised=clip)
+    calib = make_lockstep_sampler(model, args.num_sampling_steps, args.calib_cfg_scale, clip_denoised=clip)
+    size = len(labels) // args.calib_chunks
 
-    def calibration_loop():
-        # the same fixed noise batch every pass: the FP trajectory is identical each time
-        gens, y, z = sample_inputs(args.seed, range(len(labels)), args.num_classes, shape, labels)
-        calib(z, y, gens, progress="FP sampling loop (calibration)" if lead else False)
+    def calibration_loop(chunks):
+        # the same fixed noise batch every pass (each sample's own streams): the FP trajectory is identical each time
+        batches = [sample_inputs(args.seed, range(c * size, (c + 1) * size), args.num_classes, shape,
+                                 labels[c * size:(c + 1) * size]) for c in chunks]
+        calib([(z, y, gens) for gens, y, z in batches], progress="FP sampling loop (calibration)" if lead else False)
 
     if lead:
         print(f"calibrating {args.model} ({len(labels)} labels, cfg {args.calib_cfg_scale}, "
@@ -144,7 +150,8 @@ def _main(args):
         gens, y, z = sample_inputs(args.seed, range(len(args.preview_labels)), args.num_classes, shape,
                                    args.preview_labels)
         preview = [decode(vae, sampler(z, y, gens, progress="preview: FP model"))]
-    report = quantize_dit(model, cfg, calibration_loop, progress=lead, memory_budget=budget, ranks=ranks)
+    report = quantize_dit(model, cfg, ChunkedLoop(calibration_loop, args.calib_chunks), progress=lead,
+                          memory_budget=budget, ranks=ranks)
     if not lead:
         return None
     # from here on the model is exactly what the checkpoint stores (and load_quantized returns)
@@ -160,7 +167,8 @@ def _main(args):
     meta = {
         "model": args.model, "image_size": args.image_size, "num_classes": args.num_classes, "vae": args.vae,
         "in_channels": model.in_channels, "seed": args.seed, "num_sampling_steps": args.num_sampling_steps,
-        "calib_cfg_scale": args.calib_cfg_scale, "calib_labels": labels, "ckpt": args.ckpt,
+        "calib_cfg_scale": args.calib_cfg_scale, "calib_labels": labels, "calib_chunks": args.calib_chunks,
+        "ckpt": args.ckpt,
         **cfg.to_dict(),
         "alphas": {name: r["alpha"] for name, r in report["layers"].items()},
     }
@@ -242,6 +250,13 @@ def build_parser():
                         help="search state one process may hold, in GiB (quant/budget.py); layers beyond it are "
                              "calibrated in groups, each over its own FP sampling loop (same result, more loops). "
                              "The FP model and the sampling activations come on top")
+    parser.add_argument("--calib-chunks", type=int, default=d.calib_chunks, metavar="N",
+                        help="run each FP calibration loop's batch as N equal chunks of samples, in turn at every "
+                             "step (the results depend on N, not on the number of processes). Under torchrun with "
+                             "N a multiple of the processes, each runs its share of the chunks and receives its "
+                             "layers' inputs from the others: the FP work divided, at the cost of that traffic "
+                             "(for CPU processes). 1: every process runs the whole batch, nothing sent (GPUs). "
+                             "Needs activation ranges per row or token when N > 1")
     parser.add_argument("--calib-cfg-scale", type=float, default=d.calib_cfg_scale,
                         help="guidance of the FP calibration loops (the paper's 1.5)")
     parser.add_argument("--calib-labels", type=int, nargs="+", default=None,

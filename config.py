@@ -24,6 +24,9 @@ class Defaults:
     # the alpha search's state per process, GiB (quant/budget.py): DiT-XL/2's ditas search holds about
     # 6.5 GiB in one group, so 8 fits it next to the FP model and 512x512 activations on a 24 GB GPU
     calib_memory_gb: float = 8.0
+    # the FP calibration loop's batch in equal chunks, run in turn at each step (quant/feed.py); under
+    # torchrun a multiple of the processes divides the FP loops among them (CPU); 1: the whole batch
+    calib_chunks: int = 1
     # preview
     cfg_scale: float = 4.0
 

@@ -120,12 +120,19 @@ def make_sampler(model, num_sampling_steps, cfg_scale, clip_denoised, dtype="fp3
     guidance; progress: a bool, or the description of the progress bar (what this loop is for).
 
     dtype: the model's dtype (cast_for_sampling); its input is cast to it and its output back to float32."""
+    lockstep = make_lockstep_sampler(model, num_sampling_steps, cfg_scale, clip_denoised, dtype)
+    return lambda z, y, gens, progress=False: lockstep([(z, y, gens)], progress)[0]
+
+
+def make_lockstep_sampler(model, num_sampling_steps, cfg_scale, clip_denoised, dtype="fp32"):
+    """A function (batches, progress=False) -> [samples of each batch]: make_sampler's sampling of several
+    batches [(z, y, gens), ...] advanced in lockstep, every batch's step t (in order) before any step
+    t - 1 (the calibration's FP loop in chunks, quant/feed.py). The progress bar counts steps."""
     diffusion = create_diffusion(str(num_sampling_steps))
     using_cfg = cfg_scale > 1.0
 
-    def sample(z, y, gens, progress=False):
+    def loop(z, y, gens, progress):
         device = next(model.parameters()).device
-        n = len(z)
         if using_cfg:
             z = torch.cat([z, z], 0)
             y = torch.cat([y, torch.full_like(y, model.num_classes)], 0)
@@ -141,9 +148,16 @@ def make_sampler(model, num_sampling_steps, cfg_scale, clip_denoised, dtype="fp3
             eps = torch.stack([g.randn(x.shape[1:]) for g in gens]).to(x.device, x.dtype)
             return torch.cat([eps, eps], 0) if using_cfg else eps
 
-        out = diffusion.p_sample_loop(fn, z.shape, z.to(device), clip_denoised=clip_denoised, model_kwargs=kwargs,
-                                      progress=progress, device=device, noise_fn=noise_fn)
-        return out[:n]
+        return diffusion.p_sample_loop_progressive(fn, z.shape, z.to(device), clip_denoised=clip_denoised,
+                                                   model_kwargs=kwargs, progress=progress, device=device,
+                                                   noise_fn=noise_fn)
+
+    def sample(batches, progress=False):
+        loops = [loop(z, y, gens, progress if i == 0 else False) for i, (z, y, gens) in enumerate(batches)]
+        final = [None] * len(loops)
+        for outs in zip(*loops):  # one step of every batch, in order
+            final = list(outs)
+        return [out["sample"][:len(z)] for out, (z, _, _) in zip(final, batches)]
 
     return sample
 

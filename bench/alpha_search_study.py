@@ -35,8 +35,9 @@ import QuantDiT  # noqa: E402
 from bundled.digits import BUNDLED_FLAGS, NUM_CLASSES  # noqa: E402
 from config import calib_labels  # noqa: E402
 from pipeline import build_model, make_sampler, sample_inputs, to_uint8  # noqa: E402
-from quant.calibrate import ExactScoring, collect_tas, prepare_candidates, run_hooked  # noqa: E402
+from quant.calibrate import ExactScoring, collect_tas, prepare_candidates  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
+from quant.feed import run_hooked  # noqa: E402
 from quant.layers import quantizable_layers  # noqa: E402
 from quant.qlinear import QuantLinear  # noqa: E402
 from quant.search import AlphaSearch, select_alpha  # noqa: E402

@@ -1,14 +1,22 @@
 """Calibration over several processes: one process vs N under torchrun, the same checkpoint.
 
     python bench/calib_ranks.py                 # the bundled DiT-T/2, QuantDiT defaults, 50 steps, 1 vs 2 processes
-    python bench/calib_ranks.py --steps 20 --nproc 2 --quantdit-flags "--weight-bit 8"
+    python bench/calib_ranks.py --steps 20 --nproc 2 --repeats 1 --quantdit-flags "--weight-bit 8"
 
 Each run is `QuantDiT.py` on the bundled model (no preview) in a subprocess, every process at one
-thread (`--threads 1`): first alone, then `launch.py --standalone --nproc_per_node=N`. Each rank
-calibrates its share of the layers (quant/ranks.py) and runs the FP sampling loops itself, so
-the FP loops are paid N times and the candidate preparation and scoring split. Reported: wall
-time, the phases of rank 0's report, and whether model.safetensors and quant_config.json are
-byte-identical. Target: 2 processes in at most 0.65x the wall time of one. Writes
+thread (`--threads 1`), alone or under `launch.py --standalone --nproc_per_node=N`. Four settings,
+taken in turn in every repeat so that load changes hit them alike:
+
+    1 process                    the default, one chunk: the baseline of the target
+    N processes, chunks N        --calib-chunks N: each rank runs one chunk of the FP loops and observes
+                                 every layer (quant/feed.py)
+    1 process, chunks N          the same results as the line above (byte-identical checkpoints)
+    N processes                  one chunk: every rank runs the whole FP loops (its layers observed)
+
+Reported: wall time of each run (min / max over repeats), the per-repeat ratio to the 1-process
+default, the calibration's own time (report total_s, without start-up and saving), rank 0's
+phases, and whether the checkpoints (model.safetensors, quant_config.json) of each pair are
+byte-identical. Target: N processes in at most 0.65x the wall time of one. Writes
 bench/results/calib_ranks.md.
 """
 import argparse
@@ -27,10 +35,10 @@ from bundled.digits import BUNDLED_FLAGS  # noqa: E402
 CHECKPOINT_FILES = ("model.safetensors", "quant_config.json")
 
 
-def run(nproc, steps, out, extra):
+def run(nproc, chunks, steps, out, extra):
     """(wall s, report) of one calibration with nproc processes at one thread each."""
     flags = [*BUNDLED_FLAGS, "--num-sampling-steps", str(steps), "--no-preview", "--threads", "1", "--overwrite",
-             "--out", out, *extra]
+             "--out", out, "--calib-chunks", str(chunks), *extra]
     cmd = [sys.executable, "QuantDiT.py", *flags] if nproc == 1 else \
         [sys.executable, "launch.py", "--standalone", f"--nproc_per_node={nproc}", "QuantDiT.py", *flags]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -51,37 +59,57 @@ def same_files(a, b):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=50, help="calibration steps (default: %(default)s)")
-    ap.add_argument("--nproc", type=int, default=2, help="processes of the parallel run (default: %(default)s)")
+    ap.add_argument("--nproc", type=int, default=2, help="processes of the parallel runs (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of the four settings (default: %(default)s)")
     ap.add_argument("--quantdit-flags", default="", help="extra QuantDiT.py flags")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "calib_ranks.md"), help="the report")
     args = ap.parse_args()
-    extra = args.quantdit_flags.split()
+    extra, n = args.quantdit_flags.split(), args.nproc
+    settings = [(1, 1), (n, n), (1, n), (n, 1)]  # (processes, chunks); the first is the baseline
     load0 = os.getloadavg()
-    rows, walls = [], {}
+    walls = {s: [] for s in settings}
+    reports, identical = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (1, args.nproc):
-            wall, rep = run(n, args.steps, os.path.join(tmp, f"n{n}"), extra)
-            walls[n] = wall
-            t, cal = rep["timings"], rep["calibration"]
-            rows.append(f"| {n} | {wall:.1f} | {wall / walls[1]:.2f}x | {t['tas_statistics_s']:.1f} | "
-                        f"{t['prepare_candidates_s']:.1f} | {t['alpha_search_s']:.1f} | "
-                        f"{cal['fp_passes']} | {cal['peak_rss_bytes'] / 2 ** 20:.0f} |")
-            print(rows[-1], flush=True)
-        identical = same_files(os.path.join(tmp, "n1"), os.path.join(tmp, f"n{args.nproc}"))
+        for rep in range(args.repeats):
+            for procs, chunks in settings:
+                out = os.path.join(tmp, f"p{procs}c{chunks}")
+                wall, reports[procs, chunks] = run(procs, chunks, args.steps, out, extra)
+                walls[procs, chunks].append(wall)
+                print(f"repeat {rep + 1}: {procs} process(es), {chunks} chunk(s): {wall:.1f} s", flush=True)
+            for a, b in (((1, n), (n, n)), ((1, 1), (n, 1))):
+                identical[a, b] = identical.get((a, b), True) and same_files(
+                    os.path.join(tmp, f"p{a[0]}c{a[1]}"), os.path.join(tmp, f"p{b[0]}c{b[1]}"))
     load1 = os.getloadavg()
+    base = walls[1, 1]
+    rows = []
+    for s in settings:
+        w = walls[s]
+        ratios = [x / b for x, b in zip(w, base)]
+        rep = reports[s]
+        t, cal = rep["timings"], rep["calibration"]
+        how = "one chunk" if s[1] == 1 else f"{s[1]} chunks" + (", divided" if cal["fp_by_chunks"] else "")
+        rows.append(f"| {s[0]} | {how} | {min(w):.1f} / {max(w):.1f} | {min(ratios):.2f}x / {max(ratios):.2f}x | "
+                    f"{t['total_s']:.1f} | {t['tas_statistics_s']:.1f} | {t['prepare_candidates_s']:.1f} | "
+                    f"{t['alpha_search_s']:.1f} | {cal['fp_passes']} | {cal['peak_rss_bytes'] / 2 ** 20:.0f} |")
+    worst = max(x / b for x, b in zip(walls[n, n], base))
+    best = min(x / b for x, b in zip(walls[n, n], base))
+    same = lambda a, b: "yes" if identical[a, b] else "NO"  # noqa: E731
     write_report(args.out, [
         "# Calibration over several processes", "",
         f"Command: `{' '.join(['python', 'bench/calib_ranks.py', *sys.argv[1:]])}`", "",
-        f"QuantDiT.py on the bundled DiT-T/2 with its defaults, {args.steps} calibration steps, no preview, one "
-        f"thread per process. Machine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores; load average "
-        f"{load0[0]:.2f} before, {load1[0]:.2f} after. Phases: rank 0's report (each rank runs its own FP loops).", "",
-        "| processes | wall (s) | vs 1 | TAS pass (s) | candidates (s) | alpha search (s) | FP loops per rank | "
-        "peak RSS rank 0 (MiB) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
-        f"model.safetensors and quant_config.json byte-identical: **{'yes' if identical else 'NO'}**. "
-        f"Target: {args.nproc} processes <= 0.65x of one: **{'met' if walls[args.nproc] <= 0.65 * walls[1] else 'not met'}**"
-        f" ({walls[args.nproc] / walls[1]:.2f}x)."])
-    if not identical:
+        f"QuantDiT.py on the bundled DiT-T/2 with its defaults{' ' + args.quantdit_flags if extra else ''}, "
+        f"{args.steps} calibration steps, no preview, one thread per process; {args.repeats} repeats, the four "
+        f"settings in turn. Machine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores; load average "
+        f"{load0[0]:.2f} before, {load1[0]:.2f} after. Wall: the whole process (launcher and start-up included); "
+        f"calibration s and the phases: rank 0's report of the last repeat.", "",
+        "| processes | FP loops | wall s, min / max | vs 1 process, per repeat, min / max | calibration s | "
+        "TAS pass s | candidates s | alpha search s | FP loops per rank | peak RSS rank 0 (MiB) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+        f"Byte-identical model.safetensors and quant_config.json: 1 process vs {n} with {n} chunks: "
+        f"**{same((1, n), (n, n))}**; 1 process vs {n} with one chunk: **{same((1, 1), (n, 1))}**.", "",
+        f"Target: {n} processes (`--calib-chunks {n}`) <= 0.65x of one process (the default): "
+        f"**{'met' if worst <= 0.65 else 'not met'}** ({best:.2f}x to {worst:.2f}x over the repeats)."])
+    if not all(identical.values()):
         sys.exit("error: the checkpoints differ")
 
 

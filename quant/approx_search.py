@@ -161,6 +161,24 @@ class InputStats:
             self.tokens.append(flat[idx].float())
         return self
 
+    @classmethod
+    def merge(cls, parts):
+        """The statistics of every part's inputs (parts: chunks of the same steps, in chunk order): X^T X
+        summed in that order, the per-update entries (rows, ranges) one part after the other. Each
+        chunk's step stays one update (the approximate loss is a mean per update, as the search's)."""
+        first = parts[0]
+        out = cls(first.granularity, first.max_steps, first.token_samples, first.dtype)
+        for p in parts:
+            out.absmax = p.absmax if out.absmax is None else torch.maximum(out.absmax, p.absmax)
+            if p.xtx is not None:
+                out.xtx = p.xtx.clone() if out.xtx is None else out.xtx.add_(p.xtx)
+            out.rows += p.rows
+            out.seen += p.seen
+            for stack in ("cmin", "cmax", "tokens"):
+                for t in getattr(p, stack):
+                    getattr(out, stack).append(t)
+        return out
+
     def mean_rows(self):
         return sum(self.rows) / max(len(self.rows), 1)
 

@@ -17,8 +17,10 @@ activations are kept. The phases of quantize_dit, each named after the paper's s
 
 Phases 2 and 3 run per group of layers whose search state fits the memory budget
 (quant/budget.py), each group over its own FP loop of the same fixed noise, so the result does
-not depend on the budget. Under torchrun each rank calibrates its share of the layers
-(quant/ranks.py) and rank 0 builds the model. With quantize_adaln, 5.: every block's adaLN
+not depend on the budget. The loop may run the noise batch in chunks (quant/feed.py: one update
+per chunk and step). Under torchrun each rank calibrates its share of the layers
+(quant/ranks.py), the FP loops run by every rank or divided among them (quant/feed.py), and rank
+0 builds the model. With quantize_adaln, 5.: every block's adaLN
 linear, weight-only 8-bit.
 """
 import resource
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 
 from quant.approx_search import ApproxScoring, InputStats, approx_losses
 from quant.budget import human, plan_groups
+from quant.feed import ChunkedLoop, Feed, as_feed, merge
 from quant.layers import ADALN_WEIGHT_CFG, adaln_layers, check_layers, quantizable_layers
 from quant.qlinear import QuantLinear
 from quant.quantizer import dequantize_weight
@@ -57,21 +60,35 @@ class ExactScoring:
         return candidates
 
     def score(self, layers, candidates, baselines, stats, loop):
-        """{name: Scores} from a streaming FP loop over `layers` ({name: nn.Linear})."""
+        """{name: Scores} from a streaming FP loop (a Feed, or a loop of this process) over `layers`
+        ({name: nn.Linear}, this rank's). Shared by chunks, every rank scores every layer of the round
+        on its chunks (the candidates sent to every rank first, the running sums back to the owners)."""
         cfg, acfg = self.cfg, self.cfg.act_cfg()
+        feed = as_feed(loop, layers)
+        every = feed.share({name: (candidates[name], baselines[name]) for name in layers})
+        for name, pair in every.items():  # a copy from another rank: the FP weight and bias are the model's own
+            if name not in layers:
+                for c in pair:
+                    c.weight, c.bias = feed.modules[name].weight.detach().float(), feed.modules[name].bias
         engine = dict(matmul_dtype=cfg.search_dtype, row_stride=cfg.search_row_stride)
-        searches = {name: AlphaSearch.over(c, acfg, cfg.search_steps, **engine) for name, c in candidates.items()}
+        n = feed.loop.chunks
+        searches = {name: AlphaSearch.over(c, acfg, cfg.search_steps, slots=n, **engine) for name, (c, _) in every.items()}
         # plain round-to-nearest on the same inputs: the "before smoothing, before LoRA" error
-        rtn = {name: AlphaSearch.over(c, acfg, cfg.search_steps, **engine) for name, c in baselines.items()}
+        rtn = {name: AlphaSearch.over(b, acfg, cfg.search_steps, slots=n, **engine) for name, (_, b) in every.items()}
 
-        def observe(name, x, y):  # y: the FP layer's output, the candidates' reference (no FP product)
-            searches[name].update(x, y)
-            rtn[name].update(x, y)
+        def observe(name, chunk, x, y):  # y: the FP layer's output, the candidates' reference (no FP product)
+            searches[name].update(x, y, chunk)
+            rtn[name].update(x, y, chunk)
 
-        run_hooked(layers, observe, loop, outputs=True)
+        feed.run(observe, outputs=True)
+        sums = {name: {c: (searches[name].slot(c), rtn[name].slot(c)) for c in feed.chunks} for name in every}
+        for name, parts in feed.to_owners(sums).items():
+            for c, (mine, base) in enumerate(parts):
+                searches[name].set_slot(c, mine)
+                rtn[name].set_slot(c, base)
         return {name: Scores(s.losses, s.steps, rtn[name].losses[0], rtn[name].steps, {},
                              s.engine.nbytes() + rtn[name].engine.nbytes())
-                for name, s in searches.items()}
+                for name, s in searches.items() if name in layers}
 
 
 class ShortlistScoring:
@@ -110,28 +127,13 @@ class ShortlistScoring:
 SCORINGS = {"exact": ExactScoring, "shortlist": ShortlistScoring, "approx": ApproxScoring}
 
 
-def run_hooked(layers, fn, loop, outputs=False):
-    """Run loop() with fn(name, x) observing every layer's input ({name: module}), or fn(name, x, y) with
-    its output y too (outputs=True: called after the layer ran); hooks are always removed."""
-    def hook(name):
-        def observe(module, inputs, *output):
-            fn(name, inputs[0], *output)  # returning None leaves the input (output) untouched
-        return observe
-    register = "register_forward_hook" if outputs else "register_forward_pre_hook"
-    handles = [getattr(lin, register)(hook(name)) for name, lin in layers.items()]
-    try:
-        with torch.no_grad():
-            loop()
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def collect_statistics(layers, loop, make):
-    """Pass 1: {name: statistic} with statistic = make() updated on every step's input of the layer."""
-    stats = {name: make() for name in layers}
-    run_hooked(layers, lambda name, x: stats[name].update(x), loop)
-    return stats
+    """Pass 1: {name: statistic} of this rank's `layers`, statistic = make() updated on every step's
+    input of the layer (one per chunk of the batch, merged in chunk order); loop: a Feed or a loop."""
+    feed = as_feed(loop, layers)
+    parts = {name: {c: make() for c in feed.chunks} for name in feed.observed}
+    feed.run(lambda name, chunk, x: parts[name][chunk].update(x))
+    return {name: merge(p) for name, p in feed.to_owners(parts).items()}
 
 
 def collect_tas(layers, loop):
@@ -155,9 +157,10 @@ def prepare_candidates(layers, cfg, absmax, progress=True, prune=None):
     return candidates, baselines
 
 
-def layer_report(cands, scores, baseline=None, statistic=None):
-    """(LayerQuant of the best alpha, the layer's report entry); losses per step, as searched. The entry's
-    state_bytes: what the layer's search held between steps (candidates, baseline, operands, statistic)."""
+def layer_report(cands, scores, baseline=None, statistic=None, chunks=1):
+    """(LayerQuant of the best alpha, the layer's report entry); losses per update (a step's, or a chunk's
+    of `chunks`: equal chunks give the step's mean), as searched. The entry's state_bytes: what the
+    layer's search held between steps (candidates, baseline, operands, statistic)."""
     k = select_alpha(scores.losses, cands.alphas)
     best = cands.layer(k)
     steps = max(scores.steps, 1)
@@ -171,7 +174,7 @@ def layer_report(cands, scores, baseline=None, statistic=None):
         "lora_errors": best.lora_errors,
         "output_error": scores.losses[k] / steps,
         "output_error_rtn": scores.rtn_loss / max(scores.rtn_steps, 1),
-        "search_steps": scores.steps,
+        "search_steps": scores.steps // chunks,
         **({} if scores.predicted is None else
            {"search_losses_predicted": {str(a): v / steps for a, v in scores.predicted.items()}}),
         "svds": cands.svds,
@@ -201,17 +204,17 @@ def quantize_adaln(model):
     return report
 
 
-def calibrate_group(part, cfg, scoring, stats, loop, timings, say, of="", progress=True):
+def calibrate_group(part, cfg, scoring, stats, feed, timings, say, of="", progress=True):
     """Phases 2 and 3 for one group of layers ({name: nn.Linear}); stats: pass 1's, None where the scoring
-    gathers its statistics per group (here). Adds to `timings`; returns ({name: (LayerQuant, report entry)},
-    FP loops run). The group's candidates are freed on return."""
-    if not part:
+    gathers its statistics per group (here); feed: the round's (quant/feed.py). Adds to `timings`; returns
+    ({name: (LayerQuant, report entry)}, FP loops run). The group's candidates are freed on return."""
+    if not part and not feed.by_chunks:  # a loop shared by chunks needs every rank, with layers or none
         return {}, 0
     loops = 0
     t0 = time.time()
     if scoring.group_statistics:  # the approximate search's statistics (and the TAS maxima) in one loop
         say(f"calibration 1/3, {of}TAS and loss statistics: one FP sampling loop, {len(part)} layers observed")
-        stats = collect_statistics(part, loop, scoring.statistic)
+        stats = collect_statistics(part, feed, scoring.statistic)
         loops += 1
     absmax = {n: None if stats[n] is None or cfg.smoothing == "none" else stats[n].value for n in part}
     timings["tas_statistics_s"] += time.time() - t0
@@ -237,20 +240,24 @@ def calibrate_group(part, cfg, scoring, stats, loop, timings, say, of="", progre
                          "per layer)",
             "approx": "losses predicted from the statistics (no FP loop)"}[cfg.search]
     say(f"calibration 3/3, {of}alpha search: {what}")
-    scores = scoring.score(part, candidates, baselines, stats, loop)
+    scores = scoring.score(part, candidates, baselines, stats, feed)
     loops += int(scoring.scoring_loop)
     timings["alpha_search_s"] += time.time() - t0 + ranking[0]
-    return {n: layer_report(candidates[n], scores[n], baselines[n], stats[n]) for n in part}, loops
+    return {n: layer_report(candidates[n], scores[n], baselines[n], stats[n], feed.loop.chunks) for n in part}, loops
 
 
-def plan_calibration(model, cfg, memory_budget=None, ranks=None, device_type=None):
+def plan_calibration(model, cfg, memory_budget=None, ranks=None, device_type=None, chunks=1):
     """(this rank's layer names, their groups, {name: estimated state bytes}) before any work is done:
-    ValueError for a config that does not fit some layer, more ranks than layers, or a memory budget
-    below one layer's state (on every rank, when one rank's share does not fit). device_type: where
-    the model will calibrate (default: where it is)."""
+    ValueError for a config that does not fit some layer, more ranks than layers, a memory budget
+    below one layer's state (on every rank, when one rank's share does not fit), or an FP loop in
+    chunks (quant/feed.py) with activation ranges per tensor. device_type: where the model will
+    calibrate (default: where it is)."""
     ranks = ranks or Ranks()
     layers = quantizable_layers(model)
     check_layers(layers, cfg)
+    if chunks > 1 and cfg.act_granularity == "tensor":
+        raise ValueError(f"an FP loop in {chunks} chunks needs activation ranges per row or token (a tensor's "
+                         f"range spans the whole batch): use one chunk or --act-granularity row")
     shapes = {name: tuple(lin.weight.shape) for name, lin in layers.items()}
     device_type = device_type or next(model.parameters()).device.type
     mine = ranks.together(lambda: ranks.share({name: out * inp for name, (out, inp) in shapes.items()}))
@@ -260,36 +267,44 @@ def plan_calibration(model, cfg, memory_budget=None, ranks=None, device_type=Non
 
 
 def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None):
-    """Calibrate on `loop` (a callable running one FP sampling loop of model) and swap in QuantLinears.
+    """Calibrate on `loop` (a callable running one FP sampling loop of model, or a quant.feed.ChunkedLoop)
+    and swap in QuantLinears.
 
     cfg: a QuantConfig. memory_budget: bytes of search state this process may hold (None: no limit,
     one group); a budget below one layer's state is a ValueError naming the layer and the minimum.
     ranks: quant.ranks.Ranks (default: this process alone); with several, every rank must call this
-    with the same arguments; each calibrates its share, rank 0 swaps every layer and returns the
+    with the same arguments; each calibrates its share (the FP loops divided among them where the
+    loop's chunks are a multiple of the ranks: quant/feed.py), rank 0 swaps every layer and returns the
     report, the others return None. The report: per layer alpha, search losses, weight errors
     before/after LoRA, output errors (mean squared error per step, and plain round-to-nearest's for
     reference), SVDs and state bytes; wall time per phase; the calibration's passes, groups, state
     and peak memory (`calibration`).
     """
     ranks = ranks or Ranks()
+    loop = ChunkedLoop.of(loop)
     layers = quantizable_layers(model)
     scoring = SCORINGS[cfg.search](cfg)
     device = next(model.parameters()).device
     say = tqdm.write if progress else (lambda msg: None)
-    mine, groups, estimates = plan_calibration(model, cfg, memory_budget, ranks)
-    n_groups = max(ranks.all(len(groups)))
+    mine, groups, estimates = plan_calibration(model, cfg, memory_budget, ranks, chunks=loop.chunks)
+    every = ranks.all(groups)  # every rank's groups: who observes which layer in each round
+    n_groups = max(len(gs) for gs in every)
     timings = dict.fromkeys(("tas_statistics_s", "prepare_candidates_s", "alpha_search_s", "build_layers_s"), 0.0)
     where = f" on rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""
     budget = "no memory budget" if memory_budget is None else f"a budget of {memory_budget / 2 ** 30:g} GiB"
+    feed = Feed(loop, ranks, layers, [[n for g in gs for n in g] for gs in every])
+    fp = "" if loop.chunks == 1 else \
+        f"; FP loops in {loop.chunks} chunks" + ("" if ranks.world == 1 else
+                                                 f", {'divided among' if feed.by_chunks else 'each run by'} the processes")
     say(f"calibration: {len(mine)} layers{where} in {len(groups)} group(s) ({budget}; estimated search state "
-        f"{human(sum(estimates.values()))} in all)")
+        f"{human(sum(estimates.values()))} in all{fp})")
     passes = 0
 
     t0 = time.time()  # 1. TAS statistics (the exact search with no smoothing needs none)
     stats = {name: None for name in mine}
     if cfg.smoothing != "none" and not scoring.group_statistics:
         say(f"calibration 1/3, TAS statistics: one FP sampling loop, {len(mine)} layers observed")
-        stats = ranks.together(lambda: collect_statistics({n: layers[n] for n in mine}, loop, scoring.statistic))
+        stats = ranks.together(lambda: collect_statistics({n: layers[n] for n in mine}, feed, scoring.statistic))
         passes += 1
     timings["tas_statistics_s"] += time.time() - t0
 
@@ -297,16 +312,18 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
     for g in range(n_groups):  # 2. and 3. per group; every rank takes part in every round
         part = {n: layers[n] for n in (groups[g] if g < len(groups) else [])}
         of = f"group {g + 1}/{n_groups}, " if n_groups > 1 else ""
-        results, loops = ranks.together(lambda: calibrate_group(part, cfg, scoring, stats, loop, timings, say, of,
+        feed = Feed(loop, ranks, layers, [gs[g] if g < len(gs) else [] for gs in every])
+        results, loops = ranks.together(lambda: calibrate_group(part, cfg, scoring, stats, feed, timings, say, of,
                                                                 progress))
         chosen.update(results)
         passes += loops
         state_max = max(state_max, sum(entry["state_bytes"] for _, entry in results.values()))
 
-    mem = {"rank": ranks.rank, "fp_passes": passes, "groups": len(groups), "state_bytes_max": state_max,
+    mem = {"rank": ranks.rank, "fp_passes": passes, "fp_chunks": loop.chunks, "fp_by_chunks": feed.by_chunks, "groups": len(groups), "state_bytes_max": state_max,
            "state_bytes_estimated": sum(estimates.values()),
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "peak_cuda_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+           "peak_cuda_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+           "timings": dict(timings), "done_at": time.time()}
     if ranks.world > 1:  # rank 0 builds the model from every rank's layers
         chosen = {n: (best.to("cpu"), entry) for n, (best, entry) in chosen.items()}
     every = ranks.gather({"layers": chosen, "memory": mem})
@@ -331,7 +348,7 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
         "peak_rss_bytes": max(m["peak_rss_bytes"] for m in ranks_mem),
         "peak_cuda_bytes": None if device.type != "cuda" else max(m["peak_cuda_bytes"] for m in ranks_mem),
         "per_rank": ranks_mem}}
-    out["calibration"]["search"] = cfg.search
+    out["calibration"].update(search=cfg.search, fp_chunks=loop.chunks, fp_by_chunks=feed.by_chunks)
     if not scoring.scoring_loop:
         out.update(search=cfg.search, calibration_loops=1)
     if cfg.quantize_adaln:  # 5. adaLN, weight-only

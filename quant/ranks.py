@@ -1,10 +1,11 @@
 """Calibration over several processes (torchrun; gloo on CPU, nccl on CUDA): which layers each rank
 calibrates, and how the ranks agree (docs/METHOD.md §13).
 
-Every rank runs the same FP sampling loops of the same fixed noise and calibrates its share of
-the layers; rank 0 gathers the chosen layers and writes the checkpoint. A layer's result depends
-on its own inputs only, so at equal thread settings the checkpoint is byte-identical to a single
-process's. The ranks meet at a few points (`together`): there a failure on any rank stops all of
+Each rank calibrates its share of the layers; the FP sampling loops of the same fixed noise are
+either run by every rank or divided among them by chunks of the batch (quant/feed.py); rank 0
+gathers the chosen layers and writes the checkpoint. A layer's result depends on its own inputs
+only, so at equal thread settings the checkpoint is byte-identical to a single process's. The
+ranks meet at a few points (`together`, `check_in`): there a failure on any rank stops all of
 them with that rank's error, named once.
 """
 import sys
@@ -77,19 +78,30 @@ class Ranks:
         error = None
         try:
             result = fn()
+        except RankFailed:  # already agreed: every rank raises it at the same point
+            raise
         except (UserError, ValueError) as e:
             error, result = f"{e}", None
         except Exception as e:  # a defect or an out-of-memory: the failing rank shows where
             traceback.print_exc(file=sys.stderr)
             error, result = f"{type(e).__name__}: {e}", None
-        errors = self._all_gather(error)
+        self._raise_failed(self._all_gather(error))
+        return result
+
+    def check_in(self):
+        """A meeting point inside a `together` call, before work that every rank must do together (a
+        shared FP loop): RankFailed on every rank if one arrives from a failure instead (its `together`'s
+        exchange meets this one)."""
+        if self.world > 1:
+            self._raise_failed(self._all_gather(None))
+
+    def _raise_failed(self, errors):
         failed = [(r, e) for r, e in enumerate(errors) if e is not None]
         if len(failed) == self.world and len(set(errors)) == 1:
             raise RankFailed(errors[0])  # the same error everywhere (e.g. an input every rank checks)
         if failed:
             r, message = failed[0]
             raise RankFailed(f"calibration rank {r} of {self.world} failed: {message}")
-        return result
 
     def gather(self, obj):
         """Rank 0: [every rank's obj]; other ranks: None (torch.distributed.gather_object: tensors travel

@@ -223,39 +223,56 @@ class AlphaSearch:
         self._start(candidates, engine, max_steps)
 
     @classmethod
-    def over(cls, candidates, act_cfg, max_steps=None, **engine_options):
-        """The streaming search over already prepared Candidates (engine_options: LossEngine's)."""
+    def over(cls, candidates, act_cfg, max_steps=None, slots=1, **engine_options):
+        """The streaming search over already prepared Candidates (engine_options: LossEngine's). slots: running
+        sums kept apart (one per chunk of the calibration batch, quant/feed.py), added in order at the end."""
         search = cls.__new__(cls)
-        search._start(candidates, LossEngine(act_cfg, **engine_options), max_steps)
+        search._start(candidates, LossEngine(act_cfg, **engine_options), max_steps, slots)
         return search
 
-    def _start(self, candidates, engine, max_steps):
+    def _start(self, candidates, engine, max_steps, slots=1):
         self.candidates = candidates
         self.engine = engine.attach(candidates)
-        self.max_steps = max_steps
-        self.steps = 0
-        self._loss = torch.zeros(len(self.alphas), dtype=torch.float64, device=candidates.weight.device)
+        self.max_steps = max_steps  # per slot
+        self.slot_steps = [0] * slots
+        self._loss = torch.zeros(slots, len(self.alphas), dtype=torch.float64, device=candidates.weight.device)
 
     @property
     def alphas(self):
         return self.candidates.alphas
 
     @torch.no_grad()
-    def update(self, x, y=None):
-        """Add one calibration step's loss for every alpha; x (..., in) is the full-precision input, y
-        (optional) the FP layer's output on it (x W^T + b: saves the engine the FP product; used where
-        it is float32 on the candidates' device, as the model computes it in float32)."""
-        if self.max_steps is not None and self.steps >= self.max_steps:
+    def update(self, x, y=None, slot=0):
+        """Add one calibration step's loss for every alpha (to running sum `slot`); x (..., in) is the
+        full-precision input, y (optional) the FP layer's output on it (x W^T + b: saves the engine the FP
+        product; used where it is float32 on the candidates' device, as the model computes it in float32)."""
+        if self.max_steps is not None and self.slot_steps[slot] >= self.max_steps:
             return
         device = self.candidates.weight.device
         if y is not None and (y.dtype != torch.float32 or y.device != device):
             y = None
-        self._loss += self.engine.losses(x.detach().to(device, torch.float32), None if y is None else y.detach())
-        self.steps += 1
+        self._loss[slot] += self.engine.losses(x.detach().to(device, torch.float32), None if y is None else y.detach())
+        self.slot_steps[slot] += 1
+
+    def slot(self, k):
+        """(running sum k (n_alpha,) float64, its steps): to carry a slot to another process's search."""
+        return self._loss[k].clone(), self.slot_steps[k]
+
+    def set_slot(self, k, state):
+        loss, steps = state
+        self._loss[k] = loss.to(self._loss.device)
+        self.slot_steps[k] = steps
+
+    @property
+    def steps(self):
+        return sum(self.slot_steps)
 
     @property
     def losses(self):
-        return self._loss.tolist()
+        total = self._loss[0].clone()
+        for part in self._loss[1:]:  # in slot order: the same sums wherever the slots were filled
+            total += part
+        return total.tolist()
 
     def result(self):
         """(best alpha, losses per alpha)."""

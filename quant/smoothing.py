@@ -49,5 +49,14 @@ class RunningAbsMax:
         self.steps += 1
         return self
 
+    @classmethod
+    def merge(cls, parts):
+        """The statistic of every part's inputs (parts: chunks of the same steps)."""
+        out = cls()
+        for p in parts:
+            out.value = p.value if out.value is None else torch.maximum(out.value, p.value)
+        out.steps = max(p.steps for p in parts)
+        return out
+
     def nbytes(self):
         return 0 if self.value is None else self.value.numel() * self.value.element_size()

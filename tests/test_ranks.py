@@ -63,6 +63,41 @@ def test_two_processes_write_the_single_process_checkpoint(ckpt, tmp_path):
     assert max(m["groups"] for m in cal["per_rank"]) > 1, cal["per_rank"]
 
 
+def test_two_processes_dividing_the_chunks_write_the_single_process_checkpoint(ckpt, tmp_path):
+    """--calib-chunks 2: each rank runs one chunk of the FP loops and observes every layer; the per-chunk
+    statistics and sums travel to the owners. In groups (a budget of about two layers): the ranks' group
+    counts differ, so a rank takes part in rounds with no layers of its own."""
+    flags = [*FLAGS, "--ckpt", ckpt, "--calib-chunks", "2"]
+    one = run_script("QuantDiT.py", *flags, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    cfg = QuantConfig(group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25)
+    shapes = [tuple(lin.weight.shape) for lin in quantizable_layers(random_dit()).values()]
+    budget = max(layer_state_bytes(o, i, cfg) + transient_bytes(o, i, cfg) for o, i in shapes) * 1.6 / 2 ** 30
+    two = _launch(tmp_path, *flags, "--out", tmp_path / "two", "--calib-memory-gb", f"{budget:.9f}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    for name in ("model.safetensors", "quant_config.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    import json
+    assert "FP loops in 2 chunks, divided among the processes" in two.stdout + two.stderr
+    cal = json.loads((tmp_path / "two" / "report.json").read_text())["calibration"]
+    assert cal["fp_by_chunks"] and cal["fp_chunks"] == 2
+    groups = [m["groups"] for m in cal["per_rank"]]
+    assert all(m["fp_passes"] == 2 * max(groups) for m in cal["per_rank"]), cal["per_rank"]  # every round, both
+    assert len(set(groups)) > 1, groups
+    assert json.loads((tmp_path / "two" / "quant_config.json").read_text())["calib_chunks"] == 2
+
+
+def test_chunks_must_divide_the_labels_and_need_row_ranges(ckpt, tmp_path):
+    import QuantDiT
+    from helpers import assert_one_line_error, call_main
+    code, err = call_main(QuantDiT, *FLAGS, "--ckpt", ckpt, "--out", tmp_path / "q", "--calib-chunks", "3")
+    assert_one_line_error(code, err, "--calib-chunks 3: must divide the 16 calibration labels")
+    code, err = call_main(QuantDiT, *FLAGS, "--ckpt", ckpt, "--out", tmp_path / "q", "--calib-chunks", "2",
+                          "--scheme", "reference")
+    assert_one_line_error(code, err, "needs activation ranges per row or token")
+    assert not os.path.exists(tmp_path / "q")
+
+
 def test_more_processes_than_layers(ckpt, tmp_path):
     proc = _launch(tmp_path, *FLAGS, "--ckpt", ckpt, "--out", tmp_path / "q", nproc=9)
     assert_user_error(proc, "9 calibration processes but only 8 layers to calibrate")
@@ -112,14 +147,43 @@ def _together_worker(rank, port, queue):
         dist.destroy_process_group()
 
 
-def test_one_rank_failing_stops_every_rank_with_its_error():
+def _check_in_worker(rank, port, queue):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ranks = Ranks.current()
+
+    def work():  # rank 1 fails before the shared loop; rank 0 arrives at the loop's meeting point
+        if rank == 1:
+            raise ValueError("rank one's candidates failed")
+        ranks.check_in()
+        return "fine"
+    try:
+        ranks.together(work)
+        queue.put((rank, "returned"))
+    except RankFailed as e:
+        queue.put((rank, str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_workers(target):
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_together_worker, args=(r, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
     got = dict(queue.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(60)
-    assert got == {r: "calibration rank 1 of 2 failed: rank one's input is bad" for r in range(2)}
+    return got
+
+
+def test_a_rank_failing_before_a_shared_loop_stops_every_rank_there():
+    assert _run_workers(_check_in_worker) == {r: "calibration rank 1 of 2 failed: rank one's candidates failed"
+                                              for r in range(2)}
+
+
+def test_one_rank_failing_stops_every_rank_with_its_error():
+    assert _run_workers(_together_worker) == {r: "calibration rank 1 of 2 failed: rank one's input is bad"
+                                              for r in range(2)}

@@ -1,0 +1,157 @@
+"""The calibration's FP sampling loops over several processes: which rank runs which chunks of the
+noise batch, which layers it observes, and how the per-chunk results reach each layer's owner
+(docs/METHOD.md §13).
+
+ChunkedLoop: the fixed noise batch in `chunks` equal parts, advanced in lockstep: at every step each
+chunk runs through the FP model in turn (chunk 0 first). Every statistic and search keeps one slot
+per chunk (each fed its chunk's inputs, step after step) and merges them in chunk order once the
+loop is done, so a result depends on `chunks` (the FP model's GEMM shapes, the merge), never on
+which process ran which chunk. One chunk is the plain whole-batch loop.
+
+Feed: one FP loop of one calibration round, two ways to share it among the ranks:
+
+    by layers  (one chunk, or chunks no multiple of the ranks): every rank runs every chunk and
+               observes its own layers. Nothing travels, but each rank pays the whole FP loop: the
+               choice where the loop is cheap next to the candidates (GPUs).
+    by chunks  (several ranks, `chunks` a multiple of them): rank r runs chunks r, r + W, ... and
+               observes every layer of the round; the per-chunk statistics and losses travel to
+               each layer's owner once, after the loop (pickled: a few bytes per layer for the
+               losses, X^T X for the shortlist's statistics), and the scoring pass needs every
+               layer's kept candidates on every rank (sent once, before it). The FP work and the
+               observation divide; each rank holds the whole round's statistics and candidates.
+"""
+import io
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ChunkedLoop:
+    """run(indices): one FP sampling loop of the listed chunks (ascending) of a fixed noise batch split
+    into `chunks` equal parts, advanced in lockstep (see the module docstring)."""
+    run: Callable
+    chunks: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:
+            raise ValueError(f"calibration chunks must be a positive integer, got {self.chunks!r}")
+
+    @classmethod
+    def of(cls, loop):
+        """A ChunkedLoop as is; a plain callable loop() as one chunk (the whole batch)."""
+        return loop if isinstance(loop, cls) else cls(lambda indices: loop(), 1)
+
+
+def run_hooked(layers, fn, loop, outputs=False):
+    """Run loop() with fn(name, x) observing every layer's input ({name: module}), or fn(name, x, y) with
+    its output y too (outputs=True: called after the layer ran); hooks are always removed."""
+    def hook(name):
+        def observe(module, inputs, *output):
+            fn(name, inputs[0], *output)  # returning None leaves the input (output) untouched
+        return observe
+    register = "register_forward_hook" if outputs else "register_forward_pre_hook"
+    handles = [getattr(lin, register)(hook(name)) for name, lin in layers.items()]
+    try:
+        with torch.no_grad():
+            loop()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class Feed:
+    """The FP loop of one round. shares: [each rank's layer names in the round] (the same on every rank);
+    modules: {name: module} holding at least those layers.
+
+    chunks: the chunks this rank runs; observed: the layer names it observes; owners: {name: rank}.
+    run(fn, outputs=False): one FP loop, fn(name, chunk, x) (or fn(name, chunk, x, y) with the layer's
+    output, outputs=True) for each observed layer, once per chunk and step. to_owners(parts) and
+    share(objects) are collectives: every rank calls them at the same point."""
+
+    def __init__(self, loop, ranks, modules, shares):
+        self.loop, self.ranks = ChunkedLoop.of(loop), ranks
+        self.owners = {name: r for r, names in enumerate(shares) for name in names}
+        world, c = ranks.world, self.loop.chunks
+        self.by_chunks = world > 1 and c % world == 0
+        self.chunks = list(range(ranks.rank, c, world)) if self.by_chunks else list(range(c))
+        self.observed = [n for n, r in self.owners.items() if self.by_chunks or r == ranks.rank]
+        self.modules = {name: modules[name] for name in self.observed}
+        self.device = next((m.weight.device for m in modules.values()), torch.device("cpu"))
+
+    @classmethod
+    def local(cls, loop, modules):
+        """This process alone observing `modules` ({name: module})."""
+        from quant.ranks import Ranks
+        return cls(loop, Ranks(), modules, [list(modules)])
+
+    def run(self, fn, outputs=False):
+        calls = dict.fromkeys(self.observed, 0)
+
+        def observe(name, *tensors):  # every layer runs once per forward: its k-th call is chunk k mod n
+            k = calls[name]
+            calls[name] = k + 1
+            fn(name, self.chunks[k % len(self.chunks)], *tensors)
+        run_hooked(self.modules, observe, lambda: self.loop.run(self.chunks), outputs)
+
+    def to_owners(self, parts):
+        """{name: [its parts in chunk order]} of this rank's own layers, from parts {name: {chunk: part}}
+        over the observed layers (by chunks: every rank's, the parts pickled to the owners)."""
+        if not self.by_chunks:
+            return {n: [d[c] for c in sorted(d)] for n, d in parts.items() if self.owners[n] == self.ranks.rank}
+        self.ranks.check_in()  # a rank that failed in the loop stops every rank here
+        merged = {}
+        for dst in range(self.ranks.world):
+            mine = {n: d for n, d in parts.items() if self.owners[n] == dst}
+            got = _gather(mine, dst, self.ranks, self.device)
+            if got is not None:
+                for theirs in got:
+                    for n, d in theirs.items():
+                        merged.setdefault(n, {}).update(d)
+        return {n: [d[c] for c in sorted(d)] for n, d in merged.items()}
+
+    def share(self, objects):
+        """{name: object} of every observed layer, from this rank's own layers' objects (by chunks: every
+        rank's, pickled)."""
+        if not self.by_chunks:
+            return dict(objects)
+        self.ranks.check_in()
+        every = {}
+        for src in range(self.ranks.world):
+            every.update(_broadcast(objects if src == self.ranks.rank else None, src, self.ranks, self.device))
+        return {n: every[n] for n in self.observed}
+
+
+def _pickle(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unpickle(data, device):
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=False)
+
+
+def _gather(obj, dst, ranks, device):
+    """[every rank's obj] on dst (its tensors on `device`), None elsewhere."""
+    out = [None] * ranks.world if ranks.rank == dst else None
+    dist.gather_object(_pickle(obj), out, dst=dst)
+    return None if out is None else [_unpickle(b, device) for b in out]
+
+
+def _broadcast(obj, src, ranks, device):
+    box = [_pickle(obj) if ranks.rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return _unpickle(box[0], device)
+
+
+def merge(parts):
+    """One statistic from its parts in chunk order (type(part).merge; a single part as is)."""
+    return parts[0] if len(parts) == 1 else type(parts[0]).merge(parts)
+
+
+def as_feed(loop, modules):
+    """A Feed as is; a loop (callable or ChunkedLoop) as this process alone observing `modules`."""
+    return loop if isinstance(loop, Feed) else Feed.local(loop, modules)
