@@ -73,11 +73,13 @@ def kept_alphas(cfg):
     return min(a, cfg.search_shortlist) if cfg.search == "shortlist" else a
 
 
-def layer_state_bytes(out, inp, cfg, device_type="cpu"):
-    """Everything one layer's search holds between steps: candidates, baseline, operands, statistic."""
+def layer_state_bytes(out, inp, cfg, device_type="cpu", statistic_slots=1):
+    """Everything one layer's search holds between steps: candidates, baseline, operands, statistic (one
+    per chunk of the FP loop this process runs: quant/feed.py)."""
     kept = kept_alphas(cfg)
     return (candidate_bytes(out, inp, cfg, n_alphas=kept) + candidate_bytes(out, inp, cfg, n_alphas=1, lora_rank=0)
-            + engine_bytes(out, inp, cfg, n_alphas=kept, device_type=device_type) + statistic_bytes(out, inp, cfg))
+            + engine_bytes(out, inp, cfg, n_alphas=kept, device_type=device_type)
+            + statistic_slots * statistic_bytes(out, inp, cfg))
 
 
 def transient_bytes(out, inp, cfg):
@@ -108,25 +110,30 @@ def human(nbytes):
     return f"{nbytes / GIB:.3f} GiB" if nbytes >= GIB / 100 else f"{nbytes / 2 ** 20:.2f} MiB"
 
 
-def plan_groups(shapes, cfg, budget_bytes, device_type="cpu"):
+def plan_groups(shapes, cfg, budget_bytes, device_type="cpu", holders=1, statistic_slots=1):
     """Consecutive groups of layer names whose states fit budget_bytes: [[name, ...], ...].
 
     shapes: {name: (out, in)} in calibration order. budget_bytes None: one group. Raises ValueError
-    naming the largest layer and the minimum budget when a single layer does not fit.
+    naming the largest layer and the minimum budget when a single layer does not fit. holders: the
+    processes that each hold every holder's groups of a round (the FP loops divided by chunks,
+    quant/feed.py): each plans for budget / holders. statistic_slots: statistics per layer (the
+    chunks this process runs).
     """
-    sizes = {name: layer_state_bytes(out, inp, cfg, device_type) for name, (out, inp) in shapes.items()}
+    sizes = {name: layer_state_bytes(out, inp, cfg, device_type, statistic_slots) for name, (out, inp) in shapes.items()}
     if budget_bytes is None or not sizes:
         return [list(shapes)], sizes
+    budget = budget_bytes / holders
     # a group's state plus one layer's transient candidates (the largest) must fit
     transient = max(transient_bytes(out, inp, cfg) for out, inp in shapes.values())
     largest = max(sizes, key=sizes.get)
-    if sizes[largest] + transient > budget_bytes:
-        need = -(-(sizes[largest] + transient) * 100 // GIB) / 100  # GiB, rounded up to 0.01
+    if sizes[largest] + transient > budget:
+        need = -(-(sizes[largest] + transient) * holders * 100 // GIB) / 100  # GiB, rounded up to 0.01
+        held = "" if holders == 1 else f" on each of the {holders} processes dividing the FP loops' chunks"
         raise ValueError(f"--calib-memory-gb {budget_bytes / GIB:.3g} is too small for {largest}, whose search state "
-                         f"takes {human(sizes[largest] + transient)}: pass at least --calib-memory-gb {need:.2f}")
+                         f"takes {human(sizes[largest] + transient)}{held}: pass at least --calib-memory-gb {need:.2f}")
     groups, used = [[]], transient
     for name, size in sizes.items():
-        if groups[-1] and used + size > budget_bytes:
+        if groups[-1] and used + size > budget:
             groups.append([])
             used = transient
         groups[-1].append(name)

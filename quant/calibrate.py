@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from quant.approx_search import ApproxScoring, InputStats, approx_losses
 from quant.budget import human, plan_groups
-from quant.feed import ChunkedLoop, Feed, as_feed, merge
+from quant.feed import ChunkedLoop, Feed, as_feed, by_chunks, merge
 from quant.layers import ADALN_WEIGHT_CFG, adaln_layers, check_layers, quantizable_layers
 from quant.qlinear import QuantLinear
 from quant.quantizer import dequantize_weight
@@ -249,8 +249,9 @@ def calibrate_group(part, cfg, scoring, stats, feed, timings, say, of="", progre
 def plan_calibration(model, cfg, memory_budget=None, ranks=None, device_type=None, chunks=1):
     """(this rank's layer names, their groups, {name: estimated state bytes}) before any work is done:
     ValueError for a config that does not fit some layer, more ranks than layers, a memory budget
-    below one layer's state (on every rank, when one rank's share does not fit), or an FP loop in
-    chunks (quant/feed.py) with activation ranges per tensor. device_type: where the model will
+    below one layer's state (on every rank, when one rank's share does not fit; the FP loops divided
+    by chunks, each rank holds every rank's groups of a round), or an FP loop in chunks
+    (quant/feed.py) with activation ranges per tensor. device_type: where the model will
     calibrate (default: where it is)."""
     ranks = ranks or Ranks()
     layers = quantizable_layers(model)
@@ -261,8 +262,10 @@ def plan_calibration(model, cfg, memory_budget=None, ranks=None, device_type=Non
     shapes = {name: tuple(lin.weight.shape) for name, lin in layers.items()}
     device_type = device_type or next(model.parameters()).device.type
     mine = ranks.together(lambda: ranks.share({name: out * inp for name, (out, inp) in shapes.items()}))
-    groups, estimates = ranks.together(lambda: plan_groups({n: shapes[n] for n in mine}, cfg, memory_budget,
-                                                           device_type))
+    divided = by_chunks(ranks.world, chunks)  # each rank then holds every rank's groups of a round
+    groups, estimates = ranks.together(lambda: plan_groups(
+        {n: shapes[n] for n in mine}, cfg, memory_budget, device_type, holders=ranks.world if divided else 1,
+        statistic_slots=chunks // ranks.world if divided else chunks))
     return mine, groups, estimates
 
 
@@ -317,9 +320,13 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
                                                                 progress))
         chosen.update(results)
         passes += loops
-        state_max = max(state_max, sum(entry["state_bytes"] for _, entry in results.values()))
+        held = sum(entry["state_bytes"] for _, entry in results.values())
+        if feed.by_chunks:  # every rank held the whole round's statistics and candidates
+            held = sum(ranks.all(held))
+        state_max = max(state_max, held)
 
-    mem = {"rank": ranks.rank, "fp_passes": passes, "fp_chunks": loop.chunks, "fp_by_chunks": feed.by_chunks, "groups": len(groups), "state_bytes_max": state_max,
+    mem = {"rank": ranks.rank, "fp_passes": passes, "fp_chunks": loop.chunks, "fp_by_chunks": feed.by_chunks,
+           "groups": len(groups), "state_bytes_max": state_max,
            "state_bytes_estimated": sum(estimates.values()),
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "peak_cuda_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,

@@ -45,6 +45,11 @@ class ChunkedLoop:
         return loop if isinstance(loop, cls) else cls(lambda indices: loop(), 1)
 
 
+def by_chunks(world, chunks):
+    """Do `world` processes divide an FP loop of `chunks` chunks among them (else each runs every chunk)?"""
+    return world > 1 and chunks % world == 0
+
+
 def run_hooked(layers, fn, loop, outputs=False):
     """Run loop() with fn(name, x) observing every layer's input ({name: module}), or fn(name, x, y) with
     its output y too (outputs=True: called after the layer ran); hooks are always removed."""
@@ -75,7 +80,7 @@ class Feed:
         self.loop, self.ranks = ChunkedLoop.of(loop), ranks
         self.owners = {name: r for r, names in enumerate(shares) for name in names}
         world, c = ranks.world, self.loop.chunks
-        self.by_chunks = world > 1 and c % world == 0
+        self.by_chunks = by_chunks(world, c)
         self.chunks = list(range(ranks.rank, c, world)) if self.by_chunks else list(range(c))
         self.observed = [n for n, r in self.owners.items() if self.by_chunks or r == ranks.rank]
         self.modules = {name: modules[name] for name in self.observed}

@@ -6,7 +6,7 @@ import torch
 
 import QuantDiT
 from helpers import assert_one_line_error, calib_loop, call_main, random_dit
-from quant.budget import GIB, layer_state_bytes, plan_groups, transient_bytes
+from quant.budget import GIB, layer_state_bytes, plan_groups, statistic_bytes, transient_bytes
 from quant.calibrate import quantize_dit
 from quant.config import QuantConfig
 from quant.layers import quantizable_layers
@@ -68,6 +68,22 @@ def test_groups_are_consecutive_and_fit():
     transient = max(transient_bytes(o, i, cfg) for o, i in shapes.values())
     assert transient > 0 and all(sum(sizes[n] for n in g) + transient <= budget for g in groups)
     assert plan_groups(shapes, cfg, None)[0] == [list(shapes)]
+
+
+def test_processes_dividing_the_chunks_plan_for_their_part_of_the_budget():
+    """Each of the W ranks dividing the FP loops' chunks holds every rank's groups of a round."""
+    shapes = {f"l{i}": (64 * (1 + i % 3), 64) for i in range(9)}
+    cfg = QuantConfig(**SMALL)
+    budget = 4 * max(layer_state_bytes(o, i, cfg) + transient_bytes(o, i, cfg) for o, i in shapes.values())
+    assert plan_groups(shapes, cfg, budget, holders=2) == plan_groups(shapes, cfg, budget / 2)
+    slots = plan_groups(shapes, cfg, None, statistic_slots=3)[1]
+    one = plan_groups(shapes, cfg, None)[1]
+    assert all(slots[n] - one[n] == 2 * statistic_bytes(o, i, cfg) for n, (o, i) in shapes.items())
+    largest = max(layer_state_bytes(o, i, cfg) + transient_bytes(o, i, cfg) for o, i in shapes.values())
+    with pytest.raises(ValueError, match="on each of the 2 processes dividing the FP loops' chunks") as e:
+        plan_groups(shapes, cfg, 1.5 * largest, holders=2)
+    need = float(str(e.value).rsplit(" ", 1)[1]) * GIB
+    assert 2 * largest <= need < 2 * largest + 0.01 * GIB
 
 
 @pytest.mark.parametrize("search", ["exact", "approx", "shortlist"])
