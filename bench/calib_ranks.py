@@ -13,15 +13,18 @@ taken in turn in every repeat so that load changes hit them alike:
     1 process, chunks N          the same results as the line above (byte-identical checkpoints)
     N processes                  one chunk: every rank runs the whole FP loops (its layers observed)
 
-Reported: wall time of each run (min / max over repeats), the per-repeat ratio to the 1-process
-default, the calibration's own time (report total_s, without start-up and saving), rank 0's
-phases, and whether the checkpoints (model.safetensors, quant_config.json) of each pair are
-byte-identical. Target: N processes in at most 0.65x the wall time of one. Writes
+Reported: wall time of each run and the calibration's own time (report total_s: from the loaded
+model to the calibrated one, without the interpreter's and the launcher's start-up, the model
+load and saving), min / median / max over repeats, their per-repeat ratios to the 1-process default,
+rank 0's phases, and whether the checkpoints (model.safetensors, quant_config.json) of each pair
+are byte-identical. Target: N processes in at most 0.65x the wall time of one (the median ratio:
+a shared machine's load swings single runs by +-15 %). Writes
 bench/results/calib_ranks.md.
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,14 +63,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=50, help="calibration steps (default: %(default)s)")
     ap.add_argument("--nproc", type=int, default=2, help="processes of the parallel runs (default: %(default)s)")
-    ap.add_argument("--repeats", type=int, default=3, help="rounds of the four settings (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds of the four settings (default: %(default)s)")
     ap.add_argument("--quantdit-flags", default="", help="extra QuantDiT.py flags")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "calib_ranks.md"), help="the report")
     args = ap.parse_args()
     extra, n = args.quantdit_flags.split(), args.nproc
     settings = [(1, 1), (n, n), (1, n), (n, 1)]  # (processes, chunks); the first is the baseline
     load0 = os.getloadavg()
-    walls = {s: [] for s in settings}
+    walls, calib = {s: [] for s in settings}, {s: [] for s in settings}
     reports, identical = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
@@ -75,24 +78,26 @@ def main():
                 out = os.path.join(tmp, f"p{procs}c{chunks}")
                 wall, reports[procs, chunks] = run(procs, chunks, args.steps, out, extra)
                 walls[procs, chunks].append(wall)
-                print(f"repeat {rep + 1}: {procs} process(es), {chunks} chunk(s): {wall:.1f} s", flush=True)
+                calib[procs, chunks].append(reports[procs, chunks]["timings"]["total_s"])
+                print(f"repeat {rep + 1}: {procs} process(es), {chunks} chunk(s): {wall:.1f} s, calibration "
+                      f"{calib[procs, chunks][-1]:.1f} s", flush=True)
             for a, b in (((1, n), (n, n)), ((1, 1), (n, 1))):
                 identical[a, b] = identical.get((a, b), True) and same_files(
                     os.path.join(tmp, f"p{a[0]}c{a[1]}"), os.path.join(tmp, f"p{b[0]}c{b[1]}"))
     load1 = os.getloadavg()
-    base = walls[1, 1]
+    ratios = lambda times, s: [x / b for x, b in zip(times[s], times[1, 1])]  # noqa: E731 (per repeat)
+    span = lambda xs, fmt: " / ".join(fmt.format(v) for v in (min(xs), statistics.median(xs), max(xs)))  # noqa: E731
     rows = []
     for s in settings:
-        w = walls[s]
-        ratios = [x / b for x, b in zip(w, base)]
-        rep = reports[s]
-        t, cal = rep["timings"], rep["calibration"]
+        t, cal = reports[s]["timings"], reports[s]["calibration"]
         how = "one chunk" if s[1] == 1 else f"{s[1]} chunks" + (", divided" if cal["fp_by_chunks"] else "")
-        rows.append(f"| {s[0]} | {how} | {min(w):.1f} / {max(w):.1f} | {min(ratios):.2f}x / {max(ratios):.2f}x | "
-                    f"{t['total_s']:.1f} | {t['tas_statistics_s']:.1f} | {t['prepare_candidates_s']:.1f} | "
+        rows.append(f"| {s[0]} | {how} | {span(walls[s], '{:.1f}')} | {span(ratios(walls, s), '{:.2f}x')} | "
+                    f"{span(calib[s], '{:.1f}')} | {span(ratios(calib, s), '{:.2f}x')} | "
+                    f"{t['tas_statistics_s']:.1f} | {t['prepare_candidates_s']:.1f} | "
                     f"{t['alpha_search_s']:.1f} | {cal['fp_passes']} | {cal['peak_rss_bytes'] / 2 ** 20:.0f} |")
-    worst = max(x / b for x, b in zip(walls[n, n], base))
-    best = min(x / b for x, b in zip(walls[n, n], base))
+    wall_r, calib_r = ratios(walls, (n, n)), ratios(calib, (n, n))
+    verdict = lambda rs: (f"**{'met' if statistics.median(rs) <= 0.65 else 'not met'}** (median "  # noqa: E731
+                          f"{statistics.median(rs):.2f}x; {min(rs):.2f}x to {max(rs):.2f}x)")
     same = lambda a, b: "yes" if identical[a, b] else "NO"  # noqa: E731
     write_report(args.out, [
         "# Calibration over several processes", "",
@@ -101,14 +106,17 @@ def main():
         f"{args.steps} calibration steps, no preview, one thread per process; {args.repeats} repeats, the four "
         f"settings in turn. Machine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores; load average "
         f"{load0[0]:.2f} before, {load1[0]:.2f} after. Wall: the whole process (launcher and start-up included); "
-        f"calibration s and the phases: rank 0's report of the last repeat.", "",
-        "| processes | FP loops | wall s, min / max | vs 1 process, per repeat, min / max | calibration s | "
-        "TAS pass s | candidates s | alpha search s | FP loops per rank | peak RSS rank 0 (MiB) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+        f"calibration: report total_s (loaded model to calibrated model); the phases: rank 0's report of the "
+        f"last repeat.", "",
+        "| processes | FP loops | wall s, min / median / max | wall vs 1 process, per repeat | calibration s | "
+        "calibration vs 1 process | TAS pass s | candidates s | alpha search s | FP loops per rank | "
+        "peak RSS rank 0 (MiB) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
         f"Byte-identical model.safetensors and quant_config.json: 1 process vs {n} with {n} chunks: "
         f"**{same((1, n), (n, n))}**; 1 process vs {n} with one chunk: **{same((1, 1), (n, 1))}**.", "",
-        f"Target: {n} processes (`--calib-chunks {n}`) <= 0.65x of one process (the default): "
-        f"**{'met' if worst <= 0.65 else 'not met'}** ({best:.2f}x to {worst:.2f}x over the repeats)."])
+        f"Target: {n} processes (`--calib-chunks {n}`) <= 0.65x of one process (the default), the median of the "
+        f"repeats: "
+        f"wall {verdict(wall_r)}; calibration {verdict(calib_r)}."])
     if not all(identical.values()):
         sys.exit("error: the checkpoints differ")
 

@@ -3,10 +3,12 @@
     python bench/scale.py                      # DiT-XL/2, 32 px (4x4 latent: 4 tokens), 10 steps, both schemes (~1 h)
     python bench/scale.py --model DiT-S/2 --steps 2 --schemes reference --threads 1    # a quick check
     python bench/scale.py --extra "--calib-memory-gb 4" --device cuda
+    python bench/scale.py --schemes ditas --nproc 2 --threads 1 --extra=--calib-chunks=2 --out bench/results/scale_ranks.md
 
 Each scheme: one `QuantDiT.py --ckpt FILE --vae mse --no-preview` subprocess (no VAE is loaded), QuantDiT's defaults
 otherwise, on a seeded random checkpoint cached in --cache (adaLN and the final layer N(0, 0.02), not adaLN-Zero's
-degenerate zeros): its wall and CPU time and peak RSS (ru_maxrss, os.wait4), and its report.json. Projected to the
+degenerate zeros), or `--nproc N` processes under launch.py: its wall and CPU time (the processes together) and
+peak RSS (ru_maxrss, os.wait4: the largest process), and its report.json. Projected to the
 paper's calibration batch (16 labels x 2 for guidance = 32 rows of tokens) at 256 and 512 px (256 and 1024 tokens);
 the probe checks the activation model. Writes bench/results/scale.md and .json (everything); each run's output goes
 to stderr and to a log next to its QuantDiT output directory.
@@ -266,8 +268,10 @@ def main(args):
     ckpt = random_checkpoint(args, latent)
     load_before, runs, cmds = os.getloadavg(), {}, {}
     for s in schemes:
-        out_dir = os.path.join(args.cache, f"{args.model.replace('/', '-')}-{args.image_size}-{s}")
-        cmds[s] = [sys.executable, "QuantDiT.py", "--model", args.model, "--ckpt", _rel(ckpt), "--image-size",
+        procs = "" if args.nproc == 1 else f"-{args.nproc}proc"
+        out_dir = os.path.join(args.cache, f"{args.model.replace('/', '-')}-{args.image_size}-{s}{procs}")
+        launch = [] if args.nproc == 1 else ["launch.py", "--standalone", f"--nproc_per_node={args.nproc}"]
+        cmds[s] = [sys.executable, *launch, "QuantDiT.py", "--model", args.model, "--ckpt", _rel(ckpt), "--image-size",
                    str(args.image_size), "--vae", "mse", "--no-preview", "--num-sampling-steps", str(args.steps),
                    "--threads", str(args.threads), "--scheme", s, "--out", _rel(out_dir), "--overwrite",
                    "--device", args.device, *shlex.split(args.extra)]
@@ -283,7 +287,8 @@ def main(args):
     header = [f"Command: `{shlex.join(['python', 'bench/scale.py', *sys.argv[1:]])}`; each run (S = "
               f"{', '.join(schemes)}): `{each}`", "",
               f"{args.model} (random weights: {_rel(ckpt)}), {args.image_size} px = {latent}x{latent} latent = "
-              f"{tokens} tokens, batch {CALIB_ROWS}, {args.steps} steps, {args.threads} thread(s); torch "
+              f"{tokens} tokens, batch {CALIB_ROWS}, {args.steps} steps, {args.threads} thread(s)"
+              f"{'' if args.nproc == 1 else f' in each of {args.nproc} processes'}; torch "
               f"{torch.__version__}, Python {platform.python_version()}, {cpu_name()}, {os.cpu_count()} cores; "
               f"load average (1/5/15 min) before {loads[0]}, after {loads[1]}."]
     proj = projection(args, runs, cfgs, latent)
@@ -303,6 +308,7 @@ def build_parser():
     p.add_argument("--image-size", type=int, default=32, help="pixels; the latent is 1/8 of it")
     p.add_argument("--steps", type=int, default=10, help="QuantDiT's --num-sampling-steps")
     p.add_argument("--threads", type=int, default=2, help="threads of every subprocess")
+    p.add_argument("--nproc", type=int, default=1, help="QuantDiT processes of each run (launch.py; CPU: gloo)")
     p.add_argument("--schemes", default="ditas,reference", help="comma list of QuantDiT's --scheme values")
     p.add_argument("--extra", default="", help="more QuantDiT.py flags, one string (--extra=--flag without a space)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="QuantDiT's --device")

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quant.approx_search import ApproxScoring, InputStats, approx_losses
-from quant.budget import human, plan_groups
+from quant.budget import human, layer_cost, plan_groups
 from quant.feed import ChunkedLoop, Feed, as_feed, by_chunks, merge
 from quant.layers import ADALN_WEIGHT_CFG, adaln_layers, check_layers, quantizable_layers
 from quant.qlinear import QuantLinear
@@ -213,7 +213,7 @@ def calibrate_group(part, cfg, scoring, stats, feed, timings, say, of="", progre
     loops = 0
     t0 = time.time()
     if scoring.group_statistics:  # the approximate search's statistics (and the TAS maxima) in one loop
-        say(f"calibration 1/3, {of}TAS and loss statistics: one FP sampling loop, {len(part)} layers observed")
+        say(f"calibration 1/3, {of}TAS and loss statistics: one FP sampling loop, {feed.observing()}")
         stats = collect_statistics(part, feed, scoring.statistic)
         loops += 1
     absmax = {n: None if stats[n] is None or cfg.smoothing == "none" else stats[n].value for n in part}
@@ -261,7 +261,7 @@ def plan_calibration(model, cfg, memory_budget=None, ranks=None, device_type=Non
                          f"range spans the whole batch): use one chunk or --act-granularity row")
     shapes = {name: tuple(lin.weight.shape) for name, lin in layers.items()}
     device_type = device_type or next(model.parameters()).device.type
-    mine = ranks.together(lambda: ranks.share({name: out * inp for name, (out, inp) in shapes.items()}))
+    mine = ranks.together(lambda: ranks.share({name: layer_cost(out, inp, cfg) for name, (out, inp) in shapes.items()}))
     divided = by_chunks(ranks.world, chunks)  # each rank then holds every rank's groups of a round
     groups, estimates = ranks.together(lambda: plan_groups(
         {n: shapes[n] for n in mine}, cfg, memory_budget, device_type, holders=ranks.world if divided else 1,
@@ -306,7 +306,7 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
     t0 = time.time()  # 1. TAS statistics (the exact search with no smoothing needs none)
     stats = {name: None for name in mine}
     if cfg.smoothing != "none" and not scoring.group_statistics:
-        say(f"calibration 1/3, TAS statistics: one FP sampling loop, {len(mine)} layers observed")
+        say(f"calibration 1/3, TAS statistics: one FP sampling loop, {feed.observing()}")
         stats = ranks.together(lambda: collect_statistics({n: layers[n] for n in mine}, feed, scoring.statistic))
         passes += 1
     timings["tas_statistics_s"] += time.time() - t0

@@ -16,8 +16,8 @@ Feed: one FP loop of one calibration round, two ways to share it among the ranks
     by chunks  (several ranks, `chunks` a multiple of them): rank r runs chunks r, r + W, ... and
                observes every layer of the round; the per-chunk statistics and losses travel to
                each layer's owner once, after the loop (pickled: a few bytes per layer for the
-               losses, X^T X for the shortlist's statistics), and the scoring pass needs every
-               layer's kept candidates on every rank (sent once, before it). The FP work and the
+               losses, X^T X for the shortlist's statistics; one layer at a time), and the scoring
+               pass needs every layer's kept candidates on every rank (sent once, before it). The FP work and the
                observation divide; each rank holds the whole round's statistics and candidates.
 """
 import io
@@ -86,6 +86,11 @@ class Feed:
         self.modules = {name: modules[name] for name in self.observed}
         self.device = next((m.weight.device for m in modules.values()), torch.device("cpu"))
 
+    def observing(self):
+        """What this rank observes, for the progress lines."""
+        chunks = f" on {len(self.chunks)} of the {self.loop.chunks} chunks" if self.by_chunks else ""
+        return f"{len(self.observed)} layers observed{chunks}"
+
     @classmethod
     def local(cls, loop, modules):
         """This process alone observing `modules` ({name: module})."""
@@ -103,30 +108,33 @@ class Feed:
 
     def to_owners(self, parts):
         """{name: [its parts in chunk order]} of this rank's own layers, from parts {name: {chunk: part}}
-        over the observed layers (by chunks: every rank's, the parts pickled to the owners)."""
+        over the observed layers (by chunks: every rank's parts sent to the owner, one layer at a time,
+        each sent part dropped here: DiT-XL/2's X^T X of every layer at once, pickled, did not fit)."""
+        rank = self.ranks.rank
         if not self.by_chunks:
-            return {n: [d[c] for c in sorted(d)] for n, d in parts.items() if self.owners[n] == self.ranks.rank}
+            return {n: [d[c] for c in sorted(d)] for n, d in parts.items() if self.owners[n] == rank}
         self.ranks.check_in()  # a rank that failed in the loop stops every rank here
         merged = {}
-        for dst in range(self.ranks.world):
-            mine = {n: d for n, d in parts.items() if self.owners[n] == dst}
-            got = _gather(mine, dst, self.ranks, self.device)
+        for name in self.observed:  # the same order on every rank
+            owner, mine = self.owners[name], parts.pop(name)
+            got = _gather(mine, owner, self.ranks, self.device)
             if got is not None:
-                for theirs in got:
-                    for n, d in theirs.items():
-                        merged.setdefault(n, {}).update(d)
+                got[rank] = mine
+                merged[name] = {c: part for theirs in got for c, part in theirs.items()}
         return {n: [d[c] for c in sorted(d)] for n, d in merged.items()}
 
     def share(self, objects):
         """{name: object} of every observed layer, from this rank's own layers' objects (by chunks: every
-        rank's, pickled)."""
+        rank's, sent one layer at a time)."""
         if not self.by_chunks:
             return dict(objects)
         self.ranks.check_in()
         every = {}
-        for src in range(self.ranks.world):
-            every.update(_broadcast(objects if src == self.ranks.rank else None, src, self.ranks, self.device))
-        return {n: every[n] for n in self.observed}
+        for name in self.observed:
+            owner = self.owners[name]
+            sent = _broadcast(objects[name] if owner == self.ranks.rank else None, owner, self.ranks, self.device)
+            every[name] = objects[name] if owner == self.ranks.rank else sent
+        return every
 
 
 def _pickle(obj):
@@ -147,9 +155,10 @@ def _gather(obj, dst, ranks, device):
 
 
 def _broadcast(obj, src, ranks, device):
+    """src's obj on every rank (None returned on src itself: it has the object)."""
     box = [_pickle(obj) if ranks.rank == src else None]
     dist.broadcast_object_list(box, src=src)
-    return _unpickle(box[0], device)
+    return None if ranks.rank == src else _unpickle(box[0], device)
 
 
 def merge(parts):

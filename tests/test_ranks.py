@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import ROOT, assert_user_error, random_dit, run_script
-from quant.budget import layer_state_bytes, transient_bytes
+from quant.budget import layer_cost, layer_state_bytes, plan_groups, transient_bytes
 from quant.config import QuantConfig
 from quant.layers import quantizable_layers
 from quant.ranks import RankFailed, Ranks
@@ -37,6 +37,16 @@ def test_share_balances_and_covers_every_layer():
         Ranks(0, 13).share(costs)
 
 
+def test_layers_are_shared_by_their_calibration_work():
+    shapes = {n: tuple(lin.weight.shape) for n, lin in quantizable_layers(random_dit()).items()}
+    costs = {n: layer_cost(o, i, QuantConfig()) for n, (o, i) in shapes.items()}
+    shares = [Ranks(r, 2).share(costs) for r in range(2)]
+    # fc1 and fc2 weigh the same, but fc2's X^T X (shortlist statistics) is 16x fc1's: one fc2 per rank
+    assert [sum(n.endswith("mlp.fc2") for n in s) for s in shares] == [1, 1], shares
+    exact = QuantConfig(search="exact")
+    assert all(layer_cost(o, i, exact) == o * i for o, i in shapes.values())
+
+
 def _launch(tmp_path, *args, nproc=2):
     return run_script("launch.py", "--standalone", f"--nproc_per_node={nproc}", "QuantDiT.py", *args,
                       env={"OMP_NUM_THREADS": "1"})
@@ -63,18 +73,25 @@ def test_two_processes_write_the_single_process_checkpoint(ckpt, tmp_path):
     assert max(m["groups"] for m in cal["per_rank"]) > 1, cal["per_rank"]
 
 
-def test_two_processes_dividing_the_chunks_write_the_single_process_checkpoint(ckpt, tmp_path):
+@pytest.mark.parametrize("search", ["shortlist", "exact"])
+def test_two_processes_dividing_the_chunks_write_the_single_process_checkpoint(ckpt, tmp_path, search):
     """--calib-chunks 2: each rank runs one chunk of the FP loops and observes every layer; the per-chunk
-    statistics and sums travel to the owners. In groups (a budget of about two layers): the ranks' group
-    counts differ, so a rank takes part in rounds with no layers of its own."""
-    flags = [*FLAGS, "--ckpt", ckpt, "--calib-chunks", "2"]
+    statistics and sums travel to the owners. The exact search in groups: its ranks' group counts differ
+    (a budget found for that), so a rank takes part in a round with no layers of its own."""
+    flags = [*FLAGS, "--ckpt", ckpt, "--calib-chunks", "2", "--search", search]
     one = run_script("QuantDiT.py", *flags, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
-    cfg = QuantConfig(group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25)
-    shapes = [tuple(lin.weight.shape) for lin in quantizable_layers(random_dit()).values()]
-    # each rank holds both ranks' groups of a round: it plans for half the budget
-    budget = 2 * max(layer_state_bytes(o, i, cfg) + transient_bytes(o, i, cfg) for o, i in shapes) * 1.6 / 2 ** 30
-    two = _launch(tmp_path, *flags, "--out", tmp_path / "two", "--calib-memory-gb", f"{budget:.9f}")
+    cfg = QuantConfig(group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25, search=search)
+    shapes = {n: tuple(lin.weight.shape) for n, lin in quantizable_layers(random_dit()).items()}
+    shares = [Ranks(r, 2).share({n: layer_cost(o, i, cfg) for n, (o, i) in shapes.items()}) for r in range(2)]
+    largest = max(layer_state_bytes(o, i, cfg) + transient_bytes(o, i, cfg) for o, i in shapes.values())
+
+    def group_counts(budget):  # each rank holds both ranks' groups of a round: it plans for half the budget
+        return [len(plan_groups({n: shapes[n] for n in share}, cfg, budget, holders=2)[0]) for share in shares]
+    budget = None if search == "shortlist" else \
+        next(b for b in (2 * largest * (1 + k / 20) for k in range(40)) if len(set(group_counts(b))) > 1)
+    memory = [] if budget is None else ["--calib-memory-gb", f"{budget / 2 ** 30:.12f}"]
+    two = _launch(tmp_path, *flags, "--out", tmp_path / "two", *memory)
     assert two.returncode == 0, two.stderr[-3000:]
     for name in ("model.safetensors", "quant_config.json"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
@@ -83,8 +100,9 @@ def test_two_processes_dividing_the_chunks_write_the_single_process_checkpoint(c
     cal = json.loads((tmp_path / "two" / "report.json").read_text())["calibration"]
     assert cal["fp_by_chunks"] and cal["fp_chunks"] == 2
     groups = [m["groups"] for m in cal["per_rank"]]
-    assert all(m["fp_passes"] == 2 * max(groups) for m in cal["per_rank"]), cal["per_rank"]  # every round, both
-    assert len(set(groups)) > 1, groups
+    loops = {"shortlist": 2 * max(groups), "exact": 1 + max(groups)}[search]
+    assert all(m["fp_passes"] == loops for m in cal["per_rank"]), cal["per_rank"]  # every round, both ranks
+    assert len(set(groups)) == (1 if budget is None else 2), groups
     assert json.loads((tmp_path / "two" / "quant_config.json").read_text())["calib_chunks"] == 2
 
 
@@ -130,7 +148,9 @@ def test_ranks_started_with_different_settings(ckpt, tmp_path):
     assert not os.path.exists(tmp_path / "q")
 
 
-def _together_worker(rank, port, queue):
+def _failing_worker(rank, port, queue, check_in):
+    """Rank 1 fails inside `together`; rank 0 either returns from it or (check_in) first arrives at a shared
+    loop's meeting point."""
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     ranks = Ranks.current()
@@ -138,6 +158,8 @@ def _together_worker(rank, port, queue):
     def work():
         if rank == 1:
             raise ValueError("rank one's input is bad")
+        if check_in:
+            ranks.check_in()
         return "fine"
     try:
         ranks.together(work)
@@ -148,30 +170,11 @@ def _together_worker(rank, port, queue):
         dist.destroy_process_group()
 
 
-def _check_in_worker(rank, port, queue):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    ranks = Ranks.current()
-
-    def work():  # rank 1 fails before the shared loop; rank 0 arrives at the loop's meeting point
-        if rank == 1:
-            raise ValueError("rank one's candidates failed")
-        ranks.check_in()
-        return "fine"
-    try:
-        ranks.together(work)
-        queue.put((rank, "returned"))
-    except RankFailed as e:
-        queue.put((rank, str(e)))
-    finally:
-        dist.destroy_process_group()
-
-
-def _run_workers(target):
+def _run_workers(check_in):
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=target, args=(r, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_failing_worker, args=(r, port, queue, check_in)) for r in range(2)]
     for p in procs:
         p.start()
     got = dict(queue.get(timeout=120) for _ in procs)
@@ -180,11 +183,6 @@ def _run_workers(target):
     return got
 
 
-def test_a_rank_failing_before_a_shared_loop_stops_every_rank_there():
-    assert _run_workers(_check_in_worker) == {r: "calibration rank 1 of 2 failed: rank one's candidates failed"
-                                              for r in range(2)}
-
-
-def test_one_rank_failing_stops_every_rank_with_its_error():
-    assert _run_workers(_together_worker) == {r: "calibration rank 1 of 2 failed: rank one's input is bad"
-                                              for r in range(2)}
+@pytest.mark.parametrize("check_in", [False, True], ids=["together", "before-a-shared-loop"])
+def test_one_rank_failing_stops_every_rank_with_its_error(check_in):
+    assert _run_workers(check_in) == {r: "calibration rank 1 of 2 failed: rank one's input is bad" for r in range(2)}
