@@ -14,11 +14,11 @@ Feed: one FP loop of one calibration round, two ways to share it among the ranks
                observes its own layers. Nothing travels, but each rank pays the whole FP loop: the
                choice where the loop is cheap next to the candidates (GPUs).
     by chunks  (several ranks, `chunks` a multiple of them): rank r runs chunks r, r + W, ... and
-               observes every layer of the round; the per-chunk statistics and losses travel to
-               each layer's owner once, after the loop (pickled: a few bytes per layer for the
-               losses, X^T X for the shortlist's statistics; one layer at a time), and the scoring
-               pass needs every layer's kept candidates on every rank (sent once, before it). The FP work and the
-               observation divide; each rank holds the whole round's statistics and candidates.
+               observes every layer of the round. After the loop the per-chunk statistics and
+               losses travel to each layer's owner, one layer at a time (pickled: a few numbers
+               per layer for the losses, X^T X for the shortlist's statistics); before the scoring
+               pass every layer's kept candidates go to every rank. The FP work and the observation
+               divide; each rank holds the whole round's statistics and candidates.
 """
 import io
 from dataclasses import dataclass
