@@ -253,10 +253,11 @@ def build_parser():
     parser.add_argument("--calib-chunks", type=int, default=d.calib_chunks, metavar="N",
                         help="run each FP calibration loop's batch as N equal chunks of samples, in turn at every "
                              "step (the results depend on N, not on the number of processes). Under torchrun with "
-                             "N a multiple of the processes, each runs its share of the chunks and receives its "
-                             "layers' inputs from the others: the FP work divided, at the cost of that traffic "
-                             "(for CPU processes). 1: every process runs the whole batch, nothing sent (GPUs). "
-                             "Needs activation ranges per row or token when N > 1")
+                             "N a multiple of the processes, each runs its share of the chunks and observes every "
+                             "layer; the per-chunk statistics and loss sums and the kept candidates travel between "
+                             "them once per loop (for CPU processes, where the FP loops dominate). 1: every process "
+                             "runs the whole batch and observes its own layers, nothing sent (GPUs). Needs "
+                             "activation ranges per row or token when N > 1")
     parser.add_argument("--calib-cfg-scale", type=float, default=d.calib_cfg_scale,
                         help="guidance of the FP calibration loops (the paper's 1.5)")
     parser.add_argument("--calib-labels", type=int, nargs="+", default=None,

@@ -3,7 +3,8 @@
     python bench/scale.py                      # DiT-XL/2, 32 px (4x4 latent: 4 tokens), 10 steps, both schemes (~1 h)
     python bench/scale.py --model DiT-S/2 --steps 2 --schemes reference --threads 1    # a quick check
     python bench/scale.py --extra "--calib-memory-gb 4" --device cuda
-    python bench/scale.py --schemes ditas --nproc 2 --threads 1 --extra=--calib-chunks=2 --out bench/results/scale_ranks.md
+    python bench/scale.py --schemes ditas --nproc 2 --threads 1 --no-probe --extra=--calib-chunks=2 \
+        --out bench/results/scale_ranks_chunks.md
 
 Each scheme: one `QuantDiT.py --ckpt FILE --vae mse --no-preview` subprocess (no VAE is loaded), QuantDiT's defaults
 otherwise, on a seeded random checkpoint cached in --cache (adaLN and the final layer N(0, 0.02), not adaLN-Zero's

@@ -126,7 +126,8 @@ def plan_groups(shapes, cfg, budget_bytes, device_type="cpu", holders=1, statist
     quant/feed.py): each plans for budget / holders. statistic_slots: statistics per layer (the
     chunks this process runs).
     """
-    sizes = {name: layer_state_bytes(out, inp, cfg, device_type, statistic_slots) for name, (out, inp) in shapes.items()}
+    sizes = {name: layer_state_bytes(out, inp, cfg, device_type, statistic_slots)
+             for name, (out, inp) in shapes.items()}
     if budget_bytes is None or not sizes:
         return [list(shapes)], sizes
     budget = budget_bytes / holders

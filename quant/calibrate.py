@@ -72,7 +72,8 @@ class ExactScoring:
                     c.weight, c.bias = feed.modules[name].weight.detach().float(), feed.modules[name].bias
         engine = dict(matmul_dtype=cfg.search_dtype, row_stride=cfg.search_row_stride)
         n = feed.loop.chunks
-        searches = {name: AlphaSearch.over(c, acfg, cfg.search_steps, slots=n, **engine) for name, (c, _) in every.items()}
+        searches = {name: AlphaSearch.over(c, acfg, cfg.search_steps, slots=n, **engine)
+                    for name, (c, _) in every.items()}
         # plain round-to-nearest on the same inputs: the "before smoothing, before LoRA" error
         rtn = {name: AlphaSearch.over(b, acfg, cfg.search_steps, slots=n, **engine) for name, (_, b) in every.items()}
 
@@ -296,9 +297,8 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
     where = f" on rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""
     budget = "no memory budget" if memory_budget is None else f"a budget of {memory_budget / 2 ** 30:g} GiB"
     feed = Feed(loop, ranks, layers, [[n for g in gs for n in g] for gs in every])
-    fp = "" if loop.chunks == 1 else \
-        f"; FP loops in {loop.chunks} chunks" + ("" if ranks.world == 1 else
-                                                 f", {'divided among' if feed.by_chunks else 'each run by'} the processes")
+    how = f", {'divided among' if feed.by_chunks else 'each run by'} the processes" if ranks.world > 1 else ""
+    fp = "" if loop.chunks == 1 else f"; FP loops in {loop.chunks} chunks{how}"
     say(f"calibration: {len(mine)} layers{where} in {len(groups)} group(s) ({budget}; estimated search state "
         f"{human(sum(estimates.values()))} in all{fp})")
     passes = 0
