@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from quant.ranks import Ranks
+
 
 @dataclass(frozen=True)
 class ChunkedLoop:
@@ -94,7 +96,6 @@ class Feed:
     @classmethod
     def local(cls, loop, modules):
         """This process alone observing `modules` ({name: module})."""
-        from quant.ranks import Ranks
         return cls(loop, Ranks(), modules, [list(modules)])
 
     def run(self, fn, outputs=False):
@@ -119,7 +120,6 @@ class Feed:
             owner, mine = self.owners[name], parts.pop(name)
             got = _gather(mine, owner, self.ranks, self.device)
             if got is not None:
-                got[rank] = mine
                 merged[name] = {c: part for theirs in got for c, part in theirs.items()}
         return {n: [d[c] for c in sorted(d)] for n, d in merged.items()}
 
@@ -148,10 +148,10 @@ def _unpickle(data, device):
 
 
 def _gather(obj, dst, ranks, device):
-    """[every rank's obj] on dst (its tensors on `device`), None elsewhere."""
+    """[every rank's obj] on dst (the others' tensors loaded onto `device`, its own obj as is), None elsewhere."""
     out = [None] * ranks.world if ranks.rank == dst else None
     dist.gather_object(_pickle(obj), out, dst=dst)
-    return None if out is None else [_unpickle(b, device) for b in out]
+    return None if out is None else [obj if r == dst else _unpickle(b, device) for r, b in enumerate(out)]
 
 
 def _broadcast(obj, src, ranks, device):
