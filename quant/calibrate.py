@@ -291,13 +291,14 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
     device = next(model.parameters()).device
     say = tqdm.write if progress else (lambda msg: None)
     mine, groups, estimates = plan_calibration(model, cfg, memory_budget, ranks, chunks=loop.chunks)
-    every = ranks.all(groups)  # every rank's groups: who observes which layer in each round
-    n_groups = max(len(gs) for gs in every)
+    rank_groups = ranks.all(groups)  # every rank's groups: who observes which layer in each round
+    n_groups = max(len(gs) for gs in rank_groups)
+    divided = by_chunks(ranks.world, loop.chunks)  # the FP loops divided by chunks (quant/feed.py)
     timings = dict.fromkeys(("tas_statistics_s", "prepare_candidates_s", "alpha_search_s", "build_layers_s"), 0.0)
     where = f" on rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""
     budget = "no memory budget" if memory_budget is None else f"a budget of {memory_budget / 2 ** 30:g} GiB"
-    feed = Feed(loop, ranks, layers, [[n for g in gs for n in g] for gs in every])
-    how = f", {'divided among' if feed.by_chunks else 'each run by'} the processes" if ranks.world > 1 else ""
+    feed = Feed(loop, ranks, layers, [[n for g in gs for n in g] for gs in rank_groups])
+    how = f", {'divided among' if divided else 'each run by'} the processes" if ranks.world > 1 else ""
     fp = "" if loop.chunks == 1 else f"; FP loops in {loop.chunks} chunks{how}"
     say(f"calibration: {len(mine)} layers{where} in {len(groups)} group(s) ({budget}; estimated search state "
         f"{human(sum(estimates.values()))} in all{fp})")
@@ -315,22 +316,22 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
     for g in range(n_groups):  # 2. and 3. per group; every rank takes part in every round
         part = {n: layers[n] for n in (groups[g] if g < len(groups) else [])}
         of = f"group {g + 1}/{n_groups}, " if n_groups > 1 else ""
-        feed = Feed(loop, ranks, layers, [gs[g] if g < len(gs) else [] for gs in every])
+        feed = Feed(loop, ranks, layers, [gs[g] if g < len(gs) else [] for gs in rank_groups])
         results, loops = ranks.together(lambda: calibrate_group(part, cfg, scoring, stats, feed, timings, say, of,
                                                                 progress))
         chosen.update(results)
         passes += loops
         held = sum(entry["state_bytes"] for _, entry in results.values())
-        if feed.by_chunks:  # every rank held the whole round's statistics and candidates
+        if divided:  # every rank held the whole round's statistics and candidates
             held = sum(ranks.all(held))
         state_max = max(state_max, held)
 
-    mem = {"rank": ranks.rank, "fp_passes": passes, "fp_chunks": loop.chunks, "fp_by_chunks": feed.by_chunks,
+    mem = {"rank": ranks.rank, "fp_passes": passes, "fp_chunks": loop.chunks, "fp_by_chunks": divided,
            "groups": len(groups), "state_bytes_max": state_max,
            "state_bytes_estimated": sum(estimates.values()),
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "peak_cuda_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-           "timings": dict(timings), "done_at": time.time()}
+           "timings": dict(timings)}
     if ranks.world > 1:  # rank 0 builds the model from every rank's layers
         chosen = {n: (best.to("cpu"), entry) for n, (best, entry) in chosen.items()}
     every = ranks.gather({"layers": chosen, "memory": mem})
@@ -355,7 +356,7 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
         "peak_rss_bytes": max(m["peak_rss_bytes"] for m in ranks_mem),
         "peak_cuda_bytes": None if device.type != "cuda" else max(m["peak_cuda_bytes"] for m in ranks_mem),
         "per_rank": ranks_mem}}
-    out["calibration"].update(search=cfg.search, fp_chunks=loop.chunks, fp_by_chunks=feed.by_chunks)
+    out["calibration"].update(search=cfg.search, fp_chunks=loop.chunks, fp_by_chunks=divided)
     if not scoring.scoring_loop:
         out.update(search=cfg.search, calibration_loops=1)
     if cfg.quantize_adaln:  # 5. adaLN, weight-only
