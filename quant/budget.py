@@ -12,7 +12,7 @@ Not in the budget: the FP model, the sampling loop's activations and the per-ste
 the layer being scored (`workspace_bytes`, freed after each layer's step); bench/scale.py adds
 them up for DiT-XL/2.
 """
-from quant.search_losses import _CHUNK_ELEMENTS, rows_per_block
+from quant.search_losses import _CHUNK_ELEMENTS, kernel_fits, rows_per_block
 
 GIB = 1 << 30
 F32 = 4
@@ -39,10 +39,24 @@ def candidate_bytes(out, inp, cfg, n_alphas=None, lora_rank=None):
     return smooth + codes + 2 * F32 * a * out * _groups(inp, cfg) + F32 * a * r * (out + inp)
 
 
-def engine_bytes(out, inp, cfg, n_alphas=None, device_type="cpu"):
-    """Bytes of the loss engine's operands (LossEngine.nbytes()): the shared-weight path only."""
+def kernel_operand_bytes(out, inp, n_groups, lora_rank):
+    """One candidate's weight operands of the fused CPU kernel (ops_avx512.w4_operands, with a bias and
+    zero points: what a ditas layer has): packed codes, scales / group sums / zero points and the bias
+    per 32-column block, the transposed LoRA factors."""
+    npad = -out // 32 * -32
+    return npad * inp // 2 + 3 * F32 * n_groups * npad + F32 * lora_rank * npad \
+        + F32 * inp * (-lora_rank // 16 * -16) + F32 * npad
+
+
+def engine_bytes(out, inp, cfg, n_alphas=None, device_type="cpu", lora_rank=None):
+    """Bytes of the loss engine's operands (LossEngine.nbytes()) through the scoring: the shared-weight
+    path's, or each candidate's fused-kernel operands (CPU, search_losses.kernel_fits)."""
     a = len(cfg.alphas()) if n_alphas is None else n_alphas
     if not _shared(cfg, a):
+        scored = cfg.search != "approx" and device_type == "cpu"
+        ng = _groups(inp, cfg)
+        if scored and kernel_fits(cfg.scheme, cfg.weight_bit, cfg.act_bit, inp, ng):
+            return a * kernel_operand_bytes(out, inp, ng, cfg.lora_rank if lora_rank is None else lora_rank)
         return 0
     bf16 = cfg.search_dtype == "bf16"
     m_cols = inp if inp < out else out                  # M = V S (in x in) or Weff^T (in x out)
@@ -79,6 +93,7 @@ def layer_state_bytes(out, inp, cfg, device_type="cpu", statistic_slots=1):
     kept = kept_alphas(cfg)
     return (candidate_bytes(out, inp, cfg, n_alphas=kept) + candidate_bytes(out, inp, cfg, n_alphas=1, lora_rank=0)
             + engine_bytes(out, inp, cfg, n_alphas=kept, device_type=device_type)
+            + engine_bytes(out, inp, cfg, n_alphas=1, device_type=device_type, lora_rank=0)
             + statistic_slots * statistic_bytes(out, inp, cfg))
 
 

@@ -86,11 +86,12 @@ class LossEngine:
         self.act_cfg, self.chunk, self.matmul_dtype, self.impl, self.row_stride = \
             act_cfg, chunk, matmul_dtype, impl, row_stride
         self.ops = None  # fast-path operands (reference: they replace the dense effective weight)
+        self.kernel_ops = {}  # the fused CPU kernel's weight operands of each candidate, built at its first step
         self.c = None
 
     def attach(self, candidates):
         """Bind to the candidates; the shared-weight path (reference scheme, several alphas) builds its operands now."""
-        self.c = candidates
+        self.c, self.kernel_ops = candidates, {}
         if self.shared:
             self._operands()
         return self
@@ -106,8 +107,10 @@ class LossEngine:
         return self.fast and self.c.scheme == "reference" and len(self.c.alphas) > 1
 
     def nbytes(self):
-        """Bytes of the operands kept between steps."""
-        return sum(t.numel() * t.element_size() for t in (self.ops or {}).values() if torch.is_tensor(t))
+        """Bytes of the operands kept between steps (the shared path's; the fused kernel's per candidate)."""
+        held = [t for t in (self.ops or {}).values() if torch.is_tensor(t)]
+        held += [t for ops, *_ in self.kernel_ops.values() for t in ops.values()]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def losses(self, x, y=None):
         """float64 (n_alpha,): every candidate's mean squared output error on x (..., in) float32.
@@ -288,15 +291,13 @@ class LossEngine:
         buf = x2.new_empty(min(step, rows), c)
         acc = torch.zeros(s.shape[0], dtype=torch.float64, device=x2.device)
         kernel = self._kernel_ready(x2)
-        # the kernel's weight operands of each candidate, built once per step (kept only if it has several blocks)
-        weight_ops = {} if rows > block else None
         for b0 in range(0, rows, block):
             xb = x2[b0:b0 + block]
             y_fp = xb @ cands.weight.T if ref is None else ref[b0:b0 + block]
             fold = xb.shape[0] * (c + out) > out * c
             for j, k in enumerate(range(sl.start, sl.stop)):
                 rk = None if ranges is None else (ranges[0][j, b0:b0 + block], ranges[1][j, b0:b0 + block])
-                sq = self._kernel_sq(xb, s[j], rk, k, bias, y_fp, weight_ops) if kernel else None
+                sq = self._kernel_sq(xb, s[j], rk, k, bias, y_fp) if kernel else None
                 if sq is not None:
                     acc[j] += sq
                     continue
@@ -319,14 +320,13 @@ class LossEngine:
 
     def _kernel_ready(self, x2):
         """Can this step's candidates run on the fused CPU kernel (ditas_qgemm_w4, quant/ops_avx512.py)?
-        The ditas scheme's <= 4-bit grouped codes, asymmetric 8-bit activations, CPU float32 rows."""
-        c, acfg = self.c, self.act_cfg
+        CPU float32 rows of a layer `kernel_fits` (the fast path)."""
+        c = self.c
         n_groups = c.scale.shape[-1] if c.scheme == "ditas" else 0
-        return (self.impl == "fast" and c.scheme == "ditas" and c.weight_cfg.bits <= 4 and acfg.bits == 8
-                and x2.device.type == "cpu" and x2.dtype == torch.float32 and n_groups
-                and (c.weight.shape[1] // n_groups) % ops_avx512.ALIGN_K4 == 0 and ops_avx512.load() is not None)
+        return (self.impl == "fast" and x2.device.type == "cpu" and x2.dtype == torch.float32
+                and kernel_fits(c.scheme, c.weight_cfg.bits, self.act_cfg.bits, c.weight.shape[1], n_groups))
 
-    def _kernel_sq(self, xb, s, rk, k, bias, y_fp, weight_ops=None):
+    def _kernel_sq(self, xb, s, rk, k, bias, y_fp):
         """||fq(xb/s) (Q_k + L_k R_k)^T (+ b) - y_fp||^2 on the fused kernel (the integer linear IntLinear
         runs: the same integers, float epilogue), or None where this input's activation zero points
         break its int32 bound (the caller then dequantizes).
@@ -334,18 +334,18 @@ class LossEngine:
             xb    (n, in) float32 rows;  s (in,) the candidate's smoothing factors
             rk    (scale, qmax - zero) float32 (n,) each: the rows' activation ranges, or None (per row of xb/s)
             y_fp  (n, out) float32 reference rows (x W^T, or the layer's output with bias b)
-            weight_ops  {k: (w4_operands(...), group, rank)} of this step's earlier blocks, filled here
-                        (None: built and dropped)
+
+        Candidate k's weight operands (w4_operands: unpacking, repacking and group sums, ~40 ms for a
+        DiT-XL/2 fc1 against its integer GEMM of a few rows) are built at its first step and kept in
+        kernel_ops until the engine goes (budget.kernel_operand_bytes counts them).
         """
-        if weight_ops is not None and k in weight_ops:
-            ops, bound, group, rank = weight_ops[k]
-        else:
+        key = k, bias is not None
+        if key not in self.kernel_ops:
             qw = self.c.qweight(k)
             L, R = self.c.lora(k)
             ops, bound = ops_avx512.w4_operands(qw.codes, qw.scale, qw.zero, L, R, bias)
-            group, rank = xb.shape[1] // qw.scale.shape[-1], R.shape[0]
-            if weight_ops is not None:
-                weight_ops[k] = ops, bound, group, rank
+            self.kernel_ops[key] = ops, bound, xb.shape[1] // qw.scale.shape[-1], R.shape[0]
+        ops, bound, group, rank = self.kernel_ops[key]
         s = s.contiguous()
         if rk is None:
             sx, zx = affine_params(*ops_avx512.rowrange(xb, s), self.ops["intervals"])
@@ -360,6 +360,13 @@ class LossEngine:
                          zx.to(torch.int32), sx, lp, rank, ops["f_Lt"], ops.get("f_bias"), y)
         # per-row norms: a float32 sum over the whole block would lose ~1e-4 of the loss
         return float(torch.linalg.vector_norm(y.sub_(y_fp), dim=1).double().pow(2).sum())
+
+
+def kernel_fits(scheme, weight_bits, act_bits, inp, n_groups):
+    """Does a layer's scoring run on the fused CPU kernel (ditas_qgemm_w4) where it loads: the ditas
+    scheme's <= 4-bit grouped codes (groups a multiple of ALIGN_K4 wide), 8-bit activations?"""
+    return (scheme == "ditas" and weight_bits <= 4 and act_bits == 8 and n_groups > 0
+            and (inp // n_groups) % ops_avx512.ALIGN_K4 == 0 and ops_avx512.load() is not None)
 
 
 def rows_per_block(out, inp):

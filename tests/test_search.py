@@ -340,9 +340,10 @@ def test_integer_kernel_falls_back_where_zero_points_overflow_int32(monkeypatch)
 
 
 @pytest.mark.skipif(ops_avx512.load() is None, reason="fused CPU kernel not available here")
-def test_integer_kernel_builds_weight_operands_once_per_step(monkeypatch):
-    """A step of many rows is scored in blocks; each candidate's kernel operands are built once per
-    step, not once per block, and the losses are the single-block ones."""
+def test_integer_kernel_builds_weight_operands_once_per_search(monkeypatch):
+    """Steps of many rows are scored in blocks; each candidate's kernel operands are built once for the
+    whole search (not per step or block), counted in the engine's bytes, and the losses are the
+    single-block ones."""
     from quant import search_losses
     w, b, _ = search_problem(out=96)
     xs, wcfg, acfg, absmax = _streams("ditas", "row", (2, 300, 64), seed=11)
@@ -354,5 +355,6 @@ def test_integer_kernel_builds_weight_operands_once_per_step(monkeypatch):
     w4 = ops_avx512.w4_operands
     monkeypatch.setattr(ops_avx512, "w4_operands", lambda *a, **k: built.append(1) or w4(*a, **k))
     blocks = _search(w, b, xs, alphas, wcfg, acfg, "ditas")
-    assert len(built) == len(alphas) * len(xs)
+    assert len(built) == len(alphas) and len(xs) > 1
+    assert blocks.engine.nbytes() > 0  # counted (tests/test_budget.py: equal to the budget's formula)
     torch.testing.assert_close(torch.tensor(blocks.losses), torch.tensor(single.losses), rtol=1e-9, atol=0)
