@@ -30,10 +30,12 @@ search):
   activations runs the fused integer linear IntLinear runs (quant/ops_avx512.py: u8 activation
   codes x the packed weight codes, exact int32 group sums and zero-point corrections, LoRA and bias
   in float), 2-2.6x faster than the float32 product on DiT-S/2's shapes and, since Y_q is formed
-  from exact integers, within ~1e-8 of a float64 evaluation (tests/test_search.py). Elsewhere its
+  from exact integers, within ~1e-8 of a float64 evaluation (tests/test_search.py); each
+  candidate's kernel operands (repacked codes, group sums, padded LoRA factors: about the size of
+  its stored codes and LoRA) are built at its first step and kept for the search. Elsewhere its
   weight is dequantized once per step (per block of rows when a step has many), one (in x out)
   float32 product per candidate and row chunk. Squared errors are summed per row and then in
-  float64 (a float32 sum over a whole block would lose ~1e-4 of the loss). Nothing dense is kept
+  float64 (a float32 sum over a whole block would lose ~1e-4 of the loss). No dense weight is kept
   between steps (quant/budget.py counts what is).
 """
 import torch
