@@ -17,8 +17,9 @@ Feed: one FP loop of one calibration round, two ways to share it among the ranks
                observes every layer of the round. After the loop the per-chunk statistics and
                losses travel to each layer's owner, one layer at a time (pickled: a few numbers
                per layer for the losses, X^T X for the shortlist's statistics); before the scoring
-               pass every layer's kept candidates go to every rank. The FP work and the observation
-               divide; each rank holds the whole round's statistics and candidates.
+               pass every layer's kept candidates go to every rank (codes, scales, LoRA; not the
+               FP weight, which every rank has). The FP work and the observation divide; each rank
+               holds the whole round's statistics and candidates.
 """
 import io
 from dataclasses import dataclass

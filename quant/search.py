@@ -162,6 +162,13 @@ class Candidates:
                                 [self.codes, self.scale, self.zero, self.L, self.R])
         return held
 
+    def on(self, weight, bias):
+        """A shallow copy over the layer's FP `weight` and `bias` (None, None: without them, to send to a
+        process that has the model; it puts its own back)."""
+        new = copy.copy(self)
+        new.weight, new.bias = (None if weight is None else weight.detach().float()), bias
+        return new
+
     def nbytes(self):
         """Bytes of the stored candidate state (the FP weight and bias are the model's own)."""
         return sum(t.numel() * t.element_size() for t in self._stored())

@@ -306,6 +306,29 @@ def test_ditas_candidates_on_the_integer_kernel(monkeypatch, granularity, shape)
     torch.testing.assert_close(dequantized, truth, rtol=1e-5, atol=0)
 
 
+def test_candidates_travel_without_the_fp_weight():
+    """Candidates.on(None, None) (what another rank is sent) pickles without the FP weight and bias and
+    leaves the original whole; put on the weight again it scores exactly as the original."""
+    import io
+    w, b, xs = search_problem()
+    wcfg, acfg = WeightQuantConfig(bits=4, group_size=32), ActQuantConfig(bits=8, granularity="row")
+    c = _search(w, b, xs, alpha_grid(0.25), wcfg, acfg, "ditas").candidates
+
+    def pickled(obj):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return len(buf.getvalue())
+    bare = c.on(None, None)
+    assert bare.weight is None and bare.bias is None and torch.equal(c.weight, w)
+    assert pickled(c) - pickled(bare) >= (w.numel() + b.numel()) * 4
+    back = bare.on(w, b)
+    searches = [AlphaSearch.over(x, acfg) for x in (c, back)]
+    for x in xs:
+        for search in searches:
+            search.update(x, x @ w.T + b)
+    assert searches[0].losses == searches[1].losses
+
+
 def test_subset_of_candidates_is_the_same_candidates():
     """Candidates.subset keeps the chosen candidates bit for bit (their own copies) and drops the rest."""
     w, b, xs = search_problem()
