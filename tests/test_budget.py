@@ -105,7 +105,7 @@ def test_grouped_passes_give_the_same_model(search):
     # exact: one TAS pass, then a scoring pass per group; approx: a statistics pass per group; shortlist: both
     pass1, per_group = {"exact": (1, 1), "approx": (0, 1), "shortlist": (0, 2)}[search]
     assert one["groups"] == 1 and one["fp_passes"] == pass1 + per_group
-    assert grouped["groups"] == len(plan_groups(shapes, cfg, size)[0])  # approx: fc2's X^T X sets the budget
+    assert grouped["groups"] == len(plan_groups(shapes, cfg, size)[0])  # as planned (the largest layer sets the size)
     assert grouped["groups"] > 1 and grouped["fp_passes"] == pass1 + per_group * grouped["groups"]
     assert grouped["state_bytes_max"] < one["state_bytes_max"]
     for name in shapes:
