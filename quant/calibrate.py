@@ -300,8 +300,9 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
     feed = Feed(loop, ranks, layers, [[n for g in gs for n in g] for gs in rank_groups])
     how = f", {'divided among' if divided else 'each run by'} the processes" if ranks.world > 1 else ""
     fp = "" if loop.chunks == 1 else f"; FP loops in {loop.chunks} chunks{how}"
+    held = ", each process holding every rank's in a round" if divided else ""
     say(f"calibration: {len(mine)} layers{where} in {len(groups)} group(s) ({budget}; estimated search state "
-        f"{human(sum(estimates.values()))} in all{fp})")
+        f"{human(sum(estimates.values()))} in all{held}{fp})")
     passes = 0
 
     t0 = time.time()  # 1. TAS statistics (the exact search with no smoothing needs none)
