@@ -16,10 +16,10 @@ taken in turn in every repeat so that load changes hit them alike:
 Reported: wall time of each run and the calibration's own time (report total_s: from the loaded
 model to the calibrated one, without the interpreter's and the launcher's start-up, the model
 load and saving), min / median / max over repeats, their per-repeat ratios to the 1-process default,
-rank 0's phases, and whether the checkpoints (model.safetensors, quant_config.json) of each pair
-are byte-identical. Target: N processes in at most 0.65x the wall time of one (the median ratio:
-a shared machine's load swings single runs by +-15 %). Writes
-bench/results/calib_ranks.md.
+rank 0's phases, the share of the CPU time a virtual machine's host stole during each run, and whether
+the checkpoints (model.safetensors, quant_config.json) of each pair are byte-identical. Target: N
+processes in at most 0.65x the wall time of one (the median ratio: a shared machine's load swings
+single runs by +-15 %). Writes bench/results/calib_ranks.md.
 """
 import argparse
 import json
@@ -32,26 +32,28 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import cpu_name, write_report  # noqa: E402
+from bench.common import cpu_name, stolen_seconds, write_report  # noqa: E402
 from bundled.digits import BUNDLED_FLAGS  # noqa: E402
 
 CHECKPOINT_FILES = ("model.safetensors", "quant_config.json")
 
 
 def run(nproc, chunks, steps, out, extra):
-    """(wall s, report) of one calibration with nproc processes at one thread each."""
+    """(wall s, report, share of the machine's CPU time stolen by its host or None) of one calibration with
+    nproc processes at one thread each."""
     flags = [*BUNDLED_FLAGS, "--num-sampling-steps", str(steps), "--no-preview", "--threads", "1", "--overwrite",
              "--out", out, "--calib-chunks", str(chunks), *extra]
     cmd = [sys.executable, "QuantDiT.py", *flags] if nproc == 1 else \
         [sys.executable, "launch.py", "--standalone", f"--nproc_per_node={nproc}", "QuantDiT.py", *flags]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    t0 = time.time()
+    t0, stolen0 = time.time(), stolen_seconds()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.time() - t0
+    wall, stolen1 = time.time() - t0, stolen_seconds()
+    steal = None if stolen0 is None else (stolen1 - stolen0) / (wall * os.cpu_count())
     if proc.returncode:
         sys.exit(f"error: {' '.join(cmd[1:3])} failed:\n{proc.stderr[-2000:]}")
     with open(os.path.join(out, "report.json")) as f:
-        return wall, json.load(f)
+        return wall, json.load(f), steal
 
 
 def same_files(a, b):
@@ -70,14 +72,15 @@ def main():
     extra, n = args.quantdit_flags.split(), args.nproc
     settings = [(1, 1), (n, n), (1, n), (n, 1)]  # (processes, chunks); the first is the baseline
     load0 = os.getloadavg()
-    walls, calib = {s: [] for s in settings}, {s: [] for s in settings}
+    walls, calib, steals = {s: [] for s in settings}, {s: [] for s in settings}, {s: [] for s in settings}
     reports, identical = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
             for procs, chunks in settings:
                 out = os.path.join(tmp, f"p{procs}c{chunks}")
-                wall, reports[procs, chunks] = run(procs, chunks, args.steps, out, extra)
+                wall, reports[procs, chunks], steal = run(procs, chunks, args.steps, out, extra)
                 walls[procs, chunks].append(wall)
+                steals[procs, chunks].append(steal)
                 calib[procs, chunks].append(reports[procs, chunks]["timings"]["total_s"])
                 print(f"repeat {rep + 1}: {procs} process(es), {chunks} chunk(s): {wall:.1f} s, calibration "
                       f"{calib[procs, chunks][-1]:.1f} s", flush=True)
@@ -94,7 +97,8 @@ def main():
         rows.append(f"| {s[0]} | {how} | {span(walls[s], '{:.1f}')} | {span(ratios(walls, s), '{:.2f}x')} | "
                     f"{span(calib[s], '{:.1f}')} | {span(ratios(calib, s), '{:.2f}x')} | "
                     f"{t['tas_statistics_s']:.1f} | {t['prepare_candidates_s']:.1f} | "
-                    f"{t['alpha_search_s']:.1f} | {cal['fp_passes']} | {cal['peak_rss_bytes'] / 2 ** 20:.0f} |")
+                    f"{t['alpha_search_s']:.1f} | {cal['fp_passes']} | {cal['peak_rss_bytes'] / 2 ** 20:.0f} | "
+                    f"{'n/a' if None in steals[s] else span([100 * x for x in steals[s]], '{:.0f}')} |")
     wall_r, calib_r = ratios(walls, (n, n)), ratios(calib, (n, n))
     verdict = lambda rs: (f"**{'met' if statistics.median(rs) <= 0.65 else 'not met'}** (median "  # noqa: E731
                           f"{statistics.median(rs):.2f}x; {min(rs):.2f}x to {max(rs):.2f}x)")
@@ -110,8 +114,10 @@ def main():
         f"last repeat.", "",
         "| processes | FP loops | wall s, min / median / max | wall vs 1 process, per repeat | calibration s | "
         "calibration vs 1 process | TAS pass s | candidates s | alpha search s | FP loops per rank | "
-        "peak RSS rank 0 (MiB) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+        "peak RSS rank 0 (MiB) | CPU time stolen by the host, % |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+        "Stolen: the steal time of /proc/stat during each run, as a share of all CPUs' time over its wall time "
+        "(min / median / max): on a virtual machine, the CPU its host gave to other guests.", "",
         f"Byte-identical model.safetensors and quant_config.json: 1 process vs {n} with {n} chunks: "
         f"**{same((1, n), (n, n))}**; 1 process vs {n} with one chunk: **{same((1, 1), (n, 1))}**.", "",
         f"Target: {n} processes (`--calib-chunks {n}`) <= 0.65x of one process (the default), the median of the "

@@ -1,4 +1,4 @@
-"""Shared by the bench scripts: the machine line and writing a markdown report."""
+"""Shared by the bench scripts: the machine line, the hypervisor's stolen CPU time and writing a markdown report."""
 import os
 import platform
 
@@ -13,6 +13,20 @@ def cpu_name():
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def stolen_seconds(stat="/proc/stat"):
+    """CPU seconds the hypervisor gave to other guests, summed over this machine's CPUs since boot (the steal
+    column of /proc/stat's "cpu" line); None where there is no such file. On a virtual machine a run slowed
+    by its host shows here, not in the load average."""
+    try:
+        with open(stat) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if fields[0] != "cpu" or len(fields) < 9:
+        return None
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
 
 
 def write_report(path, lines):

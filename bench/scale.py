@@ -33,7 +33,7 @@ from models import DiT_models, get_2d_sincos_pos_embed  # noqa: E402
 from quant.budget import workspace_bytes  # noqa: E402
 from quant.errors import UserError  # noqa: E402
 from quant.layers import BLOCK_LAYERS  # noqa: E402
-from bench.common import cpu_name, write_report  # noqa: E402
+from bench.common import cpu_name, stolen_seconds, write_report  # noqa: E402
 
 GIB, MIB, F32 = 2 ** 30, 2 ** 20, 4
 CALIB_ROWS = 32  # 16 calibration labels x 2 (classifier-free guidance)
@@ -72,8 +72,9 @@ def random_checkpoint(args, latent):
 
 
 def run_quantdit(cmd, out_dir):
-    """Run cmd, its output teed to our stderr and out_dir.log: {wall_s, cpu_s, peak_rss_bytes, exit, log, report}."""
-    t0 = time.perf_counter()
+    """Run cmd, its output teed to our stderr and out_dir.log: {wall_s, cpu_s, peak_rss_bytes, stolen_share, exit,
+    log, report} (stolen_share: the machine's CPU time its host took meanwhile, bench.common.stolen_seconds)."""
+    t0, stolen0 = time.perf_counter(), stolen_seconds()
     with open(out_dir + ".log", "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         while chunk := os.read(proc.stdout.fileno(), 1 << 16):
@@ -87,8 +88,10 @@ def run_quantdit(cmd, out_dir):
     if code == 0 and os.path.isfile(path):
         with open(path) as f:
             report = json.load(f)
-    return {"wall_s": time.perf_counter() - t0, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss_bytes": usage.ru_maxrss * 1024, "exit": code, "log": _rel(out_dir + ".log"), "report": report}
+    wall, stolen1 = time.perf_counter() - t0, stolen_seconds()
+    stolen = None if stolen0 is None else (stolen1 - stolen0) / (wall * os.cpu_count())
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": usage.ru_maxrss * 1024,
+            "stolen_share": stolen, "exit": code, "log": _rel(out_dir + ".log"), "report": report}
 
 
 # ---------------------------------------------------------------- the memory model
@@ -199,7 +202,7 @@ def run_probe(args):
 
 COLUMNS = ["scheme", "TAS statistics s", "candidates s", "alpha search s", "build layers s", "total s (report)",
            "process wall s", "process CPU s", "peak RSS GiB", "peak CUDA GiB", "search state max group GiB",
-           "search state total GiB", "SVDs", "FP passes", "groups"]
+           "search state total GiB", "SVDs", "FP passes", "groups", "CPU stolen by the host %"]
 PROJECTION_COLUMNS = ["scheme", "image px", "tokens", "FP model GiB", "search state GiB", "activations GiB",
                       "largest at", "projected peak GiB", "load peak GiB", "measured peak RSS GiB"]
 PROBE_COLUMNS = ["forward", "tokens", "predicted MiB", "first call MiB", "repeat MiB", "repeat / predicted", "s"]
@@ -223,7 +226,8 @@ def run_cells(scheme, run):
     return [scheme if run["exit"] == 0 else f"{scheme} (failed: exit {run['exit']})", *secs, f"{run['wall_s']:.1f}",
             f"{run['cpu_s']:.1f}", _gib(run["peak_rss_bytes"]), _gib(c.get("peak_cuda_bytes")),
             _gib(c.get("state_bytes_max"), 3), _gib(c.get("state_bytes_total"), 3), svds,
-            *(c.get(k, "n/a") for k in ("fp_passes", "groups"))]
+            *(c.get(k, "n/a") for k in ("fp_passes", "groups")),
+            "n/a" if run.get("stolen_share") is None else f"{100 * run['stolen_share']:.0f}"]
 
 
 def document(args, header, runs, proj, probe):

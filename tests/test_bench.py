@@ -70,6 +70,15 @@ def test_candidate_fits_bench_quick(tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["quality"][0]["layers"] == 32
 
 
+def test_stolen_seconds_reads_the_steal_column(tmp_path):
+    """bench.common.stolen_seconds: the 8th value of /proc/stat's "cpu" line in seconds; None without the file."""
+    from bench.common import stolen_seconds
+    stat = tmp_path / "stat"
+    stat.write_text(f"cpu  10 0 20 30 1 0 2 {3 * os.sysconf('SC_CLK_TCK')} 0 0\ncpu0 5 0 10 15 0 0 1 0 0 0\n")
+    assert stolen_seconds(stat) == 3.0
+    assert stolen_seconds(tmp_path / "none") is None
+
+
 def test_scale_bench_smoke(tmp_path):
     """bench/scale.py: one QuantDiT run on a random DiT-S/2 (1 token), its row, the projection rows, the probe."""
     from bench.scale import COLUMNS, PROBE_COLUMNS, PROJECTION_COLUMNS
