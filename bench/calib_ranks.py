@@ -32,7 +32,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.common import cpu_name, stolen_seconds, write_report  # noqa: E402
+from bench.common import cpu_name, stolen_seconds, stolen_share, write_report  # noqa: E402
 from bundled.digits import BUNDLED_FLAGS  # noqa: E402
 
 CHECKPOINT_FILES = ("model.safetensors", "quant_config.json")
@@ -48,8 +48,8 @@ def run(nproc, chunks, steps, out, extra):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     t0, stolen0 = time.time(), stolen_seconds()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall, stolen1 = time.time() - t0, stolen_seconds()
-    steal = None if stolen0 is None else (stolen1 - stolen0) / (wall * os.cpu_count())
+    wall = time.time() - t0
+    steal = stolen_share(stolen0, wall)
     if proc.returncode:
         sys.exit(f"error: {' '.join(cmd[1:3])} failed:\n{proc.stderr[-2000:]}")
     with open(os.path.join(out, "report.json")) as f:

@@ -29,6 +29,12 @@ def stolen_seconds(stat="/proc/stat"):
     return int(fields[8]) / os.sysconf("SC_CLK_TCK")
 
 
+def stolen_share(since, wall_s):
+    """The share of all CPUs' time over the last wall_s seconds that the host stole, from stolen_seconds() taken
+    at their start (None if that was None)."""
+    return None if since is None else (stolen_seconds() - since) / (wall_s * os.cpu_count())
+
+
 def write_report(path, lines):
     """Write the markdown lines to path (creating its directory) and echo them."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -33,7 +33,7 @@ from models import DiT_models, get_2d_sincos_pos_embed  # noqa: E402
 from quant.budget import workspace_bytes  # noqa: E402
 from quant.errors import UserError  # noqa: E402
 from quant.layers import BLOCK_LAYERS  # noqa: E402
-from bench.common import cpu_name, stolen_seconds, write_report  # noqa: E402
+from bench.common import cpu_name, stolen_seconds, stolen_share, write_report  # noqa: E402
 
 GIB, MIB, F32 = 2 ** 30, 2 ** 20, 4
 CALIB_ROWS = 32  # 16 calibration labels x 2 (classifier-free guidance)
@@ -88,10 +88,9 @@ def run_quantdit(cmd, out_dir):
     if code == 0 and os.path.isfile(path):
         with open(path) as f:
             report = json.load(f)
-    wall, stolen1 = time.perf_counter() - t0, stolen_seconds()
-    stolen = None if stolen0 is None else (stolen1 - stolen0) / (wall * os.cpu_count())
+    wall = time.perf_counter() - t0
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": usage.ru_maxrss * 1024,
-            "stolen_share": stolen, "exit": code, "log": _rel(out_dir + ".log"), "report": report}
+            "stolen_share": stolen_share(stolen0, wall), "exit": code, "log": _rel(out_dir + ".log"), "report": report}
 
 
 # ---------------------------------------------------------------- the memory model

@@ -72,11 +72,12 @@ def test_candidate_fits_bench_quick(tmp_path):
 
 def test_stolen_seconds_reads_the_steal_column(tmp_path):
     """bench.common.stolen_seconds: the 8th value of /proc/stat's "cpu" line in seconds; None without the file."""
-    from bench.common import stolen_seconds
+    from bench.common import stolen_seconds, stolen_share
     stat = tmp_path / "stat"
     stat.write_text(f"cpu  10 0 20 30 1 0 2 {3 * os.sysconf('SC_CLK_TCK')} 0 0\ncpu0 5 0 10 15 0 0 1 0 0 0\n")
     assert stolen_seconds(stat) == 3.0
     assert stolen_seconds(tmp_path / "none") is None
+    assert stolen_share(None, 1.0) is None  # no starting value: nothing to compare
 
 
 def test_scale_bench_smoke(tmp_path):
