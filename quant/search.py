@@ -84,6 +84,11 @@ class Scores:
     predicted: dict | None = None
 
 
+def _fp_params(weight, bias):
+    """A layer's FP weight (float32) and bias as Candidates keeps them: detached, None as None."""
+    return (None if weight is None else weight.detach().float()), (None if bias is None else bias.detach())
+
+
 class Candidates:
     """The candidate layers of one linear: smoothing factors and LoRA-fitted quantized weights per alpha,
     stored compactly (integer codes, scales and LoRA factors; no dense float weight per candidate).
@@ -109,8 +114,7 @@ class Candidates:
         if self.scheme not in ("ditas", "reference"):
             raise ValueError(f"scheme must be 'ditas' or 'reference', got {self.scheme!r}")
         self.weight_cfg = weight_cfg
-        self.weight = weight.detach().float()
-        self.bias = None if bias is None else bias.detach()
+        self.weight, self.bias = _fp_params(weight, bias)
         fit = partial(fit_lora, quantize_fn=weight_cfg, rank=lora_rank,
                       iters=lora_iters, svd=svd)
         if self.scheme == "reference":
@@ -166,7 +170,7 @@ class Candidates:
         """A shallow copy over the layer's FP `weight` and `bias` (None, None: without them, to send to a
         process that has the model; it puts its own back)."""
         new = copy.copy(self)
-        new.weight, new.bias = (None if weight is None else weight.detach().float()), bias
+        new.weight, new.bias = _fp_params(weight, bias)
         return new
 
     def nbytes(self):
