@@ -15,16 +15,17 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-def stolen_seconds(stat="/proc/stat"):
-    """CPU seconds the hypervisor gave to other guests, summed over this machine's CPUs since boot (the steal
-    column of /proc/stat's "cpu" line); None where there is no such file. On a virtual machine a run slowed
-    by its host shows here, not in the load average."""
+def stolen_seconds(stat="/proc/stat", cpu="cpu"):
+    """CPU seconds the hypervisor gave to other guests since boot: the steal column of /proc/stat's line
+    `cpu` ("cpu": summed over this machine's CPUs; "cpu0", "cpu1", ...: one of them); None where there is no
+    such file or line. On a virtual machine a run slowed by its host shows here, not in the load average."""
     try:
         with open(stat) as f:
-            fields = f.readline().split()
+            lines = [line.split() for line in f]
     except OSError:
         return None
-    if fields[0] != "cpu" or len(fields) < 9:
+    fields = next((f for f in lines if f and f[0] == cpu), None)
+    if fields is None or len(fields) < 9:
         return None
     return int(fields[8]) / os.sysconf("SC_CLK_TCK")
 

@@ -87,14 +87,21 @@ def kept_alphas(cfg):
     return min(a, cfg.search_shortlist) if cfg.search == "shortlist" else a
 
 
-def layer_state_bytes(out, inp, cfg, device_type="cpu", statistic_slots=1):
-    """Everything one layer's search holds between steps: candidates, baseline, operands, statistic (one
-    per chunk of the FP loop this process runs: quant/feed.py)."""
+def layer_state_parts(out, inp, cfg, device_type="cpu", statistic_slots=1):
+    """{part: bytes} of what one layer's search holds between steps: the kept candidates, the round-to-nearest
+    baseline, the loss engines' operands of both, the pass-1 statistic (one per chunk of the FP loop this
+    process runs: quant/feed.py)."""
     kept = kept_alphas(cfg)
-    return (candidate_bytes(out, inp, cfg, n_alphas=kept) + candidate_bytes(out, inp, cfg, n_alphas=1, lora_rank=0)
-            + engine_bytes(out, inp, cfg, n_alphas=kept, device_type=device_type)
-            + engine_bytes(out, inp, cfg, n_alphas=1, device_type=device_type, lora_rank=0)
-            + statistic_slots * statistic_bytes(out, inp, cfg))
+    return {"candidates": candidate_bytes(out, inp, cfg, n_alphas=kept),
+            "baseline": candidate_bytes(out, inp, cfg, n_alphas=1, lora_rank=0),
+            "operands": engine_bytes(out, inp, cfg, n_alphas=kept, device_type=device_type)
+            + engine_bytes(out, inp, cfg, n_alphas=1, device_type=device_type, lora_rank=0),
+            "statistic": statistic_slots * statistic_bytes(out, inp, cfg)}
+
+
+def layer_state_bytes(out, inp, cfg, device_type="cpu", statistic_slots=1):
+    """Everything one layer's search holds between steps (the sum of layer_state_parts)."""
+    return sum(layer_state_parts(out, inp, cfg, device_type, statistic_slots).values())
 
 
 def transient_bytes(out, inp, cfg):

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from helpers import run_script
+from helpers import assert_user_error, run_script
 
 
 def test_inference_bench_smoke(tmp_path):
@@ -71,13 +71,73 @@ def test_candidate_fits_bench_quick(tmp_path):
 
 
 def test_stolen_seconds_reads_the_steal_column(tmp_path):
-    """bench.common.stolen_seconds: the 8th value of /proc/stat's "cpu" line in seconds; None without the file."""
+    """bench.common.stolen_seconds: the 8th value of /proc/stat's "cpu" (or "cpuN") line in seconds; None without
+    the file or the line."""
     from bench.common import stolen_seconds, stolen_share
     stat = tmp_path / "stat"
     stat.write_text(f"cpu  10 0 20 30 1 0 2 {3 * os.sysconf('SC_CLK_TCK')} 0 0\ncpu0 5 0 10 15 0 0 1 0 0 0\n")
-    assert stolen_seconds(stat) == 3.0
+    assert stolen_seconds(stat) == 3.0 and stolen_seconds(stat, "cpu0") == 0.0
+    assert stolen_seconds(stat, "cpu7") is None
     assert stolen_seconds(tmp_path / "none") is None
     assert stolen_share(None, 1.0) is None  # no starting value: nothing to compare
+
+
+def test_compare_reports(tmp_path):
+    """bench/compare_reports.py: equal alphas, output error ratios and losses at shared alphas of two reports;
+    a missing report or other layers: one line, exit 2."""
+    def report(name, layers):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "report.json").write_text(json.dumps({"layers": layers}))
+        return d
+    a = report("a", {"l1": {"alpha": 0.5, "output_error": 2.0, "search_losses": {"0.5": 2.0, "0.6": 4.0}},
+                     "l2": {"alpha": 0.1, "output_error": 1.0, "search_losses": {"0.1": 1.0}}})
+    b = report("b", {"l1": {"alpha": 0.5, "output_error": 2.2, "search_losses": {"0.5": 2.2, "0.7": 3.0}},
+                     "l2": {"alpha": 0.2, "output_error": 0.9, "search_losses": {"0.2": 0.9}}})
+    proc = run_script("bench/compare_reports.py", a, b)
+    assert proc.returncode == 0, proc.stderr
+    row = [c.strip() for c in proc.stdout.splitlines()[-1].strip("|").split("|")]
+    # l1: +10 %, l2: -10 %; the one shared alpha (l1's 0.5): 10 %
+    assert row[2:] == ["2", "1", "+0.00% (-10.00% / +10.00%)", "10.00% / 10.00% (1)"], row
+    assert_user_error(run_script("bench/compare_reports.py", a, tmp_path), "not a QuantDiT report")
+    c = report("c", {"l1": {"alpha": 0.5, "output_error": 2.0, "search_losses": {"0.5": 2.0}}})
+    assert_user_error(run_script("bench/compare_reports.py", a, c), "other layers (2 and 1, 1 in one only)")
+
+
+def test_launcher_overhead_bench_smoke(tmp_path):
+    """bench/launcher_overhead.py: the launcher's phases fit in its wall time, one row per repeat of the loops;
+    a zero count is one line, exit 2."""
+    out = tmp_path / "lo.md"
+    proc = run_script("bench/launcher_overhead.py", "--repeats", "1", "--nproc", "1", "--loops", "1", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = out.read_text().splitlines()
+    i = lines.index('| `python -c "import torch"` | wall | to workers | imports | gloo init | after workers |')
+    cells = [float(c.split(" / ")[0]) for c in lines[i + 2].strip("|").split("|")]
+    assert all(c >= 0 for c in cells) and sum(cells[2:]) <= cells[1], cells
+    rows = [line for line in lines if line.startswith("| ") and line.endswith("|") and "x |" in line]
+    assert len(rows) == 1 and rows[0].count("x") == 1, rows  # one copy: one ratio
+    assert_user_error(run_script("bench/launcher_overhead.py", "--loops", "0", "--out", out), "at least 1")
+
+
+def test_state_parts_bench_sums_the_budget_of_every_layer():
+    """bench/state_parts.py: per part, the budget's bytes summed over the model's layers, for QuantDiT's config."""
+    from models import DiT_models
+    from quant.budget import layer_state_bytes
+    from quant.config import QuantConfig
+    from quant.layers import quantizable_layers
+    proc = run_script("bench/state_parts.py", "--model", "DiT-XS/2", "--extra", "--search exact --weight-bit 8")
+    assert "search exact, MiB" in proc.stdout, proc.stdout
+    assert proc.returncode == 0, proc.stderr
+    rows = {r[0]: [float(c) for c in r[1:]] for r in
+            ([c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+             if line.startswith("| cpu") or line.startswith("| cuda"))}
+    cfg = QuantConfig(scheme="ditas", search="exact", weight_bit=8)
+    layers = quantizable_layers(DiT_models["DiT-XS/2"](input_size=4, in_channels=4, num_classes=1000))
+    for device, cells in rows.items():
+        want = sum(layer_state_bytes(*lin.weight.shape, cfg, device) for lin in layers.values()) / 2 ** 20
+        assert want > 1 and cells[-1] == round(want, 3) and abs(sum(cells[:-1]) - cells[-1]) <= 0.003, (device, cells)
+    assert set(rows) == {"cpu", "cuda"}
+    assert_user_error(run_script("bench/state_parts.py", "--model", "DiT-Q/2"), "unknown --model")
 
 
 def test_scale_bench_smoke(tmp_path):
