@@ -19,6 +19,7 @@ import gc
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -272,8 +273,7 @@ def main(args):
     ckpt = random_checkpoint(args, latent)
     load_before, runs, cmds = os.getloadavg(), {}, {}
     for s in schemes:
-        procs = "" if args.nproc == 1 else f"-{args.nproc}proc"
-        out_dir = os.path.join(args.cache, f"{args.model.replace('/', '-')}-{args.image_size}-{s}{procs}")
+        out_dir = os.path.join(args.cache, run_name(args, s))
         launch = [] if args.nproc == 1 else ["launch.py", "--standalone", f"--nproc_per_node={args.nproc}"]
         cmds[s] = [sys.executable, *launch, "QuantDiT.py", "--model", args.model, "--ckpt", _rel(ckpt), "--image-size",
                    str(args.image_size), "--vae", "mse", "--no-preview", "--num-sampling-steps", str(args.steps),
@@ -304,6 +304,14 @@ def main(args):
     failed = [s for s, r in runs.items() if r["exit"]]
     if failed:
         raise UserError(f"QuantDiT.py failed for {', '.join(failed)}: see {', '.join(runs[s]['log'] for s in failed)}")
+
+
+def run_name(args, scheme):
+    """The run's directory name in --cache: model, size, scheme, processes and the extra flags (each setting
+    its own checkpoint)."""
+    procs = "" if args.nproc == 1 else f"-{args.nproc}proc"
+    extra = re.sub(r"[^A-Za-z0-9.]+", "-", args.extra).strip("-")
+    return f"{args.model.replace('/', '-')}-{args.image_size}-{scheme}{procs}{'-' + extra if extra else ''}"
 
 
 def build_parser():

@@ -333,9 +333,7 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "peak_cuda_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
            "timings": dict(timings)}
-    if ranks.world > 1:  # rank 0 builds the model from every rank's layers
-        chosen = {n: (best.to("cpu"), entry) for n, (best, entry) in chosen.items()}
-    every = ranks.gather({"layers": chosen, "memory": mem})
+    every = ranks.gather({"layers": chosen, "memory": mem}, device=device)  # rank 0 builds the model
     if every is None:
         return None
     chosen = {n: r for part in every for n, r in part["layers"].items()}

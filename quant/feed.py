@@ -15,18 +15,17 @@ Feed: one FP loop of one calibration round, two ways to share it among the ranks
                choice where the loop is cheap next to the candidates (GPUs).
     by chunks  (several ranks, `chunks` a multiple of them): rank r runs chunks r, r + W, ... and
                observes every layer of the round. After the loop the per-chunk statistics and
-               losses travel to each layer's owner, one layer at a time (pickled: a few numbers
-               per layer for the losses, X^T X for the shortlist's statistics); before the scoring
+               losses travel to each layer's owner, one layer at a time (a few numbers per layer
+               for the losses, X^T X for the shortlist's statistics; large tensors raw, the rest
+               pickled: quant/wire.py); before the scoring
                pass every layer's kept candidates go to every rank (codes, scales, LoRA; not the
                FP weight, which every rank has). The FP work and the observation divide; each rank
                holds the whole round's statistics and candidates.
 """
-import io
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from quant.ranks import Ranks
 
@@ -111,7 +110,7 @@ class Feed:
     def to_owners(self, parts):
         """{name: [its parts in chunk order]} of this rank's own layers, from parts {name: {chunk: part}}
         over the observed layers (by chunks: every rank's parts sent to the owner, one layer at a time,
-        each sent part dropped here: DiT-XL/2's X^T X of every layer at once, pickled, did not fit)."""
+        each sent part dropped here: DiT-XL/2's X^T X of every layer at once did not fit in memory)."""
         rank = self.ranks.rank
         if not self.by_chunks:
             return {n: [d[c] for c in sorted(d)] for n, d in parts.items() if self.owners[n] == rank}
@@ -119,7 +118,7 @@ class Feed:
         merged = {}
         for name in self.observed:  # the same order on every rank
             owner, mine = self.owners[name], parts.pop(name)
-            got = _gather(mine, owner, self.ranks, self.device)
+            got = self.ranks.gather(mine, owner, self.device)
             if got is not None:
                 merged[name] = {c: part for theirs in got for c, part in theirs.items()}
         return {n: [d[c] for c in sorted(d)] for n, d in merged.items()}
@@ -133,33 +132,9 @@ class Feed:
         every = {}
         for name in self.observed:
             owner = self.owners[name]
-            sent = _broadcast(objects[name] if owner == self.ranks.rank else None, owner, self.ranks, self.device)
-            every[name] = objects[name] if owner == self.ranks.rank else sent
+            every[name] = self.ranks.broadcast(objects[name] if owner == self.ranks.rank else None, owner,
+                                               self.device)
         return every
-
-
-def _pickle(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _unpickle(data, device):
-    return torch.load(io.BytesIO(data), map_location=device, weights_only=False)
-
-
-def _gather(obj, dst, ranks, device):
-    """[every rank's obj] on dst (the others' tensors loaded onto `device`, its own obj as is), None elsewhere."""
-    out = [None] * ranks.world if ranks.rank == dst else None
-    dist.gather_object(_pickle(obj), out, dst=dst)
-    return None if out is None else [obj if r == dst else _unpickle(b, device) for r, b in enumerate(out)]
-
-
-def _broadcast(obj, src, ranks, device):
-    """src's obj on every rank (None returned on src itself: it has the object)."""
-    box = [_pickle(obj) if ranks.rank == src else None]
-    dist.broadcast_object_list(box, src=src)
-    return None if ranks.rank == src else _unpickle(box[0], device)
 
 
 def merge(parts):

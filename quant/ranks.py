@@ -13,6 +13,7 @@ import traceback
 
 import torch.distributed as dist
 
+from quant import wire
 from quant.errors import UserError
 
 
@@ -103,11 +104,16 @@ class Ranks:
             r, message = failed[0]
             raise RankFailed(f"calibration rank {r} of {self.world} failed: {message}")
 
-    def gather(self, obj):
-        """Rank 0: [every rank's obj]; other ranks: None (torch.distributed.gather_object: tensors travel
-        pickled, so pass them on the CPU)."""
+    def gather(self, obj, dst=0, device="cpu"):
+        """dst: [every rank's obj] (its own as is, the others' tensors on `device`); other ranks: None.
+        Large tensors travel raw (quant/wire.py)."""
         if self.world == 1:
             return [obj]
-        out = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0)
-        return out
+        if self.rank != dst:
+            wire.send(obj, dst)
+            return None
+        return [obj if r == dst else wire.recv(r, device) for r in range(self.world)]
+
+    def broadcast(self, obj, src, device="cpu"):
+        """src's obj on every rank (obj itself on src; elsewhere its tensors on `device`; pass None there)."""
+        return obj if self.world == 1 else wire.broadcast(obj, src, device)

@@ -148,6 +148,8 @@ def test_scale_bench_smoke(tmp_path):
                       "reference", "--threads", "1", "--extra", "--lora-rank 0 --smoothing none", "--cache",
                       tmp_path / "cache", "--probe-full", "4", "--probe-block", "256", "--out", out, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # each setting its own directory: the extra flags are in its name
+    assert (tmp_path / "cache" / "DiT-S-2-16-reference-lora-rank-0-smoothing-none" / "report.json").is_file()
     lines = out.read_text().splitlines()
 
     def rows(cols):  # the cells of the table with these columns
