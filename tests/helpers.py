@@ -127,3 +127,26 @@ def int_input(shape, seed=1, kind="outliers"):
     if kind == "gelu":
         x = torch.nn.functional.gelu(3 * x)
     return x
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 now (for a process group's rendezvous)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_gloo_workers(target, *args, world=2):
+    """Spawn `world` processes running target(rank, port, queue, *args), which each put (rank, result) on the
+    queue: {rank: result}."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=target, args=(r, port, queue, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    return got

@@ -1,13 +1,12 @@
 """Calibration over several processes (quant/ranks.py, QuantDiT.py under torchrun with gloo)."""
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, assert_user_error, random_dit, run_script
+from helpers import ROOT, assert_user_error, free_port, random_dit, run_gloo_workers, run_script
 from quant.budget import layer_cost, layer_state_bytes, plan_groups, transient_bytes
 from quant.config import QuantConfig
 from quant.layers import quantizable_layers
@@ -123,14 +122,8 @@ def test_more_processes_than_layers(ckpt, tmp_path):
     assert not os.path.exists(tmp_path / "q")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ranks_started_with_different_settings(ckpt, tmp_path):
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank, lora in enumerate(("4", "8")):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
@@ -170,19 +163,6 @@ def _failing_worker(rank, port, queue, check_in):
         dist.destroy_process_group()
 
 
-def _run_workers(check_in):
-    import torch.multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_failing_worker, args=(r, port, queue, check_in)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(60)
-    return got
-
-
 @pytest.mark.parametrize("check_in", [False, True], ids=["together", "before-a-shared-loop"])
 def test_one_rank_failing_stops_every_rank_with_its_error(check_in):
-    assert _run_workers(check_in) == {r: "calibration rank 1 of 2 failed: rank one's input is bad" for r in range(2)}
+    assert run_gloo_workers(_failing_worker, check_in) == {r: "calibration rank 1 of 2 failed: rank one's input is bad" for r in range(2)}

@@ -2,7 +2,6 @@
 import glob
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from cli import run
-from helpers import ROOT, assert_user_error, random_dit, run_script
+from helpers import ROOT, assert_user_error, free_port, random_dit, run_script
 
 N, BATCH, STEPS = 7, 2, 150  # 4 shards, the last one short; enough steps that a run can be killed mid-way
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -30,12 +29,6 @@ def _flags(ckpt, sample_dir, steps=STEPS, n=N, batch=BATCH):
     return ["--model", "DiT-XS/2", "--image-size", "8", "--num-classes", "10", "--vae", "none", "--ckpt", str(ckpt),
             "--num-fid-samples", str(n), "--per-proc-batch-size", str(batch), "--num-sampling-steps", str(steps),
             "--sample-dir", str(sample_dir), "--device", "cpu"]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +59,7 @@ def test_npz_format(single_run):
 
 def test_torchrun_two_processes_byte_identical(single_run, ckpt, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={_free_port()}", "sample_merge_TAS.py", *_flags(ckpt, tmp_path)],
+                           f"--master_port={free_port()}", "sample_merge_TAS.py", *_flags(ckpt, tmp_path)],
                           cwd=ROOT, env=dict(os.environ, **ENV), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 2 process(es)" in proc.stdout

@@ -5,7 +5,7 @@ import torch
 
 from quant import wire
 from quant.approx_search import InputStats
-from test_ranks import _free_port
+from helpers import run_gloo_workers
 
 
 @dataclass
@@ -112,13 +112,4 @@ def _worker(rank, port, queue):
 
 
 def test_gather_and_broadcast_between_two_processes():
-    import torch.multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(60)
-    assert got == {0: "ok", 1: "ok"}
+    assert run_gloo_workers(_worker) == {0: "ok", 1: "ok"}
