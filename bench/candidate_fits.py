@@ -14,6 +14,8 @@ A. Quality. quantize_dit(model, QuantConfig(), loop) (ditas defaults: 21 alphas,
 B. Cost at DiT-XL/2 shapes: quant.search.Candidates for the four linears of one block (random
    weights with outlier input columns, a random TAS statistic with outlier channels) for the
    ditas defaults, the reference scheme (one full-SVD fit) and the exhaustive ditas fits (proj only).
+C. From A and B: how many of the default fits' best alphas a full-SVD refit would need to hold the
+   exhaustive search's alpha in 90 % of layers, and what those refits cost against B's reference fit.
 
 Everything runs single-threaded (--threads 1). Writes bench/results/candidate_fits.md and .json.
 """
@@ -218,6 +220,29 @@ def fmt_cost(res, div):
     return lines, dict(block=tot, block_ratio=tot["ditas"] / tot["reference"], block_exhaustive_extrapolated=extrap)
 
 
+def fmt_refit(layers, res, ks=(1, 2, 3, 4, 5, 6, 8)):
+    """Table C: refit the k best alphas of the default fits (by their exact loss) with the full SVD."""
+    tot = {k: sum(r[k]["s"] for r in res.values()) for k in ("ditas", "reference")} if res else None
+    rank = {kind: [sorted(r["losses_exact"], key=r["losses_exact"].get).index(
+        min(r["losses_full"], key=r["losses_full"].get)) for r in pl.values()] for kind, pl in layers.items()}
+    lines = ["## C. What equal alphas would cost: refit the k best alphas of the default fits with the full SVD", "",
+             "Equal alphas need the chosen alpha's fit to be the full SVD's own: a change of the weights by 1e-5 "
+             "already moves the exhaustive search's alpha in most layers (bench/results/search_noise.md). A search "
+             "that refits the k best alphas of the default fits with the full SVD, and scores those exactly, holds "
+             "the exhaustive alpha when it is among those k. Ranked here by the default fits' exact losses (table "
+             "A's `--search exact` run). Cost per block: the 21 default fits plus k full-SVD fits of one reference "
+             "fit's cost each (table B).", "",
+             "| k | " + " | ".join(f"{kind}: exhaustive alpha among the k best" for kind in rank) +
+             " | candidate cost per block vs reference (target <= 3x) |",
+             "|---:|" + "---:|" * len(rank) + "---:|"]
+    for k in ks:
+        cells = [f"{sum(x < k for x in r)}/{len(r)} ({100 * sum(x < k for x in r) / len(r):.0f}%)"
+                 for r in rank.values()]
+        c = f"{(tot['ditas'] + k * tot['reference']) / tot['reference']:.2f}x" if tot else "(table B not run)"
+        lines.append(f"| {k} | {' | '.join(cells)} | {c} |")
+    return lines, rank
+
+
 def main(args):
     threads.set_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -251,9 +276,12 @@ def main(args):
     if res:
         lines, extra = fmt_cost(res, div)
         doc += ["", *lines]
+    lines, refit_rank = fmt_refit(layers, res)
+    doc += ["", *lines]
     write_report(args.out, doc)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump({"quality": rows, "layers": layers, "cost": res, "cost_summary": extra,
+                   "exhaustive_alpha_rank": refit_rank,
                    "loadavg_before": load0, "loadavg_after": load1, "threads": args.threads}, f, indent=1)
 
 

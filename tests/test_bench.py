@@ -62,12 +62,28 @@ def test_candidate_fits_bench_quick(tmp_path):
     proc = run_script("bench/candidate_fits.py", "--quick", "--threads", "1", "--out", out, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = out.read_text()
-    assert "## A. Quality" in text and "## B. Cost at DiT-XL/2 shapes" in text
+    assert "## A. Quality" in text and "## B. Cost at DiT-XL/2 shapes" in text and "## C. What equal alphas" in text
     row = [line for line in text.splitlines() if line.startswith("| bundled DiT-T/2")][0]
     cells = [c.strip() for c in row.strip("|").split("|")]
     pct = float(re.fullmatch(r"\d+ \(([\d.]+)%\).*", cells[3]).group(1))
     assert 0 <= pct <= 100
     assert json.loads(out.with_suffix(".json").read_text())["quality"][0]["layers"] == 32
+
+
+def test_candidate_fits_refit_table():
+    """Table C: per k, the layers whose exhaustive alpha (argmin of the full-SVD losses) is among the k best of the
+    default fits' exact losses; the cost is the default fits plus k reference fits, over the reference fits."""
+    from bench.candidate_fits import fmt_refit
+    layers = {"m": {"a": dict(losses_exact={"0.0": 3.0, "0.5": 1.0, "1.0": 2.0},
+                              losses_full={"0.0": 1.0, "0.5": 2.0, "1.0": 3.0}),  # exhaustive 0.0: 3rd of the default
+                    "b": dict(losses_exact={"0.0": 2.0, "0.5": 1.0, "1.0": 3.0},
+                              losses_full={"0.0": 2.0, "0.5": 1.5, "1.0": 3.0})}}  # exhaustive 0.5: 1st
+    res = {"qkv": {"ditas": dict(s=1.0), "reference": dict(s=4.0)}, "fc1": {"ditas": dict(s=1.0), "reference": dict(s=1.0)}}
+    lines, rank = fmt_refit(layers, res, ks=(1, 3))
+    assert rank == {"m": [2, 0]}
+    rows = [line for line in lines if line.startswith("| 1 |") or line.startswith("| 3 |")]
+    assert rows == ["| 1 | 1/2 (50%) | 1.40x |", "| 3 | 2/2 (100%) | 3.40x |"]
+    assert "(table B not run)" in fmt_refit(layers, {}, ks=(1,))[0][-1]
 
 
 def test_stolen_seconds_reads_the_steal_column(tmp_path):
