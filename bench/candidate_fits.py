@@ -230,8 +230,8 @@ def fmt_refit(layers, res, ks=(1, 2, 3, 4, 5, 6, 8)):
              "already moves the exhaustive search's alpha in most layers (bench/results/search_noise.md). A search "
              "that refits the k best alphas of the default fits with the full SVD, and scores those exactly, holds "
              "the exhaustive alpha when it is among those k. Ranked here by the default fits' exact losses (table "
-             "A's `--search exact` run). Cost per block: the 21 default fits plus k full-SVD fits of one reference "
-             "fit's cost each (table B).", "",
+             "A's `--search exact` run). Cost per block: the default fits (one per alpha) plus k full-SVD fits "
+             "of one reference fit's cost each (table B).", "",
              "| k | " + " | ".join(f"{kind}: exhaustive alpha among the k best" for kind in rank) +
              " | candidate cost per block vs reference (target <= 3x) |",
              "|---:|" + "---:|" * len(rank) + "---:|"]

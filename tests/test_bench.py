@@ -78,7 +78,8 @@ def test_candidate_fits_refit_table():
                               losses_full={"0.0": 1.0, "0.5": 2.0, "1.0": 3.0}),  # exhaustive 0.0: 3rd of the default
                     "b": dict(losses_exact={"0.0": 2.0, "0.5": 1.0, "1.0": 3.0},
                               losses_full={"0.0": 2.0, "0.5": 1.5, "1.0": 3.0})}}  # exhaustive 0.5: 1st
-    res = {"qkv": {"ditas": dict(s=1.0), "reference": dict(s=4.0)}, "fc1": {"ditas": dict(s=1.0), "reference": dict(s=1.0)}}
+    res = {"qkv": {"ditas": dict(s=1.0), "reference": dict(s=4.0)},
+           "fc1": {"ditas": dict(s=1.0), "reference": dict(s=1.0)}}
     lines, rank = fmt_refit(layers, res, ks=(1, 3))
     assert rank == {"m": [2, 0]}
     rows = [line for line in lines if line.startswith("| 1 |") or line.startswith("| 3 |")]
