@@ -220,9 +220,9 @@ def fmt_cost(res, div):
     return lines, dict(block=tot, block_ratio=tot["ditas"] / tot["reference"], block_exhaustive_extrapolated=extrap)
 
 
-def fmt_refit(layers, res, ks=(1, 2, 3, 4, 5, 6, 8)):
-    """Table C: refit the k best alphas of the default fits (by their exact loss) with the full SVD."""
-    tot = {k: sum(r[k]["s"] for r in res.values()) for k in ("ditas", "reference")} if res else None
+def fmt_refit(layers, block, ks=(1, 2, 3, 4, 5, 6, 8)):
+    """Table C: refit the k best alphas of the default fits (by their exact loss) with the full SVD. block: table
+    B's seconds per block {ditas, reference} (fmt_cost's), or None without table B."""
     rank = {kind: [sorted(r["losses_exact"], key=r["losses_exact"].get).index(
         min(r["losses_full"], key=r["losses_full"].get)) for r in pl.values()] for kind, pl in layers.items()}
     lines = ["## C. What equal alphas would cost: refit the k best alphas of the default fits with the full SVD", "",
@@ -236,9 +236,9 @@ def fmt_refit(layers, res, ks=(1, 2, 3, 4, 5, 6, 8)):
              " | candidate cost per block vs reference (target <= 3x) |",
              "|---:|" + "---:|" * len(rank) + "---:|"]
     for k in ks:
-        cells = [f"{sum(x < k for x in r)}/{len(r)} ({100 * sum(x < k for x in r) / len(r):.0f}%)"
-                 for r in rank.values()]
-        c = f"{(tot['ditas'] + k * tot['reference']) / tot['reference']:.2f}x" if tot else "(table B not run)"
+        held = [(sum(x < k for x in r), len(r)) for r in rank.values()]
+        cells = [f"{n}/{m} ({100 * n / m:.0f}%)" for n, m in held]
+        c = f"{(block['ditas'] + k * block['reference']) / block['reference']:.2f}x" if block else "(table B not run)"
         lines.append(f"| {k} | {' | '.join(cells)} | {c} |")
     return lines, rank
 
@@ -276,7 +276,7 @@ def main(args):
     if res:
         lines, extra = fmt_cost(res, div)
         doc += ["", *lines]
-    lines, refit_rank = fmt_refit(layers, res)
+    lines, refit_rank = fmt_refit(layers, extra.get("block"))
     doc += ["", *lines]
     write_report(args.out, doc)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:

@@ -72,19 +72,18 @@ def test_candidate_fits_bench_quick(tmp_path):
 
 def test_candidate_fits_refit_table():
     """Table C: per k, the layers whose exhaustive alpha (argmin of the full-SVD losses) is among the k best of the
-    default fits' exact losses; the cost is the default fits plus k reference fits, over the reference fits."""
+    default fits' exact losses; the cost is the default fits plus k reference fits, over the reference fits (table B's
+    seconds per block)."""
     from bench.candidate_fits import fmt_refit
     layers = {"m": {"a": dict(losses_exact={"0.0": 3.0, "0.5": 1.0, "1.0": 2.0},
                               losses_full={"0.0": 1.0, "0.5": 2.0, "1.0": 3.0}),  # exhaustive 0.0: 3rd of the default
                     "b": dict(losses_exact={"0.0": 2.0, "0.5": 1.0, "1.0": 3.0},
                               losses_full={"0.0": 2.0, "0.5": 1.5, "1.0": 3.0})}}  # exhaustive 0.5: 1st
-    res = {"qkv": {"ditas": dict(s=1.0), "reference": dict(s=4.0)},
-           "fc1": {"ditas": dict(s=1.0), "reference": dict(s=1.0)}}
-    lines, rank = fmt_refit(layers, res, ks=(1, 3))
+    lines, rank = fmt_refit(layers, dict(ditas=2.0, reference=5.0), ks=(1, 3))
     assert rank == {"m": [2, 0]}
     rows = [line for line in lines if line.startswith("| 1 |") or line.startswith("| 3 |")]
     assert rows == ["| 1 | 1/2 (50%) | 1.40x |", "| 3 | 2/2 (100%) | 3.40x |"]
-    assert "(table B not run)" in fmt_refit(layers, {}, ks=(1,))[0][-1]
+    assert "(table B not run)" in fmt_refit(layers, None, ks=(1,))[0][-1]
 
 
 def test_stolen_seconds_reads_the_steal_column(tmp_path):

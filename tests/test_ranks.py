@@ -165,4 +165,5 @@ def _failing_worker(rank, port, queue, check_in):
 
 @pytest.mark.parametrize("check_in", [False, True], ids=["together", "before-a-shared-loop"])
 def test_one_rank_failing_stops_every_rank_with_its_error(check_in):
-    assert run_gloo_workers(_failing_worker, check_in) == {r: "calibration rank 1 of 2 failed: rank one's input is bad" for r in range(2)}
+    error = "calibration rank 1 of 2 failed: rank one's input is bad"
+    assert run_gloo_workers(_failing_worker, check_in) == {r: error for r in range(2)}
