@@ -22,6 +22,7 @@ processes in at most 0.65x the wall time of one (the median ratio: a shared mach
 single runs by +-15 %). Writes bench/results/calib_ranks.md.
 """
 import argparse
+import importlib.metadata
 import json
 import os
 import statistics
@@ -108,7 +109,8 @@ def main():
         f"Command: `{' '.join(['python', 'bench/calib_ranks.py', *sys.argv[1:]])}`", "",
         f"QuantDiT.py on the bundled DiT-T/2 with its defaults{' ' + args.quantdit_flags if extra else ''}, "
         f"{args.steps} calibration steps, no preview, one thread per process; {args.repeats} repeats, the four "
-        f"settings in turn. Machine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores; load average "
+        f"settings in turn. Machine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores, torch "
+        f"{importlib.metadata.version('torch')}; load average "
         f"{load0[0]:.2f} before, {load1[0]:.2f} after. Wall: the whole process (launcher and start-up included); "
         f"calibration: report total_s (loaded model to calibrated model); the phases: rank 0's report of the "
         f"last repeat.", "",
