@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -150,3 +152,29 @@ def run_gloo_workers(target, *args, world=2):
     for p in procs:
         p.join(60)
     return got
+
+
+class HostSyncs:
+    """Counts the device-to-host scalar reads (aten::_local_scalar_dense: .item(), float(t), int(t), bool(t)) made
+    inside a `with HostSyncs() as syncs:` block; each is a blocking host sync on CUDA. `.cpu()` / `.tolist()` of a
+    CPU tensor are not dispatched and are not counted: keep them out of hot loops by review."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.count, self._mode = 0, _Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
