@@ -9,9 +9,11 @@ import sys
 
 import torch
 
+from config import DEFAULTS
 from download import PRETRAINED_MODELS
 from models import DiT_models
 from quant.errors import UserError
+from quant.int_linear import INT_KERNELS
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -99,6 +101,42 @@ def check_sampling_dtype(dtype, quantized, backend):
                         f"would round its own quantizer arithmetic to {dtype}); or use --dtype fp32")
 
 
+def add_backend_args(parser):
+    """--backend and --int-kernel (sample.py, sample_merge_TAS.py)."""
+    parser.add_argument("--backend", choices=["fake", "int"], default="fake",
+                        help="with --path: fake (quantize-dequantize in float, what calibration measured) or int "
+                             "(integer GEMMs: Triton on CUDA, the fused AVX512-VNNI kernel on x86 CPUs, else "
+                             "torch._int_mm)")
+    parser.add_argument("--int-kernel", choices=INT_KERNELS, default="auto",
+                        help="--backend int: the kernel every integer layer runs (auto: triton on CUDA, fused on "
+                             "CPUs with AVX512-VNNI, else torch); one that cannot run here is an error")
+
+
+def check_backend_args(args):
+    """--backend int needs a quantized checkpoint, --int-kernel needs --backend int; --dtype: check_sampling_dtype."""
+    if args.backend == "int" and not args.path:
+        raise UserError("--backend int needs a quantized checkpoint (--path); the FP model has no integer form")
+    if args.int_kernel != "auto" and args.backend != "int":
+        raise UserError(f"--int-kernel {args.int_kernel} applies to --backend int only")
+    check_sampling_dtype(args.dtype, bool(args.path), args.backend)
+
+
+def add_tf32_arg(parser, from_path=False):
+    """--tf32 / --no-tf32: the float32 arithmetic of every matmul and convolution on the GPU (set_tf32)."""
+    default = f"the checkpoint's calibration setting (--path), else {'on' if DEFAULTS.tf32 else 'off'}"
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None if from_path else DEFAULTS.tf32,
+                        help="TF32 tensor cores for float32 matmuls and convolutions on Ampere+ GPUs (no effect on "
+                             "CPUs); off: IEEE float32. Calibration and sampling use the same setting by default, "
+                             "recorded in the checkpoint" + (f" (default: {default})" if from_path else ""))
+
+
+def set_tf32(enabled):
+    """The process's float32 arithmetic on CUDA: TF32 for matmuls (cuBLAS) and convolutions (cuDNN), or IEEE
+    float32 for both. Both are set either way: torch's own defaults differ (matmuls IEEE, convolutions TF32)."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
 def add_device_arg(parser):
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where the model runs (auto: cuda when a GPU is visible, else cpu)")
@@ -146,8 +184,16 @@ def read_quant_config(path):
 def resolve_model_args(args, defaults):
     """Fill --model/--image-size/--num-classes/--vae from the checkpoint (--path) or `defaults`.
 
-    Flags given explicitly must agree with a quantized checkpoint. Returns its config (or None).
+    Flags given explicitly must agree with a quantized checkpoint. --tf32, when not given, takes the
+    checkpoint's calibration setting (else config.DEFAULTS'). Returns the checkpoint's config (or None).
     """
+    meta = _resolve_from_checkpoint(args, defaults)
+    if getattr(args, "tf32", False) is None:
+        args.tf32 = bool((meta or {}).get("tf32", DEFAULTS.tf32))
+    return meta
+
+
+def _resolve_from_checkpoint(args, defaults):
     if args.path is None:
         for flag in ("act_bit", "weight_bit"):
             if getattr(args, flag) is not None:

@@ -29,6 +29,9 @@ class Defaults:
     calib_chunks: int = 1
     # preview
     cfg_scale: float = 4.0
+    # float32 arithmetic on GPUs (--tf32): IEEE float32 in calibration and, by default, in sampling
+    # (the checkpoint records it); docs/METHOD.md §13
+    tf32: bool = False
 
 
 DEFAULTS = Defaults()

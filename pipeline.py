@@ -10,20 +10,40 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import MODEL_DTYPES, check_common_args, check_sampling_dtype, check_seed, default_ckpt, latent_shape
+from cli import (MODEL_DTYPES, check_common_args, check_sampling_dtype, check_seed, default_ckpt, latent_shape,
+                 set_tf32)
 from quant.errors import UserError
 from diffusion import create_diffusion
 from download import find_model, load_model_state
 from models import DiT_models
 from quant.files import atomic_path
+from quant.inference import kernel_lines, to_backend
 
 VAE_SCALE = 0.18215
+# images per VAE decoder call: the SD VAE decoder's float32 activations peak at about 0.28 GiB per image at
+# 256 px and 1.1 GiB at 512 px (whole-batch decode at 512 px, batch 64: ~70 GiB); 4 keeps it near 4.4 GiB
+VAE_DECODE_BATCH = 4
 
 
 def cast_for_sampling(model, dtype, quantized, backend):
     """The sampling model in --dtype (check_sampling_dtype's rule)."""
     check_sampling_dtype(dtype, quantized, backend)
     return model if dtype == "fp32" else model.to(MODEL_DTYPES[dtype])
+
+
+def sampling_model(model, args, device, quantized):
+    """The model as the sampling scripts run it: --tf32 applied (cli.set_tf32), moved to `device`, a quantized
+    one on --backend / --int-kernel there (quant.inference.to_backend: integer operands built once, on the
+    device), cast to --dtype. Rank 0 prints which integer kernel runs, and why (one line; two for a slow
+    fallback)."""
+    set_tf32(args.tf32)
+    if quantized:
+        model = to_backend(model, args.backend, args.path, device, args.int_kernel)
+        for line in kernel_lines(model, device, args.int_kernel) if rank() == 0 else ():
+            print(line, flush=True)
+    else:
+        model = model.to(device)
+    return cast_for_sampling(model, args.dtype, quantized, args.backend)
 
 
 def build_model(args, load=True):
@@ -70,11 +90,12 @@ def load_vae(spec, device):
 
 
 @torch.no_grad()
-def decode(vae, x):
-    """Model space -> images in [-1, 1]."""
+def decode(vae, x, batch=VAE_DECODE_BATCH):
+    """Model space -> images in [-1, 1]; the VAE decodes `batch` images per call (its memory stays bounded
+    whatever the sampling batch)."""
     if vae is None:
         return x
-    return vae.decode(x / VAE_SCALE).sample
+    return torch.cat([vae.decode(part / VAE_SCALE).sample for part in x.split(batch)])
 
 
 class SampleRNG:
@@ -206,13 +227,13 @@ def barrier():
 
 
 def init_distributed(device_kind):
-    """Init the process group when launched by torchrun with more than one process (nccl on CUDA, gloo
-    on CPU); returns this process's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """Init the process group when launched by torchrun, one process included (nccl on CUDA, gloo on CPU);
+    returns this process's device."""
+    launched = "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ  # torchrun sets both
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        if device_kind == "cuda":
-            torch.cuda.set_device(local_rank)
+    if device_kind == "cuda":
+        torch.cuda.set_device(local_rank)
+    if launched and not dist.is_initialized():
         dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
     return torch.device("cuda", local_rank) if device_kind == "cuda" else torch.device("cpu")
 

@@ -6,11 +6,11 @@ fake or integer backend).
 import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 
-from cli import (ArgumentParser, UserError, add_device_arg, add_dtype_arg, add_model_args, check_sampling_dtype,
-                 check_seed, check_writable, pick_device, resolve_model_args, run)
-from pipeline import build_model, cast_for_sampling, decode, load_vae, make_sampler, sample_inputs, save_grid
+from cli import (ArgumentParser, UserError, add_backend_args, add_device_arg, add_dtype_arg, add_model_args,
+                 add_tf32_arg, check_backend_args, check_seed, check_writable, pick_device, resolve_model_args, run)
+from pipeline import build_model, decode, load_vae, make_sampler, sample_inputs, sampling_model, save_grid
 from quant.fold import fold_smoothing
-from quant.inference import load_checkpoint, to_backend
+from quant.inference import load_checkpoint
 
 # upstream sample.py's defaults for the flags a quantized checkpoint may supply instead
 MODEL_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "vae": "mse"}
@@ -20,9 +20,7 @@ IMAGENET_SAMPLE_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 def main(args):
     threads.set_threads(args.threads)
     torch.set_grad_enabled(False)
-    if args.backend == "int" and not args.path:
-        raise UserError("--backend int needs a quantized checkpoint (--path); the FP model has no integer form")
-    check_sampling_dtype(args.dtype, bool(args.path), args.backend)
+    check_backend_args(args)
     check_seed(args.seed)
     check_writable(args.out, "--out")
     device = pick_device(args.device)
@@ -38,8 +36,7 @@ def main(args):
     else:
         model, _ = load_checkpoint(args.path)
         fold_smoothing(model)  # smoothing factors into adaLN's shift/scale and the V rows; fc2's on the fly
-        model = to_backend(model, args.backend, args.path)
-    model = cast_for_sampling(model, args.dtype, meta is not None, args.backend).to(device)
+    model = sampling_model(model, args, torch.device(device), meta is not None)
     channels, size = model.in_channels, model.x_embedder.img_size
     gens, y, z = sample_inputs(args.seed, range(len(labels)), args.num_classes, (channels, size, size), labels)
     sample = make_sampler(model, args.num_sampling_steps, args.cfg_scale, clip_denoised=args.vae == "none",
@@ -54,8 +51,8 @@ def build_parser():
     add_model_args(parser, **MODEL_DEFAULTS, from_path=True)
     parser.add_argument("--path", type=str, default=None, help="a quantized checkpoint directory (QuantDiT.py)")
     add_dtype_arg(parser)
-    parser.add_argument("--backend", choices=["fake", "int"], default="fake",
-                        help="with --path: fake (quantize-dequantize) or int (integer GEMMs)")
+    add_backend_args(parser)
+    add_tf32_arg(parser, from_path=True)
     parser.add_argument("--weight-bit", type=int, default=None, help="optional check against the checkpoint")
     parser.add_argument("--act-bit", type=int, default=None, help="optional check against the checkpoint")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (any integer in [0, 2^63 - 1])")

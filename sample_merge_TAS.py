@@ -21,9 +21,8 @@ pipeline.to_uint8); <name>.shards/ while sampling; <name>/*.png with --save-png.
 atomically, so a killed run leaves only complete shards; rerunning the same command samples only the
 missing (or unreadable) ones, and a completed run is a no-op that reports the .npz path. Shards made
 under another fingerprint (weights, quantization config, model flags, cfg, steps, seed, batch size,
-device) are discarded.
+device, --dtype, the integer kernels, TF32 on GPUs) are discarded.
 """
-import argparse
 import hashlib
 import json
 import os
@@ -33,23 +32,23 @@ import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 from tqdm import tqdm
 
-from cli import (ArgumentParser, UserError, add_device_arg, add_dtype_arg, add_model_args, check_common_args,
-                 check_sampling_dtype, check_seed, check_writable, latent_shape, pick_device, resolve_model_args, run)
-from pipeline import (barrier, build_model, cast_for_sampling, close_distributed, decode, init_distributed,
-                      load_vae, make_sampler, rank, sample_inputs, to_uint8, world_size)
+from cli import (ArgumentParser, UserError, add_backend_args, add_device_arg, add_dtype_arg, add_model_args,
+                 add_tf32_arg, check_backend_args, check_common_args, check_seed, check_writable, latent_shape,
+                 pick_device, resolve_model_args, run)
+from pipeline import (barrier, build_model, close_distributed, decode, init_distributed, load_vae, make_sampler, rank,
+                      sample_inputs, sampling_model, to_uint8, world_size)
 from quant import fold
-from quant.inference import load_checkpoint, to_backend
+from quant.inference import load_checkpoint
+from quant.int_linear import IntLinear
 from shards import ShardStore, npz_chunks, npz_shape
 
 # upstream sample_ddp.py's defaults for the flags a quantized checkpoint may supply instead
 MODEL_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "vae": "ema"}
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def _check_args(args):
-    if args.backend == "int" and not args.path:
-        raise UserError("--backend int needs a quantized checkpoint (--path); the FP model has no integer form")
-    check_sampling_dtype(args.dtype, bool(args.path), args.backend)
+    check_backend_args(args)
     if args.num_fid_samples <= 0:
         raise UserError(f"--num-fid-samples must be positive, got {args.num_fid_samples}")
     if args.per_proc_batch_size <= 0:
@@ -80,13 +79,15 @@ def output_name(args, meta):
 
 
 def fingerprint(model, args, meta, device):
-    """Hash of everything a shard's bytes depend on (not the world size, not N)."""
+    """Hash of everything a shard's bytes depend on (not the world size, not N): the settings, the kernels
+    the integer layers run, and the model's state."""
     h = hashlib.sha256()
     settings = {
         "version": STATE_VERSION, "model": args.model, "image_size": args.image_size,
         "num_classes": args.num_classes, "vae": args.vae, "cfg_scale": args.cfg_scale,
         "steps": args.num_sampling_steps, "seed": args.global_seed, "batch": args.per_proc_batch_size,
         "device": device.type, "quant": meta, "dtype": args.dtype,
+        "kernels": sorted(m.runs for m in model.modules() if isinstance(m, IntLinear)),
     }
     if device.type == "cuda":
         settings.update(tf32=args.tf32, gpu=torch.cuda.get_device_name(device))
@@ -118,9 +119,6 @@ def _main(args):
     meta = resolve_model_args(args, MODEL_DEFAULTS)
     check_common_args(args)
     channels, size = latent_shape(args)
-    if device_kind == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        torch.backends.cudnn.allow_tf32 = args.tf32
     name = output_name(args, meta)
     _check_npz(os.path.join(args.sample_dir, f"{name}.npz"), args.num_fid_samples, args.overwrite)
     vae = load_vae(args.vae, "cpu")  # before the model: a missing VAE is found first
@@ -133,9 +131,8 @@ def _main(args):
         model, loaded_meta = load_checkpoint(args.path)
         meta.update(loaded_meta or {})
         fold.fold_smoothing(model)
-        model = to_backend(model, args.backend, args.path)
-    model = cast_for_sampling(model, args.dtype, meta is not None, args.backend)
     device = init_distributed(device_kind)
+    model = sampling_model(model, args, device, meta is not None)  # on the device, then (int) its operands
     rank_, world = rank(), world_size()
 
     # The shard store: shard k (a batch of consecutive indices) goes to rank k % world
@@ -158,7 +155,6 @@ def _main(args):
 
     # Sample this rank's missing shards
     vae = None if vae is None else vae.to(device)
-    model = model.to(device)
     sample = make_sampler(model, args.num_sampling_steps, args.cfg_scale, clip_denoised=args.vae == "none",
                           dtype=args.dtype)
     if rank_ == 0:
@@ -198,14 +194,11 @@ def build_parser():
     parser.add_argument("--num-fid-samples", type=int, default=50_000, help="samples in the .npz (N)")
     parser.add_argument("--global-seed", type=int, default=0,
                         help="sample i's label and noise depend on (global seed, i) only; any integer in [0, 2^63 - 1]")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                        help="allow TF32 matmuls/convolutions on Ampere+ GPUs (default on)")
+    add_tf32_arg(parser, from_path=True)
     parser.add_argument("--path", type=str, default=None, help="a quantized checkpoint directory (QuantDiT.py)")
     parser.add_argument("--weight-bit", type=int, default=None, help="optional check against the checkpoint")
     parser.add_argument("--act-bit", type=int, default=None, help="optional check against the checkpoint")
-    parser.add_argument("--backend", choices=["fake", "int"], default="fake",
-                        help="fake: quantize-dequantize in float; int: integer GEMMs (Triton on CUDA, the fused "
-                             "AVX512-VNNI kernel on x86 CPUs, else torch._int_mm)")
+    add_backend_args(parser)
     add_dtype_arg(parser)
     parser.add_argument("--save-png", action="store_true", help="also write one PNG per sample")
     parser.add_argument("--keep-shards", action="store_true", help="keep the shard files after writing the .npz")

@@ -3,7 +3,9 @@
     python bench/kernel_probe.py [--threads 2] [--m 2048] [--k 768] [--n 3072] [--reps 10] [--clock wall|cpu]
     python bench/kernel_probe.py --device cuda --m 8192 --k 1152 --n 4608   # DiT-XL/2's fc1 at batch 32
 
-Times one (M, K) x (K, N) linear: fp32 / bf16 F.linear, raw torch._int_mm, IntLinear
+Times one (M, K) x (K, N) linear: fp32 / bf16 F.linear, raw torch._int_mm (B in both layouts:
+a row-major (K, N) tensor, and the transpose of a contiguous (N, K) one, the weight's own layout and
+cuBLASLt's preferred column-major B), IntLinear
 W8A8 (per channel and grouped) and W4A8 (group 64/128) on the fused CPU kernel and on the
 torch kernel against QuantLinear's fake forward, plus the torch weight-only int kernels that
 exist on CPU. With --device cuda the integer layers run the Triton kernels (and the torch-op path
@@ -37,6 +39,18 @@ def run_round_robin(cases, reps, clock=time.perf_counter):
             f()
             times[name].append(clock() - t0)
     return {name: sorted(ts) for name, ts in times.items()}
+
+
+def int_mm_layouts(m, k, n, device="cpu", seed=0):
+    """{label: fn} of torch._int_mm on one int8 (M, K) x (K, N) product with B in both layouts: a row-major
+    (K, N) tensor, and the transpose of a contiguous (N, K) tensor (column-major B, the layout of an
+    nn.Linear weight and cuBLASLt's preferred one for int8). Both compute the same product."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device, generator=g)
+    b_kn = torch.randint(-128, 128, (k, n), dtype=torch.int8, device=device, generator=g)
+    b_nk = b_kn.t().contiguous()
+    return {"torch._int_mm, B row-major (K, N)": lambda: torch._int_mm(a, b_kn),
+            "torch._int_mm, B column-major ((N, K).t())": lambda: torch._int_mm(a, b_nk.t())}
 
 
 def main():
@@ -75,9 +89,8 @@ def main():
             lb, rb = torch.randn(n, args.rank, device=dev).bfloat16(), torch.randn(args.rank, k, device=dev).bfloat16()
             row(f"bf16 F.linear + bf16 LoRA r{args.rank}",
                 lambda: F.linear(xb, wb, bb) + F.linear(F.linear(xb, rb), lb))
-        a8 = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=dev)
-        b8 = torch.randint(-128, 128, (k, n), dtype=torch.int8, device=dev)
-        row("torch._int_mm int8 (GEMM only)", lambda: torch._int_mm(a8, b8))
+        for label, f in int_mm_layouts(m, k, n, dev).items():
+            row(f"{label} (GEMM only)", f)
         acfg = ActQuantConfig(8, args.granularity)
         row("act quant (quantize_act_int8)", lambda: quantize_act_int8(x, acfg, m))
         for bits, g in ((8, None), (8, 128), (4, 128), (4, 64)):
@@ -107,10 +120,10 @@ def main():
     with torch.no_grad():
         times = run_round_robin(cases, args.reps, time.process_time if args.clock == "cpu" else time.perf_counter)
     base = times["bf16 F.linear (nn.Linear in bf16)"][0]
-    print(f"{'case':44s} {'min ms':>8s} {'median':>8s} {'vs bf16 (min)':>14s}")
+    print(f"{'case':56s} {'min ms':>8s} {'median':>8s} {'vs bf16 (min)':>14s}")
     for name, _ in cases:
         ts = times[name]
-        print(f"{name:44s} {ts[0] * 1e3:8.2f} {ts[len(ts) // 2] * 1e3:8.2f} {base / ts[0]:13.2f}x")
+        print(f"{name:56s} {ts[0] * 1e3:8.2f} {ts[len(ts) // 2] * 1e3:8.2f} {base / ts[0]:13.2f}x")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from quant.qlinear import QuantLinear
 from quant.quantizer import dequantize_weight, pack_int4, unpack_int4
 
 FAKE_HINT = "use --backend fake"
+# the Triton kernel's operands derived at _prepare (quant.ops_triton.Operands' w, c, cb, d), non-persistent buffers
+TRITON_OPERANDS = ("t_w", "t_c", "t_cb", "t_d")
 INT_KERNELS = ("auto", "torch", "fused", "triton")
 ACTIVATIONS = (None, "gelu_tanh")
 
@@ -100,25 +102,32 @@ class IntLinear(nn.Module):
 
     @torch.no_grad()
     def _prepare(self):
-        """Derive the GEMM operands from the stored codes: the fused kernel's where it runs, else
-        torch._int_mm's (which the fused layer rebuilds on the fly in the rare fallback)."""
-        codes = self._codes()  # before the operands are reset: a fused packed layer holds them in w_vnni4
-        for name in (*ops_torch.OPERANDS, "w_vnni", "w_vnni4", "f_sw", "f_cbd", "f_d", "f_Lt", "f_Rt", "f_bias"):
+        """Derive the GEMM operands from the stored codes: Triton's on CUDA, the fused kernel's where it runs,
+        else torch._int_mm's (which the fused layer rebuilds on the fly in the rare fallback)."""
+        codes = self._codes()  # before the operands are reset: a layer may hold its codes only in them
+        for name in (*ops_torch.OPERANDS, *TRITON_OPERANDS, "w_vnni", "w_vnni4", "f_sw", "f_cbd", "f_d", "f_Lt",
+                     "f_Rt", "f_bias"):
             self.register_buffer(name, None, persistent=False)
-        if self.packed:  # the stored form, unless the fused kernel's nibbles replace it (below)
-            self._buffers["codes_packed"] = (self.codes_packed if self.codes_packed is not None
-                                              else pack_int4(codes))
-        self.triton_ops = None  # quant.ops_triton.Operands of a layer on the Triton kernel
+        stored = self._stored_name()  # the stored form, unless a kernel's operand holds it (below)
+        if self._buffers[stored] is None:
+            self._buffers[stored] = pack_int4(codes) if self.packed else codes
+        self.t_emax = None
         if self._triton_chosen(self.scale.device):
             from quant import ops_triton
             self.fused = False
-            self.triton_ops = ops_triton.prepare_layer(self)  # reads the packed codes, keeps them packed
+            ops = ops_triton.prepare_layer(self)  # 4-bit: reads the packed codes and keeps them as they are
+            for name in TRITON_OPERANDS:
+                self.register_buffer(name, getattr(ops, name[2:]), persistent=False)
+            self.t_emax = ops.emax
+            if self.packed:
+                self._buffers["t_w"] = None  # the operand is codes_packed itself
+            else:
+                self._buffers["codes"] = None  # t_w = codes - c holds them (see _codes): one copy of the weight
             return
         self.fused = self._fused_possible(self.scale.device)
         ops = ops_torch.operands(codes, self.weight_cfg.bits, self.scale, self.zero, self.lora_L, self.lora_R,
                                  weight=not (self.fused and self.packed))
         self.use_sa = bool((ops["d_t"] != 0).any())
-        self.int32_bound = ops_torch.int32_bound(ops, self.group)
         if not self.fused:
             for name in ops_torch.OPERANDS:
                 self.register_buffer(name, ops[name], persistent=False)
@@ -129,11 +138,28 @@ class IntLinear(nn.Module):
         if self.packed:
             self._buffers["codes_packed"] = None  # w_vnni4 holds the same nibbles (see _codes)
 
+    @property
+    def triton_ops(self):
+        """quant.ops_triton.Operands over this layer's buffers (None unless it runs on the Triton kernel)."""
+        if self.t_emax is None:
+            return None
+        from quant import ops_triton
+        rank = self.lora_R.shape[0]
+        return ops_triton.Operands(self.weight_cfg.bits, self.in_features, self.group,
+                                   self.codes_packed if self.packed else self.t_w, self.t_c, self.t_cb, self.t_d,
+                                   self.scale, self.lora_L if rank else None, self.lora_R if rank else None,
+                                   self.bias, self.t_emax)
+
+    def _stored_name(self):
+        return "codes_packed" if self.packed else "codes"
+
     def _codes(self):
         """The weight codes, uint8 (out, in), from whichever form the layer holds."""
         if not self.packed:
-            return self.codes
-        if self.codes_packed is not None:
+            if self._buffers.get("codes") is not None:
+                return self.codes
+            return ops_torch.codes_of_b(self.t_w, ops_torch.offset_c(self.weight_cfg.bits, self.zero))
+        if self._buffers.get("codes_packed") is not None:
             return unpack_int4(self.codes_packed)
         return ops_avx512.unpack_b4(self.w_vnni4, self.out_features)
 
@@ -146,7 +172,7 @@ class IntLinear(nn.Module):
     @property
     def runs(self):
         """The kernel this layer runs: triton, fused or torch."""
-        return "triton" if self.triton_ops is not None else "fused" if self.fused else "torch"
+        return "triton" if self.t_emax is not None else "fused" if self.fused else "torch"
 
     def _eager_operands(self):
         """The torch path's operands: kept by a torch-kernel layer, rebuilt by a fused one."""
@@ -187,17 +213,21 @@ class IntLinear(nn.Module):
         return ops_avx512.fused_safe(self._fbound, zmax)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if not (self.packed and self.codes_packed is None):
+        name = self._stored_name()
+        if self._buffers[name] is not None:
             return super()._save_to_state_dict(destination, prefix, keep_vars)
-        self._buffers["codes_packed"] = pack_int4(self._codes())  # rebuilt from w_vnni4 for the save only
+        codes = self._codes()  # rebuilt from the kernel's operand for the save only
+        self._buffers[name] = pack_int4(codes) if self.packed else codes
         try:
             super()._save_to_state_dict(destination, prefix, keep_vars)
         finally:
-            self._buffers["codes_packed"] = None
+            self._buffers[name] = None
 
     def _load_from_state_dict(self, *args, **kwargs):
-        if self.packed and self.codes_packed is None:  # a target to load into (the current codes if absent)
-            self._buffers["codes_packed"] = pack_int4(self._codes())
+        name = self._stored_name()
+        if self._buffers[name] is None:  # a target to load into (the current codes if absent)
+            codes = self._codes()
+            self._buffers[name] = pack_int4(codes) if self.packed else codes
         super()._load_from_state_dict(*args, **kwargs)
         self._prepare()  # the GEMM operands derive from the loaded codes/scales/LoRA
 

@@ -23,8 +23,8 @@ product of group g is
 
 with CB_g[n] = sum_{k in g} B[k, n] (precomputed) and SA_g[m] = sum_{k in g} A[m, k].
 A_g B_g comes from one int8 GEMM (int32 accumulation); the two rank-1 corrections are
-added in int32 too (no float cancellation when codes crowd far from 128; when the
-activation zero point is extreme the same algebra runs in float64, still exact). Then
+added exactly (here in float64 integers, < 2^53 for any zero point; the Triton kernel adds them in int32,
+in int64 where the activation zero point is extreme): no float cancellation when codes crowd far from 128. Then
 
     y = sx * ( sum_g sw_g D_g  +  (A R^T + e rowsum(R)) L^T ) + b
 
@@ -155,20 +155,39 @@ def quantize_act_int8(x2, cfg, batch=1, inplace=False):
 OPERANDS = ("w_op", "cb_t", "d_t", "w_scale_t", "lora_Lt", "lora_rsum")
 
 
+def offset_c(bits, zero):
+    """c float32 (N, ng): the zero points clamped into [2^b - 128, 128], so that B = codes - c fits int8."""
+    return zero.clamp(2 ** bits - 1 - 127, 128)
+
+
 @torch.no_grad()
 def offsets(codes, bits, zero):
     """(c, cb_t, d_t) of every integer kernel's exact zero-point algebra (the module docstring).
 
         codes   uint8 (N, K) codes in [0, 2^bits - 1]; zero float32 (N, ng) integer zero points, G = K / ng
-    c float32 (N, ng): zero clamped into [2^b - 128, 128], so that B = codes - c fits int8; cb_t int32 (ng, N):
-    the column sums of B per group; d_t float32 (ng, N) = c - zero (exact integers; 0 when zero fits).
+    c float32 (N, ng): offset_c; cb_t int32 (ng, N): the column sums of B per group; d_t float32 (ng, N) = c - zero
+    (exact integers; 0 when zero fits).
     """
     n, k = codes.shape
     ng = zero.shape[1]
     g = k // ng
-    c = zero.clamp(2 ** bits - 1 - 127, 128)
+    c = offset_c(bits, zero)
     cw = codes.view(n, ng, g).sum(-1, dtype=torch.int32)   # column sums of the codes: CB = CW - G c
     return c, (cw - g * c.to(torch.int32)).t().contiguous(), (c - zero).t().contiguous()
+
+
+def b_operand(codes, c):
+    """B = codes - c: int8 (N, K) from uint8 codes (N, K) and offsets c (N, ng) (offset_c)."""
+    n, k = codes.shape
+    ng = c.shape[1]
+    return (codes.view(n, ng, k // ng).to(torch.int16) - c.to(torch.int16).unsqueeze(-1)).view(n, k).to(torch.int8)
+
+
+def codes_of_b(b, c):
+    """The uint8 codes (N, K) back from b_operand's B and the same c: B + c, exact."""
+    n, k = b.shape
+    ng = c.shape[1]
+    return (b.view(n, ng, k // ng).to(torch.int16) + c.to(torch.int16).unsqueeze(-1)).view(n, k).to(torch.uint8)
 
 
 def operands(codes, bits, scale, zero, lora_L, lora_R, weight=True):
@@ -183,10 +202,7 @@ def operands(codes, bits, scale, zero, lora_L, lora_R, weight=True):
     n, k = codes.shape
     ng = scale.shape[1]
     c, cb_t, d_t = offsets(codes, bits, zero)
-    w_op = None
-    if weight:
-        b = codes.view(n, ng, k // ng).to(torch.int16) - c.to(torch.int16).unsqueeze(-1)
-        w_op = b.view(n, k).t().contiguous().to(torch.int8)
+    w_op = b_operand(codes, c).t().contiguous() if weight else None
     return {"w_op": w_op, "cb_t": cb_t, "d_t": d_t,
             "w_scale_t": scale.t().contiguous(),
             "lora_Lt": lora_L.t().contiguous(),
@@ -206,6 +222,16 @@ def int32_safe(bound, emax):
     return p + emax * cbm + dg * (128 + emax) < INT32_MAX
 
 
+def int32_emax(bound):
+    """The largest integer |e| = |128 - zx| for which int32_safe(bound, |e|) holds (-1 if none; at most
+    INT32_MAX): known when the layer is prepared, so that kernels decide int32 or int64 without reading e."""
+    p, cbm, dg = bound
+    room = INT32_MAX - 1 - p - 128 * dg
+    if room < 0:
+        return -1
+    return INT32_MAX if cbm + dg == 0 else int(min(room // (cbm + dg), INT32_MAX))
+
+
 def tile_rows(m, n, per_channel):
     """Rows per tile: the float32 accumulator tile is _TILE_BYTES per thread (threads split rows)."""
     budget = _TILE_BYTES[per_channel] * max(1, torch.get_num_threads())
@@ -219,12 +245,11 @@ def linear(x2, ops, layer, batch):
         ops      operands(): w_op int8 (K, N), cb_t int32 (ng, N), d_t float32 (ng, N),
                  w_scale_t float32 (ng, N), lora_Lt float32 (r, N), lora_rsum float32 (r,)
         layer    what the input side needs: act_cfg, smooth (K,) or None, lora_R float32 (r, K),
-                 bias (N,) or None, n_groups, group, use_sa (any d != 0), int32_bound (see
-                 int32_safe), out_features
+                 bias (N,) or None, n_groups, group, use_sa (any d != 0), out_features
         batch    leading x[b] blocks of x2 (row granularity's ranges)
 
     Per row tile and group g: P = A_g B_g (int32) + e CB_g + (SA_g + G e) d_g is the exact
-    integer sum_{k in g} (ax - zx)(wq - zw) (corrected in the integer domain, so that no
+    integer sum_{k in g} (ax - zx)(wq - zw) (corrected in exact float64 integers, so that no
     float cancellation occurs when codes crowd far from 128); o += sw_g P. Then
     o += (A R^T + e rowsum R) L^T, y = sx o + b.
     """
@@ -241,15 +266,14 @@ def linear(x2, ops, layer, batch):
     a, t, sx, zx = quantize_act_int8(x2, layer.act_cfg, batch, private)
     ng, g = layer.n_groups, layer.group
     e = 128 - zx                                           # (M, 1) or (1, 1), integers
-    # int32 partials are exact unless the activation zero point is extreme (x far from 0
-    # relative to its range): then the same integer algebra runs in float64 (exact < 2^53)
-    adt = torch.int32 if int32_safe(layer.int32_bound, float(e.abs().max())) else torch.float64
-    e_c = e.to(torch.float64).to(adt).expand(m, 1)
-    cb = ops["cb_t"].to(adt)
+    # the corrections in float64, exact (< 2^53) for any zero point: int32 would overflow where the zero point
+    # is extreme (x far from 0 relative to its range), and choosing per input would read e on the host
+    e64 = e.to(torch.float64).expand(m, 1)
+    cb = ops["cb_t"].to(torch.float64)
     if layer.use_sa:
-        d = ops["d_t"].to(adt)
+        d = ops["d_t"].to(torch.float64)
         # SA_g: exact in float32 (|sum| <= 128 g < 2^24); SA_g + g e exact in float64
-        sae = (t.view(m, ng, g).sum(-1).to(torch.float64) + g * e.to(torch.float64)).to(adt)
+        sae = t.view(m, ng, g).sum(-1).to(torch.float64) + g * e.to(torch.float64)
     lora = layer.lora_R.shape[0] > 0
     if lora:
         lp = torch.addmm(e * ops["lora_rsum"], t, layer.lora_R.t())
@@ -257,17 +281,15 @@ def linear(x2, ops, layer, batch):
         a = a.view(m, ng, g).transpose(0, 1).contiguous()     # (ng, M, G): contiguous tiles per group
     w_op, sw, bias = ops["w_op"], ops["w_scale_t"], layer.bias
     sx = sx.expand(m, 1)
-    step = tile_rows(m, n, ng == 1)
+    step = m if x2.is_cuda else tile_rows(m, n, ng == 1)  # CPU: cache-sized row tiles; CUDA: one
     for m0 in range(0, m, step):
         rows = slice(m0, m0 + step)
         o = out[rows]
         if lora:
             torch.mm(lp[rows], ops["lora_Lt"], out=o)
         for j in range(ng):
-            p = int8_matmul(a[rows] if ng == 1 else a[j, rows], w_op[j * g:(j + 1) * g])
-            if adt is not torch.int32:
-                p = p.to(adt)
-            p.addcmul_(e_c[rows], cb[j])
+            p = int8_matmul(a[rows] if ng == 1 else a[j, rows], w_op[j * g:(j + 1) * g]).to(torch.float64)
+            p.addcmul_(e64[rows], cb[j])
             if layer.use_sa:
                 p.addcmul_(sae[rows, j:j + 1], d[j])
             if j == 0 and not lora:

@@ -11,12 +11,13 @@ shifts by 4 (k % 2), masks 0xF and subtracts the group offset c in registers. No
 K-group tails are masked; packed weights need an even K). Divisions are IEEE (tl.fdiv ieee_rounding), float32 dots
 input_precision="ieee". CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before this module is imported.
 """
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 
-from quant.ops_torch import INT32_MAX, combine_range, int32_bound, int32_safe, offsets
+from quant.ops_torch import INT32_MAX, b_operand, combine_range, int32_bound, int32_emax, offsets
 from quant.quantizer import affine_params, num_intervals, unpack_int4
 
 try:
@@ -85,8 +86,8 @@ if triton is not None:
         tl.store(mx_ptr + rm, hi, mask=rm < M)
 
     @triton.jit
-    def _act_encode_kernel(x_ptr, s_ptr, sx_ptr, zx_ptr, a_ptr, gsum_ptr, rt_ptr, lp_ptr,
-                           M, K, G, NG, stride_m, stride_k, LEVELS,
+    def _act_encode_kernel(x_ptr, s_ptr, sx_ptr, zx_ptr, a_ptr, gsum_ptr, r_ptr, lp_ptr,
+                           M, K, G, NG, RANK, stride_m, stride_k, LEVELS,
                            HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, RANK_P: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         rm, rk = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_K)
@@ -101,56 +102,73 @@ if triton is not None:
                 x = _load_x(x_ptr, s_ptr, rm, ks, mask, K, stride_m, stride_k, HAS_SMOOTH)
                 q = _round_half_even(tl.fdiv(x, sx[:, None], ieee_rounding=True)) + zx[:, None]
                 q = tl.where(mask, tl.minimum(tl.maximum(q, 0.0), LEVELS), 0.0)
-                tl.store(a_ptr + rm[:, None] * K + ks[None, :], q.to(tl.uint8), mask=mask)
+                tl.store(a_ptr + rm[:, None] * K + ks[None, :], (q - 128.0).to(tl.int8), mask=mask)
                 s += tl.sum(q.to(tl.int32), 1)
-                if HAS_LORA:  # (ax - zx) is an exact integer in float32
-                    r = tl.load(rt_ptr + ks[:, None] * RANK_P + rr[None, :], mask=(kk < G)[:, None], other=0.0)
+                if HAS_LORA:  # R^T[ks, rr] read from R (RANK, K); (ax - zx) is an exact integer in float32
+                    r = tl.load(r_ptr + rr[None, :] * K + ks[:, None], mask=(kk < G)[:, None] & (rr < RANK)[None, :],
+                                other=0.0)
                     lp = tl.dot(tl.where(mask, q - zx[:, None], 0.0), r, lp, input_precision="ieee")
             tl.store(gsum_ptr + rm * NG + g, s, mask=mm)
         if HAS_LORA:
             tl.store(lp_ptr + rm[:, None] * RANK_P + rr[None, :], lp, mask=mm[:, None])
 
     @triton.jit
-    def _int_gemm_kernel(a_ptr, w_ptr, c_ptr, cb_ptr, d_ptr, sw_ptr, gsum_ptr, e_ptr, sx_ptr,
-                         lp_ptr, lt_ptr, bias_ptr, out_ptr, M, N, K, G, NG,
-                         PACKED: tl.constexpr, USE_SA: tl.constexpr, WIDE: tl.constexpr, HAS_LORA: tl.constexpr,
-                         RANK_P: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, OUT_BF16: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _group_dot(acc, a_ptr, w_ptr, c, rm, rn, mm, mn, k0, g, K, G, PACKED: tl.constexpr, BLOCK_K: tl.constexpr):
+        """acc + A[rm, gG + k0 + (0..BLOCK_K)] B[same, rn]: one int8 x int8 -> int32 tensor-core step of group g."""
         rk = tl.arange(0, BLOCK_K)
+        ks = g * G + k0 + rk
+        mk = k0 + rk < G  # the group's tail (constant over 16 columns where 16 | G: loads stay vectorized)
+        amask, wmask = mm[:, None] & mk[None, :], mk[:, None] & mn[None, :]
+        a = tl.load(a_ptr + rm[:, None] * K + ks[None, :], mask=amask, other=0)  # A = code - 128, int8
+        if PACKED:  # byte k // 2, nibble k % 2, minus the group offset c
+            p = tl.load(w_ptr + rn[None, :] * (K // 2) + (ks // 2)[:, None], mask=wmask, other=0)
+            nib = (p.to(tl.int32) >> ((ks % 2) * 4)[:, None]) & 0xF
+            b = tl.where(wmask, nib - c[None, :], 0).to(tl.int8)
+        else:
+            b = tl.load(w_ptr + rn[None, :] * K + ks[:, None], mask=wmask, other=0)
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _gemm_tile(pid_m, pid_n, a_ptr, w_ptr, c_ptr, cb_ptr, d_ptr, sw_ptr, gsum_ptr, e_ptr, sx_ptr, lp_ptr, l_ptr,
+                   bias_ptr, out_ptr, M, N, K, G, NG, RANK, ONE_STEP: tl.constexpr, WIDE: tl.constexpr,
+                   PACKED: tl.constexpr,
+                   USE_SA: tl.constexpr, HAS_LORA: tl.constexpr, RANK_P: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   GELU: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+        """One (BLOCK_M, BLOCK_N) output tile: per K-group int8 dots, exact corrections in int32 (int64 if WIDE),
+        times the group scale; then LoRA, sx, bias, GELU, store."""
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mm, mn = rm < M, rn < N
-        e = tl.load(e_ptr + rm, mask=mm, other=0).to(tl.int64 if WIDE else tl.int32)  # 128 - zx
+        e = tl.load(e_ptr + rm, mask=mm, other=0)  # int64 128 - zx
+        if not WIDE:
+            e = e.to(tl.int32)
         out = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for g in range(0, NG):
-            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
             if PACKED:
                 c = tl.load(c_ptr + g * N + rn, mask=mn, other=0).to(tl.int32)
-            for k0 in range(0, G, BLOCK_K):
-                ks, mk = g * G + k0 + rk, k0 + rk < G
-                a = tl.load(a_ptr + rm[:, None] * K + ks[None, :], mask=mm[:, None] & mk[None, :], other=128)
-                a = (a.to(tl.int32) - 128).to(tl.int8)              # A = code - 128
-                wmask = mk[:, None] & mn[None, :]
-                if PACKED:                                           # byte k // 2, nibble k % 2
-                    p = tl.load(w_ptr + rn[None, :] * (K // 2) + (ks // 2)[:, None], mask=wmask, other=0)
-                    nib = (p.to(tl.int32) >> ((ks % 2) * 4)[:, None]) & 0xF
-                    b = tl.where(wmask, nib - c[None, :], 0).to(tl.int8)
-                else:
-                    b = tl.load(w_ptr + rn[None, :] * K + ks[:, None], mask=wmask, other=0)
-                acc = tl.dot(a, b, acc)
+            else:
+                c = tl.zeros((BLOCK_N,), tl.int32)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+            if ONE_STEP:  # G <= BLOCK_K: the group loop is the innermost one, the one the compiler pipelines
+                acc = _group_dot(acc, a_ptr, w_ptr, c, rm, rn, mm, mn, 0, g, K, G, PACKED, BLOCK_K)
+            else:
+                for k0 in range(0, G, BLOCK_K):
+                    acc = _group_dot(acc, a_ptr, w_ptr, c, rm, rn, mm, mn, k0, g, K, G, PACKED, BLOCK_K)
             cb = tl.load(cb_ptr + g * N + rn, mask=mn, other=0)
             if WIDE:  # extreme activation zero points: the same integer algebra in int64
-                acc, cb = acc.to(tl.int64), cb.to(tl.int64)
-            acc += e[:, None] * cb[None, :]
-            if USE_SA:                                               # (S_g - G zx) d_g
-                sae = tl.load(gsum_ptr + rm * NG + g, mask=mm, other=0) + G * (e - 128)
-                d = tl.load(d_ptr + g * N + rn, mask=mn, other=0)
-                acc += sae[:, None] * d[None, :]
-            out += acc.to(tl.float32) * tl.load(sw_ptr + g * N + rn, mask=mn, other=0.0)[None, :]
-        if HAS_LORA:
+                p = acc.to(tl.int64) + e[:, None] * cb.to(tl.int64)[None, :]
+            else:
+                p = acc + e[:, None] * cb[None, :]
+            if USE_SA:  # (S_g - G zx) d_g
+                gs = tl.load(gsum_ptr + rm * NG + g, mask=mm, other=0).to(e.dtype)
+                d = tl.load(d_ptr + g * N + rn, mask=mn, other=0).to(e.dtype)
+                p += (gs + G * (e - 128))[:, None] * d[None, :]
+            out += p.to(tl.float32) * tl.load(sw_ptr + rn * NG + g, mask=mn, other=0.0)[None, :]  # scale (N, NG)
+        if HAS_LORA:  # + lp L^T, L^T[rr, rn] read from L (N, RANK)
             rr = tl.arange(0, RANK_P)
             lp = tl.load(lp_ptr + rm[:, None] * RANK_P + rr[None, :], mask=mm[:, None], other=0.0)
-            lt = tl.load(lt_ptr + rr[:, None] * N + rn[None, :], mask=mn[None, :], other=0.0)
+            lt = tl.load(l_ptr + rn[None, :] * RANK + rr[:, None], mask=(rr < RANK)[:, None] & mn[None, :], other=0.0)
             out = tl.dot(lp, lt, out, input_precision="ieee")
         out = out * tl.load(sx_ptr + rm, mask=mm, other=0.0)[:, None]
         if HAS_BIAS:
@@ -162,6 +180,36 @@ if triton is not None:
             out = _bf16_rtne(out)
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], out, mask=mm[:, None] & mn[None, :])
 
+    @triton.jit
+    def _wide_block(e_ptr, pid_m, M, EMAX, BLOCK_M: tl.constexpr):
+        """Does a row of this block have |128 - zx| > EMAX (int32 partials could overflow)?"""
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        return tl.max(tl.abs(tl.load(e_ptr + rm, mask=rm < M, other=0)), 0) > EMAX
+
+    @triton.jit
+    def _int_gemm_kernel(a_ptr, w_ptr, c_ptr, cb_ptr, d_ptr, sw_ptr, gsum_ptr, e_ptr, sx_ptr, lp_ptr, l_ptr,
+                         bias_ptr, out_ptr, M, N, K, G, NG, RANK, EMAX, ONE_STEP: tl.constexpr, WIDE: tl.constexpr,
+                         PACKED: tl.constexpr, USE_SA: tl.constexpr, HAS_LORA: tl.constexpr, RANK_P: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, GELU: tl.constexpr, OUT_BF16: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """WIDE False: grid (row blocks, column tiles), int32 corrections, skips the row blocks that need int64.
+        WIDE True: grid (row blocks,), returns at once unless its row block needs int64, then does its every
+        column tile (extreme zero points are rare: no second full-size grid, and no int64 registers above)."""
+        pid_m = tl.program_id(0)
+        if _wide_block(e_ptr, pid_m, M, EMAX, BLOCK_M) != WIDE:
+            return
+        if WIDE:
+            for pid_n in range(0, tl.cdiv(N, BLOCK_N)):
+                _gemm_tile(pid_m, pid_n, a_ptr, w_ptr, c_ptr, cb_ptr, d_ptr, sw_ptr, gsum_ptr, e_ptr, sx_ptr, lp_ptr,
+                           l_ptr, bias_ptr, out_ptr, M, N, K, G, NG, RANK, ONE_STEP, True, PACKED, USE_SA,
+                           HAS_LORA, RANK_P,
+                           HAS_BIAS, GELU, OUT_BF16, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            _gemm_tile(pid_m, tl.program_id(1), a_ptr, w_ptr, c_ptr, cb_ptr, d_ptr, sw_ptr, gsum_ptr, e_ptr, sx_ptr,
+                       lp_ptr, l_ptr, bias_ptr, out_ptr, M, N, K, G, NG, RANK, ONE_STEP, False, PACKED, USE_SA,
+                       HAS_LORA, RANK_P,
+                       HAS_BIAS, GELU, OUT_BF16, BLOCK_M, BLOCK_N, BLOCK_K)
+
 
 def _need():
     if not available():
@@ -172,12 +220,64 @@ def _pow2(n, lo=16):
     return max(lo, 1 << (int(n) - 1).bit_length())
 
 
+# ---------------------------------------------------------------------------
+# Launch configurations: a fixed table by shape (docs/METHOD.md §14)
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Launch:
+    """A kernel's tiles and its CUDA launch options (the interpreter ignores num_warps / num_stages)."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def gemm_launch(m, n, group, arch=90):
+    """The integer GEMM's launch for M rows, N output columns, K-groups of `group` columns, on compute capability
+    `arch` (90: H100/H200, 80: A100), from a fixed table (no autotuning: the same launch on every run):
+
+        BLOCK_K   2^i covering the group, 32 to 128 (an int8 tl.dot needs K >= 32 on NVIDIA; smaller groups are
+                  masked); a group of at most BLOCK_K is one step, so the loop over groups is what is pipelined
+        M >= 1024 128 x 128 tiles, 8 warps (two warpgroups: wgmma m64n128k32 on sm_90)
+        M >= 64   64 x 128 tiles on sm_90 (one warpgroup), 64 x 64 on sm_80, 4 warps
+        M < 64    one 16/32-row tile, 64 columns, 4 warps (mma.sync)
+    Three pipeline stages: at most 96 KiB of shared memory (sm_80 has 163 KiB, sm_90 227 KiB). N enters only
+    through the grid. tests/test_ops_triton.py compiles every launch DiT-S/2 and DiT-XL/2 can get for sm_90 and sm_80.
+    """
+    bk = max(32, min(128, _pow2(group)))
+    if m >= 1024:
+        return Launch(128, 128, bk, 8, 3)
+    if m >= 64:
+        return Launch(64, 128 if arch >= 90 else 64, bk, 4, 3)
+    return Launch(_pow2(m), 64, bk, 4, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(device):
+    """Compute capability as 90 / 80 of a CUDA device (90 for the interpreter: its tiles only)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def act_launch(k, group):
+    """The activation pass's launch: 16 rows a program (the LoRA dot's minimum), the range pass over up to 128
+    columns a step (block_n), the encode pass over up to 64 columns of a group a step (block_k; >= 16 for the
+    float32 dot)."""
+    return Launch(16, min(128, _pow2(k)), max(16, min(64, _pow2(group))), 4, 2)
+
+
 @dataclass
 class Operands:
-    """A layer's prepared weight side (N out, K in, G columns per group, NG = K / G, RP = rank padded to 2^i >= 16):
-    w: int8 (N, K) = codes - c (bits 5..8) | uint8 (N, K/2) packed (bits <= 4);  c: int16 (NG, N) offsets (packed
-    only);  cb: int32 (NG, N) column sums of B per group;  d: int32 (NG, N) = c - zw (None if all 0);  sw: float32
-    (NG, N);  rt: float32 (K, RP) = R^T, lt: (RP, N) = L^T (None without LoRA);  bias: float32 (N,);  bound: int32 check
+    """A layer's prepared weight side (N out, K in, G columns per group, NG = K / G, r LoRA rank):
+    w:       int8 (N, K) = codes - c (bits 5..8) | uint8 (N, K/2) packed codes (bits <= 4, the stored tensor itself)
+    c:       int16 (NG, N) offsets (packed only);  cb: int32 (NG, N) column sums of B per group
+    d:       int32 (NG, N) = c - zw (None if all 0);  scale: float32 (N, NG), the layer's own
+    lora_L:  float32 (N, r), lora_R: float32 (r, K) (None without LoRA), the layer's own;  bias: float32 (N,) or None
+    emax:    the largest |128 - zx| for which the int32 partials cannot overflow (larger: int64, in the kernel)
     """
     bits: int
     k: int
@@ -186,26 +286,27 @@ class Operands:
     c: torch.Tensor | None
     cb: torch.Tensor
     d: torch.Tensor | None
-    sw: torch.Tensor
-    rt: torch.Tensor | None
-    lt: torch.Tensor | None
+    scale: torch.Tensor
+    lora_L: torch.Tensor | None
+    lora_R: torch.Tensor | None
     bias: torch.Tensor | None
-    bound: tuple
+    emax: int
 
-    n = property(lambda self: self.sw.shape[1])
+    n = property(lambda self: self.scale.shape[0])
     n_groups = property(lambda self: self.k // self.group)
     packed = property(lambda self: self.bits <= 4)
+    rank = property(lambda self: 0 if self.lora_R is None else self.lora_R.shape[0])
 
     def resident_bytes(self):
-        """Bytes the GEMM keeps: {"weights", "groups", "lora", "bias"}."""
+        """Bytes of what the GEMM reads: {"weights", "groups", "lora", "bias"}."""
         nb = lambda *ts: sum(t.numel() * t.element_size() for t in ts if t is not None)  # noqa: E731
-        return {"weights": nb(self.w), "groups": nb(self.c, self.cb, self.d, self.sw),
-                "lora": nb(self.rt, self.lt), "bias": nb(self.bias)}
+        return {"weights": nb(self.w), "groups": nb(self.c, self.cb, self.d, self.scale),
+                "lora": nb(self.lora_L, self.lora_R), "bias": nb(self.bias)}
 
 
 @torch.no_grad()
 def prepare(codes_or_packed, bits, scale, zero, lora_L=None, lora_R=None, bias=None, group=None):
-    """Weight operands for `gemm` / `linear` (ditas weight scheme):
+    """Weight operands for `gemm` / `linear` (ditas weight scheme); float32 contiguous inputs are kept, not copied:
     codes_or_packed: uint8 (N, K) codes (bits 5..8) | for bits <= 4 uint8 (N, K/2) of pack_int4, kept packed
     scale, zero:     float (N, NG) group scales and integer zero points
     lora_L, lora_R:  float (N, r), (r, K) or None;   bias: float (N,) or None
@@ -229,95 +330,92 @@ def prepare(codes_or_packed, bits, scale, zero, lora_L=None, lora_R=None, bias=N
         raise ValueError("weight zero points are not integers")
     c, cb, d = offsets(codes, bits, zero)  # B = codes - c fits int8; CB its group sums; d = c - zero
     d = d.to(torch.int32)
-    rank, rt, lt = 0 if lora_R is None else lora_R.shape[0], None, None
-    if rank:
-        if lora_L.shape != (n, rank) or lora_R.shape != (rank, k):
-            raise ValueError(f"LoRA shapes {tuple(lora_L.shape)} x {tuple(lora_R.shape)} do not fit {n}x{k}")
-        rt = torch.zeros(k, _pow2(rank), dtype=torch.float32, device=w.device)
-        lt = torch.zeros(_pow2(rank), n, dtype=torch.float32, device=w.device)
-        rt[:, :rank], lt[:rank] = lora_R.detach().float().t(), lora_L.detach().float().t()
-    use_sa = bool((d != 0).any())
-    bound = int32_bound({"cb_t": cb, "d_t": d}, g)
+    f32 = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
+    rank = 0 if lora_R is None else lora_R.shape[0]
+    if rank and (lora_L.shape != (n, rank) or lora_R.shape != (rank, k)):
+        raise ValueError(f"LoRA shapes {tuple(lora_L.shape)} x {tuple(lora_R.shape)} do not fit {n}x{k}")
+    emax = int32_emax(int32_bound({"cb_t": cb, "d_t": d}, g))
     if bits > 4:  # B itself, int8 (N, K); packed weights are unpacked and offset in the kernel
-        w = (codes.view(n, k // g, g).to(torch.int16) - c.to(torch.int16).unsqueeze(-1)).view(n, k).to(torch.int8)
-    return Operands(bits, k, g, w.contiguous(),
-                    c.t().to(torch.int16).contiguous() if bits <= 4 else None, cb, d if use_sa else None,
-                    scale.detach().float().t().contiguous(), rt, lt,
-                    None if bias is None else bias.detach().float().contiguous(), bound)
+        w = b_operand(codes, c)
+    return Operands(bits, k, g, w.contiguous(), c.t().to(torch.int16).contiguous() if bits <= 4 else None, cb,
+                    d if bool((d != 0).any()) else None, f32(scale), f32(lora_L) if rank else None,
+                    f32(lora_R) if rank else None, f32(bias), emax)
 
 
 def prepare_layer(layer):
     """Operands of a quant.int_linear.IntLinear (its stored codes, scales, LoRA and bias)."""
     rank = layer.lora_R.shape[0]
-    return prepare(layer.codes_packed if layer.packed else layer.codes, layer.weight_cfg.bits, layer.scale,
+    return prepare(layer.codes_packed if layer.packed else layer._codes(), layer.weight_cfg.bits, layer.scale,
                    layer.zero, layer.lora_L if rank else None, layer.lora_R if rank else None, layer.bias, layer.group)
 
 
-def quantize_act(x2, bits=8, scheme="ditas", granularity="tensor", batch=1, smooth=None, group=None, rt=None,
-                 block_m=16, block_k=64):
+def quantize_act(x2, bits=8, scheme="ditas", granularity="tensor", batch=1, smooth=None, group=None, lora_R=None):
     """The activation pass: quant.quantizer's codes of x2 / smooth, group code sums, LoRA down-projection:
     x2:      float32 | bfloat16 | float16 (M, K), any strides, read upcast to float32
     smooth:  float32 (K,) divisor or None;  granularity, batch: as quant.ops_torch.quantize_act_int8
-    group:   G of the code sums (None: G = K);  rt: float32 (K, RP) zero-padded R^T (Operands.rt) or None
-    ->       codes uint8 (M, K), gsum int32 (M, K/G) code sums per group, lp float32 (M, RP) = (codes - zx) R^T
-             or None, sx / zx float32 (M,) scale / integer zero point
+    group:   G of the code sums (None: G = K);  lora_R: float32 (r, K) contiguous (Operands.lora_R) or None
+    ->       a int8 (M, K) = codes - 128, gsum int32 (M, K/G) code sums per group, lp float32 (M, RP) =
+             (codes - zx) R^T zero-padded to RP = 2^i >= 16 columns, or None; sx / zx float32 (M,) scale / integer
+             zero point. No host sync.
     """
     _need()
     (m, k), dev = x2.shape, x2.device
     g = k if group is None else group
     if g < 1 or k % g:
         raise ValueError(f"group {group} does not divide K = {k}")
-    rank_p = 0 if rt is None else rt.shape[1]
-    codes = torch.empty(m, k, dtype=torch.uint8, device=dev)
+    rank = 0 if lora_R is None else lora_R.shape[0]
+    a = torch.empty(m, k, dtype=torch.int8, device=dev)
     gsum = torch.empty(m, k // g, dtype=torch.int32, device=dev)
-    lp = torch.empty(m, rank_p, dtype=torch.float32, device=dev) if rank_p else None
+    lp = torch.empty(m, _pow2(rank), dtype=torch.float32, device=dev) if rank else None
     if not m:
-        return codes, gsum, lp, torch.ones(0, device=dev), torch.zeros(0, device=dev)
+        return a, gsum, lp, torch.ones(0, device=dev), torch.zeros(0, device=dev)
     s = None if smooth is None else smooth.float().contiguous()
     mn, mx = torch.empty(m, dtype=torch.float32, device=dev), torch.empty(m, dtype=torch.float32, device=dev)
-    _act_range_kernel[(triton.cdiv(m, block_m),)](x2, mn if s is None else s, mn, mx, m, k, x2.stride(0),
-                                                  x2.stride(1), HAS_SMOOTH=s is not None, BLOCK_M=block_m,
-                                                  BLOCK_K=min(128, _pow2(k)))
+    run = act_launch(k, g)
+    grid = (triton.cdiv(m, run.block_m),)
+    _act_range_kernel[grid](x2, mn if s is None else s, mn, mx, m, k, x2.stride(0), x2.stride(1),
+                            HAS_SMOOTH=s is not None, BLOCK_M=run.block_m, BLOCK_K=run.block_n,
+                            num_warps=run.num_warps, num_stages=run.num_stages)
     mn, mx = combine_range(mn.view(-1, 1), mx.view(-1, 1), granularity, batch)
     sx, zx = (t.expand(m, 1).reshape(m).contiguous() for t in affine_params(mn, mx, num_intervals(bits, scheme)))
-    _act_encode_kernel[(triton.cdiv(m, block_m),)](
-        x2, sx if s is None else s, sx, zx, codes, gsum, rt if rank_p else sx, lp if rank_p else sx, m, k, g, k // g,
-        x2.stride(0), x2.stride(1), float(2 ** bits - 1), HAS_SMOOTH=s is not None, HAS_LORA=rank_p > 0,
-        RANK_P=rank_p or 16, BLOCK_M=block_m, BLOCK_K=min(block_k, _pow2(g)))
-    return codes, gsum, lp, sx, zx
+    _act_encode_kernel[grid](
+        x2, sx if s is None else s, sx, zx, a, gsum, lora_R if rank else sx, lp if rank else sx, m, k, g, k // g, rank,
+        x2.stride(0), x2.stride(1), float(2 ** bits - 1), HAS_SMOOTH=s is not None, HAS_LORA=rank > 0,
+        RANK_P=_pow2(rank), BLOCK_M=run.block_m, BLOCK_K=run.block_k, num_warps=run.num_warps,
+        num_stages=run.num_stages)
+    return a, gsum, lp, sx, zx
 
 
-def needs_int64(ops, e):
-    """Can the int32 partials overflow for e = 128 - zx (int64 (M,))? (quant.ops_torch.int32_safe)"""
-    return not int32_safe(ops.bound, float(e.abs().max()) if e.numel() else 0.0)
-
-
-def gemm(codes, gsum, lp, sx, zx, ops, activation=None, out_dtype=torch.float32, block_m=32, block_n=32,
-         block_k=64):
+def gemm(a, gsum, lp, sx, zx, ops, activation=None, out_dtype=torch.float32, launch=None):
     """y = sx (sum_g sw_g D_g + lp L^T) + bias, optionally GELU(tanh): the integer GEMM and its epilogue:
-    codes: uint8 (M, K); gsum: int32 (M, NG); lp: float32 (M, RP) | None; sx, zx: float32 (M,) (quantize_act's)
-    ->     (M, N) out_dtype, torch.float32 or torch.bfloat16
+    a:      int8 (M, K) = codes - 128; gsum: int32 (M, NG); lp: float32 (M, RP) | None; sx, zx: float32 (M,)
+            (quantize_act's);  launch: Launch, None = gemm_launch(M, N, G)
+    ->      (M, N) out_dtype, torch.float32 or torch.bfloat16. No host sync: whether a row block's corrections need
+            int64 is decided in the kernel from |128 - zx| against ops.emax.
     """
     _need()
     if activation not in ACTIVATIONS or out_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"activation must be one of {ACTIVATIONS} (got {activation!r}) and out_dtype torch.float32 "
                          f"or torch.bfloat16 (got {out_dtype})")
-    m, k = codes.shape
-    if k != ops.k:
-        raise ValueError(f"activation codes have {k} columns, the weight {ops.k}")
-    out = torch.empty(m, ops.n, dtype=out_dtype, device=codes.device)
+    m, k = a.shape
+    if k != ops.k or a.dtype != torch.int8:
+        raise ValueError(f"activation operand {a.dtype} {tuple(a.shape)}, the weight expects int8 (M, {ops.k})")
+    out = torch.empty(m, ops.n, dtype=out_dtype, device=a.device)
     if not m or not ops.n:
         return out
+    run = gemm_launch(m, ops.n, ops.group, _arch(a.device)) if launch is None else launch
     e = (128 - zx.double()).to(torch.int64)
-    rank_p = 0 if ops.rt is None else ops.rt.shape[1]
-    dummy = ops.sw  # for pointers a kernel variant never reads
-    _int_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(ops.n, block_n))](
-        codes, ops.w, dummy if ops.c is None else ops.c, ops.cb, dummy if ops.d is None else ops.d, ops.sw, gsum,
-        e, sx, lp if rank_p else dummy, ops.lt if rank_p else dummy, dummy if ops.bias is None else ops.bias, out,
-        m, ops.n, k, ops.group, ops.n_groups, PACKED=ops.packed, USE_SA=ops.d is not None,
-        WIDE=needs_int64(ops, e), HAS_LORA=rank_p > 0, RANK_P=rank_p or 16, HAS_BIAS=ops.bias is not None,
-        GELU=activation == "gelu_tanh", OUT_BF16=out_dtype == torch.bfloat16, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=min(block_k, _pow2(ops.group)))
+    dummy = ops.scale  # for pointers a kernel variant never reads
+    args = (a, ops.w, dummy if ops.c is None else ops.c, ops.cb, dummy if ops.d is None else ops.d, ops.scale, gsum,
+            e, sx, dummy if lp is None else lp, dummy if ops.lora_L is None else ops.lora_L,
+            dummy if ops.bias is None else ops.bias, out, m, ops.n, k, ops.group, ops.n_groups, ops.rank, ops.emax)
+    flags = dict(ONE_STEP=ops.group <= run.block_k, PACKED=ops.packed, USE_SA=ops.d is not None, HAS_LORA=ops.rank > 0,
+                 RANK_P=_pow2(ops.rank), HAS_BIAS=ops.bias is not None, GELU=activation == "gelu_tanh",
+                 OUT_BF16=out_dtype == torch.bfloat16, BLOCK_M=run.block_m, BLOCK_N=run.block_n, BLOCK_K=run.block_k,
+                 num_warps=run.num_warps, num_stages=run.num_stages)
+    row_blocks = triton.cdiv(m, run.block_m)
+    _int_gemm_kernel[(row_blocks, triton.cdiv(ops.n, run.block_n))](*args, WIDE=False, **flags)
+    _int_gemm_kernel[(row_blocks,)](*args, WIDE=True, **flags)  # the row blocks the first skipped, if any
     return out
 
 
@@ -333,5 +431,6 @@ def linear(x2, ops, act_granularity="tensor", act_bits=8, act_scheme="ditas", ba
         raise ValueError(f"input of shape {tuple(x2.shape)}, layer expects (M, {ops.k})")
     if out_dtype is None:
         out_dtype = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
-    codes, gsum, lp, sx, zx = quantize_act(x2, act_bits, act_scheme, act_granularity, batch, smooth, ops.group, ops.rt)
-    return gemm(codes, gsum, lp, sx, zx, ops, activation, out_dtype)
+    a, gsum, lp, sx, zx = quantize_act(x2, act_bits, act_scheme, act_granularity, batch, smooth, ops.group,
+                                       ops.lora_R)
+    return gemm(a, gsum, lp, sx, zx, ops, activation, out_dtype)

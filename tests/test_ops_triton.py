@@ -35,6 +35,11 @@ def _x(shape, seed=1, kind="outliers"):
     return int_input(shape, seed, kind)
 
 
+def _codes(a):
+    """The uint8 activation codes from quantize_act's int8 operand A = codes - 128."""
+    return (a.to(torch.int16) + 128).to(torch.uint8)
+
+
 def _run(ql, x, activation=None, out_dtype=None):
     """The Triton linear of a QuantLinear on x (..., K), shaped like x."""
     il = IntLinear.from_quantlinear(ql, "torch")
@@ -61,18 +66,19 @@ def test_activation_codes_are_the_quantizers(gran, dtype, k, group, kind):
     cfg = ActQuantConfig(8, gran)
     codes_ref, _, zero = quantize_act(x.float() / smooth, cfg)
     x2 = x.reshape(-1, k)
-    rt = torch.zeros(k, 16)
-    rt[:, :5] = torch.randn(k, 5, generator=g)
-    codes, gsum, lp, sx, zx = ot.quantize_act(x2, 8, "ditas", gran, _batch_of(x.shape, gran), smooth, group, rt)
-    assert codes.dtype == torch.uint8 and torch.equal(codes, codes_ref.reshape(-1, k))
+    r = torch.randn(5, k, generator=g)
+    a8, gsum, lp, sx, zx = ot.quantize_act(x2, 8, "ditas", gran, _batch_of(x.shape, gran), smooth, group, r)
+    codes = _codes(a8)
+    assert a8.dtype == torch.int8 and torch.equal(codes, codes_ref.reshape(-1, k))
     a, t, sx_t, zx_t = quantize_act_int8(x2.float() / smooth, cfg, _batch_of(x.shape, gran))
     assert torch.equal(codes.long(), a.long() + 128)
     assert torch.equal(sx, sx_t.expand(21, 1).reshape(-1)) and torch.equal(zx, zx_t.expand(21, 1).reshape(-1))
     assert torch.equal(zx, torch.broadcast_to(zero, x.shape)[..., 0].reshape(-1))
     gs = k if group is None else group
     assert gsum.dtype == torch.int32 and torch.equal(gsum.long(), codes.long().view(21, k // gs, gs).sum(-1))
-    ref = (codes.double() - zx.double()[:, None]) @ rt.double()
-    assert lp.shape == (21, 16) and (lp.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    ref = (codes.double() - zx.double()[:, None]) @ r.double().t()
+    assert lp.shape == (21, 16) and (lp[:, :5].double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert torch.equal(lp[:, 5:], torch.zeros(21, 11))  # padded to 16 columns
 
 
 def test_activation_codes_other_bits_schemes_and_strides():
@@ -80,7 +86,8 @@ def test_activation_codes_other_bits_schemes_and_strides():
     xt = _x((64, 33)).t()  # (33, 64), non-contiguous
     for bits, scheme, gran in ((6, "ditas", "token"), (8, "reference", "tensor"), (7, "ditas", "row")):
         cfg = ActQuantConfig(bits, gran, scheme=scheme)
-        codes, gsum, lp, sx, zx = ot.quantize_act(xt, bits, scheme, gran, _batch_of(xt.shape, gran))
+        a8, gsum, lp, sx, zx = ot.quantize_act(xt, bits, scheme, gran, _batch_of(xt.shape, gran))
+        codes = _codes(a8)
         assert torch.equal(codes, quantize_act(xt, cfg)[0]) and lp is None
         assert torch.equal(gsum[:, 0].long(), codes.long().sum(1))
     assert ot.quantize_act(xt[:0])[0].shape == (0, 64)
@@ -92,7 +99,7 @@ def test_rounding_ties_go_to_even():
     x2 = torch.stack([torch.cat([torch.tensor([0.0, 255.0]), halves.abs() % 255]),
                       torch.cat([torch.tensor([-100.0, 155.0]), halves.clamp(-100, 155)])])
     for gran in ("row", "token"):
-        codes = ot.quantize_act(x2, 8, "ditas", gran, 2)[0]
+        codes = _codes(ot.quantize_act(x2, 8, "ditas", gran, 2)[0])
         assert torch.equal(codes, quantize_act(x2, ActQuantConfig(8, gran))[0])
         assert torch.equal(codes[0, 2:].float(), torch.round(x2[0, 2:]))  # scale 1: codes are the rounded x
     assert (x2[0, 2:] % 2 == 0.5).any() and (x2[0, 2:] % 2 == 1.5).any()  # ties down and up
@@ -104,27 +111,29 @@ def test_rounding_ties_go_to_even():
 
 @pytest.mark.parametrize("bits,group,k,wshift", [(8, None, 96, 0), (8, 32, 128, 0), (4, 32, 128, 0), (3, 64, 128, 0),
                                                  (4, None, 96, 0), (4, 32, 128, 5.0)])
-def test_integer_group_dots_exact(bits, group, k, wshift, monkeypatch):
+def test_integer_group_dots_exact(bits, group, k, wshift):
     """With sx = 1, one group's scale 1 and the others 0 (no LoRA, bias): out == D_g = sum (ax - zx)(wq - zw),
-    in the int32 corrections and in the int64 ones (forced here; chosen for extreme zero points)."""
+    in the int32 corrections and in the int64 ones (forced here by the operands' emax; the kernel takes them for
+    row blocks whose |128 - zx| passes it)."""
     ql = _qlinear(k=k, n=40, bits=bits, group=group, bias=False, wshift=wshift)
     ops = ot.prepare_layer(IntLinear.from_quantlinear(ql, "torch"))
     assert (ops.d is not None) == (bits == 8 or wshift > 0)  # the S_g correction runs where d != 0
     x2 = _x((5, k), kind="gelu")
-    codes, gsum, _, _, zx = ot.quantize_act(x2, group=ops.group)
+    a8, gsum, _, _, zx = ot.quantize_act(x2, group=ops.group)
+    codes = _codes(a8)
     gs = ops.group
     wq = ql.codes.double().view(40, k // gs, gs) - ql.zero.double().unsqueeze(-1)
     aq = (codes.double() - zx.double()[:, None]).view(5, k // gs, gs)
     exact = torch.einsum("mgk,ngk->mgn", aq, wq)
     assert exact.abs().max() < 2 ** 24  # exactly representable in the float32 output
     for j in sorted({0, ops.n_groups - 1}):
-        sw = torch.zeros_like(ops.sw)
-        sw[j] = 1.0
-        one = dataclasses.replace(ops, sw=sw)
-        for wide in (False, True):
-            monkeypatch.setattr(ot, "needs_int64", lambda ops, e: wide)
-            out = ot.gemm(codes, gsum, None, torch.ones(5), zx, one)
-            assert torch.equal(out.double(), exact[:, j]), (j, wide)
+        sw = torch.zeros_like(ops.scale)
+        sw[:, j] = 1.0
+        for emax in (ops.emax, -1):  # -1: every row block in int64
+            one = dataclasses.replace(ops, scale=sw, emax=emax)
+            out = ot.gemm(a8, gsum, None, torch.ones(5), zx, one)
+            assert torch.equal(out.double(), exact[:, j]), (j, emax)
+    assert (128 - zx).abs().max() <= ops.emax  # the default: int32
 
 
 @pytest.mark.parametrize("bits,group,k,n", [(8, None, 96, 40), (8, 64, 128, 40), (4, 32, 128, 96), (4, 128, 256, 40),
@@ -164,10 +173,10 @@ def test_block_sizes_and_multi_step_groups():
     il = IntLinear.from_quantlinear(ql, "torch")
     ops = ot.prepare_layer(il)
     x2 = _x((9, 256))
-    codes, gsum, lp, sx, zx = ot.quantize_act(x2, 8, "ditas", "token", 1, il.smooth, ops.group, ops.rt)
-    base = ot.gemm(codes, gsum, lp, sx, zx, ops)
-    for bm, bn, bk in ((16, 16, 32), (16, 64, 16), (64, 32, 128)):
-        assert (ot.gemm(codes, gsum, lp, sx, zx, ops, block_m=bm, block_n=bn, block_k=bk) - base).abs().max() \
+    a8, gsum, lp, sx, zx = ot.quantize_act(x2, 8, "ditas", "token", 1, il.smooth, ops.group, ops.lora_R)
+    base = ot.gemm(a8, gsum, lp, sx, zx, ops)
+    for bm, bn, bk in ((16, 16, 32), (16, 64, 64), (64, 32, 128)):
+        assert (ot.gemm(a8, gsum, lp, sx, zx, ops, launch=ot.Launch(bm, bn, bk)) - base).abs().max() \
             <= 1e-6 * base.abs().max()
     with torch.no_grad():
         assert _rel(base, il(x2)) < 1e-5
@@ -180,7 +189,7 @@ def test_extreme_zero_point_uses_int64_corrections():
     x = 50.0 + 1e-3 * _x((2, 4, 128)) / 20
     ops = ot.prepare_layer(IntLinear.from_quantlinear(ql, "torch"))
     zx = ot.quantize_act(x.reshape(-1, 128), 8, "ditas", "token")[4]
-    assert ot.needs_int64(ops, (128 - zx.double()).long())
+    assert (128 - zx.double()).abs().max() > ops.emax
     y, il = _run(ql, x)
     with torch.no_grad():
         assert _rel(y, il(x)) < 1e-5 and _rel(y, ql(x)) < 1e-4
@@ -260,50 +269,43 @@ def test_imports_without_triton(monkeypatch):
         mod.linear(torch.randn(2, 32), ops)
 
 
-_COMPILE = r'''
-import re, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from quant import ops_triton as ot
-
-def ptx(fn, arch, sig, **consts):
-    sig = dict(sig, **{name: "constexpr" for name in consts})
-    return triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32)).asm["ptx"]
-
-x = dict(x_ptr="*bf16", s_ptr="*fp32")
-rows = dict(M="i32", K="i32", stride_m="i32", stride_k="i32")
-gemm = dict(a_ptr="*u8", w_ptr="*u8", c_ptr="*i16", cb_ptr="*i32", d_ptr="*i32", sw_ptr="*fp32", gsum_ptr="*i32",
-            e_ptr="*i64", sx_ptr="*fp32", lp_ptr="*fp32", lt_ptr="*fp32", bias_ptr="*fp32", out_ptr="*bf16",
-            M="i32", N="i32", K="i32", G="i32", NG="i32")
-for arch, mma in ((90, "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8"), (80, "mma.sync.aligned.m16n8k32")):
-    ptx(ot._act_range_kernel, arch, dict(x, mn_ptr="*fp32", mx_ptr="*fp32", **rows), HAS_SMOOTH=True, BLOCK_M=16,
-        BLOCK_K=128)
-    code = ptx(ot._act_encode_kernel, arch, dict(x, sx_ptr="*fp32", zx_ptr="*fp32", a_ptr="*u8", gsum_ptr="*i32",
-               rt_ptr="*fp32", lp_ptr="*fp32", M="i32", K="i32", G="i32", NG="i32", stride_m="i32", stride_k="i32",
-               LEVELS="fp32"), HAS_SMOOTH=True, HAS_LORA=True, RANK_P=32, BLOCK_M=16, BLOCK_K=64)
-    assert "div.rn.f32" in code and "div.full.f32" not in code and "div.approx" not in code
-    for packed, wide in ((True, False), (False, True)):
-        code = ptx(ot._int_gemm_kernel, arch, dict(gemm, w_ptr="*u8" if packed else "*i8"), PACKED=packed,
-                   USE_SA=not packed, WIDE=wide, HAS_LORA=True, RANK_P=32, HAS_BIAS=True, GELU=True, OUT_BF16=True,
-                   BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)
-        assert mma in code and ".s8.s8" in code, (arch, packed, sorted(set(re.findall(r"w?mma[\w.]*", code))))
-print("compiled")
-'''
-
-
 def test_kernels_compile_for_hopper_and_ampere(tmp_path):
-    """The real compiler (not the interpreter) lowers every kernel for sm_90 (H100/H200) and sm_80 (A100) with the
-    bundled ptxas, no GPU needed: int8 tensor-core MMAs with s32 accumulation in both GEMM variants (the packed one
-    unpacks in registers), IEEE divisions in the activation pass."""
+    """The real compiler (not the interpreter) lowers every kernel variant the runtime launches for DiT-S/2 and
+    DiT-XL/2 (256 and 512 px, batch 1 to 64 with CFG, every accepted group size, W8A8 and W4A8) for sm_90 and sm_80
+    with the bundled ptxas, no GPU needed (tests/compile_kernels.py): wgmma int8 MMAs on sm_90 from 64-row tiles,
+    mma.sync on sm_80, shared memory within each architecture's limit, IEEE divisions in the activation pass."""
     pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
     from helpers import ROOT
-    script = tmp_path / "compile_kernels.py"
-    script.write_text(_COMPILE)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "compile_kernels.py"), "2"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert proc.returncode == 0 and last.startswith("compiled "), (proc.stdout[-3000:], proc.stderr[-3000:])
+
+
+def test_launch_table():
+    """BLOCK_K >= 32 for every group (an int8 tl.dot needs K >= 32 on NVIDIA: groups 8, 12, 16 used to launch 16),
+    covering groups up to 128 in one step; 64-row tiles and up from M = 64 (wgmma's warpgroup), 4 warps per 64 rows."""
+    for g in (1, 8, 12, 16, 24, 32, 48, 64, 96, 128, 144, 1152, 4608):
+        for m in (1, 16, 63, 64, 512, 1023, 1024, 131072):
+            for arch in (80, 90):
+                run = ot.gemm_launch(m, 1152, g, arch)
+                assert 32 <= run.block_k <= 128 and (run.block_k >= g or run.block_k == 128), (g, m, run)
+                assert run.block_m >= min(max(m, 16), 64) and run.block_m <= max(16, 2 * m)
+                assert run.num_warps == max(4, run.block_m // 16) and run.num_stages >= 2
+    assert ot.gemm_launch(16384, 1152, 128) == ot.Launch(128, 128, 128, 8, 3)
+
+
+def test_group_of_8_runs_with_32_wide_k_steps():
+    """Group 8 (accepted by QuantDiT.py: it divides DiT's widths) on the launch the runtime picks: masked 32-column
+    steps, the same outputs as the torch-op path."""
+    ql = _qlinear(k=64, n=40, bits=4, group=8, gran="token", rank=4, smooth=True)
+    x = _x((3, 30, 64))
+    assert ot.gemm_launch(90, 40, 8).block_k == 32
+    y, il = _run(ql, x)
+    with torch.no_grad():
+        assert _rel(y, il(x)) < 1e-5
 
 
 # ---------------------------------------------------------------------------
