@@ -128,6 +128,7 @@ class IntLinear(nn.Module):
         ops = ops_torch.operands(codes, self.weight_cfg.bits, self.scale, self.zero, self.lora_L, self.lora_R,
                                  weight=not (self.fused and self.packed))
         self.use_sa = bool((ops["d_t"] != 0).any())
+        self.emax = ops_torch.int32_emax(ops_torch.int32_bound(ops, self.group))  # the torch path's int32 bound
         if not self.fused:
             for name in ops_torch.OPERANDS:
                 self.register_buffer(name, ops[name], persistent=False)

@@ -23,8 +23,9 @@ product of group g is
 
 with CB_g[n] = sum_{k in g} B[k, n] (precomputed) and SA_g[m] = sum_{k in g} A[m, k].
 A_g B_g comes from one int8 GEMM (int32 accumulation); the two rank-1 corrections are
-added exactly (here in float64 integers, < 2^53 for any zero point; the Triton kernel adds them in int32,
-in int64 where the activation zero point is extreme): no float cancellation when codes crowd far from 128. Then
+added in int32, exactly (no float cancellation when codes crowd far from 128). Where the activation zero
+point is extreme, e beyond the layer's int32 bound is added in int64 by the Triton kernel and as a float32
+rank-1 term here; neither reads e back to the host to decide. Then
 
     y = sx * ( sum_g sw_g D_g  +  (A R^T + e rowsum(R)) L^T ) + b
 
@@ -152,7 +153,7 @@ def quantize_act_int8(x2, cfg, batch=1, inplace=False):
     return t.to(torch.int8), t, scale, zero
 
 
-OPERANDS = ("w_op", "cb_t", "d_t", "w_scale_t", "lora_Lt", "lora_rsum")
+OPERANDS = ("w_op", "cb_t", "d_t", "w_scale_t", "lora_Lt", "lora_rsum", "excess_v")
 
 
 def offset_c(bits, zero):
@@ -197,14 +198,17 @@ def operands(codes, bits, scale, zero, lora_L, lora_R, weight=True):
         scale   float32 (N, ng), zero float32 (N, ng) integer zero points; group G = K / ng
         lora_L  float32 (N, r), lora_R float32 (r, K)
     Returns w_op int8 (K, N) = B = codes - c (offsets(); None unless `weight`), cb_t int32 (ng, N), d_t
-    float32 (ng, N) (offsets()), w_scale_t (ng, N), lora_Lt (r, N), lora_rsum (r,).
+    float32 (ng, N) (offsets()), w_scale_t (ng, N), lora_Lt (r, N), lora_rsum (r,), excess_v float32 (N,) =
+    sum_g sw_g (CB_g + G d_g) (what one unit of e beyond the int32 bound adds to sum_g sw_g D_g; see linear).
     """
     n, k = codes.shape
     ng = scale.shape[1]
     c, cb_t, d_t = offsets(codes, bits, zero)
     w_op = b_operand(codes, c).t().contiguous() if weight else None
+    g = k // ng
+    excess_v = (scale.t().double() * (cb_t.double() + g * d_t.double())).sum(0).float()
     return {"w_op": w_op, "cb_t": cb_t, "d_t": d_t,
-            "w_scale_t": scale.t().contiguous(),
+            "w_scale_t": scale.t().contiguous(), "excess_v": excess_v,
             "lora_Lt": lora_L.t().contiguous(),
             "lora_rsum": lora_R.sum(1)}
 
@@ -245,12 +249,13 @@ def linear(x2, ops, layer, batch):
         ops      operands(): w_op int8 (K, N), cb_t int32 (ng, N), d_t float32 (ng, N),
                  w_scale_t float32 (ng, N), lora_Lt float32 (r, N), lora_rsum float32 (r,)
         layer    what the input side needs: act_cfg, smooth (K,) or None, lora_R float32 (r, K),
-                 bias (N,) or None, n_groups, group, use_sa (any d != 0), out_features
+                 bias (N,) or None, n_groups, group, use_sa (any d != 0), emax (int32_emax), out_features
         batch    leading x[b] blocks of x2 (row granularity's ranges)
 
     Per row tile and group g: P = A_g B_g (int32) + e CB_g + (SA_g + G e) d_g is the exact
-    integer sum_{k in g} (ax - zx)(wq - zw) (corrected in exact float64 integers, so that no
-    float cancellation occurs when codes crowd far from 128); o += sw_g P. Then
+    integer sum_{k in g} (ax - zx)(wq - zw) (corrected in the integer domain, so that no
+    float cancellation occurs when codes crowd far from 128; e beyond the int32 bound adds
+    its excess through excess_v in float32); o += sw_g P. Then
     o += (A R^T + e rowsum R) L^T, y = sx o + b.
     """
     m, n = x2.shape[0], layer.out_features
@@ -266,14 +271,17 @@ def linear(x2, ops, layer, batch):
     a, t, sx, zx = quantize_act_int8(x2, layer.act_cfg, batch, private)
     ng, g = layer.n_groups, layer.group
     e = 128 - zx                                           # (M, 1) or (1, 1), integers
-    # the corrections in float64, exact (< 2^53) for any zero point: int32 would overflow where the zero point
-    # is extreme (x far from 0 relative to its range), and choosing per input would read e on the host
-    e64 = e.to(torch.float64).expand(m, 1)
-    cb = ops["cb_t"].to(torch.float64)
+    # e1 = e clamped to the layer's int32 bound (int32_emax): the corrections in int32, exact; e2 = e - e1 is 0 but
+    # where the zero point is extreme (x far from 0 relative to its range), and adds e2 excess_v in float32 (one
+    # rank-1 update; same sign as e1's share, no cancellation). Nothing is read back to decide.
+    e1 = e.clamp(-layer.emax, layer.emax)
+    e2 = (e - e1).expand(m, 1)
+    e_c = e1.to(torch.int32).expand(m, 1)
+    cb = ops["cb_t"]
     if layer.use_sa:
-        d = ops["d_t"].to(torch.float64)
-        # SA_g: exact in float32 (|sum| <= 128 g < 2^24); SA_g + g e exact in float64
-        sae = t.view(m, ng, g).sum(-1).to(torch.float64) + g * e.to(torch.float64)
+        d = ops["d_t"].to(torch.int32)
+        # SA_g: exact in float32 (|sum| <= 128 g < 2^24); SA_g + g e1 fits int32 by the bound
+        sae = (t.view(m, ng, g).sum(-1).to(torch.float64) + g * e1.to(torch.float64)).to(torch.int32)
     lora = layer.lora_R.shape[0] > 0
     if lora:
         lp = torch.addmm(e * ops["lora_rsum"], t, layer.lora_R.t())
@@ -288,14 +296,15 @@ def linear(x2, ops, layer, batch):
         if lora:
             torch.mm(lp[rows], ops["lora_Lt"], out=o)
         for j in range(ng):
-            p = int8_matmul(a[rows] if ng == 1 else a[j, rows], w_op[j * g:(j + 1) * g]).to(torch.float64)
-            p.addcmul_(e64[rows], cb[j])
+            p = int8_matmul(a[rows] if ng == 1 else a[j, rows], w_op[j * g:(j + 1) * g])
+            p.addcmul_(e_c[rows], cb[j])
             if layer.use_sa:
                 p.addcmul_(sae[rows, j:j + 1], d[j])
             if j == 0 and not lora:
                 torch.mul(p, sw[0], out=o)
             else:
                 o.addcmul_(p, sw[j])
+        o.addcmul_(e2[rows], ops["excess_v"])
         if bias is None:
             o.mul_(sx[rows])
         else:

@@ -174,14 +174,15 @@ def test_intlinear_input_layouts_and_dtypes(kernel):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_extreme_zero_point_uses_exact_wide_path(kernel, bits):
-    """x far from 0 relative to its range: zx is huge, the int32 bound fails, float64 keeps it exact
-    (the fused kernel's bound fails too and the layer takes the torch path for that input, rebuilding
-    its operands from the packed nibbles for 4-bit weights)."""
+    """x far from 0 relative to its range: zx is huge, the int32 bound fails: e's excess over the layer's bound
+    (emax) enters as a float32 rank-1 term (the fused kernel's bound fails too and the layer takes the torch path
+    for that input, rebuilding its operands from the packed nibbles for 4-bit weights)."""
     ql = _qlinear(bits=bits, group=64, gran="token", rank=4)
     il = IntLinear.from_quantlinear(ql, kernel)
     x = (50.0 if bits == 8 else 1000.0) + 1e-3 * torch.randn(2, 8, 256)  # 4-bit: smaller CB, larger zx
     _, _, _, zx = quantize_act_int8(x.reshape(-1, 256), ql.act_cfg)
-    assert not ops_torch.int32_safe(ops_torch.int32_bound(il._eager_operands(), il.group), float((128 - zx).abs().max()))
+    assert float((128 - zx).abs().max()) > il.emax and not ops_torch.int32_safe(
+        ops_torch.int32_bound(il._eager_operands(), il.group), il.emax + 1)
     assert kernel == "torch" or not il._fused_safe(float(zx.abs().max()))
     with torch.no_grad():
         assert _rel(il(x), ql(x)) < 1e-4
