@@ -19,8 +19,8 @@ from dataclasses import fields
 import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 
-from cli import (ArgumentParser, UserError, add_device_arg, add_model_args, check_common_args, check_seed,
-                 check_writable, latent_shape, pick_device, run)
+from cli import (ArgumentParser, UserError, add_device_arg, add_model_args, add_tf32_arg, check_common_args,
+                 check_seed, check_writable, latent_shape, pick_device, run, set_tf32)
 from config import DEFAULTS, calib_labels
 from pipeline import (build_model, close_distributed, decode, init_distributed, load_vae, make_lockstep_sampler,
                       make_sampler, sample_inputs, save_grid)
@@ -28,7 +28,7 @@ from quant.budget import GIB
 from quant.calibrate import plan_calibration, quantize_dit
 from quant.config import DEFAULT_SHORTLIST, SCHEME_DEFAULT, SEARCHES, QuantConfig, field_default
 from quant.checkpoint import is_quantized_checkpoint, save_quantized
-from quant.feed import ChunkedLoop
+from quant.feed import ChunkedLoop, LoopShape
 from quant.ranks import Ranks
 from quant.storage import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES, round_for_storage
 
@@ -113,6 +113,7 @@ def _main(args):
                         f"into equal chunks")
     # Several processes under torchrun: each calibrates its share of the layers, rank 0 writes
     device = init_distributed(pick_device(args.device))
+    set_tf32(args.tf32)  # the float32 arithmetic the search measures; recorded for sampling (meta "tf32")
     ranks = Ranks.current()
     ranks.agree(vars(args), "flags")
     lead = ranks.rank == 0
@@ -121,8 +122,12 @@ def _main(args):
     # Load the FP model
     model = build_model(args)
     budget = round(args.calib_memory_gb * GIB)
+    size = len(labels) // args.calib_chunks
+    # what each chunk of the FP loop feeds a layer per step (guidance doubles the rows): the budget's ranges
+    loop_shape = LoopShape(args.num_sampling_steps, size * (2 if args.calib_cfg_scale > 1 else 1),
+                           model.x_embedder.num_patches)
     try:  # the layers, the ranks and the memory budget fit, before any FP loop
-        plan_calibration(model, cfg, budget, ranks, device.type, chunks=args.calib_chunks)
+        plan_calibration(model, cfg, budget, ranks, device.type, chunks=args.calib_chunks, loop_shape=loop_shape)
     except ValueError as e:
         raise UserError(str(e)) from None
     model = model.to(device)
@@ -130,7 +135,6 @@ def _main(args):
     shape = (model.in_channels, model.x_embedder.img_size, model.x_embedder.img_size)
     clip = args.vae == "none"
     calib = make_lockstep_sampler(model, args.num_sampling_steps, args.calib_cfg_scale, clip_denoised=clip)
-    size = len(labels) // args.calib_chunks
 
     def calibration_loop(chunks):
         # the same fixed noise batch every pass (each sample's own streams): the FP trajectory is identical each time
@@ -150,7 +154,7 @@ def _main(args):
         gens, y, z = sample_inputs(args.seed, range(len(args.preview_labels)), args.num_classes, shape,
                                    args.preview_labels)
         preview = [decode(vae, sampler(z, y, gens, progress="preview: FP model"))]
-    report = quantize_dit(model, cfg, ChunkedLoop(calibration_loop, args.calib_chunks), progress=lead,
+    report = quantize_dit(model, cfg, ChunkedLoop(calibration_loop, args.calib_chunks, loop_shape), progress=lead,
                           memory_budget=budget, ranks=ranks)
     if not lead:
         return None
@@ -168,7 +172,7 @@ def _main(args):
         "model": args.model, "image_size": args.image_size, "num_classes": args.num_classes, "vae": args.vae,
         "in_channels": model.in_channels, "seed": args.seed, "num_sampling_steps": args.num_sampling_steps,
         "calib_cfg_scale": args.calib_cfg_scale, "calib_labels": labels, "calib_chunks": args.calib_chunks,
-        "ckpt": args.ckpt,
+        "ckpt": args.ckpt, "tf32": args.tf32,
         **cfg.to_dict(),
         "alphas": {name: r["alpha"] for name, r in report["layers"].items()},
     }
@@ -268,6 +272,7 @@ def build_parser():
                         help="write samples.png: FP (top) vs quantized (bottom) from the same noise")
     parser.add_argument("--upscale", type=int, default=1, help="nearest upscaling of preview images")
     add_device_arg(parser)
+    add_tf32_arg(parser)
     threads.add_threads_arg(parser)
     parser.add_argument("--results-dir", type=str, default="results",
                         help="where the output directory (named from the setting) goes without --out")

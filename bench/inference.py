@@ -24,7 +24,8 @@ Quantization parameters come from a fixed alpha (0.5) and one forward's activati
 a single LoRA iteration: timing does not depend on calibration quality. Random weights for the
 DiT-S/2 and DiT-B/2 shapes, the bundled checkpoint for DiT-T/2.
 
-Memory: 'weights MB' is the bytes of every parameter and buffer the variant keeps (int variants: the
+Memory: 'weights MB' is the bytes of every tensor the variant's modules keep, each storage once: parameters,
+buffers (persistent or not) and tensors in plain attributes (int variants: the
 prepared GEMM operands (8-bit: codes and the int8 operand; 4-bit on the fused kernel: the nibbles once,
 half a byte per weight), scales, zero points, group sums, LoRA); 'peak extra MB' is the rise of the peak
 RSS (VmHWM, reset first) or of CUDA's peak allocation during one forward: activations and temporaries.
@@ -132,8 +133,27 @@ def build_variants(fp, names, inputs, group_size=128, compile_=False):
     return out
 
 
+def _held_tensors(obj, depth):
+    """The tensors obj holds: itself, or (depth levels down) in its dict values, list and tuple items and
+    attributes (a dataclass of prepared operands); not inside other modules (model.modules() visits those)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth and not isinstance(obj, (torch.nn.Module, type, str, bytes)):
+        items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else \
+            vars(obj).values() if hasattr(obj, "__dict__") else ()
+        for item in items:
+            yield from _held_tensors(item, depth - 1)
+
+
 def model_bytes(model):
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    """Bytes of every tensor the model's modules keep: parameters, buffers (persistent or not) and tensors held
+    in plain attributes (prepared kernel operands), each storage counted once (a view, a shared tensor)."""
+    storages = {}
+    for module in model.modules():
+        for t in _held_tensors(vars(module), 4):
+            s = t.untyped_storage()
+            storages[(t.device, s.data_ptr())] = max(s.nbytes(), storages.get((t.device, s.data_ptr()), 0))
+    return sum(storages.values())
 
 
 def _status_kb(field):

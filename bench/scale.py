@@ -5,14 +5,19 @@
     python bench/scale.py --extra "--calib-memory-gb 4" --device cuda
     python bench/scale.py --schemes ditas --nproc 2 --threads 1 --no-probe --extra=--calib-chunks=2 \
         --out bench/results/scale_ranks_chunks.md
+    python bench/scale.py --project --out bench/results/calib_memory.md   # GPU peaks from the formulas, no run
 
 Each scheme: one `QuantDiT.py --ckpt FILE --vae mse --no-preview` subprocess (no VAE is loaded), QuantDiT's defaults
 otherwise, on a seeded random checkpoint cached in --cache (adaLN and the final layer N(0, 0.02), not adaLN-Zero's
 degenerate zeros), or `--nproc N` processes under launch.py: its wall and CPU time (the processes together) and
 peak RSS (ru_maxrss, os.wait4: the largest process), and its report.json. Projected to the
 paper's calibration batch (16 labels x 2 for guidance = 32 rows of tokens) at 256 and 512 px (256 and 1024 tokens);
-the probe checks the activation model. Writes bench/results/scale.md and .json (everything); each run's output goes
-to stderr and to a log next to its QuantDiT output directory.
+the probe checks the activation model. The projection is per memory: on CUDA the device's (FP model, the search
+state QuantDiT plans on the device, activations) against the run's torch.cuda.max_memory_allocated, and the
+per-step ranges kept in host memory apart; on the CPU all of it against the peak RSS. Writes
+bench/results/scale.md and .json (everything); each run's output goes to stderr and to a log next to its QuantDiT
+output directory. --project runs nothing: the projected GPU peak of calibration with QuantDiT's defaults (plus
+--extra) at 256 and 512 px for --project-steps.
 """
 import ctypes
 import gc
@@ -31,9 +36,11 @@ import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read whe
 import torch  # noqa: E402
 import cli  # noqa: E402
 from models import DiT_models, get_2d_sincos_pos_embed  # noqa: E402
+from quant.budget import GIB as BUDGET_GIB, by_memory, layer_state_parts, plan_groups, transient_bytes  # noqa: E402
 from quant.budget import workspace_bytes  # noqa: E402
 from quant.errors import UserError  # noqa: E402
-from quant.layers import BLOCK_LAYERS  # noqa: E402
+from quant.feed import LoopShape  # noqa: E402
+from quant.layers import BLOCK_LAYERS, quantizable_layers  # noqa: E402
 from bench.common import cpu_name, stolen_seconds, stolen_share, write_report  # noqa: E402
 
 GIB, MIB, F32 = 2 ** 30, 2 ** 20, 4
@@ -109,7 +116,7 @@ def meta_model(name, latent):
         return DiT_models[name](input_size=latent, in_channels=4, num_classes=1000)
 
 
-def activation_bytes(model, rows, cfg=None):
+def activation_bytes(model, rows, cfg=None, device_type="cpu"):
     """(bytes, where) of the activation working set at `rows` token rows (cfg None: an FP forward): the larger of one
     block forward's peak and, at each quantized layer's input, what is live there plus the search's per-step
     workspace for that layer (quant/budget.py's workspace_bytes, freed after the layer's step)."""
@@ -117,26 +124,59 @@ def activation_bytes(model, rows, cfg=None):
     peak, at = live_widths(shapes["attn.qkv"][1], shapes["mlp.fc1"][0])
     best, where = F32 * rows * peak, "block forward"
     for name in BLOCK_LAYERS if cfg is not None else ():
-        ws = workspace_bytes(*shapes[name], rows, cfg)
+        ws = workspace_bytes(*shapes[name], rows, cfg, device_type)
         if F32 * rows * at[name] + ws > best:
             best, where = F32 * rows * at[name] + ws, f"{name} search"
     return best, where
 
 
-def projection(args, runs, cfgs, run_latent):
-    """One row per scheme and size: model, state, activations, projected peak, load peak, measured peak."""
+def planned_state(model, cfg, device_type, loop, budget_bytes, chunks=1):
+    """(device bytes, host bytes) of the largest layer group's search state that one QuantDiT process plans
+    (quant/budget.py; tests/test_budget.py holds these formulas to the bytes held): the group's states plus
+    one layer's transient candidates (the shortlist), on the device; its per-step ranges, on the host."""
+    shapes = {n: tuple(lin.weight.shape) for n, lin in quantizable_layers(model).items()}
+    groups, _ = plan_groups(shapes, cfg, budget_bytes, device_type, statistic_slots=chunks, loop=loop)
+    transient = max(transient_bytes(o, i, cfg) for o, i in shapes.values())
+    held = []
+    for group in groups:
+        mem = [by_memory(layer_state_parts(*shapes[n], cfg, device_type, chunks, loop), device_type) for n in group]
+        held.append((transient + sum(m["device"] for m in mem), sum(m["host"] for m in mem)))
+    return max(held)
+
+
+def project(model_name, cfg, device_type, px, latent, steps, budget_bytes, chunks=1):
+    """One projected row: FP model, the planned search state (device, host), activations, the device's peak."""
+    model = meta_model(model_name, latent)
+    tokens = (latent // model.patch_size) ** 2
+    loop = LoopShape(steps, CALIB_ROWS // chunks, tokens)
+    state, host = planned_state(model, cfg, device_type, loop, budget_bytes, chunks)
+    act, where = activation_bytes(model, CALIB_ROWS * tokens, cfg, device_type)
+    fp = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return {"px": px, "tokens": tokens, "steps": steps, "model": fp, "state": state, "host": host,
+            "activations": act, "where": where, "load": 2 * fp, "projected": fp + state + act}
+
+
+def projection(args, runs, qargs, run_latent):
+    """One row per scheme and size: model, planned state, activations, projected peak, load peak, and the run's
+    measured peak in the same memory: torch.cuda.max_memory_allocated on CUDA, the peak RSS on the CPU."""
     rows = []
     for scheme, run in runs.items():
-        state = ((run["report"] or {}).get("calibration") or {}).get("state_bytes_max")
+        cal = (run["report"] or {}).get("calibration") or {}
+        cuda = str(cal.get("device", args.device)).startswith("cuda")
+        q = qargs[scheme]
         for px, latent in [(args.image_size, run_latent), *PROJECT.items()]:
-            model = meta_model(args.model, latent)
-            tokens = (latent // model.patch_size) ** 2
-            act, where = activation_bytes(model, CALIB_ROWS * tokens, cfgs[scheme])
-            fp = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-            rows.append({"scheme": scheme, "px": px, "tokens": tokens, "model": fp, "state": state, "activations": act,
-                         "where": where, "load": 2 * fp, "projected": None if state is None else fp + state + act,
-                         "measured": run["peak_rss_bytes"] if latent == run_latent else None})
+            row = project(args.model, quant_config(q), "cuda" if cuda else "cpu", px, latent, args.steps,
+                          round(q.calib_memory_gb * BUDGET_GIB), q.calib_chunks)
+            here = latent == run_latent
+            row.update(scheme=scheme, measured_as="CUDA max allocated" if cuda else "peak RSS",
+                       measured=(cal.get("peak_cuda_bytes") if cuda else run["peak_rss_bytes"]) if here else None)
+            rows.append(row)
     return rows
+
+
+def quant_config(qargs):
+    import QuantDiT
+    return QuantDiT.quant_config_from_args(qargs)
 
 
 # ---------------------------------------------------------------- the probe (a subprocess)
@@ -203,8 +243,24 @@ def run_probe(args):
 COLUMNS = ["scheme", "TAS statistics s", "candidates s", "alpha search s", "build layers s", "total s (report)",
            "process wall s", "process CPU s", "peak RSS GiB", "peak CUDA GiB", "search state max group GiB",
            "search state total GiB", "SVDs", "FP passes", "groups", "CPU stolen by the host %"]
-PROJECTION_COLUMNS = ["scheme", "image px", "tokens", "FP model GiB", "search state GiB", "activations GiB",
-                      "largest at", "projected peak GiB", "load peak GiB", "measured peak RSS GiB"]
+PROJECTION_COLUMNS = ["scheme", "image px", "tokens", "steps", "FP model GiB", "search state GiB", "activations GiB",
+                      "largest at", "projected peak GiB", "host: per-step ranges GiB", "load peak GiB",
+                      "measured peak GiB", "measured as"]
+PROJECTION_NOTE = (
+    "projected peak = FP model + the largest layer group's search state that QuantDiT plans in this memory "
+    "(quant/budget.py's formulas, held to the bytes held by tests/test_budget.py; one layer's transient shortlist "
+    "candidates included) + activations: the larger of one block forward's float32 tensors (max(7 D, 3 D + 2 H) per "
+    "token row; SDPA: no tokens x tokens matrix; the probe checks it) and, at each quantized layer's input, the "
+    "tensors live there plus its search workspace (quant/budget.py's workspace_bytes, an estimate not measured "
+    "here). On CUDA the shortlist's per-step activation ranges are kept in pinned host memory (host column); on the "
+    "CPU they are in the state. load peak = loading --ckpt: download._load_file's whole state dict and the model it "
+    "is copied into. Neither counts the interpreter nor the quantized layers built last.")
+
+
+def _proj_cells(r):
+    return [r["scheme"], r["px"], r["tokens"], r["steps"], _gib(r["model"]), _gib(r["state"], 3),
+            _gib(r["activations"], 3), r["where"], _gib(r["projected"]), _gib(r["host"]), _gib(r["load"]),
+            _gib(r.get("measured")), r.get("measured_as", "-")]
 PROBE_COLUMNS = ["forward", "tokens", "predicted MiB", "first call MiB", "repeat MiB", "repeat / predicted", "s"]
 
 
@@ -231,18 +287,10 @@ def run_cells(scheme, run):
 
 
 def document(args, header, runs, proj, probe):
-    proj_rows = [[r["scheme"], r["px"], r["tokens"], _gib(r["model"]), _gib(r["state"], 3), _gib(r["activations"], 3),
-                  r["where"], _gib(r["projected"]), _gib(r["load"]), _gib(r["measured"])] for r in proj]
     doc = [f"# QuantDiT.py at scale: {args.model}, random weights", "", *header, "",
            *_table(COLUMNS, [run_cells(s, r) for s, r in runs.items()]), "",
            f"Projection to the paper's calibration batch ({CALIB_ROWS} rows of tokens: 16 labels x 2 for guidance):",
-           "", *_table(PROJECTION_COLUMNS, proj_rows), "",
-           "projected peak = FP model + the largest group's search state (measured above) + activations: the larger "
-           "of one block forward's float32 tensors (max(7 D, 3 D + 2 H) per token row; SDPA: no tokens x tokens "
-           "matrix; the probe below checks it) and, at each quantized layer's input, the tensors live there plus its "
-           "search workspace (quant/budget.py's workspace_bytes, an estimate not measured here). load peak = loading "
-           "--ckpt: download._load_file's whole state dict and the model it is copied into. Neither counts the "
-           "interpreter (the probe's baseline) nor the quantized layers built last.", ""]
+           "", *_table(PROJECTION_COLUMNS, [_proj_cells(r) for r in proj]), "", PROJECTION_NOTE, ""]
     if probe is None:
         return doc + ["Probe: skipped (--no-probe)."]
     rows = [[what, r["tokens"], *(f"{r[k] / MIB:.1f}" for k in ("predicted_bytes", "first_bytes", "repeat_bytes")),
@@ -265,9 +313,13 @@ def main(args):
     if any(s not in ("ditas", "reference") for s in schemes):
         raise UserError(f"--schemes {args.schemes}: a comma list of ditas, reference")
     import QuantDiT
-    cfgs = {s: QuantDiT.quant_config_from_args(QuantDiT.build_parser().parse_known_args(  # each run's QuantConfig
-        ["--scheme", s, *shlex.split(args.extra)])[0]) for s in schemes}
+    qargs = {s: QuantDiT.build_parser().parse_known_args(["--scheme", s, *shlex.split(args.extra)])[0]
+             for s in schemes}  # each run's QuantDiT flags
+    cfgs = {s: quant_config(q) for s, q in qargs.items()}
+    args.out = args.out or os.path.join(ROOT, "bench", "results", "calib_memory.md" if args.project else "scale.md")
     cli.check_writable(args.out, "--out")
+    if args.project:
+        return write_projection(args, qargs)
 
     # The checkpoint, the runs, the probe
     ckpt = random_checkpoint(args, latent)
@@ -295,7 +347,7 @@ def main(args):
               f"{'' if args.nproc == 1 else f' in each of {args.nproc} processes'}; torch "
               f"{torch.__version__}, Python {platform.python_version()}, {cpu_name()}, {os.cpu_count()} cores; "
               f"load average (1/5/15 min) before {loads[0]}, after {loads[1]}."]
-    proj = projection(args, runs, cfgs, latent)
+    proj = projection(args, runs, qargs, latent)
     write_report(args.out, document(args, header, runs, proj, probe))
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump({"args": vars(args), "header": header, "tokens": tokens, "loadavg": [load_before, load_after],
@@ -304,6 +356,28 @@ def main(args):
     failed = [s for s, r in runs.items() if r["exit"]]
     if failed:
         raise UserError(f"QuantDiT.py failed for {', '.join(failed)}: see {', '.join(runs[s]['log'] for s in failed)}")
+
+
+def write_projection(args, qargs):
+    """--project: the projected peak of calibration with QuantDiT's flags per scheme on args.device (auto: CUDA),
+    at 256 and 512 px for every --project-steps, from the formulas alone."""
+    device_type = "cpu" if args.device == "cpu" else "cuda"
+    rows = []
+    for scheme, q in qargs.items():
+        for px, latent in PROJECT.items():
+            for steps in args.project_steps:
+                row = project(args.model, quant_config(q), device_type, px, latent, steps,
+                              round(q.calib_memory_gb * BUDGET_GIB), q.calib_chunks)
+                rows.append({**row, "scheme": scheme})
+    flags = f" {args.extra}" if args.extra else ""
+    doc = [f"# Projected peak memory of calibration: {args.model} on {device_type}", "",
+           f"Command: `{shlex.join(['python', 'bench/scale.py', *sys.argv[1:]])}`: QuantDiT.py's defaults{flags} "
+           f"(--calib-memory-gb {qargs[next(iter(qargs))].calib_memory_gb:g}), batch {CALIB_ROWS} (16 labels x 2 for "
+           f"guidance), one process; from the formulas alone (no run).", "",
+           *_table(PROJECTION_COLUMNS, [_proj_cells(r) for r in rows]), "", PROJECTION_NOTE]
+    write_report(args.out, doc)
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump({"args": vars(args), "device": device_type, "projection": rows}, f, indent=1)
 
 
 def run_name(args, scheme):
@@ -329,7 +403,9 @@ def build_parser():
     p.add_argument("--probe", action=cli.argparse.BooleanOptionalAction, default=True, help="check the activations")
     p.add_argument("--probe-full", type=int, nargs="*", default=[4, 16], help="tokens (squares) of whole-model passes")
     p.add_argument("--probe-block", type=int, nargs="*", default=[64, 256], help="tokens (squares) of one-block passes")
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "scale.md"), help="the report (and .json)")
+    p.add_argument("--out", help="the report and its .json (default bench/results/scale.md; --project: calib_memory.md)")
+    p.add_argument("--project", action="store_true", help="run nothing: the projected peaks at 256 and 512 px")
+    p.add_argument("--project-steps", type=int, nargs="+", default=[50, 100, 250], help="--project: calibration steps")
     p.add_argument("--probe-child", help=cli.argparse.SUPPRESS)
     return p
 

@@ -55,41 +55,67 @@ from quant.search import Scores
 from quant.smoothing import channel_absmax
 
 DEFAULT_TOKEN_SAMPLES = 64
+STEP_BLOCK = 16  # steps per block of a StepStack, and per pass of noise_variance
 
 
 class StepStack:
-    """Per-step tensors of one shape, appended into one buffer that doubles when full: a few large
-    allocations instead of one small long-lived tensor per step and layer, which fragments glibc's
-    heap between the FP loop's large transient activations (measured on DiT-S/2, 20 steps: 5.3 GB
-    RSS for ~0.2 GB of statistics). Reads as a sequence of the appended tensors (views); a tensor of
-    another shape is kept on its own."""
+    """Per-step tensors, appended into blocks of STEP_BLOCK steps held in host memory: a few large
+    allocations instead of one small long-lived tensor per step and layer (which fragmented glibc's heap
+    between the FP loop's large transient activations: 5.3 GB RSS for ~0.2 GB of statistics on DiT-S/2,
+    20 steps), and no device memory growing with the steps. A CUDA tensor is copied into a pinned block
+    with a non-blocking copy, so appending never waits for the device; a read on the host waits for it
+    once (torch.cuda.synchronize), blocks(device) on a CUDA device not at all (stream-ordered copies).
+    A tensor of another shape than the last starts a new block. Reads as the sequence of the appended
+    tensors (views)."""
 
     def __init__(self):
-        self._buf, self._n, self._other = None, 0, []
+        self._blocks, self._pending = [], None  # [[block, filled]]; the device whose copies may still run
 
     def append(self, t):
-        if self._other or (self._buf is not None and t.shape != self._buf.shape[1:]):
-            self._other.append(t)
-            return
-        if self._buf is None or self._n == self._buf.shape[0]:
-            grown = t.new_empty((max(8, 2 * self._n),) + tuple(t.shape))
-            if self._n:
-                grown[:self._n] = self._buf[:self._n]
-            self._buf = grown
-        self._buf[self._n] = t
-        self._n += 1
+        last = self._blocks[-1] if self._blocks else None
+        if last is None or last[1] == last[0].shape[0] or last[0].shape[1:] != t.shape:
+            pin = t.is_cuda or (torch.cuda.is_initialized() and t.is_pinned())  # (no CUDA context for a CPU run)
+            last = [torch.empty((STEP_BLOCK,) + tuple(t.shape), dtype=t.dtype, pin_memory=pin), 0]
+            self._blocks.append(last)
+        last[0][last[1]].copy_(t, non_blocking=t.is_cuda)
+        last[1] += 1
+        if t.is_cuda:
+            self._pending = t.device
 
-    def _items(self):
-        return ([] if self._buf is None else list(self._buf[:self._n])) + self._other
+    def _settle(self):
+        """Wait for the copies still running into the blocks (before the host reads them)."""
+        if self._pending is not None:
+            torch.cuda.synchronize(self._pending)
+            self._pending = None
+
+    def blocks(self, device=None):
+        """The filled part of every block, (n, *shape) each, in order; on `device` (None: where they are)."""
+        if device is None or torch.device(device).type != "cuda":
+            self._settle()
+        return [b[:n].to(device or b.device, non_blocking=True) for b, n in self._blocks]
+
+    def nbytes(self):
+        """Host bytes of the blocks (filled or not)."""
+        return sum(b.numel() * b.element_size() for b, _ in self._blocks)
 
     def __len__(self):
-        return self._n + len(self._other)
+        return sum(n for _, n in self._blocks)
 
     def __iter__(self):
-        return iter(self._items())
+        return (t for block in self.blocks() for t in block)
 
     def __getitem__(self, k):
-        return self._items()[k]
+        return list(self)[k]
+
+    def __getstate__(self):  # pickled for another process (quant/wire.py): the filled steps, read on the host
+        self._settle()
+        return {"_blocks": [[b[:n], n] for b, n in self._blocks], "_pending": None}
+
+    def __setstate__(self, state):  # arrived on a CUDA device (wire's nccl): back to pinned host blocks
+        self.__dict__.update(state)
+        for b in self._blocks:
+            if b[0].is_cuda:
+                b[0] = b[0].cpu().pin_memory()
 
 
 class InputStats:
@@ -98,7 +124,8 @@ class InputStats:
     absmax: the TAS statistic a_j over all steps (like RunningAbsMax).
     Over the first `max_steps` steps (all if None):
       xtx: sum_t X_t^T X_t (C x C, float64); rows: n_t per step;
-      tensor: cmin/cmax (steps, C); row: (steps, B, C); token: tokens (steps, K, C).
+      tensor: cmin/cmax (steps, C); row: (steps, B, C); token: tokens (steps, K, C), float32 StepStacks
+      in host memory (pinned when x is on a CUDA device: they do not grow the device's memory).
     granularity None keeps only absmax and xtx (activation quantization off).
     """
 
@@ -112,22 +139,27 @@ class InputStats:
         self.rows = []
         self.cmin, self.cmax, self.tokens = StepStack(), StepStack(), StepStack()
         self.seen = 0  # all updates (TAS); len(self.rows) counts the ones in the loss
-        self._xtx_bytes = 0  # X^T X's bytes once release()d
+        self._held = (0, 0)  # X^T X's and the ranges' bytes once release()d
 
     @property
     def value(self):
         """The TAS statistic a_j, as RunningAbsMax.value."""
         return self.absmax
 
+    def range_nbytes(self):
+        """Host bytes of the per-step ranges (while held, or as held before release())."""
+        return self._held[1] if self.xtx is None else sum(s.nbytes() for s in (self.cmin, self.cmax, self.tokens))
+
     def nbytes(self):
-        """Bytes of a_j and X^T X (while held, or as held before release())."""
-        held = self._xtx_bytes if self.xtx is None else self.xtx.numel() * self.xtx.element_size()
-        return held + (0 if self.absmax is None else self.absmax.numel() * self.absmax.element_size())
+        """Bytes of a_j, X^T X and the per-step ranges (while held, or as held before release())."""
+        held = self._held[0] if self.xtx is None else self.xtx.numel() * self.xtx.element_size()
+        absmax = 0 if self.absmax is None else self.absmax.numel() * self.absmax.element_size()
+        return held + self.range_nbytes() + absmax
 
     def release(self):
         """Drop everything but a_j (the shortlist, once the layer's candidates are ranked)."""
         if self.xtx is not None:
-            self._xtx_bytes = self.xtx.numel() * self.xtx.element_size()
+            self._held = (self.xtx.numel() * self.xtx.element_size(), self.range_nbytes())
         self.xtx, self.cmin, self.cmax, self.tokens = None, StepStack(), StepStack(), StepStack()
 
     @property
@@ -189,7 +221,7 @@ def _interval_width(lo, hi, act_cfg):
 
 
 @torch.no_grad()
-def noise_variance(stats, smooth, act_cfg, colnorm2=None, step_chunk=16):
+def noise_variance(stats, smooth, act_cfg, colnorm2=None, parts=None):
     """The activation term's ingredients per candidate, summed over steps: (uniform, clamped), (A,) float64.
 
     uniform: mean over rows of Delta_t^2 / 12 (multiply by ||W_s||_F^2 / out for the loss).
@@ -201,7 +233,8 @@ def noise_variance(stats, smooth, act_cfg, colnorm2=None, step_chunk=16):
     output error; `clamped` is that averaged over all rows (divide by out for the loss). Negligible
     per tensor or row; per token it is about 12/C relative, more where the maximum sits in an
     outlier channel whose W_s column smoothing has inflated.
-    smooth: (A, C) smoothing factors (ones for no smoothing).
+    smooth: (A, C) smoothing factors (ones for no smoothing). The steps are taken a StepStack block at a
+    time (STEP_BLOCK steps) from `parts` (range_parts on smooth's device; None: copied here).
     """
     A = smooth.shape[0]
     uniform = torch.zeros(A, dtype=torch.float64, device=smooth.device)
@@ -213,23 +246,17 @@ def noise_variance(stats, smooth, act_cfg, colnorm2=None, step_chunk=16):
     if g != act_cfg.granularity:
         raise ValueError(f"statistics were gathered for granularity {g}, the quantizer uses {act_cfg.granularity}")
     clip = act_cfg.scheme == "reference" and colnorm2 is not None
-    if g == "token":
-        data = [(t,) for t in stats.tokens]
-        rows_per_range = [1] * len(data)
-    else:
-        data = list(zip(stats.cmin, stats.cmax))
-        rows_per_range = [n / lo.shape[0] if g == "row" else n for n, (lo, _) in zip(stats.rows, data)]
-    for i in range(0, len(data), step_chunk):
-        part = data[i:i + step_chunk]
-        m = torch.tensor(rows_per_range[i:i + step_chunk], dtype=torch.float64, device=uniform.device)  # (T,)
+    start = 0
+    for part in range_parts(stats, inv.device) if parts is None else parts:
+        n, start = stats.rows[start:start + part[0].shape[0]], start + part[0].shape[0]
+        per_range = [1] * len(n) if g == "token" else [r / part[0].shape[1] if g == "row" else r for r in n]
+        m = torch.tensor(per_range, dtype=torch.float64, device=uniform.device)  # (T,)
         if g == "token":
-            x = torch.stack([p[0] for p in part]).to(inv.device)            # (T, K, C)
-            xs = x.unsqueeze(0) * inv[:, None, None, :]                     # (A, T, K, C)
+            xs = part[0].unsqueeze(0) * inv[:, None, None, :]              # (A, T, K, C)
             hi_s, top = xs.max(-1)                                          # (A, T, K)
             delta = _interval_width(xs.amin(-1), hi_s, act_cfg)
         else:
-            lo = torch.stack([p[0] for p in part]).to(inv.device)           # (T, C) or (T, B, C)
-            hi = torch.stack([p[1] for p in part]).to(inv.device)
+            lo, hi = part                                                   # (T, C) or (T, B, C)
             shape = (A,) + (1,) * (lo.dim() - 1) + (lo.shape[-1],)
             # s > 0: min/max of x/s over a range are min/max over channels of cmin/s, cmax/s
             hi_s, top = (hi.unsqueeze(0) * inv.view(shape)).max(-1)         # (A, T) or (A, T, B)
@@ -246,22 +273,30 @@ def noise_variance(stats, smooth, act_cfg, colnorm2=None, step_chunk=16):
     return uniform, clamped
 
 
+def range_parts(stats, device):
+    """The per-step ranges as StepStack blocks on `device`: [(tokens,)] or [(cmin, cmax)], one pair per block."""
+    if stats.granularity == "token":
+        return [(x,) for x in stats.tokens.blocks(device)]
+    return list(zip(stats.cmin.blocks(device), stats.cmax.blocks(device)))
+
+
 @torch.no_grad()
 def approx_losses(candidates, stats, act_cfg):
     """Predicted loss sum_t mean((Y_q - Y_fp)^2) of every candidate (quant.search.Candidates) from one
     layer's InputStats: returns (total, weight_term, noise_term) as lists of floats. One candidate's
-    dense weight at a time."""
+    dense weight at a time; the ranges are copied to the weight's device once for all candidates."""
     weight = candidates.weight
     out = weight.shape[0]
     n = stats.mean_rows()
     m = stats.xtx.to(weight.device)
     weight_terms, noise_terms = [], []
+    parts = range_parts(stats, weight.device) if stats.granularity is not None else None
     for k in range(len(candidates.alphas)):
         s, ws = candidates.smooth[k:k + 1], candidates.smoothed_weight(k).unsqueeze(0)
         d = (ws / s[:, None, :] - weight).to(m.dtype)                         # (1, out, in)
         weight_terms.append(((d @ m) * d).sum(dim=(1, 2)) / (n * out))
         ws2 = ws.double().pow(2)
-        uniform, clamped = noise_variance(stats, s, act_cfg, colnorm2=ws2.sum(1))
+        uniform, clamped = noise_variance(stats, s, act_cfg, colnorm2=ws2.sum(1), parts=parts)
         noise_terms.append((uniform.to(ws2.device) * ws2.sum(dim=(1, 2)) + clamped.to(ws2.device)) / out)
     wt, nt = torch.cat(weight_terms), torch.cat(noise_terms)
     return (wt + nt).tolist(), wt.tolist(), nt.tolist()

@@ -247,13 +247,13 @@ def calibrate_group(part, cfg, scoring, stats, feed, timings, say, of="", progre
     return {n: layer_report(candidates[n], scores[n], baselines[n], stats[n], feed.loop.chunks) for n in part}, loops
 
 
-def plan_calibration(model, cfg, memory_budget=None, ranks=None, device_type=None, chunks=1):
+def plan_calibration(model, cfg, memory_budget=None, ranks=None, device_type=None, chunks=1, loop_shape=None):
     """(this rank's layer names, their groups, {name: estimated state bytes}) before any work is done:
     ValueError for a config that does not fit some layer, more ranks than layers, a memory budget
     below one layer's state (on every rank, when one rank's share does not fit; the FP loops divided
     by chunks, each rank holds every rank's groups of a round), or an FP loop in chunks
     (quant/feed.py) with activation ranges per tensor. device_type: where the model will
-    calibrate (default: where it is)."""
+    calibrate (default: where it is). loop_shape: each chunk's quant.feed.LoopShape (None: unknown)."""
     ranks = ranks or Ranks()
     layers = quantizable_layers(model)
     check_layers(layers, cfg)
@@ -266,7 +266,7 @@ def plan_calibration(model, cfg, memory_budget=None, ranks=None, device_type=Non
     divided = by_chunks(ranks.world, chunks)  # each rank then holds every rank's groups of a round
     groups, estimates = ranks.together(lambda: plan_groups(
         {n: shapes[n] for n in mine}, cfg, memory_budget, device_type, holders=ranks.world if divided else 1,
-        statistic_slots=chunks // ranks.world if divided else chunks))
+        statistic_slots=chunks // ranks.world if divided else chunks, loop=loop_shape))
     return mine, groups, estimates
 
 
@@ -290,7 +290,8 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
     scoring = SCORINGS[cfg.search](cfg)
     device = next(model.parameters()).device
     say = tqdm.write if progress else (lambda msg: None)
-    mine, groups, estimates = plan_calibration(model, cfg, memory_budget, ranks, chunks=loop.chunks)
+    mine, groups, estimates = plan_calibration(model, cfg, memory_budget, ranks, chunks=loop.chunks,
+                                               loop_shape=loop.shape)
     rank_groups = ranks.all(groups)  # every rank's groups: who observes which layer in each round
     n_groups = max(len(gs) for gs in rank_groups)
     divided = by_chunks(ranks.world, loop.chunks)  # the FP loops divided by chunks (quant/feed.py)

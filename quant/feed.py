@@ -31,11 +31,23 @@ from quant.ranks import Ranks
 
 
 @dataclass(frozen=True)
+class LoopShape:
+    """What one chunk of an FP calibration loop feeds each quantized layer: `steps` sampling steps, each of
+    `rows` batch rows (the chunk's samples, doubled by classifier-free guidance) of `tokens` tokens. The
+    memory budget's per-step statistics depend on it (quant/budget.py range_bytes)."""
+    steps: int
+    rows: int
+    tokens: int
+
+
+@dataclass(frozen=True)
 class ChunkedLoop:
     """run(indices): one FP sampling loop of the listed chunks (ascending) of a fixed noise batch split
-    into `chunks` equal parts, advanced in lockstep (see the module docstring)."""
+    into `chunks` equal parts, advanced in lockstep (see the module docstring); shape: each chunk's
+    LoopShape, where known (the memory budget then counts the per-step statistics)."""
     run: Callable
     chunks: int = 1
+    shape: LoopShape | None = None
 
     def __post_init__(self):
         if isinstance(self.chunks, bool) or not isinstance(self.chunks, int) or self.chunks < 1:

@@ -8,7 +8,9 @@ search):
   x: min_i fl(x_ij / s_j) = fl(min_i x_ij / s_j) for s_j > 0, so they are exact without
   materializing x/s first; the quantizer's lower clamp never acts (see _fake_quant), so
   codes - zero = min(round(x/s/scale), qmax - zero);
-* rows are processed in cache-sized chunks with in-place ops into reused buffers;
+* rows are processed in chunks (cache-sized on the CPU, a bounded workspace on a GPU: chunk_elements)
+  with in-place ops into reused buffers; every chunk's squared error is added to float64 sums on the
+  tensors' device, no host sync per chunk (the search reads a layer's sums back once);
 * reference scheme (one weight for every alpha; all candidates of a row chunk at once): the residual
   is written as Y_q - Y_fp = E_k Weff^T + X D^T, E_k = fq(X/s_k) s_k - X (activation error),
   D = Weff - W (weight error, alpha-independent), so P = X D^T is shared by every candidate. When
@@ -44,8 +46,18 @@ from quant import ops_avx512
 from quant.quantizer import affine_params, dequantize_weight, fake_quantize_act, num_intervals
 
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_CHUNK_ELEMENTS = 1 << 18  # candidates x rows x in per row chunk: ~1 MB of float32, stays in L2
-_BLOCK_ELEMENTS = 1 << 22  # own-weight path: rows x out of a step's FP output kept at once (16 MB of float32)
+# Row chunks and blocks per device (chunk_elements, rows_per_block): cache-sized on the CPU; on a GPU a bounded
+# workspace, so that a step of a layer is a few large launches instead of hundreds of small ones.
+_CHUNK_ELEMENTS = 1 << 18  # CPU: candidates x rows x in per row chunk, ~1 MB of float32 (stays in L2)
+_BLOCK_ELEMENTS = 1 << 22  # CPU: own-weight path, rows x out of a step's FP output at once (16 MB of float32)
+_DEVICE_CHUNK_ELEMENTS = 1 << 24  # GPU: 64 MB of float32 per chunk buffer
+_DEVICE_BLOCK_ELEMENTS = 1 << 26  # GPU: 256 MB of float32 FP output per block
+
+
+def chunk_elements(device_type):
+    """Elements of one row chunk's working buffer (candidates x rows x in; rows x in on the own-weight path)
+    on a device type: _CHUNK_ELEMENTS on the CPU, _DEVICE_CHUNK_ELEMENTS elsewhere."""
+    return _CHUNK_ELEMENTS if device_type == "cpu" else _DEVICE_CHUNK_ELEMENTS
 
 
 def chunks(n, size):
@@ -237,11 +249,12 @@ class LossEngine:
         split = ops["split"]
         xm = x2 @ ops["xmul"]  # float32: shared by every candidate
         partner = xm[:, :ops["const_from"]]  # X N M^T (split), or P = X N
-        const = float(torch.linalg.vector_norm(xm[:, ops["const_from"]:])) ** 2
+        # float64 square of the float32 norm, kept on the device (exact: a float32 squared fits a double)
+        const = torch.linalg.vector_norm(xm[:, ops["const_from"]:]).double().square()
         if one_range:  # one scale per candidate: x / s / scale as one multiply, the two output multiplies as one
             scale_s = ranges[0][:, :1, None] * s3
             inv = (1.0 / scale_s.double()).float()
-        step = max(16, _CHUNK_ELEMENTS // (k * c))
+        step = max(16, chunk_elements(x2.device.type) // (k * c))
         if "m_packed" in ops and ranges is not None:  # the same evaluation fused in C (quant/ops_avx512.py)
             x2 = x2.contiguous()
             acc = torch.zeros(k, dtype=torch.float64)
@@ -288,20 +301,20 @@ class LossEngine:
         cands = self.c
         out = cands.weight.shape[0]
         bias = None if ref is None else cands.bias
-        step = max(64, _CHUNK_ELEMENTS // c)
-        block = max(step, rows_per_block(out, c))
+        step = max(64, chunk_elements(x2.device.type) // c)
+        block = max(step, rows_per_block(out, c, x2.device.type))
         buf = x2.new_empty(min(step, rows), c)
         acc = torch.zeros(s.shape[0], dtype=torch.float64, device=x2.device)
-        kernel = self._kernel_ready(x2)
-        for b0 in range(0, rows, block):
+        fused = self._kernel_plan(x2, s, ranges, sl, bias, block) if self._kernel_ready(x2) else None
+        for b, b0 in enumerate(range(0, rows, block)):
             xb = x2[b0:b0 + block]
             y_fp = xb @ cands.weight.T if ref is None else ref[b0:b0 + block]
             fold = xb.shape[0] * (c + out) > out * c
             for j, k in enumerate(range(sl.start, sl.stop)):
                 rk = None if ranges is None else (ranges[0][j, b0:b0 + block], ranges[1][j, b0:b0 + block])
-                sq = self._kernel_sq(xb, s[j], rk, k, bias, y_fp) if kernel else None
-                if sq is not None:
-                    acc[j] += sq
+                if fused is not None and fused[1][j][b]:
+                    sx, zx = (t[b0:b0 + block] for t in fused[0][j])
+                    acc[j].add_(self._kernel_sq(xb, s[j], sx, zx, k, bias, y_fp))
                     continue
                 q = dequantize_weight(cands.qweight(k)).to(x2.dtype)
                 L, R = cands.lora(k)
@@ -316,7 +329,7 @@ class LossEngine:
                     z = torch.mm(t, q.T) if bias is None else torch.addmm(bias, t, q.T)
                     if R.shape[0] and not fold:
                         z.addmm_(t @ R.T, L.T)
-                    acc[j] += float(torch.linalg.vector_norm(z.sub_(y_fp[r0:r0 + n]), dim=1).double().pow(2).sum())
+                    acc[j].add_(torch.linalg.vector_norm(z.sub_(y_fp[r0:r0 + n]), dim=1).double().pow(2).sum())
                 del q  # before the next candidate's weight is dequantized
         return acc
 
@@ -328,40 +341,55 @@ class LossEngine:
         return (self.impl == "fast" and x2.device.type == "cpu" and x2.dtype == torch.float32
                 and kernel_fits(c.scheme, c.weight_cfg.bits, self.act_cfg.bits, c.weight.shape[1], n_groups))
 
-    def _kernel_sq(self, xb, s, rk, k, bias, y_fp):
-        """||fq(xb/s) (Q_k + L_k R_k)^T (+ b) - y_fp||^2 on the fused kernel (the integer linear IntLinear
-        runs: the same integers, float epilogue), or None where this input's activation zero points
-        break its int32 bound (the caller then dequantizes).
-
-            xb    (n, in) float32 rows;  s (in,) the candidate's smoothing factors
-            rk    (scale, qmax - zero) float32 (n,) each: the rows' activation ranges, or None (per row of xb/s)
-            y_fp  (n, out) float32 reference rows (x W^T, or the layer's output with bias b)
+    def _kernel_operands(self, k, bias):
+        """(operands, int32 bound, group, rank) of candidate k on the fused kernel (with the bias or not).
 
         Candidate k's weight operands (w4_operands: unpacking, repacking and group sums, ~40 ms for a
         DiT-XL/2 fc1 against its integer GEMM of a few rows) are built at its first step and kept in
-        kernel_ops until the engine goes (budget.kernel_operand_bytes counts them).
-        """
+        kernel_ops until the engine goes (budget.kernel_operand_bytes counts them)."""
         key = k, bias is not None
         if key not in self.kernel_ops:
             qw = self.c.qweight(k)
             L, R = self.c.lora(k)
             ops, bound = ops_avx512.w4_operands(qw.codes, qw.scale, qw.zero, L, R, bias)
-            self.kernel_ops[key] = ops, bound, xb.shape[1] // qw.scale.shape[-1], R.shape[0]
-        ops, bound, group, rank = self.kernel_ops[key]
+            self.kernel_ops[key] = ops, bound, self.c.weight.shape[1] // qw.scale.shape[-1], R.shape[0]
+        return self.kernel_ops[key]
+
+    def _kernel_plan(self, x2, s, ranges, sl, bias, block):
+        """The fused kernel's part of one step: ([(scale, zero point) float32 (rows,) of each candidate's
+        activation codes], [[does block b of rows fit its int32 bound (ops_avx512.fused_safe)] per candidate]).
+        A block that does not is dequantized instead. The zero points' block maxima are read in one go."""
+        rows = x2.shape[0]
+        params, maxima = [], []
+        for j in range(s.shape[0]):
+            if ranges is None:  # per row of x2/s_j
+                params.append(affine_params(*ops_avx512.rowrange(x2, s[j].contiguous()), self.ops["intervals"]))
+            else:
+                params.append((ranges[0][j], self.ops["qmax"] - ranges[1][j]))
+            zx = params[-1][1]
+            maxima.append(torch.stack([zx[b0:b0 + block].abs().amax() for b0 in range(0, rows, block)]))
+        bounds = [self._kernel_operands(k, bias)[1] for k in range(sl.start, sl.stop)]
+        maxima = torch.stack(maxima).tolist()  # (candidates, blocks): the step's one read
+        safe = [[ops_avx512.fused_safe(bound, m) for m in row] for bound, row in zip(bounds, maxima)]
+        return params, safe
+
+    def _kernel_sq(self, xb, s, sx, zx, k, bias, y_fp):
+        """||fq(xb/s) (Q_k + L_k R_k)^T (+ b) - y_fp||^2, float64 0-dim, on the fused kernel (the integer linear
+        IntLinear runs: the same integers, float epilogue), for activation zero points within its int32 bound.
+
+            xb      (n, in) float32 rows;  s (in,) the candidate's smoothing factors
+            sx, zx  float32 (n,) each: the rows' activation scale and zero point (_kernel_plan)
+            y_fp    (n, out) float32 reference rows (x W^T, or the layer's output with bias b)
+        """
+        ops, _, group, rank = self._kernel_operands(k, bias)
         s = s.contiguous()
-        if rk is None:
-            sx, zx = affine_params(*ops_avx512.rowrange(xb, s), self.ops["intervals"])
-        else:
-            sx, zx = rk[0].contiguous(), (self.ops["qmax"] - rk[1]).contiguous()
-        if not ops_avx512.fused_safe(bound, float(zx.abs().max())):
-            return None
         a, sa, lp = ops_avx512.encode(xb, s, sx, zx, self.ops["qmax"], group if "f_d" in ops else None,
                                       ops["f_Rt"] if rank else None)
         y = torch.empty_like(y_fp)
         ops_avx512.qgemm(a, ops["w_vnni4"], y.shape[1], group, ops["f_sw"], ops["f_cbd"], ops.get("f_d"), sa,
                          zx.to(torch.int32), sx, lp, rank, ops["f_Lt"], ops.get("f_bias"), y)
         # per-row norms: a float32 sum over the whole block would lose ~1e-4 of the loss
-        return float(torch.linalg.vector_norm(y.sub_(y_fp), dim=1).double().pow(2).sum())
+        return torch.linalg.vector_norm(y.sub_(y_fp), dim=1).double().pow(2).sum()
 
 
 def kernel_fits(scheme, weight_bits, act_bits, inp, n_groups):
@@ -371,7 +399,9 @@ def kernel_fits(scheme, weight_bits, act_bits, inp, n_groups):
             and (inp // n_groups) % ops_avx512.ALIGN_K4 == 0 and ops_avx512.load() is not None)
 
 
-def rows_per_block(out, inp):
-    """Rows of one step scored together by the own-weight path: the block's FP output (rows x out) and
-    its candidate outputs stay within _BLOCK_ELEMENTS floats each."""
-    return max(1, _BLOCK_ELEMENTS // max(out, inp))
+def rows_per_block(out, inp, device_type="cpu"):
+    """Rows of one step scored together by the own-weight path (a candidate's weight is dequantized once per
+    block): the block's FP output (rows x out) stays within _BLOCK_ELEMENTS floats on the CPU,
+    _DEVICE_BLOCK_ELEMENTS elsewhere."""
+    elements = _BLOCK_ELEMENTS if device_type == "cpu" else _DEVICE_BLOCK_ELEMENTS
+    return max(1, elements // max(out, inp))

@@ -210,14 +210,23 @@ def test_shortlist_search_scores_the_best_predicted_exactly():
 
 def test_step_stack_is_the_sequence_appended():
     """StepStack (InputStats' per-step storage): reads back exactly what was appended, in order, across
-    its buffer's growth; a tensor of another shape is kept too."""
-    from quant.approx_search import StepStack
+    its blocks; a tensor of another shape starts a new block; its bytes are its blocks'."""
+    from quant.approx_search import STEP_BLOCK, StepStack
     st, ref = StepStack(), []
-    for t in range(19):  # grows 8 -> 16 -> 32
+    for t in range(STEP_BLOCK + 3):  # a full block and part of a second
         x = torch.full((2, 3), float(t))
         st.append(x)
         ref.append(x.clone())
     st.append(torch.ones(5))
     ref.append(torch.ones(5))
-    assert len(st) == 20 and all(torch.equal(a, b) for a, b in zip(st, ref)) and torch.equal(st[7], ref[7])
-    assert st._buf.shape == (32, 2, 3)
+    st.append(torch.full((2, 3), -1.0))
+    ref.append(torch.full((2, 3), -1.0))
+    assert len(st) == STEP_BLOCK + 5 and all(torch.equal(a, b) for a, b in zip(st, ref)) and torch.equal(st[7], ref[7])
+    assert [tuple(b.shape) for b in st.blocks()] == [(STEP_BLOCK, 2, 3), (3, 2, 3), (1, 5), (1, 2, 3)]
+    assert torch.equal(torch.cat(st.blocks()[:2]), torch.stack(ref[:STEP_BLOCK + 3]))
+    assert st.nbytes() == 4 * STEP_BLOCK * (6 + 6 + 5 + 6) and not st.blocks()[0].is_cuda
+    import pickle  # to another process (quant/wire.py): the filled steps only, and it grows on from there
+    again = pickle.loads(pickle.dumps(st))
+    assert all(torch.equal(a, b) for a, b in zip(again, ref)) and again.nbytes() == 4 * ((STEP_BLOCK + 3) * 6 + 5 + 6)
+    again.append(torch.full((2, 3), 7.0))
+    assert len(again) == len(st) + 1 and torch.equal(again[-1], torch.full((2, 3), 7.0))

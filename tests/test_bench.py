@@ -26,6 +26,25 @@ def test_inference_bench_smoke(tmp_path):
     assert sum(line.startswith("| DiT-XS/2 |") for line in table) == len(rows)
 
 
+def test_inference_weights_count_every_tensor_a_layer_keeps_once():
+    """bench/inference.py's 'weights MB': parameters, buffers persistent or not, tensors in plain attributes
+    (prepared kernel operands, also inside a dataclass), each storage once (a view or a shared tensor)."""
+    import torch
+    from dataclasses import dataclass
+    from bench.inference import model_bytes
+
+    @dataclass
+    class Ops:
+        w: torch.Tensor
+        extra: torch.Tensor
+
+    lin = torch.nn.Linear(10, 20)
+    lin.register_buffer("scratch", torch.zeros(5), persistent=False)
+    lin.ops = Ops(lin.weight.data, torch.zeros(7, dtype=torch.int8))  # the weight again and an int8 operand
+    lin.rows = lin.weight.data[:3]  # a view of the weight
+    assert model_bytes(torch.nn.Sequential(lin)) == 4 * (200 + 20 + 5) + 7
+
+
 def test_inference_bench_rejects_unknown_variant(tmp_path):
     proc = run_script("bench/inference.py", "--models", "DiT-XS/2", "--variants", "int W2A2",
                       "--out", tmp_path / "x.md")
@@ -151,8 +170,15 @@ def test_state_parts_bench_sums_the_budget_of_every_layer():
     layers = quantizable_layers(DiT_models["DiT-XS/2"](input_size=4, in_channels=4, num_classes=1000))
     for device, cells in rows.items():
         want = sum(layer_state_bytes(*lin.weight.shape, cfg, device) for lin in layers.values()) / 2 ** 20
-        assert want > 1 and cells[-1] == round(want, 3) and abs(sum(cells[:-1]) - cells[-1]) <= 0.003, (device, cells)
+        assert want > 1 and cells[-2] == round(want, 3) and abs(sum(cells[:-2]) - cells[-2]) <= 0.003, (device, cells)
+        assert cells[-1] == 0  # of which host: the exact search keeps no per-step ranges
     assert set(rows) == {"cpu", "cuda"}
+    proc = run_script("bench/state_parts.py", "--model", "DiT-XS/2", "--steps", "20", "--image-size", "32")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| c")]
+    # the shortlist's ranges: 2 x 32 x C floats a step, in 16-step blocks
+    host = {r[0]: [float(c) for c in r[1:]] for r in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
+    c = sum(lin.weight.shape[1] for lin in layers.values())
+    assert host["cuda"][-1] == host["cuda"][-3] == round(4 * 2 * 32 * c * 32 / 2 ** 20, 3) and host["cpu"][-1] == 0
     assert_user_error(run_script("bench/state_parts.py", "--model", "DiT-Q/2"), "unknown --model")
 
 

@@ -6,9 +6,12 @@ import torch
 
 import QuantDiT
 from helpers import assert_one_line_error, calib_loop, call_main, random_dit
-from quant.budget import GIB, layer_state_bytes, plan_groups, statistic_bytes, transient_bytes
+from quant.approx_search import STEP_BLOCK, InputStats
+from quant.budget import (GIB, by_memory, device_bytes, layer_state_bytes, layer_state_parts, plan_groups,
+                          range_bytes, statistic_bytes, transient_bytes)
 from quant.calibrate import quantize_dit
 from quant.config import QuantConfig
+from quant.feed import ChunkedLoop, LoopShape
 from quant.layers import quantizable_layers
 from quant.search import Candidates
 from quant.quantizer import WeightQuantConfig
@@ -23,7 +26,14 @@ CONFIGS = [
     QuantConfig(**{**SMALL, "group_size": None}, scheme="reference", search_dtype="bf16"),
     QuantConfig(**SMALL, search="approx"),                           # X^T X statistics
     QuantConfig(**SMALL, alpha=0.5),                                 # fixed alpha: one candidate
+    QuantConfig(**SMALL, act_granularity="tensor"),                  # one range per step
+    QuantConfig(**SMALL, search="approx", act_granularity="token", search_steps=1),  # token samples, capped
 ]
+XS_LOOP = LoopShape(steps=2, rows=4, tokens=16)  # calib_loop(random_dit(), 2, 2): 2 labels x 2 (guidance), 4x4 tokens
+
+
+def _shaped(loop, shape):
+    return ChunkedLoop(lambda chunks: loop(), 1, shape)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.scheme}-W{c.weight_bit}-{c.smoothing}-{c.search}-"
@@ -32,9 +42,11 @@ def test_state_formula_equals_the_bytes_held(cfg):
     """Every layer's reported state (what its search held between steps) equals the planned estimate."""
     model = random_dit()
     shapes = {n: tuple(lin.weight.shape) for n, lin in quantizable_layers(model).items()}
-    report = quantize_dit(model, cfg, calib_loop(model, 2, 2), progress=False)
+    report = quantize_dit(model, cfg, _shaped(calib_loop(model, 2, 2), XS_LOOP), progress=False)
     for name, (out, inp) in shapes.items():
-        assert report["layers"][name]["state_bytes"] == layer_state_bytes(out, inp, cfg), name
+        assert report["layers"][name]["state_bytes"] == layer_state_bytes(out, inp, cfg, loop=XS_LOOP), name
+        has_ranges = cfg.search != "exact"  # the shortlist's and approx's per-step ranges, STEP_BLOCK steps a block
+        assert (layer_state_parts(out, inp, cfg, loop=XS_LOOP)["ranges"] > 0) == has_ranges
     cal = report["calibration"]
     assert cal["state_bytes_total"] == cal["state_bytes_estimated"] == cal["state_bytes_max"]
     assert cal["groups"] == 1 and cal["ranks"] == 1 and cal["peak_rss_bytes"] > 0
@@ -132,3 +144,61 @@ def test_quantdit_budget_errors(tmp_path):
     assert_one_line_error(code, err, "--calib-memory-gb must be positive")
     assert not os.path.exists(tmp_path / "q")
     assert GIB == 2 ** 30
+
+
+@pytest.mark.parametrize("granularity,rows,tokens", [("tensor", 3, 5), ("row", 3, 5), ("token", 3, 5),
+                                                     ("token", 8, 16)])
+@pytest.mark.parametrize("steps,cap", [(1, None), (STEP_BLOCK + 1, None), (STEP_BLOCK + 1, 3)])
+def test_range_bytes_are_the_ranges_held(granularity, rows, tokens, steps, cap):
+    """InputStats' per-step ranges over `steps` updates of (rows, tokens, C) inputs hold range_bytes, whole
+    blocks of STEP_BLOCK steps (token: min(64, rows x tokens) sampled per step); the search step cap bounds them."""
+    cfg = QuantConfig(**SMALL, act_granularity=granularity, search_steps=cap)
+    st = InputStats(granularity, max_steps=cap, dtype=torch.float32)
+    for t in range(steps):
+        st.update(torch.randn(rows, tokens, 64))
+    want = range_bytes(64, cfg, LoopShape(steps, rows, tokens))
+    assert st.range_nbytes() == want > 0
+    kept = steps if cap is None else min(cap, steps)
+    per_step = {"tensor": 2, "row": 2 * rows, "token": min(64, rows * tokens)}[granularity]
+    assert want == 4 * 64 * per_step * STEP_BLOCK * -(-kept // STEP_BLOCK)
+    held = st.nbytes()
+    st.release()  # the shortlist, once ranked: the ranges are freed, the bytes held are still reported
+    assert st.range_nbytes() == want and st.nbytes() == held and len(st.cmin) == len(st.tokens) == 0
+    assert range_bytes(64, QuantConfig(**SMALL, act_granularity=granularity, search="exact"),
+                       LoopShape(steps, rows, tokens)) == 0 and range_bytes(64, cfg, None) == 0
+
+
+def test_ranges_are_host_memory_on_cuda():
+    """On CUDA the per-step ranges are host bytes, outside the device budget; on the CPU everything is the device's."""
+    cfg, loop = QuantConfig(**SMALL), LoopShape(steps=40, rows=32, tokens=256)
+    parts = layer_state_parts(128, 64, cfg, "cuda", loop=loop)
+    assert parts["ranges"] == 4 * 64 * 2 * 32 * 48  # 40 steps in 3 blocks of 16
+    assert by_memory(parts, "cuda") == {"device": sum(parts.values()) - parts["ranges"], "host": parts["ranges"]}
+    assert by_memory(parts, "cpu") == {"device": sum(parts.values()), "host": 0}
+    assert device_bytes(128, 64, cfg, "cuda", loop=loop) == device_bytes(128, 64, cfg, "cuda")
+    assert device_bytes(128, 64, cfg, "cpu", loop=loop) == device_bytes(128, 64, cfg, "cpu") + parts["ranges"]
+    shapes = {f"l{i}": (128, 64) for i in range(6)}
+    # a budget of 2 layers' device state: the ranges split the layers into more groups on the CPU only
+    budget = 2 * device_bytes(128, 64, cfg, "cuda") + transient_bytes(128, 64, cfg)
+    cuda, sizes = plan_groups(shapes, cfg, budget, "cuda", loop=loop)
+    assert len(cuda) == 3 and sizes["l0"] == layer_state_bytes(128, 64, cfg, "cuda", loop=loop)
+    assert len(plan_groups(shapes, cfg, budget, "cuda")[0]) == 3  # the loop's ranges do not count there
+    cpu_budget = 2 * device_bytes(128, 64, cfg, "cpu", loop=loop) + transient_bytes(128, 64, cfg)
+    assert len(plan_groups(shapes, cfg, cpu_budget, "cpu", loop=loop)[0]) == 3
+    assert len(plan_groups(shapes, cfg, cpu_budget, "cpu")[0]) < 3  # they do on the CPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ranges_of_cuda_inputs_do_not_grow_the_device_memory():
+    """InputStats fed CUDA inputs keeps its per-step ranges in pinned host blocks, read back exactly."""
+    dev = torch.device("cuda")
+    xs = [torch.randn(4, 8, 64, device=dev) for _ in range(STEP_BLOCK + 2)]
+    st = InputStats("row", dtype=torch.float32)
+    st.update(xs[0])
+    before = torch.cuda.memory_allocated(dev)
+    for x in xs[1:]:
+        st.update(x)
+    assert torch.cuda.memory_allocated(dev) == before  # X^T X accumulated in place, the ranges on the host
+    assert all(b.is_pinned() for b in st.cmin.blocks()) and st.range_nbytes() == 2 * 4 * 64 * 4 * 2 * STEP_BLOCK
+    assert torch.equal(torch.cat(st.cmax.blocks(dev)), torch.stack([x.amax(1) for x in xs]))
+    assert torch.equal(torch.stack(list(st.cmin)), torch.stack([x.amin(1) for x in xs]).cpu())

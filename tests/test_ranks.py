@@ -9,12 +9,15 @@ import torch
 from helpers import ROOT, assert_user_error, free_port, random_dit, run_gloo_workers, run_script
 from quant.budget import layer_cost, layer_state_bytes, plan_groups, transient_bytes
 from quant.config import QuantConfig
+from quant.feed import LoopShape
 from quant.layers import quantizable_layers
 from quant.ranks import RankFailed, Ranks
 
 FLAGS = ["--model", "DiT-XS/2", "--image-size", "8", "--num-classes", "10", "--vae", "none",
          "--num-sampling-steps", "3", "--group-size", "32", "--lora-rank", "4", "--lora-iters", "2",
          "--alpha-step", "0.25", "--no-preview", "--threads", "1"]
+# what a chunk of FLAGS' FP loop feeds a layer per step (the budget's per-step ranges): 16 labels x 2 (guidance), 4x4
+LOOP, HALF_LOOP = LoopShape(steps=3, rows=32, tokens=16), LoopShape(steps=3, rows=16, tokens=16)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,7 @@ def test_two_processes_write_the_single_process_checkpoint(ckpt, tmp_path):
     # the parallel run also in groups: a budget of the largest layer's search state (with its transient candidates)
     cfg = QuantConfig(group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25)
     shapes = [tuple(lin.weight.shape) for lin in quantizable_layers(random_dit()).values()]
-    budget = max(layer_state_bytes(o, i, cfg) + transient_bytes(o, i, cfg) for o, i in shapes) / 2 ** 30
+    budget = max(layer_state_bytes(o, i, cfg, loop=LOOP) + transient_bytes(o, i, cfg) for o, i in shapes) / 2 ** 30
     two = _launch(tmp_path, *FLAGS, "--ckpt", ckpt, "--out", tmp_path / "two", "--calib-memory-gb", f"{budget:.9f}")
     assert two.returncode == 0, two.stderr[-3000:]
     for name in ("model.safetensors", "quant_config.json"):
@@ -83,10 +86,11 @@ def test_two_processes_dividing_the_chunks_write_the_single_process_checkpoint(c
     cfg = QuantConfig(group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25, search=search)
     shapes = {n: tuple(lin.weight.shape) for n, lin in quantizable_layers(random_dit()).items()}
     shares = [Ranks(r, 2).share({n: layer_cost(o, i, cfg) for n, (o, i) in shapes.items()}) for r in range(2)]
-    largest = max(layer_state_bytes(o, i, cfg) + transient_bytes(o, i, cfg) for o, i in shapes.values())
+    largest = max(layer_state_bytes(o, i, cfg, loop=HALF_LOOP) + transient_bytes(o, i, cfg) for o, i in shapes.values())
 
     def group_counts(budget):  # each rank holds both ranks' groups of a round: it plans for half the budget
-        return [len(plan_groups({n: shapes[n] for n in share}, cfg, budget, holders=2)[0]) for share in shares]
+        return [len(plan_groups({n: shapes[n] for n in share}, cfg, budget, holders=2, loop=HALF_LOOP)[0])
+                for share in shares]
     budget = None if search == "shortlist" else \
         next(b for b in (2 * largest * (1 + k / 20) for k in range(40)) if len(set(group_counts(b))) > 1)
     memory = [] if budget is None else ["--calib-memory-gb", f"{budget / 2 ** 30:.12f}"]
