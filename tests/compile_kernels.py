@@ -79,11 +79,13 @@ if __name__ == "__main__":
             what = f"{name} sm_{arch} {run} {values} {consts.get('PACKED', '')} {consts.get('WIDE', '')}"
             if shared > SHARED[arch]:
                 failures.append(f"{what}: {shared} B shared")
-            if name == "_int_gemm_kernel":
-                want = "mma.mma_async.sync.aligned.m64n" if arch == 90 and run.block_m >= 64 else "mma.sync.aligned.m16n8k32"
-                if not any(m.startswith(want) and ".s8.s8" in m for m in mmas):
-                    failures.append(f"{what}: no {want}*.s8.s8 in {sorted(mmas)}")
-            if name == "_act_encode_kernel" and ("div.rn.f32" not in ptx or "div.full.f32" in ptx or "div.approx" in ptx):
+            if name == "_int_gemm_kernel":  # int8 x int8 -> int32 tensor-core MMAs of the architecture
+                want = r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8" if arch == 90 and \
+                    run.block_m >= 64 else r"\bmma\.sync\.aligned\.m16n8k32\.row\.col(\.satfinite)?\.s32\.s8\.s8"
+                if not re.search(want, ptx):
+                    failures.append(f"{what}: no {want} in {sorted(mmas)}")
+            if name == "_act_encode_kernel" and (
+                    "div.rn.f32" not in ptx or "div.full.f32" in ptx or "div.approx" in ptx):
                 failures.append(f"{what}: divisions are not IEEE")
             print(f"{what}: shared {shared} B, {sorted(m for m in mmas if 's8' in m)}")
     print("\n".join(failures) or f"compiled {len(jobs)} variants")

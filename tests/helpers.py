@@ -178,3 +178,21 @@ class HostSyncs:
 
     def __exit__(self, *exc):
         return self._mode.__exit__(*exc)
+
+
+def quantize_blocks(model, bits, group, g, rank=4, iters=2, gran="row"):
+    """Every block's qkv, proj, fc1 and fc2 as a QuantLinear (smoothing factors exp(N(0, 0.25)) drawn from the
+    generator g, a LoRA fit of `rank` over `iters` iterations, 8-bit activations of granularity `gran`), the
+    smoothing folded: a small quantized DiT without a calibration run. Returns the model, in eval mode."""
+    from quant.fold import fold_smoothing
+    from quant.lora import fit_lora
+    from quant.qlinear import QuantLinear
+    from quant.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight
+    wcfg, acfg = WeightQuantConfig(bits=bits, group_size=group), ActQuantConfig(8, gran)
+    for block in model.blocks:
+        for parent, attr in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
+            lin = getattr(parent, attr)
+            s = torch.exp(torch.randn(lin.in_features, generator=g) * 0.5)
+            fit = fit_lora(lin.weight.detach() * s, lambda w: quantize_weight(w, wcfg), rank=rank, iters=iters)
+            setattr(parent, attr, QuantLinear(fit.qweight, lin.bias, fit.L, fit.R, smooth=s, act_cfg=acfg))
+    return fold_smoothing(model.eval())

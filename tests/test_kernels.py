@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import int_input, int_layer
+from helpers import int_input, int_layer, quantize_blocks
 from quant import ops_avx512, ops_torch
 from quant.int_linear import IntLinear, linear_w4a8, linear_w8a8, to_int_backend
 from quant.ops_torch import int8_matmul, quantize_act_int8
@@ -326,8 +326,6 @@ def test_row_tiles(monkeypatch, bits, group):
 def test_folded_dit_end_to_end(kernel):
     """A small DiT with ditas QuantLinears, smoothing folded, then swapped to the integer backend."""
     from models import DiT_models
-    from quant.fold import fold_smoothing
-    from quant.lora import fit_lora
 
     torch.manual_seed(0)
     model = DiT_models["DiT-XS/2"](input_size=8, in_channels=3, num_classes=10)
@@ -336,14 +334,7 @@ def test_folded_dit_end_to_end(kernel):
         for name, p in model.named_parameters():
             if name != "pos_embed":
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    wcfg, acfg = WeightQuantConfig(bits=4, group_size=32), ActQuantConfig(8, "row")
-    for block in model.blocks:
-        for parent, attr in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
-            lin = getattr(parent, attr)
-            s = torch.exp(torch.randn(lin.in_features, generator=g) * 0.5)
-            fit = fit_lora(lin.weight.detach() * s, lambda w: quantize_weight(w, wcfg), rank=4, iters=2)
-            setattr(parent, attr, QuantLinear(fit.qweight, lin.bias, fit.L, fit.R, smooth=s, act_cfg=acfg))
-    model = fold_smoothing(model.eval())
+    model = quantize_blocks(model, 4, 32, g)
     x, t, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g), torch.arange(4)
     with torch.no_grad():
         ref = model(x, t, y)

@@ -8,27 +8,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: ker
 import pytest
 import torch
 
-from helpers import HostSyncs, random_dit
-from quant.fold import fold_smoothing
+from helpers import HostSyncs, quantize_blocks, random_dit
 from quant.int_linear import IntLinear, to_int_backend
-from quant.lora import fit_lora
-from quant.qlinear import QuantLinear
-from quant.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight
 
 torch.set_num_threads(1)
-
-
-def _quantized_dit(bits, group):
-    model = random_dit()
-    g = torch.Generator().manual_seed(0)
-    wcfg, acfg = WeightQuantConfig(bits=bits, group_size=group), ActQuantConfig(8, "row")
-    for block in model.blocks:
-        for parent, attr in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
-            lin = getattr(parent, attr)
-            s = torch.exp(torch.randn(lin.in_features, generator=g) * 0.5)
-            fit = fit_lora(lin.weight.detach() * s, lambda w: quantize_weight(w, wcfg), rank=4, iters=2)
-            setattr(parent, attr, QuantLinear(fit.qweight, lin.bias, fit.L, fit.R, smooth=s, act_cfg=acfg))
-    return fold_smoothing(model.eval())
 
 
 def _kernels():
@@ -39,7 +22,7 @@ def _kernels():
 @pytest.mark.parametrize("kernel", _kernels())
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
 def test_integer_sampling_step_has_no_host_sync(kernel, bits, group):
-    model = to_int_backend(_quantized_dit(bits, group), kernel)
+    model = to_int_backend(quantize_blocks(random_dit(), bits, group, torch.Generator().manual_seed(0)), kernel)
     layers = [m for m in model.modules() if isinstance(m, IntLinear)]
     assert layers and all(m.runs == kernel for m in layers)
     g = torch.Generator().manual_seed(1)
