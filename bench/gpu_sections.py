@@ -299,8 +299,8 @@ def section_torchrun(ctx):
             "rows": [[f"`{shown(cmd)}`", code, f"{wall:.1f}", str(shape), group,
                       nccl]], "data": {"exit": code, "wall_s": wall, "shape": shape, "nccl_lines": nccl},
             "notes": ["The bundled digits model quantized W4A8 (alpha 0.5, 5 steps; QuantDiT.py), sampled with the "
-                      "integer backend. The process group is seen in NCCL's own log (NCCL_DEBUG=INFO); "
-                      "pipeline.init_distributed makes none at world size 1."]}
+                      "integer backend. The process group (pipeline.init_distributed makes one under torchrun, one "
+                      "process included) is seen in NCCL's own log (NCCL_DEBUG=INFO)."]}
 
 
 def section_calib(ctx):
