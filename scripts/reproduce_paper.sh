@@ -138,7 +138,7 @@ evaluate() {  # evaluate SIZE SAMPLE_DIR METRICS_JSON
 if [[ $SMOKE == 0 && $DRY_RUN == 0 ]]; then  # fail early, before hours of GPU time, on a missing input
   for size in $SIZES; do
     for f in "$CKPT_DIR/DiT-XL-2-${size}x${size}.pt" "$(ref_batch "$size")"; do
-      [[ -f $f ]] || { echo "error: $f not found (see bench/results/REPRODUCE.md)" >&2; exit 2; }
+      [[ -f $f ]] || { echo "error: $f not found (see docs/REPRODUCE.md)" >&2; exit 2; }
     done
   done
 fi
