@@ -16,6 +16,9 @@ Scheme-dependent defaults (docs/METHOD.md §8):
                                             pass-1 statistics and the exact pass scores only the
                                             `search_shortlist` best (2); exact: it scores every candidate,
                                             the paper's search; with one alpha (fixed, none) always exact)
+    calib_clip        auto     off         (x0 predictions of the FP calibration loops clipped to [-1, 1]: auto
+                                            for pixel-space models only, as the sampling scripts sample them;
+                                            off: the released code's clip_denoised=False; clips_x0())
 
 `smoothing` defaults to "fixed" when an `alpha` is given and to "search" otherwise; `alpha`
 itself then defaults to 0.5 (SmoothQuant's value).
@@ -26,19 +29,23 @@ from quant.quantizer import ActQuantConfig, WeightQuantConfig
 from quant.search import alpha_grid
 
 SCHEME_DEFAULT = "scheme default"  # sentinel of the fields resolved per scheme
-_SCHEME_DEFAULTS = {"ditas": {"act_granularity": "row", "search_steps": None, "svd": "subspace", "search": "shortlist"},
-                    "reference": {"act_granularity": "tensor", "search_steps": 50, "svd": "full", "search": "exact"}}
+_SCHEME_DEFAULTS = {"ditas": {"act_granularity": "row", "search_steps": None, "svd": "subspace", "search": "shortlist",
+                              "calib_clip": "auto"},
+                    "reference": {"act_granularity": "tensor", "search_steps": 50, "svd": "full", "search": "exact",
+                                  "calib_clip": "off"}}
 MATMUL_DTYPES = ("fp32", "bf16")
 SEARCHES = ("exact", "shortlist", "approx")
 DEFAULT_SHORTLIST = 2
 SMOOTHINGS = ("search", "fixed", "none")
 SVDS = ("full", "lowrank", "subspace")
+CALIB_CLIPS = ("auto", "on", "off")
 DEFAULT_ALPHA = 0.5
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How to quantize a DiT (quant.calibrate.quantize_dit). Every field is a QuantDiT.py flag."""
+    """How to quantize a DiT (quant.calibrate.quantize_dit). Every field is a QuantDiT.py flag; calib_clip sets
+    the FP calibration loop that QuantDiT.py hands quantize_dit (clips_x0)."""
     scheme: str = "ditas"             # ditas (deployable integer form) | reference (the released numerics)
     weight_bit: int = 4
     act_bit: int = 8
@@ -57,6 +64,7 @@ class QuantConfig:
                                       # best predicted from pass 1; approx: all predicted from pass 1
     search_shortlist: int | None | str = SCHEME_DEFAULT  # shortlist: candidates scored exactly (None otherwise)
     search_row_stride: int = 1        # exact/shortlist: score every N-th token row only (an approximation)
+    calib_clip: str = SCHEME_DEFAULT  # auto | on | off: clip x0 to [-1, 1] in the FP calibration loops (clips_x0)
 
     def __post_init__(self):
         if self.scheme not in _SCHEME_DEFAULTS:
@@ -97,6 +105,8 @@ class QuantConfig:
             raise ValueError(f"the fixed alpha must be in [0, 1], got {self.alpha}")
         if self.search_dtype not in MATMUL_DTYPES:
             raise ValueError(f"search dtype must be one of {MATMUL_DTYPES}, got {self.search_dtype!r}")
+        if self.calib_clip not in CALIB_CLIPS:
+            raise ValueError(f"calib clip must be one of {CALIB_CLIPS}, got {self.calib_clip!r}")
         if self.svd not in SVDS:
             raise ValueError(f"svd must be one of {SVDS}, got {self.svd!r}")
         if self.lora_rank < 0 or self.lora_iters < 1:
@@ -120,6 +130,13 @@ class QuantConfig:
         if self.smoothing == "fixed":
             return [self.alpha]
         return alpha_grid(self.alpha_step)
+
+    def clips_x0(self, pixel_space):
+        """Whether the FP calibration loops clip x0 predictions to [-1, 1] (clip_denoised): calib_clip on or
+        off, or auto: for pixel-space models (whose data lie in [-1, 1], and which sample.py and
+        sample_merge_TAS.py sample clipped), never for latent ones. The loop is the caller's (QuantDiT.py):
+        quantize_dit observes whatever trajectory it is given."""
+        return self.calib_clip == "on" or (self.calib_clip == "auto" and pixel_space)
 
     def to_dict(self):
         return asdict(self)

@@ -77,8 +77,8 @@ PROTOTYPES = {
     "ditas_quant_residual": (("rows", _I), ("K", _I), ("G", _I), ("W", _P), ("LR", _P), ("levels", _I),
                              ("codes", _P), ("scale", _P), ("zero", _P), ("E", _P), ("nthreads", _I)),
     "ditas_ref_losses": (("n", _I), ("rows", _I), ("r0", _I), ("c", _I), ("w", _I), ("k", _I), ("x", _P),
-                         ("one_range", _I), ("inv", _P), ("ss", _P), ("s", _P), ("sc", _P), ("top", _P), ("Mp", _P),
-                         ("partner", _P), ("pw", _I), ("split", _I), ("E", _P), ("part", _P), ("nthreads", _I)),
+                         ("s", _P), ("sc", _P), ("top", _P), ("Mp", _P), ("partner", _P), ("pw", _I), ("split", _I),
+                         ("E", _P), ("part", _P), ("nthreads", _I)),
 }
 
 
@@ -365,19 +365,18 @@ def pack_bf16(m):
     return _pack_blocks(m.to(torch.bfloat16), 2)
 
 
-def ref_losses(x, r0, rows, w, mp, partner, split, s, ranges, one_range, inv=None, ss=None):
+def ref_losses(x, r0, rows, w, mp, partner, split, s, ranges):
     """Per-candidate sum over the rows of x (n, C) (rows r0.. of a step with `rows` rows) of
     ||bf16(E_k) M (+ P)||^2 (+ 2 <E_k, partner> when split): LossEngine._reference_losses for
-    matmul_dtype bf16 (csrc/alpha_search_bf16.c). s (k, C); ranges (scale, top), each (k, rows); one_range: every
-    row of a candidate shares one scale, E = min(round(x * inv), top) * ss - x with inv, ss (k, C).
-    Returns float64 (k,)."""
+    matmul_dtype bf16 (csrc/alpha_search_bf16.c), E_k = min(round((x / s_k) / scale), top) scale s_k - x with the
+    quantizer's codes. s (k, C); ranges (scale, top), each (k, rows). Returns float64 (k,)."""
     n, c = x.shape
     k = s.shape[0]
     nt = torch.get_num_threads()
     e = torch.empty(k * n * (c + c % 2), dtype=torch.bfloat16)
     part = torch.zeros(nt, k, dtype=torch.float64)
     sc, top = (t.contiguous() for t in ranges)
-    load().ditas_ref_losses(n, rows, r0, c, w, k, x.data_ptr(), int(one_range), _ptr(inv), _ptr(ss), s.data_ptr(),
-                            sc.data_ptr(), top.data_ptr(), mp.data_ptr(), partner.data_ptr(), partner.stride(0),
-                            int(split), e.data_ptr(), part.data_ptr(), nt)
+    load().ditas_ref_losses(n, rows, r0, c, w, k, x.data_ptr(), s.data_ptr(), sc.data_ptr(), top.data_ptr(),
+                            mp.data_ptr(), partner.data_ptr(), partner.stride(0), int(split), e.data_ptr(),
+                            part.data_ptr(), nt)
     return part.sum(0)

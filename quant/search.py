@@ -30,7 +30,7 @@ from quant.smoothing import smoothing_factors, weight_channel_absmax
 
 def alpha_grid(step=0.05):
     """[0, step, ..., 1] with exact decimals (21 values for 0.05)."""
-    n = round(1 / step)
+    n = round(1 / step) if 0 < step <= 1 else 0  # (0, nan and inf divide nothing)
     if n < 1 or abs(n * step - 1) > 1e-9:
         raise ValueError(f"alpha step must divide 1, got {step}")
     return [round(k * step, 10) for k in range(n + 1)]
@@ -157,7 +157,7 @@ class Candidates:
         s = torch.ones(len(self.alphas), self.weight.shape[1], device=self.weight.device)
         for k, a in enumerate(self.alphas):
             if a is not None:
-                s[k] = smoothing_factors(act_absmax.to(s.device), w_absmax, a)
+                s[k] = smoothing_factors(act_absmax.to(s.device), w_absmax, a, self.scheme)
         return s
 
     def _stored(self):
@@ -191,11 +191,14 @@ class Candidates:
             return self.fit.L, (self.fit.R if self.alphas[k] is None else self.fit.R * self.smooth[k])
         return self.L[k], self.R[k]
 
-    def effective(self):
-        """Reference scheme: Q + L R, dense (out, in), computed on demand (not kept)."""
+    def effective(self, dtype=None):
+        """Reference scheme: Q + L R, dense (out, in), computed on demand (not kept) in dtype (default: the FP
+        weight's; float64 gives the exact values of the stored codes, scales and factors)."""
         if self.scheme != "reference":
             raise ValueError("the ditas scheme has one effective weight per alpha: see smoothed_weight(k)")
-        return dequantize_weight(self.fit.qweight).to(self.weight) + self.fit.L @ self.fit.R
+        dtype = self.weight.dtype if dtype is None else dtype
+        q, L, R = self.fit.qweight, self.fit.L.to(dtype), self.fit.R.to(dtype)
+        return dequantize_weight(replace(q, scale=q.scale.to(dtype))) + L @ R
 
     def smoothed_weight(self, k):
         """W_s (out, in), dense: the weight candidate k applies to fq(X/s_k) (Q + L R in the smoothed domain)."""

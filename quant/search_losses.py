@@ -10,10 +10,14 @@ search):
   codes - zero = min(round(x/s/scale), qmax - zero);
 * rows are processed in chunks (cache-sized on the CPU, a bounded workspace on a GPU: chunk_elements)
   with in-place ops into reused buffers; every chunk's squared error is added to float64 sums on the
-  tensors' device, no host sync per chunk (the search reads a layer's sums back once);
+  tensors' device, no host sync per chunk (the search reads a layer's sums back once). Every sum of
+  squares is taken per row in float32 and summed in float64 (`_row_sq`): one float32 sum over a step's
+  rows ran low, by ~2e-5 of a loss on the bundled model and ~1e-4 at DiT-XL/2's shapes;
 * reference scheme (one weight for every alpha; all candidates of a row chunk at once): the residual
   is written as Y_q - Y_fp = E_k Weff^T + X D^T, E_k = fq(X/s_k) s_k - X (activation error),
-  D = Weff - W (weight error, alpha-independent), so P = X D^T is shared by every candidate. When
+  D = Weff - W (weight error, alpha-independent; Weff formed in float64 from the stored codes, scales
+  and factors), so P = X D^T is shared by every candidate. E_k uses the quantizer's own codes,
+  round((x / s) / scale) (x * (1 / (s scale)) flips codes at .5 boundaries). When
   in < out (qkv, fc1), Weff = U S V^T gives ||E Weff^T + P||^2 = ||E V S + P U||^2 +
   ||P (I - U U^T)||^2: an (in x in) product per candidate instead of (in x out). With M the
   candidate matrix (V S, or Weff^T) and P' the matching P, a square or wide M is expanded as
@@ -22,27 +26,28 @@ search):
   costs its product, squared and summed, and one pass for the cross term (a tall M, fc2, adds P'
   to the narrow product instead). Forming the small error E first also avoids the cancellation of
   Y_q - Y_fp, which is what makes matmul_dtype="bf16" usable: only the candidate products E_k M
-  run in bfloat16 (the cross term, the constants and all sums stay float32); losses move by ~1e-5
-  relative (tests/test_search.py, bench/calibration.py). On x86 CPUs with AVX512-BF16 that bf16
-  evaluation runs fused in C (quant/ops_avx512.py, quant/csrc/alpha_search_bf16.c);
+  run in bfloat16 (the cross term and the constants stay float32, the sums as above); losses move by
+  ~1e-5 relative (tests/test_search.py, bench/calibration.py). In float32 (the default) the losses are
+  the direct evaluation's to float rounding: within ~2e-8 of a float64 evaluation on every layer kind,
+  closer than impl="naive" itself (tests/test_loss_exact.py holds them to 1e-6 of it). On x86 CPUs
+  with AVX512-BF16 that bf16 evaluation runs fused in C (quant/ops_avx512.py, quant/csrc/alpha_search_bf16.c);
 * ditas scheme (a weight per alpha), and any single candidate (the round-to-nearest baselines):
   every candidate is evaluated from its own codes (`_own_weight_losses`), against the FP layer's own
   output where the caller passes it (the calibration driver does: no FP product here), else Y_fp
   computed once per block of rows. On x86 CPUs with AVX512-VNNI a <= 4-bit candidate with 8-bit
   activations runs the fused integer linear IntLinear runs (quant/ops_avx512.py: u8 activation
   codes x the packed weight codes, exact int32 group sums and zero-point corrections, LoRA and bias
-  in float), 2-2.6x faster than the float32 product on DiT-S/2's shapes and, since Y_q is formed
+  in float) instead of the float32 product and, since Y_q is formed
   from exact integers, within ~1e-8 of a float64 evaluation (tests/test_search.py); each
   candidate's kernel operands (repacked codes, group sums, padded LoRA factors: about the size of
   its stored codes and LoRA) are built at its first step and kept for the search. Elsewhere its
   weight is dequantized once per step (per block of rows when a step has many), one (in x out)
-  float32 product per candidate and row chunk. Squared errors are summed per row and then in
-  float64 (a float32 sum over a whole block would lose ~1e-4 of the loss). No dense weight is kept
+  float32 product per candidate and row chunk. No dense weight is kept
   between steps (quant/budget.py counts what is).
 """
 import torch
 
-from quant import ops_avx512
+from quant import lapack, ops_avx512
 from quant.quantizer import affine_params, dequantize_weight, fake_quantize_act, num_intervals
 
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -58,6 +63,13 @@ def chunk_elements(device_type):
     """Elements of one row chunk's working buffer (candidates x rows x in; rows x in on the own-weight path)
     on a device type: _CHUNK_ELEMENTS on the CPU, _DEVICE_CHUNK_ELEMENTS elsewhere."""
     return _CHUNK_ELEMENTS if device_type == "cpu" else _DEVICE_CHUNK_ELEMENTS
+
+
+def _row_sq(t):
+    """float64 (rows,): the squared norms of the rows of t (rows, w) float32 or bfloat16, each row summed in
+    float32 and squared in float64 on t's device (no host sync). Sum them in float64: one float32 sum over
+    many rows runs low (the module docstring)."""
+    return torch.linalg.vector_norm(t, dim=1, dtype=torch.float32).double().square()
 
 
 def chunks(n, size):
@@ -156,12 +168,12 @@ class LossEngine:
         w = c.weight
         ops = {"qmax": 2 ** self.act_cfg.bits - 1, "intervals": num_intervals(self.act_cfg.bits, self.act_cfg.scheme)}
         if self.shared:
-            weff = c.effective().double()
+            weff = c.effective(torch.float64)  # the exact weight: D = Weff - W has no float32 rounding of Q + L R
             d = weff - w.double()
             out, inp = w.shape
             # project onto Weff's column space, (in x in) products per candidate
             if inp < out:
-                u, sv, vh = torch.linalg.svd(weff, full_matrices=False)
+                u, sv, vh = lapack.svd(weff, full_matrices=False)
                 m, n = vh.T * sv, d.T @ u
                 d_perp = d - u @ (u.T @ d)
                 h = d_perp.T @ d_perp
@@ -179,7 +191,7 @@ class LossEngine:
                 h = n @ n.T if h is None else n @ n.T + h
             # constant = ||X F||^2 with H = F F^T: a sum of squares (a sum over X^T X * H would cancel)
             if h is not None:
-                lam, vec = torch.linalg.eigh(h)
+                lam, vec = lapack.eigh(h)
                 h = vec * lam.clamp(min=0).sqrt()
             parts = ([n @ m.to(mdt).double().T] if ops["split"] else [n]) + ([] if h is None else [h])
             ops["xmul"] = torch.cat(parts, 1).float().contiguous()  # X @ xmul = [X N M^T or P, X F]
@@ -212,7 +224,7 @@ class LossEngine:
             if ranges is not None and stride > 1:
                 ranges = tuple(r[:, ::stride].contiguous() for r in ranges)
             if self.shared:
-                acc = self._reference_losses(xr, s, ranges, groups == 1)
+                acc = self._reference_losses(xr, s, ranges)
             else:
                 acc = self._own_weight_losses(xr, s, ranges, sl, yr)
             loss[sl] += acc / (xr.shape[0] * self.c.weight.shape[0])
@@ -234,7 +246,7 @@ class LossEngine:
         torch.minimum(t.div_(sc).round_(), top, out=t)
         return t, sc
 
-    def _reference_losses(self, x2, s, ranges, one_range):
+    def _reference_losses(self, x2, s, ranges):
         """Sum over rows of ||E_k M + P||^2 (+ const), all candidates per row chunk (one shared M).
 
         When M has at least as many columns as rows, this is ||E_k M||^2 + 2 <E_k, X N M^T> + ||X F||^2:
@@ -249,19 +261,14 @@ class LossEngine:
         split = ops["split"]
         xm = x2 @ ops["xmul"]  # float32: shared by every candidate
         partner = xm[:, :ops["const_from"]]  # X N M^T (split), or P = X N
-        # float64 square of the float32 norm, kept on the device (exact: a float32 squared fits a double)
-        const = torch.linalg.vector_norm(xm[:, ops["const_from"]:]).double().square()
-        if one_range:  # one scale per candidate: x / s / scale as one multiply, the two output multiplies as one
-            scale_s = ranges[0][:, :1, None] * s3
-            inv = (1.0 / scale_s.double()).float()
+        const = _row_sq(xm[:, ops["const_from"]:]).sum()
         step = max(16, chunk_elements(x2.device.type) // (k * c))
         if "m_packed" in ops and ranges is not None:  # the same evaluation fused in C (quant/ops_avx512.py)
             x2 = x2.contiguous()
             acc = torch.zeros(k, dtype=torch.float64)
-            extra = dict(inv=inv.view(k, c).contiguous(), ss=scale_s.view(k, c).contiguous()) if one_range else {}
             for r0 in range(0, rows, step):
                 acc += ops_avx512.ref_losses(x2[r0:r0 + step], r0, rows, ops["m"].shape[1], ops["m_packed"],
-                                             partner[r0:r0 + step], split, s, ranges, one_range, **extra)
+                                             partner[r0:r0 + step], split, s, ranges)
             return acc + const
         size = k * min(step, rows) * c
         neg_x = -x2
@@ -272,14 +279,10 @@ class LossEngine:
             xc = x2[r0:r0 + step]
             n = xc.shape[0]
             t = buf[:k * n * c].view(k, n, c)
-            if one_range:
-                # x * (1 / (s scale)) instead of (x / s) / scale: the codes can differ only where x/s/scale
-                # lies within float rounding of a .5 boundary (float rounding of the loss, nothing more)
-                torch.minimum(torch.mul(xc, inv, out=t).round_(), ranges[1][:, :1, None], out=t)
-                e = torch.addcmul(neg_x[r0:r0 + n], t, scale_s, out=t)
-            else:
-                t, sc = self._fake_quant(torch.div(xc, s3, out=t), ranges, r0)
-                e = torch.addcmul(neg_x[r0:r0 + n], t.mul_(sc), s3, out=t)  # activation error fq(x/s) s - x
+            # activation error fq(x/s) s - x from the quantizer's own codes, (x / s) / scale (x * (1 / (s scale))
+            # flipped codes at .5 boundaries: up to ~5e-6 of a loss on the bundled model)
+            t, sc = self._fake_quant(torch.div(xc, s3, out=t), ranges, r0)
+            e = torch.addcmul(neg_x[r0:r0 + n], t.mul_(sc), s3, out=t)
             if split:
                 acc += 2 * torch.mv(e.view(k, -1), partner[r0:r0 + n].reshape(-1)).double()
             if ebuf is not None:  # only the candidate product runs in bfloat16
@@ -287,7 +290,7 @@ class LossEngine:
             z = torch.mm(e.view(k * n, c), ops["m"]).view(k, n, -1)
             if not split:
                 z = torch.add(partner[r0:r0 + n], z) if ebuf is not None else z.add_(partner[r0:r0 + n])
-            acc += torch.linalg.vector_norm(z.view(k, -1), dim=1, dtype=torch.float32).double().pow(2)
+            acc += _row_sq(z.view(k * n, -1)).view(k, n).sum(1)
         return acc + const
 
     def _own_weight_losses(self, x2, s, ranges, sl, ref=None):
@@ -329,7 +332,7 @@ class LossEngine:
                     z = torch.mm(t, q.T) if bias is None else torch.addmm(bias, t, q.T)
                     if R.shape[0] and not fold:
                         z.addmm_(t @ R.T, L.T)
-                    acc[j].add_(torch.linalg.vector_norm(z.sub_(y_fp[r0:r0 + n]), dim=1).double().pow(2).sum())
+                    acc[j].add_(_row_sq(z.sub_(y_fp[r0:r0 + n])).sum())
                 del q  # before the next candidate's weight is dequantized
         return acc
 
@@ -388,8 +391,7 @@ class LossEngine:
         y = torch.empty_like(y_fp)
         ops_avx512.qgemm(a, ops["w_vnni4"], y.shape[1], group, ops["f_sw"], ops["f_cbd"], ops.get("f_d"), sa,
                          zx.to(torch.int32), sx, lp, rank, ops["f_Lt"], ops.get("f_bias"), y)
-        # per-row norms: a float32 sum over the whole block would lose ~1e-4 of the loss
-        return torch.linalg.vector_norm(y.sub_(y_fp), dim=1).double().pow(2).sum()
+        return _row_sq(y.sub_(y_fp)).sum()
 
 
 def kernel_fits(scheme, weight_bits, act_bits, inp, n_groups):

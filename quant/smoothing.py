@@ -3,8 +3,11 @@
 Y = X W^T + b = (X / s) (W diag(s))^T + b for any positive s: dividing the
 activation channels by s moves their outliers into the weight columns.
 s_j = clamp(a_j^alpha / w_j^(1 - alpha), min=1e-4), where a_j is the channel's
-absolute maximum over all calibration steps and w_j the weight column's.
+absolute maximum over all calibration steps and w_j the weight column's, each floored per scheme
+(FLOORS).
 """
+from dataclasses import dataclass
+
 import torch
 
 
@@ -19,21 +22,36 @@ def weight_channel_absmax(w):
     return w.detach().abs().amax(dim=-2).float()
 
 
-def smoothing_factors(act_absmax, w_absmax, alpha, min_value=1e-4, w_floor=1e-5):
-    """s_j = clamp(a_j^alpha / w_j^(1 - alpha), min=min_value).
+@dataclass(frozen=True)
+class Floors:
+    """The lower bounds of s_j's inputs: act on a_j, weight on w_j (s_j itself: >= 1e-4 in both schemes)."""
+    act: float
+    weight: float
 
-    alpha may be a float or a 1-D sequence/tensor of n alphas (result (n, C)).
-    Degenerate channels stay finite: w_j is floored at `w_floor` (as SmoothQuant
-    does), so an all-zero weight column gets a large finite s rather than inf;
-    a_j = 0 gives 0^alpha = 0 (1 at alpha = 0) and hence s_j = min_value, as the
-    released formula does.
+
+# reference: the released code's clamps, 1e-4 on every step's activation maximum (the same as on their
+# maximum a_j: max is exact) and 1e-4 on w_j. ditas: a_j as measured (a dead channel, a_j = 0, gets
+# s_j = 1e-4 for alpha > 0) and w_j floored at 1e-5, SmoothQuant's, only to keep an all-zero column finite.
+FLOORS = {"ditas": Floors(act=0.0, weight=1e-5), "reference": Floors(act=1e-4, weight=1e-4)}
+MIN_SMOOTH = 1e-4
+
+
+def smoothing_factors(act_absmax, w_absmax, alpha, scheme="ditas"):
+    """s_j = clamp(max(a_j, act)^alpha / max(w_j, weight)^(1 - alpha), min=1e-4), floors FLOORS[scheme].
+
+    alpha may be a float or a 1-D sequence/tensor of n alphas (result (n, C)). Degenerate channels
+    stay finite: an all-zero weight column gets a large finite s rather than inf; in the ditas scheme
+    a_j = 0 gives 0^alpha = 0 (1 at alpha = 0) and hence s_j = 1e-4.
     """
+    floors = FLOORS[scheme]
     a = act_absmax.float()
-    w = w_absmax.float().clamp(min=w_floor)
+    if floors.act > 0:
+        a = a.clamp(min=floors.act)
+    w = w_absmax.float().clamp(min=floors.weight)
     alpha = torch.as_tensor(alpha, dtype=torch.float32, device=a.device)
     if alpha.dim() == 1:
         alpha = alpha[:, None]
-    return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=min_value)
+    return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=MIN_SMOOTH)
 
 
 class RunningAbsMax:

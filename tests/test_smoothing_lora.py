@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from quant import lora, ops_avx512
 from quant.lora import fit_lora
 from quant.quantizer import WeightQuantConfig, dequantize_weight, quantize_weight
+from quant.search import Candidates
 from quant.smoothing import RunningAbsMax, channel_absmax, smoothing_factors, weight_channel_absmax
 
 torch.set_num_threads(1)
@@ -57,7 +58,71 @@ def test_smoothing_factors_degenerate_channels_are_finite():
         s = smoothing_factors(a, w, alpha)
         assert torch.isfinite(s).all() and (s >= 1e-4).all(), alpha
         if alpha > 0:
-            assert s[1] == pytest.approx(1e-4)  # dead activation channel: clamped to min_value
+            assert s[1] == pytest.approx(1e-4)  # dead activation channel: clamped to 1e-4
+
+
+def released_factors(steps, q, alpha):
+    """The released code's s, written out as it computes it: every step's activation maximum clamped at 1e-4,
+    their running max, the quantized weight's column maximum clamped at 1e-4, s clamped at 1e-4."""
+    a = None
+    for x in steps:
+        m = x.view(-1, x.shape[-1]).abs().max(dim=0)[0].clamp_(min=1e-4)
+        a = m if a is None else torch.max(m, a)
+    w = q.abs().max(dim=0)[0].clamp(min=1e-4)
+    return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-4)
+
+
+def _near_zero_channels(seed=0):
+    """Steps of a layer input and a weight with channels at and below the clamps: activation channel 0 dead,
+    channel 1 at 3e-6, weight column 2 zero, column 3 at 2e-6, column 4 at 5e-5."""
+    g = torch.Generator().manual_seed(seed)
+    steps = [torch.randn(2, 6, 64, generator=g) * (t + 1) for t in range(3)]
+    for x in steps:
+        x[..., 0] = 0.0
+        x[..., 1] = 3e-6 * torch.rand(2, 6, generator=g)
+    w = torch.randn(64, 64, generator=g) * 0.05
+    w[:, 2] = 0.0
+    w[:, 3] = 2e-6 * torch.randn(64, generator=g)
+    w[:, 4] = 5e-5 * torch.rand(64, generator=g)
+    return steps, w
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.05, 0.5, 0.75, 1.0])
+def test_reference_floors_are_the_released_clamps(alpha):
+    """--scheme reference: s is the released code's, clamps included, on channels at and below 1e-4; the ditas
+    scheme keeps a_j unfloored and w_j floored at 1e-5, so the two differ exactly on those channels."""
+    steps, w = _near_zero_channels()
+    tas = RunningAbsMax()
+    for x in steps:
+        tas.update(x)
+    ref = smoothing_factors(tas.value, weight_channel_absmax(w), alpha, "reference")
+    torch.testing.assert_close(ref, released_factors(steps, w, alpha), rtol=1e-6, atol=0)
+    ditas = smoothing_factors(tas.value, weight_channel_absmax(w), alpha, "ditas")
+    a, wmax = tas.value, weight_channel_absmax(w)
+    torch.testing.assert_close(ditas, (a.pow(alpha) / wmax.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-4),
+                               rtol=1e-6, atol=0)
+    near = (a < 1e-4) | (wmax < 1e-4)
+    assert near.tolist()[:5] == [True, True, True, True, True] and not near[5:].any()
+    torch.testing.assert_close(ref[~near], ditas[~near], rtol=1e-6, atol=0)  # elsewhere the schemes agree
+    if 0 < alpha < 1:  # both floors act: every near-zero channel differs
+        assert ((ref[near] - ditas[near]).abs() > 1e-3 * ref[near]).all()
+    assert torch.equal(smoothing_factors(tas.value, wmax, alpha), ditas)  # ditas is the default
+
+
+def test_reference_candidates_smooth_as_released():
+    """The reference scheme's candidates: w_j from the quantized weight Q of the LoRA loop, both released
+    clamps, every alpha of the grid."""
+    steps, w = _near_zero_channels(seed=1)
+    tas = RunningAbsMax()
+    for x in steps:
+        tas.update(x)
+    alphas = [round(0.05 * k, 10) for k in range(21)]
+    cfg = WeightQuantConfig(bits=4, group_size=None, scheme="reference")
+    c = Candidates(w, None, tas.value, alphas, cfg, lora_rank=4, lora_iters=2, scheme="reference", svd="full")
+    q = dequantize_weight(c.fit.qweight)
+    assert (q.abs().max(0).values[[2, 3]] < 1e-4).all()  # Q keeps the near-zero columns near zero
+    for k, alpha in enumerate(alphas):
+        torch.testing.assert_close(c.smooth[k], released_factors(steps, q, 0.05 * k), rtol=1e-6, atol=0)
 
 
 def test_smoothing_alone_keeps_linear_output():

@@ -1,11 +1,10 @@
 /* Reference-scheme alpha search in bfloat16 for x86 CPUs with AVX512-BF16 (quant/search_losses.py,
    LossEngine._reference_losses with matmul_dtype bf16; loaded by quant/ops_avx512.py).
-   For candidate q and row i of a chunk of n rows (global row r0 + i),
-     one range per candidate:  t = min(round(x * inv[q]), top[q, r0 + i]);  e = t * ss[q] - x
-     ranges per row:           t = min(round(x / s[q] / sc[q, r0 + i]), top[q, r0 + i]);  e = (t sc) s[q] - x
+   For candidate q and row i of a chunk of n rows (global row r0 + i), with the quantizer's own codes
+     t = min(round(x / s[q] / sc[q, r0 + i]), top[q, r0 + i]);  e = (t sc) s[q] - x
      acc[q] += 2 <e, partner[i]>             (split)
      acc[q] += || bf16(e) M (+ partner[i]) ||^2     (partner added when not split)
-   inv, ss / s: (k, c); sc, top: (k, rows); M: c x w in bfloat16, packed for vdpbf16ps as
+   s: (k, c); sc, top: (k, rows); M: c x w in bfloat16, packed for vdpbf16ps as
    Mp[j][c/2][32][2] (pairs of consecutive c, 32-column blocks, c padded to even, w to 32);
    partner: n x pw. Per-thread partial sums go to part (nthreads x k doubles), summed by the caller.
    */
@@ -53,9 +52,8 @@ static inline __attribute__((always_inline)) void sq_ukernel(
 }
 
 void ditas_ref_losses(int64_t n, int64_t rows, int64_t r0, int64_t c, int64_t w, int64_t k, const float *x,
-                      int64_t one_range, const float *inv, const float *ss, const float *s, const float *sc,
-                      const float *top, const uint16_t *Mp, const float *partner, int64_t pw, int64_t split,
-                      uint16_t *E, double *part, int64_t nthreads) {
+                      const float *s, const float *sc, const float *top, const uint16_t *Mp, const float *partner,
+                      int64_t pw, int64_t split, uint16_t *E, double *part, int64_t nthreads) {
     const int64_t cpad = c + (c & 1), stacked = k * n, nblk = (w + NB - 1) / NB;
     /* phase 1: E = bf16(activation error) for every (candidate, row); the cross term */
 #pragma omp parallel num_threads((int)nthreads)
@@ -66,21 +64,15 @@ void ditas_ref_losses(int64_t n, int64_t rows, int64_t r0, int64_t c, int64_t w,
             const int64_t q = r / n, i = r % n;
             const float *xr = x + i * c;
             const __m512 tp = _mm512_set1_ps(top[q * rows + r0 + i]);
-            const __m512 scv = one_range ? _mm512_setzero_ps() : _mm512_set1_ps(sc[q * rows + r0 + i]);
+            const __m512 scv = _mm512_set1_ps(sc[q * rows + r0 + i]);
             __m512 cross = _mm512_setzero_ps();
             for (int64_t cc = 0; cc < c; cc += 16) {
                 __mmask16 mask = tail_mask(c - cc);
-                __m512 xv = _mm512_maskz_loadu_ps(mask, xr + cc), t, e;
-                if (one_range) {
-                    t = _mm512_mul_ps(xv, _mm512_maskz_loadu_ps(mask, inv + q * c + cc));
-                    t = _mm512_min_ps(_mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), tp);
-                    e = _mm512_sub_ps(_mm512_mul_ps(t, _mm512_maskz_loadu_ps(mask, ss + q * c + cc)), xv);
-                } else {
-                    __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), mask, s + q * c + cc);
-                    t = _mm512_div_ps(_mm512_div_ps(xv, sv), scv);
-                    t = _mm512_min_ps(_mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), tp);
-                    e = _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(t, scv), sv), xv);
-                }
+                const __m512 xv = _mm512_maskz_loadu_ps(mask, xr + cc);
+                const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), mask, s + q * c + cc);
+                __m512 t = _mm512_div_ps(_mm512_div_ps(xv, sv), scv);
+                t = _mm512_min_ps(_mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), tp);
+                __m512 e = _mm512_sub_ps(_mm512_mul_ps(_mm512_mul_ps(t, scv), sv), xv);
                 e = _mm512_maskz_mov_ps(mask, e);
                 if (split)
                     cross = _mm512_fmadd_ps(e, _mm512_maskz_loadu_ps(mask, partner + i * pw + cc), cross);
