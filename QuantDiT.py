@@ -20,13 +20,13 @@ import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 
 from cli import (ArgumentParser, UserError, add_device_arg, add_model_args, add_tf32_arg, check_common_args,
-                 check_seed, check_writable, latent_shape, pick_device, run, set_tf32)
+                 check_positive, check_seed, check_writable, latent_shape, pick_device, run, set_tf32)
 from config import DEFAULTS, calib_labels
 from pipeline import (build_model, close_distributed, decode, init_distributed, load_vae, make_lockstep_sampler,
                       make_sampler, sample_inputs, save_grid)
 from quant.budget import GIB
 from quant.calibrate import plan_calibration, quantize_dit
-from quant.config import DEFAULT_SHORTLIST, SCHEME_DEFAULT, SEARCHES, QuantConfig, field_default
+from quant.config import CALIB_CLIPS, DEFAULT_SHORTLIST, SCHEME_DEFAULT, SEARCHES, QuantConfig, field_default
 from quant.checkpoint import is_quantized_checkpoint, save_quantized
 from quant.feed import ChunkedLoop, LoopShape
 from quant.ranks import Ranks
@@ -40,7 +40,7 @@ def quant_config_from_args(args):
         if not 2 <= given[flag] <= 8:
             raise UserError(f"--{flag.replace('_', '-')} {given[flag]}: bits must be an integer in 2..8")
     given["group_size"] = given["group_size"] or None  # 0 = per output channel
-    for name in ("act_granularity", "search_steps", "svd", "search", "search_shortlist"):  # None: the default
+    for name in ("act_granularity", "search_steps", "svd", "search", "search_shortlist", "calib_clip"):  # None: default
         if given[name] is None:
             given[name] = SCHEME_DEFAULT
     try:
@@ -72,6 +72,8 @@ def default_out_dir(args, cfg):
         parts.append(f"{cfg.svd}svd")
     if "search_row_stride" in changed:
         parts.append(f"rows{cfg.search_row_stride}")
+    if "calib_clip" in changed:
+        parts.append(f"clip{cfg.calib_clip}")
     if args.storage_dtype != DEFAULT_STORAGE_DTYPE:
         parts.append(args.storage_dtype)
     return os.path.join(args.results_dir, "-".join(parts))
@@ -94,19 +96,22 @@ def _main(args):
     torch.set_grad_enabled(False)
     cfg = quant_config_from_args(args)
     check_seed(args.seed)
+    check_positive(args.upscale, "--upscale")
     check_common_args(args)
     latent_shape(args)
     out_dir = args.out or default_out_dir(args, cfg)
     if os.path.exists(out_dir) and not args.overwrite:
         what = "a quantized checkpoint" if is_quantized_checkpoint(out_dir) else "files"
         raise UserError(f"{out_dir} already holds {what}; pass --overwrite to replace it or choose --out")
-    check_writable(out_dir, "--out" if args.out else "--results-dir")
+    check_writable(out_dir, "--out" if args.out else "--results-dir", kind="dir")
     labels = args.calib_labels or calib_labels(args.num_classes)
     args.preview_labels = args.preview_labels or labels[:8]
     for flag, given in (("--calib-labels", labels), ("--preview-labels", args.preview_labels)):
         if any(not 0 <= y < args.num_classes for y in given):
             raise UserError(f"{flag}: labels must lie in [0, {args.num_classes}) (--num-classes)")
-    if args.calib_memory_gb <= 0:
+    if not 1 <= args.calib_cfg_scale < float("inf"):
+        raise UserError(f"--calib-cfg-scale must be a finite number >= 1, got {args.calib_cfg_scale}")
+    if not 0 < args.calib_memory_gb < float("inf"):
         raise UserError(f"--calib-memory-gb must be positive, got {args.calib_memory_gb:g}")
     if args.calib_chunks < 1 or len(labels) % args.calib_chunks:
         raise UserError(f"--calib-chunks {args.calib_chunks}: must divide the {len(labels)} calibration labels "
@@ -133,8 +138,9 @@ def _main(args):
     model = model.to(device)
     torch.manual_seed(args.seed)
     shape = (model.in_channels, model.x_embedder.img_size, model.x_embedder.img_size)
-    clip = args.vae == "none"
-    calib = make_lockstep_sampler(model, args.num_sampling_steps, args.calib_cfg_scale, clip_denoised=clip)
+    clip = args.vae == "none"  # the preview samples as sample.py does; the calibration loops as --calib-clip says
+    calib_clip = cfg.clips_x0(pixel_space=clip)
+    calib = make_lockstep_sampler(model, args.num_sampling_steps, args.calib_cfg_scale, clip_denoised=calib_clip)
 
     def calibration_loop(chunks):
         # the same fixed noise batch every pass (each sample's own streams): the FP trajectory is identical each time
@@ -144,7 +150,9 @@ def _main(args):
 
     if lead:
         print(f"calibrating {args.model} ({len(labels)} labels, cfg {args.calib_cfg_scale}, "
-              f"{args.num_sampling_steps} steps, {torch.get_num_threads()} threads, {ranks.world} process(es)); {cfg}",
+              f"{args.num_sampling_steps} steps, {torch.get_num_threads()} threads, "
+              f"OpenMP wait {threads.wait_policy()}, "
+              f"{ranks.world} process(es)); {cfg}",
               flush=True)
     t0 = time.time()
     preview = None
@@ -172,7 +180,7 @@ def _main(args):
         "model": args.model, "image_size": args.image_size, "num_classes": args.num_classes, "vae": args.vae,
         "in_channels": model.in_channels, "seed": args.seed, "num_sampling_steps": args.num_sampling_steps,
         "calib_cfg_scale": args.calib_cfg_scale, "calib_labels": labels, "calib_chunks": args.calib_chunks,
-        "ckpt": args.ckpt, "tf32": args.tf32,
+        "ckpt": args.ckpt, "tf32": args.tf32, "calib_clip_x0": calib_clip,
         **cfg.to_dict(),
         "alphas": {name: r["alpha"] for name, r in report["layers"].items()},
     }
@@ -235,6 +243,11 @@ def add_quant_args(parser):
                         help="exact/shortlist search: score the candidates on every N-th token row of each step only "
                              "(an approximation, N times less candidate work; ranges still from all rows; "
                              "1 = all rows, the paper)")
+    parser.add_argument("--calib-clip", choices=CALIB_CLIPS, default=None,
+                        help=f"clip x0 predictions to [-1, 1] in the FP calibration loops; auto: for pixel-space "
+                             f"models (--vae none) only, as sampling does (default: {q('calib_clip', 'ditas')} for "
+                             f"ditas, {q('calib_clip', 'reference')} for reference, the released code's "
+                             f"clip_denoised=False; docs/METHOD.md §8)")
     parser.add_argument("--quantize-adaln", action="store_true", default=q("quantize_adaln"),
                         help="also quantize every block's adaLN linear: weight-only 8-bit per output channel")
 

@@ -4,8 +4,10 @@ A UserError (raised here, by the scripts and by the library) is printed by `run`
 stderr with exit code 2, never a traceback; argparse errors look the same.
 """
 import argparse
+import math
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -142,14 +144,31 @@ def add_device_arg(parser):
                         help="where the model runs (auto: cuda when a GPU is visible, else cpu)")
 
 
-def check_writable(path, flag):
-    """Fail before any work when `path` (a file or directory to be made) cannot be written: its nearest
-    existing ancestor must be a writable directory. Creates nothing."""
-    parent = os.path.dirname(os.path.abspath(path))
+def check_writable(path, flag, kind="file"):
+    """Fail before any work when `path`, a file or a directory (kind) to be written, cannot be: an existing
+    path must be of that kind, and the directory it goes in (or the nearest existing one above it, where
+    it is to be made) must take a new entry. That is tried, not inferred from permission bits (root passes
+    those everywhere, /proc and read-only mounts still refuse): a probe directory is made and removed at
+    once. Leaves nothing behind."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and os.path.isdir(path) != (kind == "dir"):
+        raise UserError(f"{flag} {path} exists and is {'not ' if kind == 'dir' else ''}a directory")
+    parent = path if kind == "dir" and os.path.isdir(path) else os.path.dirname(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path} is not writable ({parent} is not a writable directory)")
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path} is not writable ({parent} is not a directory)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".writable-", dir=parent))
+    except OSError as e:
+        raise UserError(f"{flag} {path} is not writable (no new entry in {parent}: {e.strerror})") from None
+
+
+def check_positive(value, flag):
+    """A count or size a user typed (--nrow, --upscale, --batch-size, ...): an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{flag} must be a positive integer, got {value!r}")
+    return value
 
 
 MAX_SEED = (1 << 63) - 1
@@ -248,8 +267,8 @@ def check_common_args(args):
         raise UserError(f"--num-classes must be positive, got {args.num_classes}")
     if args.num_sampling_steps <= 0 or args.num_sampling_steps > 1000:
         raise UserError(f"--num-sampling-steps must be in 1..1000, got {args.num_sampling_steps}")
-    if args.cfg_scale < 1.0:
-        raise UserError(f"--cfg-scale must be >= 1 (1 disables guidance), got {args.cfg_scale}")
+    if not 1.0 <= args.cfg_scale < math.inf:
+        raise UserError(f"--cfg-scale must be a finite number >= 1 (1 disables guidance), got {args.cfg_scale}")
 
 
 def default_ckpt(args):

@@ -23,7 +23,7 @@ import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 from tqdm import tqdm
 
-from cli import ArgumentParser
+from cli import ArgumentParser, UserError, check_positive, check_writable, run
 from bundled.classifier import DEFAULT_PATH as DIGITS_CLASSIFIER_PATH, load_classifier, uint8_to_input
 from metrics import PR_DTYPES, compute_statistics, frechet_distance, inception_score_from_logits, precision_recall
 from quant import files
@@ -178,8 +178,25 @@ def write_json(path, obj):
     files.write_json(path, obj, indent=2, end="\n")
 
 
+def check_device(spec):
+    """--device: cpu, cuda or cuda:N, a GPU only where one is visible (UserError otherwise)."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"--device {spec!r} is not a device (cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {spec!r}: the evaluator runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {spec} but no CUDA GPU is available (use --device cpu)")
+    return device
+
+
 def main(args):
     threads.set_threads(args.threads)
+    check_positive(args.batch_size, "--batch-size")
+    check_device(args.device)
+    if args.json:
+        check_writable(args.json, "--json")
     try:
         ref_images = load_images(args.ref_batch)
         sample_images = load_images(args.sample_batch)
@@ -225,4 +242,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run(main, build_parser().parse_args())

@@ -7,7 +7,8 @@ import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 
 from cli import (ArgumentParser, UserError, add_backend_args, add_device_arg, add_dtype_arg, add_model_args,
-                 add_tf32_arg, check_backend_args, check_seed, check_writable, pick_device, resolve_model_args, run)
+                 add_tf32_arg, check_backend_args, check_common_args, check_positive, check_seed, check_writable,
+                 pick_device, resolve_model_args, run)
 from pipeline import build_model, decode, load_vae, make_sampler, sample_inputs, sampling_model, save_grid
 from quant.fold import fold_smoothing
 from quant.inference import load_checkpoint
@@ -23,8 +24,11 @@ def main(args):
     check_backend_args(args)
     check_seed(args.seed)
     check_writable(args.out, "--out")
+    check_positive(args.nrow, "--nrow")
+    check_positive(args.upscale, "--upscale")
     device = pick_device(args.device)
     meta = resolve_model_args(args, MODEL_DEFAULTS)
+    check_common_args(args)
     labels = args.labels or (IMAGENET_SAMPLE_LABELS if args.num_classes == 1000
                              else list(range(min(8, args.num_classes))))
     for y in labels:

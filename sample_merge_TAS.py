@@ -54,7 +54,7 @@ def _check_args(args):
     if args.per_proc_batch_size <= 0:
         raise UserError(f"--per-proc-batch-size must be positive, got {args.per_proc_batch_size}")
     check_seed(args.global_seed, "--global-seed")
-    check_writable(args.sample_dir, "--sample-dir")
+    check_writable(args.sample_dir, "--sample-dir", kind="dir")
 
 
 def _check_npz(path, n, overwrite):

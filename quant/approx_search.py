@@ -294,10 +294,12 @@ def approx_losses(candidates, stats, act_cfg):
     for k in range(len(candidates.alphas)):
         s, ws = candidates.smooth[k:k + 1], candidates.smoothed_weight(k).unsqueeze(0)
         d = (ws / s[:, None, :] - weight).to(m.dtype)                         # (1, out, in)
-        weight_terms.append(((d @ m) * d).sum(dim=(1, 2)) / (n * out))
+        # sums row by row, then over rows: one thread per row's sum, so the same bits at any thread count
+        # (a sum over both dims splits its reduction by the thread count)
+        weight_terms.append(((d @ m) * d).sum(-1).sum(-1) / (n * out))
         ws2 = ws.double().pow(2)
         uniform, clamped = noise_variance(stats, s, act_cfg, colnorm2=ws2.sum(1), parts=parts)
-        noise_terms.append((uniform.to(ws2.device) * ws2.sum(dim=(1, 2)) + clamped.to(ws2.device)) / out)
+        noise_terms.append((uniform.to(ws2.device) * ws2.sum(-1).sum(-1) + clamped.to(ws2.device)) / out)
     wt, nt = torch.cat(weight_terms), torch.cat(noise_terms)
     return (wt + nt).tolist(), wt.tolist(), nt.tolist()
 

@@ -28,7 +28,7 @@ from functools import partial
 
 import torch
 
-from quant import ops_avx512
+from quant import lapack, ops_avx512
 from quant.quantizer import QWeight, WeightQuantConfig, dequantize_weight, quantize_weight
 
 SVDS = ("full", "lowrank", "subspace")
@@ -74,24 +74,24 @@ def _random_basis(w, p, seed=0):
 
 def _lowrank_svd(a, q, niter=2, seed=0):
     """Randomized truncated SVD (Halko et al.) from a fresh seeded basis."""
-    basis = torch.linalg.qr(a @ _random_basis(a, q, seed)).Q
+    basis = lapack.qr(a @ _random_basis(a, q, seed)).Q
     for _ in range(niter):
-        basis = torch.linalg.qr(a.transpose(-1, -2) @ basis).Q
-        basis = torch.linalg.qr(a @ basis).Q
-    u, s, vh = torch.linalg.svd(basis.transpose(-1, -2) @ a, full_matrices=False)
+        basis = lapack.qr(a.transpose(-1, -2) @ basis).Q
+        basis = lapack.qr(a @ basis).Q
+    u, s, vh = lapack.svd(basis.transpose(-1, -2) @ a, full_matrices=False)
     return basis @ u, s, vh
 
 
 def _subspace_svd(a, basis, steps):
     """Truncated SVD of a (..., out, in) in the span of a @ basis after `steps` power steps: (u, s, vh)."""
     for _ in range(steps):
-        basis = torch.linalg.qr(a.transpose(-1, -2) @ torch.linalg.qr(a @ basis).Q).Q
+        basis = lapack.qr(a.transpose(-1, -2) @ lapack.qr(a @ basis).Q).Q
     y = a @ basis
     found = _rayleigh_ritz(a, y)
     if found is not None:
         return found
-    u = torch.linalg.qr(y).Q  # y numerically rank-deficient: orthonormalise it directly
-    uu, s, vh = torch.linalg.svd(u.transpose(-1, -2) @ a, full_matrices=False)
+    u = lapack.qr(y).Q  # y numerically rank-deficient: orthonormalise it directly
+    uu, s, vh = lapack.svd(u.transpose(-1, -2) @ a, full_matrices=False)
     return u @ uu, s, vh
 
 
@@ -106,7 +106,7 @@ def _rayleigh_ritz(a, y):
     if bool((info != 0).any()):
         return None
     b = torch.linalg.solve_triangular(c.transpose(-1, -2), (y.transpose(-1, -2) @ a).double(), upper=False)
-    lam, w = torch.linalg.eigh(b @ b.transpose(-1, -2))
+    lam, w = lapack.eigh(b @ b.transpose(-1, -2))
     lam, w = lam.flip(-1), w.flip(-1)  # descending, as svd
     if bool((lam[..., -1:] <= lam[..., :1] * 1e-24).any()):
         return None
@@ -124,7 +124,7 @@ def _split(u, s, vh, rank):
 def low_rank_factors(e, rank, svd="full"):
     """Best rank-r factorisation E ~ L R with sqrt(S) on both sides (full or randomized SVD)."""
     if svd == "full":
-        return _split(*torch.linalg.svd(e, full_matrices=False), rank)
+        return _split(*lapack.svd(e, full_matrices=False), rank)
     if svd == "lowrank":
         return _split(*_lowrank_svd(e, min(rank + OVERSAMPLE, *e.shape[-2:])), rank)
     raise ValueError(f"svd must be 'full' or 'lowrank' here, got {svd!r}")

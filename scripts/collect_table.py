@@ -9,7 +9,6 @@ files whose batch name does not follow it are listed as skipped. Writes an FID o
 (method x size/steps, with the paper's published DiTAS numbers where they exist) and a
 table with every metric.
 """
-import argparse
 import glob
 import json
 import os
@@ -17,6 +16,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli import ArgumentParser, UserError, check_writable  # noqa: E402
 from quant.files import atomic_write  # noqa: E402
 
 NAME = re.compile(r"(?P<model>.+?)-size-(?P<size>\d+)-vae-(?P<vae>.+?)-cfg-(?P<cfg>[0-9.]+)-seed-(?P<seed>\d+)"
@@ -93,10 +93,16 @@ def render(rows, skipped=()):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("metrics", nargs="+", help="directories of evaluator JSON files, or JSON files")
     p.add_argument("--out", default=None, help="write the table here as well as to stdout")
     args = p.parse_args(argv)
+    if args.out:
+        try:
+            check_writable(args.out, "--out")
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     paths = []
     for m in args.metrics:
         paths += sorted(glob.glob(os.path.join(m, "*.json"))) if os.path.isdir(m) else [m]

@@ -13,7 +13,6 @@ match and never mixes results of different settings: the quantized checkpoints (
 previews), the .npz sample batches and their metrics, a grid of the first samples of every row
 (samples.png) and table.md.
 """
-import argparse
 import json
 import os
 import subprocess
@@ -26,6 +25,7 @@ import threads  # noqa: E402,F401  (before torch: sets OpenMP's wait policy, rea
 import numpy as np  # noqa: E402
 
 from bundled.digits import BUNDLED_FLAGS  # noqa: E402
+from cli import ArgumentParser, UserError, check_positive, check_seed, check_writable, run  # noqa: E402
 
 QUICK = dict(num_samples=300, steps=20, cfg_scale=4.0)
 FULL = dict(num_samples=500, steps=50, cfg_scale=4.0)
@@ -81,6 +81,20 @@ def sample_and_score(args, label, qdir, n, steps, cfg):
     return m, images
 
 
+def check_args(args):
+    """Every number and --out, before --out is made (the stages would find a bad one only after that)."""
+    for flag in ("nproc", "batch_size", "threads", "num_samples", "steps"):
+        if getattr(args, flag) is not None:
+            check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    if args.steps is not None and args.steps > 1000:
+        raise UserError(f"--steps must be in 1..1000, got {args.steps}")
+    if args.cfg_scale is not None and not 1 <= args.cfg_scale < float("inf"):
+        raise UserError(f"--cfg-scale must be a finite number >= 1, got {args.cfg_scale}")
+    check_seed(args.seed)
+    check_seed(args.calib_seed, "--calib-seed")
+    check_writable(args.out, "--out", kind="dir")
+
+
 def main(args):
     import torch
 
@@ -91,6 +105,7 @@ def main(args):
     steps = args.steps or base["steps"]
     cfg = args.cfg_scale or base["cfg_scale"]
     args.out = os.path.abspath(args.out)
+    check_args(args)
     os.makedirs(args.out, exist_ok=True)
     rows = [("FP", None)] + [(f"W{w}A{a} DiTAS", quantize(args, (w, a), steps)) for w, a in BITS]
     table, grids = [], []
@@ -115,7 +130,7 @@ def main(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--out", default=os.path.join("results", "demo"), help="where everything goes (default: %(default)s)")
     p.add_argument("--full", action="store_true",
                    help=f"the larger setting: {FULL['num_samples']} samples, {FULL['steps']} steps "
@@ -134,4 +149,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    run(main, build_parser().parse_args())

@@ -55,13 +55,14 @@ def test_inference_bench_rejects_unknown_variant(tmp_path):
 def test_busy_bench_smoke(tmp_path):
     """bench/busy.py: a quiet and a busy calibration, CPU and wall seconds, the ratio column."""
     out = tmp_path / "busy.md"
-    proc = run_script("bench/busy.py", "--steps", "2", "--busy", "1", "--settings", "ours", "--out", out,
+    proc = run_script("bench/busy.py", "--steps", "2", "--busy", "1", "--settings", "default", "--out", out,
                       "--quantdit-flags=--lora-rank 0 --alpha-step 0.5", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    row = [line for line in out.read_text().splitlines() if line.startswith("| ours |")]
+    row = [line for line in out.read_text().splitlines() if line.startswith("| default |")]
     assert len(row) == 1
     cells = [c.strip().strip("*x") for c in row[0].strip("|").split("|")]
-    quiet_cpu, busy_cpu, ratio = float(cells[2]), float(cells[4]), float(cells[5])
+    quiet_cpu, busy_cpu, ratio = float(cells[3]), float(cells[6]), float(cells[7])
+    assert cells[1] in ("PASSIVE", "spin-then-sleep") and cells[4] == "PASSIVE"  # busy at start: threads sleep
     assert quiet_cpu > 0 and busy_cpu > 0 and abs(ratio - busy_cpu / quiet_cpu) <= 0.05 * ratio + 0.01  # rounded cells
 
 

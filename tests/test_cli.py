@@ -1,5 +1,5 @@
-"""The scripts' edges: help that explains every flag, threads that respect the machine, inputs checked
-before any work, one-line errors (also under the torchrun launcher), results never silently replaced."""
+"""The scripts' edges: help that explains every flag, inputs checked before any work, one-line errors (also under
+the torchrun launcher), results never silently replaced; an output that cannot be made is found before any work."""
 import os
 
 import numpy as np
@@ -10,7 +10,6 @@ import evaluator
 import QuantDiT
 import sample
 import sample_merge_TAS
-import threads
 from bundled.digits import BUNDLED_FLAGS
 from helpers import ROOT, assert_one_line_error, assert_user_error, call_main, random_dit, run_script
 from shards import write_npz
@@ -37,20 +36,6 @@ def test_differing_defaults_say_why():
     for name in ("QuantDiT.py", "sample.py", "sample_merge_TAS.py"):
         text = " ".join(SCRIPTS[name].build_parser().format_help().split())
         assert "upstream's sample_ddp.py" in text and "the paper's calibration setting" in text, name
-
-
-def test_threads_default_to_the_affinity_mask_and_one_per_torchrun_process(monkeypatch):
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # set on import, before torch loaded OpenMP
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert threads.default_threads() == len(os.sched_getaffinity(0))
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert threads.default_threads() == 1
-    before = torch.get_num_threads()
-    try:
-        assert threads.set_threads(1) == 1 and torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("flags,fragment", [
@@ -149,3 +134,76 @@ def test_checkpoint_files_get_the_usual_permissions(tmp_path):
     assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask
     for name in os.listdir(out):
         assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def _scripts():
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import collect_table
+    import demo
+    return collect_table, demo
+
+
+ABS_FLAGS = [os.path.join(ROOT, f) if f.startswith("assets/") else f for f in BUNDLED_FLAGS]  # (tests chdir)
+PROC = "/proc/dit-nowhere"  # a directory that cannot be made, even by root (mkdir in /proc: ENOENT)
+BUNDLED_Q = [*ABS_FLAGS, "--no-preview", "--num-sampling-steps", "2"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("script,argv,fragment", [
+    ("sample_merge_TAS", [*ABS_FLAGS, "--sample-dir", PROC], f"--sample-dir {PROC} is not writable"),
+    ("sample_merge_TAS", [*ABS_FLAGS, "--sample-dir", PROC + "/a/b"], "is not writable (no new entry in /proc"),
+    ("QuantDiT", [*BUNDLED_Q, "--out", PROC], f"--out {PROC} is not writable"),
+    ("QuantDiT", [*BUNDLED_Q, "--results-dir", PROC], "--results-dir /proc/dit-nowhere/DiT-T-2-16"),
+    ("sample", [*ABS_FLAGS, "--out", PROC + ".png"], "--out /proc/dit-nowhere.png is not writable"),
+    ("evaluator", ["ref.npz", "sample.npz", "--json", PROC + ".json"], "--json /proc/dit-nowhere.json is not"),
+    ("demo", ["--out", PROC], f"--out {PROC} is not writable"),
+])
+def test_an_output_that_cannot_be_made_is_one_line_and_nothing_is_written(tmp_path, monkeypatch, script, argv,
+                                                                           fragment):
+    """Root passes every permission check, so the directory is tried: /proc refuses a new entry."""
+    monkeypatch.chdir(tmp_path)
+    module = _scripts()[1] if script == "demo" else SCRIPTS[script + ".py"]
+    code, err = call_main(module, *argv)
+    assert_one_line_error(code, err, fragment)
+    assert os.listdir(tmp_path) == []
+
+
+def test_collect_table_output_that_cannot_be_made(tmp_path, capsys):
+    collect_table, _ = _scripts()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "a.json").write_text('{"fid": 1.0, "sample_batch": "DiT-T-2-size-16-vae-none-cfg-1.5-seed-0'
+                                            '-steps-2-fp.npz"}')
+    assert collect_table.main([str(tmp_path / "m"), "--out", str(tmp_path / "m" / "a.json" / "t.md")]) == 2
+    err = capsys.readouterr().err
+    assert_one_line_error(2, err, "--out", "is not writable")
+
+
+@pytest.mark.parametrize("script,argv,fragment", [
+    ("sample_merge_TAS", [*ABS_FLAGS, "--sample-dir", "afile"], "--sample-dir {t}/afile exists and is not a dir"),
+    ("QuantDiT", [*BUNDLED_Q, "--out", "afile", "--overwrite"], "--out {t}/afile exists and is not a directory"),
+    ("sample", [*ABS_FLAGS, "--out", "adir"], "--out {t}/adir exists and is a directory"),
+    ("sample_merge_TAS", [*ABS_FLAGS, "--cfg-scale", "nan"], "--cfg-scale must be a finite number >= 1"),
+    ("sample", [*ABS_FLAGS, "--cfg-scale", "inf"], "--cfg-scale must be a finite number >= 1"),
+    ("QuantDiT", [*BUNDLED_Q, "--calib-cfg-scale", "nan"], "--calib-cfg-scale must be a finite number >= 1"),
+    ("QuantDiT", [*BUNDLED_Q, "--calib-memory-gb", "nan"], "--calib-memory-gb must be positive"),
+    ("QuantDiT", [*BUNDLED_Q, "--alpha-step", "0"], "alpha step must divide 1, got 0.0"),
+    ("QuantDiT", [*BUNDLED_Q, "--upscale", "0"], "--upscale must be a positive integer, got 0"),
+    ("sample", [*ABS_FLAGS, "--nrow", "0"], "--nrow must be a positive integer, got 0"),
+    ("sample", [*ABS_FLAGS, "--upscale", "-2"], "--upscale must be a positive integer, got -2"),
+    ("evaluator", ["ref.npz", "s.npz", "--threads", "0"], "--threads must be a positive integer"),
+    ("evaluator", ["ref.npz", "s.npz", "--batch-size", "0"], "--batch-size must be a positive integer"),
+    ("evaluator", ["ref.npz", "s.npz", "--device", "bogus"], "--device 'bogus' is not a device"),
+    ("demo", ["--out", "d", "--nproc", "0"], "--nproc must be a positive integer"),
+    ("demo", ["--out", "d", "--threads", "0"], "--threads must be a positive integer"),
+    ("demo", ["--out", "d", "--steps", "1001"], "--steps must be in 1..1000"),
+])
+def test_bad_numbers_and_paths_of_the_wrong_kind_are_one_line_and_nothing_is_written(tmp_path, monkeypatch, script,
+                                                                                     argv, fragment):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    module = _scripts()[1] if script == "demo" else SCRIPTS[script + ".py"]
+    code, err = call_main(module, *argv)
+    assert_one_line_error(code, err, fragment.format(t=tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["adir", "afile"] and os.listdir(tmp_path / "adir") == []

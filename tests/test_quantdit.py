@@ -147,6 +147,7 @@ def test_quantdit_cli_writes_complete_directory(tiny_ckpt, tmp_path):
     (["--search-shortlist", "3", "--search", "exact"], "applies to --search shortlist only"),
     (["--search-shortlist", "0"], "positive number of candidates"),
     (["--search", "shortlist", "--alpha", "0.5"], "needs --smoothing search"),
+    (["--calib-clip", "yes"], "invalid choice"),
 ])
 def test_quantdit_bad_input(tiny_ckpt, tmp_path, flags, fragment):
     out = tmp_path / "q"
@@ -181,6 +182,8 @@ def test_quantdit_missing_checkpoint(tmp_path):
      {"quantize_adaln": True, "svd": "lowrank", "lora_iters": 3, "alpha_step": 0.1}),
     (["--svd", "full"], {"svd": "full"}),
     (["--scheme", "reference", "--svd", "subspace"], {"scheme": "reference", "svd": "subspace"}),
+    (["--calib-clip", "off"], {"calib_clip": "off"}),
+    (["--scheme", "reference", "--calib-clip", "auto"], {"scheme": "reference", "calib_clip": "auto"}),
 ])
 def test_cli_and_python_api_build_equal_configs(flags, kwargs):
     """QuantConfig(**kwargs) from Python is exactly what QuantDiT.py builds from the same flags."""
@@ -198,6 +201,40 @@ def test_scheme_defaults_resolve_in_quant_config():
     assert QuantConfig(scheme="reference", search_steps=None).search_steps is None  # all steps, explicitly
     assert QuantConfig(scheme="reference", act_granularity="tensor").changed() == {}
     assert QuantConfig(scheme="reference", act_granularity="row").changed() == {"act_granularity": "row"}
+    assert (ditas.calib_clip, ref.calib_clip) == ("auto", "off")
+    assert QuantConfig(scheme="reference", calib_clip="on").changed() == {"calib_clip": "on"}
+
+
+@pytest.mark.parametrize("calib_clip,pixel,latent", [("auto", True, False), ("on", True, True), ("off", False, False)])
+def test_calib_clip_resolves_per_model_space(calib_clip, pixel, latent):
+    cfg = QuantConfig(calib_clip=calib_clip)
+    assert (cfg.clips_x0(pixel_space=True), cfg.clips_x0(pixel_space=False)) == (pixel, latent)
+
+
+def test_calib_clip_checked():
+    with pytest.raises(ValueError, match="calib clip must be one of"):
+        QuantConfig(calib_clip=True)
+
+
+@pytest.mark.parametrize("flags,clip", [([], True), (["--scheme", "reference"], False),
+                                        (["--scheme", "reference", "--calib-clip", "on"], True)])
+def test_calibration_loop_clips_as_configured(tiny_ckpt, tmp_path, monkeypatch, flags, clip):
+    """The FP calibration loops clip x0 as --calib-clip (or the scheme's default) says for this pixel-space model;
+    the preview samples as sample.py does (clipped); the checkpoint records both the setting and the outcome."""
+    seen = []
+    lockstep, single = QuantDiT.make_lockstep_sampler, QuantDiT.make_sampler
+    monkeypatch.setattr(QuantDiT, "make_lockstep_sampler",
+                        lambda *a, clip_denoised: seen.append(("calib", clip_denoised)) or
+                        lockstep(*a, clip_denoised=clip_denoised))
+    monkeypatch.setattr(QuantDiT, "make_sampler", lambda *a, clip_denoised: seen.append(("preview", clip_denoised))
+                        or single(*a, clip_denoised=clip_denoised))
+    out = tmp_path / "q"
+    code, err = call_main(QuantDiT, *TINY, "--ckpt", tiny_ckpt, "--out", out, "--alpha", "0.5", *flags)
+    assert code == 0, err
+    assert seen == [("calib", clip), ("preview", True)]
+    meta = json.loads((out / "quant_config.json").read_text())
+    assert meta["calib_clip_x0"] is clip
+    assert meta["calib_clip"] == (flags[-1] if "--calib-clip" in flags else "off" if flags else "auto")
 
 
 def test_default_out_dir_names_the_svd():
@@ -207,3 +244,6 @@ def test_default_out_dir_names_the_svd():
     assert out_dir() == os.path.join("results", "DiT-XL-2-256-W4A8-ditas")
     assert out_dir("--svd", "full") == os.path.join("results", "DiT-XL-2-256-W4A8-ditas-fullsvd")
     assert out_dir("--scheme", "reference") == os.path.join("results", "DiT-XL-2-256-W4A8-reference")
+    assert out_dir("--calib-clip", "off") == os.path.join("results", "DiT-XL-2-256-W4A8-ditas-clipoff")
+    assert out_dir("--scheme", "reference", "--calib-clip", "off") == os.path.join("results",
+                                                                                  "DiT-XL-2-256-W4A8-reference")
