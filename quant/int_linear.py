@@ -51,7 +51,10 @@ class IntLinear(nn.Module):
     or `w_vnni4` (the raw <= 4-bit codes, two per byte, ops_avx512.pack_b4) and the `f_*`
     per-column operands padded to 32-column blocks. A fused packed layer keeps `w_vnni4` instead of
     `codes_packed` (a permutation of the same nibbles: about 0.5 byte per weight in all); its
-    state_dict still holds `codes_packed`, rebuilt from `w_vnni4` when saved. `kernel` and `activation`:
+    state_dict still holds `codes_packed`, rebuilt from `w_vnni4` when saved. On the Triton kernel:
+    `t_w` int8 (out, in) = B (8-bit weights; it replaces `codes`, rebuilt when saved; 4-bit weights use
+    `codes_packed` itself), `t_c` int16, `t_cb` int32, `t_d` int32 (n_groups, out) (quant.ops_triton.Operands;
+    scales, LoRA and bias are read in place), `t_emax` its int32 bound. `kernel` and `activation`:
     see from_quantlinear. Symmetric weights are the special case zw = 2^(b-1) and are supported.
     """
 

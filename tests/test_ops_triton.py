@@ -339,3 +339,22 @@ def test_explicit_triton_kernel_that_cannot_run_names_the_alternative(monkeypatc
     with pytest.raises(ValueError, match=r"triton integer kernel unavailable: triton not importable; use kernel "
                                          r"'fused' \(x86 CPUs\) or 'torch'"):
         IntLinear.from_quantlinear(_qlinear(), "triton")
+
+
+def test_w8a8_on_triton_keeps_one_copy_of_its_codes():
+    """On Triton a W8A8 layer holds B = codes - c only (no uint8 codes beside it) and reads its scales and LoRA
+    in place; its state_dict still has the codes, which load back into a layer that computes the same."""
+    ql = _qlinear(k=128, n=40, bits=8, group=32, gran="row", rank=4, smooth=True)
+    tri = IntLinear.from_quantlinear(ql, "triton")
+    assert tri.runs == "triton" and tri.codes is None and tri.t_w.dtype == torch.int8
+    ops = tri.triton_ops
+    assert ops.scale.data_ptr() == tri.scale.data_ptr() and ops.lora_R.data_ptr() == tri.lora_R.data_ptr()
+    state = tri.state_dict()
+    assert torch.equal(state["codes"], ql.codes) and tri.codes is None
+    fresh = IntLinear.from_quantlinear(_qlinear(k=128, n=40, bits=8, group=32, gran="row", rank=4, smooth=True,
+                                                seed=5), "triton")
+    fresh.load_state_dict(state)
+    x = _x((2, 5, 128))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), tri(x))
+        assert torch.equal(fresh.t_w, tri.t_w) and fresh.codes is None
