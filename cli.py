@@ -265,8 +265,8 @@ def latent_shape(args):
 def check_common_args(args):
     if args.num_classes <= 0:
         raise UserError(f"--num-classes must be positive, got {args.num_classes}")
-    if args.num_sampling_steps <= 0 or args.num_sampling_steps > 1000:
-        raise UserError(f"--num-sampling-steps must be in 1..1000, got {args.num_sampling_steps}")
+    if not 2 <= args.num_sampling_steps <= 1000:  # one respaced step has no posterior variance to clip (upstream's too)
+        raise UserError(f"--num-sampling-steps must be in 2..1000, got {args.num_sampling_steps}")
     if not 1.0 <= args.cfg_scale < math.inf:
         raise UserError(f"--cfg-scale must be a finite number >= 1 (1 disables guidance), got {args.cfg_scale}")
 

@@ -86,8 +86,8 @@ def check_args(args):
     for flag in ("nproc", "batch_size", "threads", "num_samples", "steps"):
         if getattr(args, flag) is not None:
             check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
-    if args.steps is not None and args.steps > 1000:
-        raise UserError(f"--steps must be in 1..1000, got {args.steps}")
+    if args.steps is not None and not 2 <= args.steps <= 1000:
+        raise UserError(f"--steps must be in 2..1000, got {args.steps}")
     if args.cfg_scale is not None and not 1 <= args.cfg_scale < float("inf"):
         raise UserError(f"--cfg-scale must be a finite number >= 1, got {args.cfg_scale}")
     check_seed(args.seed)

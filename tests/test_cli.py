@@ -196,7 +196,10 @@ def test_collect_table_output_that_cannot_be_made(tmp_path, capsys):
     ("evaluator", ["ref.npz", "s.npz", "--device", "bogus"], "--device 'bogus' is not a device"),
     ("demo", ["--out", "d", "--nproc", "0"], "--nproc must be a positive integer"),
     ("demo", ["--out", "d", "--threads", "0"], "--threads must be a positive integer"),
-    ("demo", ["--out", "d", "--steps", "1001"], "--steps must be in 1..1000"),
+    ("demo", ["--out", "d", "--steps", "1001"], "--steps must be in 2..1000"),
+    ("demo", ["--out", "d", "--steps", "1"], "--steps must be in 2..1000"),
+    ("sample", [*ABS_FLAGS, "--num-sampling-steps", "1"], "--num-sampling-steps must be in 2..1000, got 1"),
+    ("QuantDiT", [*ABS_FLAGS, "--no-preview", "--num-sampling-steps", "1"], "--num-sampling-steps must be in 2..1000"),
 ])
 def test_bad_numbers_and_paths_of_the_wrong_kind_are_one_line_and_nothing_is_written(tmp_path, monkeypatch, script,
                                                                                      argv, fragment):
