@@ -628,3 +628,16 @@ def test_ctypes_prototypes_match_the_c_sources():
             assert ctype is want, (name, pname, ckind)
     # every exported entry point with parameters is declared (the *_supported probes take none)
     assert {n for n, p in c.items() if p} == set(ops_avx512.PROTOTYPES)
+
+
+def test_int32_emax_is_the_edge_of_the_int32_bound():
+    """int32_emax(bound): the largest |128 - zx| whose int32 partials fit (int32_safe), for per-channel and grouped
+    4- and 8-bit layers, and -1 / INT32_MAX at the extremes."""
+    for bits, group, wshift in ((8, None, 0.0), (8, 32, 0.0), (4, 64, 5.0), (4, None, 0.0)):
+        il = IntLinear.from_quantlinear(_qlinear(bits=bits, group=group, wshift=wshift), "torch")
+        bound = ops_torch.int32_bound(il._eager_operands(), il.group)
+        emax = ops_torch.int32_emax(bound)
+        assert emax == il.emax and 0 < emax < ops_torch.INT32_MAX
+        assert ops_torch.int32_safe(bound, emax) and not ops_torch.int32_safe(bound, emax + 1)
+    assert ops_torch.int32_emax((ops_torch.INT32_MAX, 0.0, 0.0)) == -1
+    assert ops_torch.int32_emax((1024, 0.0, 0.0)) == ops_torch.INT32_MAX
