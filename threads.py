@@ -47,21 +47,18 @@ def torchrun_procs(env=os.environ):
     return int(env.get("LOCAL_WORLD_SIZE") or env.get("WORLD_SIZE") or 1)
 
 
-def default_threads():
-    """--threads' default: torch's count where OMP_NUM_THREADS / MKL_NUM_THREADS set it, else one per process
-    under torchrun, else every core we may use."""
-    if env_threads() is not None:
-        import torch
-        return torch.get_num_threads()
-    return 1 if torchrun_procs() > 1 else available_cores()
-
-
 def planned_threads(env=os.environ):
-    """The threads a script will run by default, known before torch loads (env_threads, torchrun, cores)."""
+    """The threads a script runs by default, known before torch loads: what OMP_NUM_THREADS / MKL_NUM_THREADS set
+    (read as torch reads them, env_threads), else one per process under torchrun, else every core we may use."""
     n = env_threads(env)
     if n is not None:
         return n
     return 1 if torchrun_procs(env) > 1 else available_cores()
+
+
+def default_threads():
+    """--threads' default: planned_threads() of this process's environment."""
+    return planned_threads()
 
 
 def _cpu_ticks(cpus):
@@ -123,10 +120,9 @@ _configure_wait_policy()
 def set_threads(n=None):
     """torch's intra-op threads: n, or default_threads(); returns the number set."""
     import torch
-    n = default_threads() if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        from quant.errors import UserError
-        raise UserError(f"--threads must be a positive integer, got {n!r}")
+
+    from cli import check_positive
+    n = check_positive(default_threads() if n is None else n, "--threads")
     torch.set_num_threads(n)
     return n
 
