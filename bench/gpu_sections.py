@@ -14,6 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench.inference import model_bytes
 from bench.kernel_probe import int_mm_layouts
 from bench.scale import CALIB_ROWS, meta_model, project, random_model
 from bundled.digits import BUNDLED_FLAGS
@@ -66,18 +67,6 @@ def peak_bytes(fn, device):
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before, torch.cuda.max_memory_allocated()
-
-
-def held_bytes(modules):
-    """Bytes of every tensor the modules keep (parameters, buffers, a Triton layer's operands), each storage once."""
-    seen = {}
-    for mod in modules:
-        ops = getattr(mod, "triton_ops", None)
-        fields = () if ops is None else [getattr(ops, f) for f in getattr(ops, "__dataclass_fields__", vars(ops))]
-        tensors = [*mod.parameters(), *mod.buffers(), *(v for v in fields if isinstance(v, torch.Tensor))]
-        for t in tensors:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
 
 
 def first_line(text, last=False):
@@ -238,8 +227,8 @@ def section_e2e(ctx):
         for bits in (8, 4):
             models[f"int W{bits}A8"] = int_model(fp, bits, prof.group, calib)
     del fp
-    weights = {v: (held_bytes(m.modules()), held_bytes([mod for lin in quantizable_layers(m).values()
-                                                          for mod in lin.modules()])) for v, m in models.items()}
+    weights = {v: (model_bytes(m), model_bytes(torch.nn.ModuleList(quantizable_layers(m).values())))
+               for v, m in models.items()}
     rows, data = [], []
     for batch in prof.batches:
         x = torch.randn(batch, 4, latent, latent, generator=g).to(dev, torch.bfloat16)

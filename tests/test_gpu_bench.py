@@ -63,13 +63,14 @@ def test_failing_overrunning_and_unaffordable_sections_are_reported():
     assert skipped["e2e"]["status"] == "skipped" and "time guard" in skipped["e2e"]["error"]
 
 
-def test_held_bytes_counts_each_storage_once():
-    from bench.gpu_sections import held_bytes
+def test_weight_bytes_count_each_storage_once():
+    """gpu.py's weight memory (bench/inference.py's model_bytes): operands held beside the layer's own tensors."""
+    from bench.inference import model_bytes
     lin = torch.nn.Linear(4, 3)
-    assert held_bytes([lin]) == (12 + 3) * 4
+    assert model_bytes(torch.nn.ModuleList([lin])) == (12 + 3) * 4
     lin.triton_ops = types.SimpleNamespace(w=torch.zeros(10, dtype=torch.int8), same=lin.weight, bound=(1, 2))
     lin.register_buffer("view", lin.bias[:2], persistent=False)  # a view of a parameter: no new bytes
-    assert held_bytes([lin, lin]) == (12 + 3) * 4 + 10
+    assert model_bytes(torch.nn.ModuleList([lin, lin])) == (12 + 3) * 4 + 10
 
 
 def test_int_mm_layouts_compute_the_same_product():
