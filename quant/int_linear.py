@@ -54,7 +54,8 @@ class IntLinear(nn.Module):
     state_dict still holds `codes_packed`, rebuilt from `w_vnni4` when saved. On the Triton kernel:
     `t_w` int8 (out, in) = B (8-bit weights; it replaces `codes`, rebuilt when saved; 4-bit weights use
     `codes_packed` itself), `t_c` int16, `t_cb` int32, `t_d` int32 (n_groups, out) (quant.ops_triton.Operands;
-    scales, LoRA and bias are read in place), `t_emax` its int32 bound. `kernel` and `activation`:
+    scales, LoRA and bias are read in place). `emax`: the largest |128 - zx| whose int32 corrections cannot
+    overflow (ops_torch.int32_emax), on every kernel. `kernel` and `activation`:
     see from_quantlinear. Symmetric weights are the special case zw = 2^(b-1) and are supported.
     """
 
@@ -114,14 +115,13 @@ class IntLinear(nn.Module):
         stored = self._stored_name()  # the stored form, unless a kernel's operand holds it (below)
         if self._buffers[stored] is None:
             self._buffers[stored] = pack_int4(codes) if self.packed else codes
-        self.t_emax = None
         if self._triton_chosen(self.scale.device):
             from quant import ops_triton
             self.fused = False
             ops = ops_triton.prepare_layer(self)  # 4-bit: reads the packed codes and keeps them as they are
             for name in TRITON_OPERANDS:
                 self.register_buffer(name, getattr(ops, name[2:]), persistent=False)
-            self.t_emax = ops.emax
+            self.emax = ops.emax
             if self.packed:
                 self._buffers["t_w"] = None  # the operand is codes_packed itself
             else:
@@ -131,7 +131,7 @@ class IntLinear(nn.Module):
         ops = ops_torch.operands(codes, self.weight_cfg.bits, self.scale, self.zero, self.lora_L, self.lora_R,
                                  weight=not (self.fused and self.packed))
         self.use_sa = bool((ops["d_t"] != 0).any())
-        self.emax = ops_torch.int32_emax(ops_torch.int32_bound(ops, self.group))  # the torch path's int32 bound
+        self.emax = ops_torch.int32_emax(ops_torch.int32_bound(ops, self.group))
         if not self.fused:
             for name in ops_torch.OPERANDS:
                 self.register_buffer(name, ops[name], persistent=False)
@@ -145,14 +145,14 @@ class IntLinear(nn.Module):
     @property
     def triton_ops(self):
         """quant.ops_triton.Operands over this layer's buffers (None unless it runs on the Triton kernel)."""
-        if self.t_emax is None:
+        if self.t_cb is None:
             return None
         from quant import ops_triton
         rank = self.lora_R.shape[0]
         return ops_triton.Operands(self.weight_cfg.bits, self.in_features, self.group,
                                    self.codes_packed if self.packed else self.t_w, self.t_c, self.t_cb, self.t_d,
                                    self.scale, self.lora_L if rank else None, self.lora_R if rank else None,
-                                   self.bias, self.t_emax)
+                                   self.bias, self.emax)
 
     def _stored_name(self):
         return "codes_packed" if self.packed else "codes"
@@ -176,7 +176,7 @@ class IntLinear(nn.Module):
     @property
     def runs(self):
         """The kernel this layer runs: triton, fused or torch."""
-        return "triton" if self.t_emax is not None else "fused" if self.fused else "torch"
+        return "triton" if self.t_cb is not None else "fused" if self.fused else "torch"
 
     def _eager_operands(self):
         """The torch path's operands: kept by a torch-kernel layer, rebuilt by a fused one."""

@@ -221,7 +221,7 @@ def _pow2(n, lo=16):
 
 
 # ---------------------------------------------------------------------------
-# Launch configurations: a fixed table by shape (docs/METHOD.md §14)
+# Launch configurations: a fixed table by shape (docs/METHOD.md §13, the integer kernels on CUDA)
 # ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
