@@ -44,9 +44,7 @@ def smoothing_factors(act_absmax, w_absmax, alpha, scheme="ditas"):
     a_j = 0 gives 0^alpha = 0 (1 at alpha = 0) and hence s_j = 1e-4.
     """
     floors = FLOORS[scheme]
-    a = act_absmax.float()
-    if floors.act > 0:
-        a = a.clamp(min=floors.act)
+    a = act_absmax.float().clamp(min=floors.act)  # (ditas' floor 0 leaves a maximum as it is)
     w = w_absmax.float().clamp(min=floors.weight)
     alpha = torch.as_tensor(alpha, dtype=torch.float32, device=a.device)
     if alpha.dim() == 1:
