@@ -3,7 +3,7 @@
     python QuantDiT.py --image-size 256 --seed 1 --model DiT-XL/2 --act-bit 8 --weight-bit 4 \
         --num-sampling-steps 100
 
-writes a self-contained checkpoint directory (see quant/checkpoint.py) that
+writes a self-contained checkpoint directory (see quant/io/checkpoint.py) that
 sample_merge_TAS.py and sample.py load without the FP checkpoint. Scales, LoRA factors and the
 untouched FP tensors are stored in fp16 (--storage-dtype fp32 for exactness studies); the
 quantized model is rounded to what is stored before the preview, so samples.png shows exactly
@@ -16,21 +16,21 @@ import sys
 import time
 from dataclasses import fields
 
-import threads  # before torch: sets OpenMP's wait policy, read when torch loads
+from ditas import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 
-from cli import (ArgumentParser, UserError, add_device_arg, add_model_args, add_tf32_arg, check_common_args,
+from ditas.cli import (ArgumentParser, UserError, add_device_arg, add_model_args, add_tf32_arg, check_common_args,
                  check_positive, check_seed, check_writable, latent_shape, pick_device, run, set_tf32)
 from config import DEFAULTS, calib_labels
-from pipeline import (build_model, close_distributed, decode, init_distributed, load_vae, make_lockstep_sampler,
+from ditas.pipeline import (build_model, close_distributed, decode, init_distributed, load_vae,
                       make_sampler, sample_inputs, save_grid)
-from quant.budget import GIB
-from quant.calibrate import plan_calibration, quantize_dit
-from quant.config import CALIB_CLIPS, DEFAULT_SHORTLIST, SCHEME_DEFAULT, SEARCHES, QuantConfig, field_default
-from quant.checkpoint import is_quantized_checkpoint, save_quantized
-from quant.feed import ChunkedLoop, LoopShape
-from quant.ranks import Ranks
-from quant.storage import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES, round_for_storage
+from quant.calibration.budget import GIB
+from quant.calibration.driver import plan_calibration, quantize_dit
+from quant.quant_config import CALIB_CLIPS, DEFAULT_SHORTLIST, SCHEME_DEFAULT, SEARCHES, QuantConfig, field_default
+from quant.io.checkpoint import is_quantized_checkpoint, save_quantized
+from quant.calibration.loop import fp_calibration_loop
+from quant.calibration.ranks import Ranks
+from quant.io.storage import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES, round_for_storage
 
 
 def quant_config_from_args(args):
@@ -127,26 +127,19 @@ def _main(args):
     # Load the FP model
     model = build_model(args)
     budget = round(args.calib_memory_gb * GIB)
-    size = len(labels) // args.calib_chunks
-    # what each chunk of the FP loop feeds a layer per step (guidance doubles the rows): the budget's ranges
-    loop_shape = LoopShape(args.num_sampling_steps, size * (2 if args.calib_cfg_scale > 1 else 1),
-                           model.x_embedder.num_patches)
+    clip = args.vae == "none"  # the preview samples as sample.py does; the calibration loops as --calib-clip says
+    calib_clip = cfg.clips_x0(pixel_space=clip)
+    # the same fixed noise batch every pass (each sample's own streams): the FP trajectory is identical each time
+    loop = fp_calibration_loop(model, labels, seed=args.seed, steps=args.num_sampling_steps,
+                               cfg_scale=args.calib_cfg_scale, clip_denoised=calib_clip,
+                               chunks=args.calib_chunks, progress=lead)
     try:  # the layers, the ranks and the memory budget fit, before any FP loop
-        plan_calibration(model, cfg, budget, ranks, device.type, chunks=args.calib_chunks, loop_shape=loop_shape)
+        plan_calibration(model, cfg, budget, ranks, device.type, chunks=args.calib_chunks, loop_shape=loop.shape)
     except ValueError as e:
         raise UserError(str(e)) from None
     model = model.to(device)
     torch.manual_seed(args.seed)
     shape = (model.in_channels, model.x_embedder.img_size, model.x_embedder.img_size)
-    clip = args.vae == "none"  # the preview samples as sample.py does; the calibration loops as --calib-clip says
-    calib_clip = cfg.clips_x0(pixel_space=clip)
-    calib = make_lockstep_sampler(model, args.num_sampling_steps, args.calib_cfg_scale, clip_denoised=calib_clip)
-
-    def calibration_loop(chunks):
-        # the same fixed noise batch every pass (each sample's own streams): the FP trajectory is identical each time
-        batches = [sample_inputs(args.seed, range(c * size, (c + 1) * size), args.num_classes, shape,
-                                 labels[c * size:(c + 1) * size]) for c in chunks]
-        calib([(z, y, gens) for gens, y, z in batches], progress="FP sampling loop (calibration)" if lead else False)
 
     if lead:
         print(f"calibrating {args.model} ({len(labels)} labels, cfg {args.calib_cfg_scale}, "
@@ -162,7 +155,7 @@ def _main(args):
         gens, y, z = sample_inputs(args.seed, range(len(args.preview_labels)), args.num_classes, shape,
                                    args.preview_labels)
         preview = [decode(vae, sampler(z, y, gens, progress="preview: FP model"))]
-    report = quantize_dit(model, cfg, ChunkedLoop(calibration_loop, args.calib_chunks, loop_shape), progress=lead,
+    report = quantize_dit(model, cfg, loop, progress=lead,
                           memory_budget=budget, ranks=ranks)
     if not lead:
         return None
@@ -197,7 +190,7 @@ def _main(args):
 
 
 def add_quant_args(parser):
-    """The QuantConfig flags; defaults (and their help) come from quant/config.py."""
+    """The QuantConfig flags; defaults (and their help) come from quant/quant_config.py."""
     q = field_default
     parser.add_argument("--weight-bit", type=int, default=q("weight_bit"), help="weight bits, 2..8")
     parser.add_argument("--act-bit", type=int, default=q("act_bit"), help="activation bits, 2..8")
@@ -222,7 +215,7 @@ def add_quant_args(parser):
     parser.add_argument("--svd", choices=("full", "lowrank", "subspace"), default=None,
                         help=f"truncated SVD of the LoRA fit: full (LAPACK), lowrank (randomized, fresh every "
                              f"iteration) or subspace (warm-started through the alternating loop and from the "
-                             f"neighbouring alpha; quant/lora.py) (default: {q('svd', 'ditas')} for ditas, "
+                             f"neighbouring alpha; quant/method/lora.py) (default: {q('svd', 'ditas')} for ditas, "
                              f"{q('svd', 'reference')} for reference, the released code's)")
     parser.add_argument("--search-steps", type=int, default=None,
                         help=f"search loss over the first N calibration steps only (default: all for ditas, "
@@ -231,7 +224,7 @@ def add_quant_args(parser):
                         help=f"alpha search loss: exact (a second FP loop scores every candidate, the paper), "
                              f"shortlist (every candidate ranked by the approximate loss of pass 1, the "
                              f"--search-shortlist best scored exactly by the second loop) or approx (predicted "
-                             f"from pass 1 alone; quant/approx_search.py) (default: {q('search', 'ditas')} for "
+                             f"from pass 1 alone; quant/search/approx.py) (default: {q('search', 'ditas')} for "
                              f"ditas, {q('search', 'reference')} for reference; exact with one alpha)")
     parser.add_argument("--search-shortlist", type=int, default=None, metavar="K",
                         help=f"--search shortlist: candidates per layer scored exactly (default "
@@ -264,7 +257,7 @@ def build_parser():
                         help="dtype of scales, LoRA factors and the FP tensors in the checkpoint "
                              "(fp32 for exactness studies)")
     parser.add_argument("--calib-memory-gb", type=float, default=d.calib_memory_gb, metavar="GIB",
-                        help="search state one process may hold, in GiB (quant/budget.py); layers beyond it are "
+                        help="search state one process may hold, in GiB (quant/calibration/budget.py); layers beyond it are "
                              "calibrated in groups, each over its own FP sampling loop (same result, more loops). "
                              "The FP model and the sampling activations come on top")
     parser.add_argument("--calib-chunks", type=int, default=d.calib_chunks, metavar="N",

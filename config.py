@@ -1,7 +1,7 @@
 """QuantDiT.py's model and calibration defaults, as one dataclass. The command line wins: every field is a flag.
 
 The released code read its bit widths from here and ignored the CLI. Here the quantization
-defaults (bits, scheme, group size, alpha grid, LoRA, search) live in quant/config.py's
+defaults (bits, scheme, group size, alpha grid, LoRA, search) live in quant/quant_config.py's
 QuantConfig, the one source for Python and the command line alike; this file holds the rest.
 """
 from dataclasses import dataclass
@@ -21,10 +21,10 @@ class Defaults:
     # calibration: DDPM, respaced to num_sampling_steps, CFG 1.5 on a fixed noise batch
     num_sampling_steps: int = 100
     calib_cfg_scale: float = 1.5
-    # the alpha search's state per process, GiB (quant/budget.py): DiT-XL/2's ditas search holds about
+    # the alpha search's state per process, GiB (quant/calibration/budget.py): DiT-XL/2's ditas search holds about
     # 6.5 GiB in one group, so 8 fits it next to the FP model and 512x512 activations on a 24 GB GPU
     calib_memory_gb: float = 8.0
-    # the FP calibration loop's batch in equal chunks, run in turn at each step (quant/feed.py); under
+    # the FP calibration loop's batch in equal chunks, run in turn at each step (quant/calibration/feed.py); under
     # torchrun a multiple of the processes divides the FP loops among them (CPU); 1: the whole batch
     calib_chunks: int = 1
     # preview

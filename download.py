@@ -8,7 +8,7 @@ import os
 import torch
 
 from quant.errors import UserError
-from quant.files import atomic_path
+from quant.io.files import atomic_path
 
 PRETRAINED_MODELS = {"DiT-XL-2-512x512.pt", "DiT-XL-2-256x256.pt"}
 PRETRAINED_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
@@ -41,7 +41,7 @@ def find_model(model_name):
     if model_name in PRETRAINED_MODELS:
         return _load_file(download_model(model_name))
     if os.path.isdir(model_name):
-        from quant.checkpoint import is_quantized_checkpoint
+        from quant.io.checkpoint import is_quantized_checkpoint
         if is_quantized_checkpoint(model_name):
             raise UserError(f"--ckpt {model_name} is a quantized checkpoint directory (QuantDiT.py's output), not an "
                             f"FP DiT checkpoint: sample it with sample.py or sample_merge_TAS.py --path {model_name}")

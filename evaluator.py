@@ -19,14 +19,14 @@ import sys
 import zipfile
 
 import numpy as np
-import threads  # before torch: sets OpenMP's wait policy, read when torch loads
+from ditas import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 from tqdm import tqdm
 
-from cli import ArgumentParser, UserError, check_positive, check_writable, run
+from ditas.cli import ArgumentParser, UserError, check_positive, check_writable, run
 from bundled.classifier import DEFAULT_PATH as DIGITS_CLASSIFIER_PATH, load_classifier, uint8_to_input
 from metrics import PR_DTYPES, compute_statistics, frechet_distance, inception_score_from_logits, precision_recall
-from quant import files
+from quant.io import files
 
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                          "weights-inception-2015-12-05-6726825d.pth")
@@ -174,7 +174,7 @@ def evaluate(ref_images, sample_images, extractor, batch_size=100, progress=True
 
 
 def write_json(path, obj):
-    """The metrics as JSON, written atomically (quant/files.py)."""
+    """The metrics as JSON, written atomically (quant/io/files.py)."""
     files.write_json(path, obj, indent=2, end="\n")
 
 

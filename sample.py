@@ -3,15 +3,15 @@
 Full precision from --ckpt, or a quantized checkpoint directory from --path (folded, on the
 fake or integer backend).
 """
-import threads  # before torch: sets OpenMP's wait policy, read when torch loads
+from ditas import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 
-from cli import (ArgumentParser, UserError, add_backend_args, add_device_arg, add_dtype_arg, add_model_args,
+from ditas.cli import (ArgumentParser, UserError, add_backend_args, add_device_arg, add_dtype_arg, add_model_args,
                  add_tf32_arg, check_backend_args, check_common_args, check_positive, check_seed, check_writable,
                  pick_device, resolve_model_args, run)
-from pipeline import build_model, decode, load_vae, make_sampler, sample_inputs, sampling_model, save_grid
-from quant.fold import fold_smoothing
-from quant.inference import load_checkpoint
+from ditas.pipeline import build_model, decode, load_vae, make_sampler, sample_inputs, sampling_model, save_grid
+from quant.method.fold import fold_smoothing
+from quant.nn.inference import load_checkpoint
 
 # upstream sample.py's defaults for the flags a quantized checkpoint may supply instead
 MODEL_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "vae": "mse"}

@@ -6,8 +6,8 @@
         --num-sampling-steps 50
 
 Without --path the full-precision model (--ckpt) is sampled; with --path a quantized checkpoint
-directory is loaded (quant.checkpoint.load_quantized) and its smoothing factors are folded
-(quant.fold.fold_smoothing) before sampling.
+directory is loaded (quant.io.checkpoint.load_quantized) and its smoothing factors are folded
+(quant.method.fold.fold_smoothing) before sampling.
 
 Determinism. Sample i's label, x_T and every step's noise come from a generator seeded by
 (--global-seed, i) (pipeline.sample_inputs). The N samples are cut into shards of
@@ -16,7 +16,7 @@ goes to rank k % world_size. A shard's content therefore does not depend on the 
 the .npz is byte-identical for any number of processes at the same --per-proc-batch-size (on the
 same hardware and thread settings).
 
-Files, in --sample-dir (shards.py): <name>.npz (arr_0: uint8 (N, H, W, 3), ADM's pixel conversion
+Files, in --sample-dir (ditas/shards.py): <name>.npz (arr_0: uint8 (N, H, W, 3), ADM's pixel conversion
 pipeline.to_uint8); <name>.shards/ while sampling; <name>/*.png with --save-png. Every file is written
 atomically, so a killed run leaves only complete shards; rerunning the same command samples only the
 missing (or unreadable) ones, and a completed run is a no-op that reports the .npz path. Shards made
@@ -28,19 +28,19 @@ import json
 import os
 import sys
 
-import threads  # before torch: sets OpenMP's wait policy, read when torch loads
+from ditas import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 from tqdm import tqdm
 
-from cli import (ArgumentParser, UserError, add_backend_args, add_device_arg, add_dtype_arg, add_model_args,
+from ditas.cli import (ArgumentParser, UserError, add_backend_args, add_device_arg, add_dtype_arg, add_model_args,
                  add_tf32_arg, check_backend_args, check_common_args, check_seed, check_writable, latent_shape,
                  pick_device, resolve_model_args, run)
-from pipeline import (barrier, build_model, close_distributed, decode, init_distributed, load_vae, make_sampler, rank,
+from ditas.pipeline import (barrier, build_model, close_distributed, decode, init_distributed, load_vae, make_sampler, rank,
                       sample_inputs, sampling_model, to_uint8, world_size)
-from quant import fold
-from quant.inference import load_checkpoint
-from quant.int_linear import IntLinear
-from shards import ShardStore, npz_chunks, npz_shape
+from quant.method import fold
+from quant.nn.inference import load_checkpoint
+from quant.nn.int_linear import IntLinear
+from ditas.shards import ShardStore, npz_chunks, npz_shape
 
 # upstream sample_ddp.py's defaults for the flags a quantized checkpoint may supply instead
 MODEL_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "vae": "ema"}

@@ -28,20 +28,20 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from study import ROOT, mean_psnr  # noqa: E402  (puts the repository root on sys.path; imports threads first)
 import numpy as np  # noqa: E402
-import threads  # noqa: E402
+from ditas import threads  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import QuantDiT  # noqa: E402
 from bundled.digits import BUNDLED_FLAGS, NUM_CLASSES  # noqa: E402
 from config import calib_labels  # noqa: E402
-from pipeline import build_model, make_sampler, sample_inputs, to_uint8  # noqa: E402
-from quant.calibrate import ExactScoring, collect_tas, prepare_candidates  # noqa: E402
-from quant.config import QuantConfig  # noqa: E402
-from quant.feed import run_hooked  # noqa: E402
-from quant.layers import quantizable_layers  # noqa: E402
-from quant.qlinear import QuantLinear  # noqa: E402
-from quant.search import AlphaSearch, select_alpha  # noqa: E402
-from quant.storage import round_for_storage  # noqa: E402
+from ditas.pipeline import build_model, make_sampler, sample_inputs, to_uint8  # noqa: E402
+from quant.calibration.driver import ExactScoring, collect_tas, prepare_candidates  # noqa: E402
+from quant.quant_config import QuantConfig  # noqa: E402
+from quant.calibration.feed import run_hooked  # noqa: E402
+from quant.method.layers import quantizable_layers  # noqa: E402
+from quant.nn.qlinear import QuantLinear  # noqa: E402
+from quant.search.candidates import AlphaSearch, select_alpha  # noqa: E402
+from quant.io.storage import round_for_storage  # noqa: E402
 
 SHAPE = (3, 16, 16)
 CFG = QuantConfig(weight_bit=4, act_bit=8, lora_rank=0)  # ditas, searched alpha, no LoRA

@@ -1,4 +1,4 @@
-"""The one-pass approximate alpha search (quant/approx_search.py) against the exact search.
+"""The one-pass approximate alpha search (quant/search/approx.py) against the exact search.
 
     python bench/approx_search.py [--steps 10 --bits W4A8 W8A8 --num-samples 100 --seeds 0 1 2]
         [--schemes ditas reference] [--variants default token] [--retime]
@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import study  # noqa: E402  (puts the repository root on sys.path)
-import threads  # noqa: E402
+from ditas import threads  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

@@ -7,7 +7,7 @@ Each run is `QuantDiT.py` on the bundled DiT-T/2 (W8A8, no preview) in a subproc
 the child's user + system time (getrusage). "Busy" starts N pure-Python spin loops (one core each)
 half a second before the run and keeps them for its duration. Three settings:
 
-* default: no OMP_WAIT_POLICY, so threads.py chooses from the load at start (PASSIVE when the idle
+* default: no OMP_WAIT_POLICY, so ditas/threads.py chooses from the load at start (PASSIVE when the idle
   cores are fewer than the threads, else libgomp's spin-then-sleep); as many threads as the
   affinity mask allows. The "wait" columns show what it chose;
 * passive: OMP_WAIT_POLICY=PASSIVE at every load (waiting threads sleep at once);

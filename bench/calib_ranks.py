@@ -9,7 +9,7 @@ taken in turn in every repeat so that load changes hit them alike:
 
     1 process                    the default, one chunk: the baseline of the target
     N processes, chunks N        --calib-chunks N: each rank runs one chunk of the FP loops and observes
-                                 every layer (quant/feed.py)
+                                 every layer (quant/calibration/feed.py)
     1 process, chunks N          the same results as the line above (byte-identical checkpoints)
     N processes                  one chunk: every rank runs the whole FP loops (its layers observed)
 

@@ -7,7 +7,7 @@
 Both run on the same model, sampler, steps, seed, labels and QuantConfig (reference scheme by
 default), each in its own subprocess (so peak memory is its own), single-threaded:
 
-* ours: quant.calibrate.quantize_dit -- one FP sampling loop for the TAS statistics, one
+* ours: quant.calibration.driver.quantize_dit -- one FP sampling loop for the TAS statistics, one
   more in which every layer's AlphaSearch scores all candidates on each step's input as it
   streams by (plus the round-to-nearest baseline search of the report); with the candidate
   products in float32 (`ours-fp32`) and in bfloat16 (`ours-bf16`, QuantConfig.search_dtype), and
@@ -39,16 +39,16 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
+from ditas import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
 import torch  # noqa: E402
 from config import calib_labels  # noqa: E402
 from models import DiT_models  # noqa: E402
-from pipeline import make_sampler, sample_inputs  # noqa: E402
-from quant.calibrate import collect_tas, quantize_dit  # noqa: E402
-from quant.config import QuantConfig, field_default  # noqa: E402
-from quant.layers import quantizable_layers  # noqa: E402
-from quant.qlinear import QuantLinear  # noqa: E402
-from quant.search import AlphaSearch  # noqa: E402
+from ditas.pipeline import make_sampler, sample_inputs  # noqa: E402
+from quant.calibration.driver import collect_tas, quantize_dit  # noqa: E402
+from quant.quant_config import QuantConfig, field_default  # noqa: E402
+from quant.method.layers import quantizable_layers  # noqa: E402
+from quant.nn.qlinear import QuantLinear  # noqa: E402
+from quant.search.candidates import AlphaSearch  # noqa: E402
 from bench.common import cpu_name, write_report  # noqa: E402
 
 BUNDLED = os.path.join(ROOT, "assets", "dit_t2_digits16.safetensors")
@@ -71,7 +71,7 @@ def build_model(args):
 
 # our methods: (search dtype, search row stride)
 def quant_config(args, search_dtype="fp32", row_stride=1, scheme=None):
-    """QuantDiT's config for the bench's flags (the scheme's defaults from quant/config.py)."""
+    """QuantDiT's config for the bench's flags (the scheme's defaults from quant/quant_config.py)."""
     return QuantConfig(scheme=scheme or args.scheme, weight_bit=args.weight_bit, act_bit=args.act_bit,
                        group_size=args.group_size, lora_rank=args.lora_rank, lora_iters=args.lora_iters,
                        search_dtype=search_dtype, search_row_stride=row_stride)

@@ -11,7 +11,7 @@ A. Quality. quantize_dit(model, QuantConfig(), loop) (ditas defaults: 21 alphas,
    (same noise, labels, steps, cfg 1.5), for the bundled DiT-T/2 (16x16x3, 10 classes, pixel space)
    and DiT-S/2 shapes with random weights (8x8x4 latent, 16 tokens, 1000 classes, the released 16
    labels). Per layer: the chosen alpha, the output error and the weight error after LoRA.
-B. Cost at DiT-XL/2 shapes: quant.search.Candidates for the four linears of one block (random
+B. Cost at DiT-XL/2 shapes: quant.search.candidates.Candidates for the four linears of one block (random
    weights with outlier input columns, a random TAS statistic with outlier channels) for the
    ditas defaults, the reference scheme (one full-SVD fit) and the exhaustive ditas fits (proj only).
 C. From A and B: how many of the default fits' best alphas a full-SVD refit would need to hold the
@@ -28,17 +28,18 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import cli  # noqa: E402
-import threads  # noqa: E402  (before torch: OpenMP's wait policy)
+from ditas import cli  # noqa: E402
+from ditas import threads  # noqa: E402  (before torch: OpenMP's wait policy)
 import torch  # noqa: E402
 from bench.common import cpu_name, write_report  # noqa: E402
 from bundled.digits import BUNDLED_CKPT  # noqa: E402
 from config import calib_labels  # noqa: E402
 from models import DiT_models  # noqa: E402
-from pipeline import make_sampler, sample_inputs  # noqa: E402
-from quant.calibrate import quantize_dit  # noqa: E402
-from quant.config import QuantConfig  # noqa: E402
-from quant.search import Candidates, alpha_grid  # noqa: E402
+from ditas.pipeline import make_sampler, sample_inputs  # noqa: E402
+from quant.calibration.driver import quantize_dit  # noqa: E402
+from quant.quant_config import QuantConfig  # noqa: E402
+from quant.search.candidates import Candidates  # noqa: E402
+from quant.quant_config import alpha_grid  # noqa: E402
 
 XL_SHAPES = {"qkv": (3456, 1152), "proj": (1152, 1152), "fc1": (4608, 1152), "fc2": (1152, 4608)}
 SEED = 1  # the calibration noise (QuantDiT's --seed)

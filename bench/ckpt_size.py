@@ -2,9 +2,9 @@
 
     python bench/ckpt_size.py [--model DiT-XL/2 --image-size 256] [--skip-measured]
 
-Sizes for the large model come from `quant.checkpoint.storage_plan`, the function that decides
+Sizes for the large model come from `quant.io.checkpoint.storage_plan`, the function that decides
 what `save_quantized` writes, applied to the quantized model built on the meta device
-(`quant.checkpoint.skeleton`): no weights are materialized. The formula is then checked against
+(`quant.io.checkpoint.skeleton`): no weights are materialized. The formula is then checked against
 real files: a small model (the bundled DiT-T/2 digits model if present, else random DiT-T/2
 weights) is calibrated and saved with the same settings, and every file's size is compared
 with the formula (payload bytes) plus safetensors' header (8-byte length + JSON).
@@ -22,14 +22,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
+from ditas import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
 import torch  # noqa: E402
 from models import DiT_models  # noqa: E402
-from quant.calibrate import quantize_dit  # noqa: E402
-from quant.config import QuantConfig  # noqa: E402
+from quant.calibration.driver import quantize_dit  # noqa: E402
+from quant.quant_config import QuantConfig  # noqa: E402
 from bench.common import write_report  # noqa: E402
-from quant.checkpoint import load_quantized, planned_layers, save_quantized, skeleton  # noqa: E402
-from quant.storage import plan_bytes, round_for_storage, storage_plan  # noqa: E402
+from quant.io.checkpoint import load_quantized, planned_layers, save_quantized, skeleton  # noqa: E402
+from quant.io.storage import plan_bytes, round_for_storage, storage_plan  # noqa: E402
 
 BUNDLED = os.path.join(ROOT, "assets", "dit_t2_digits16.safetensors")
 MB = 1e6
@@ -130,7 +130,7 @@ def measured_table(steps, out_root):
             for name, p in base.named_parameters():
                 if name != "pos_embed":
                     p.normal_(0, 0.05)
-    from pipeline import make_sampler, sample_inputs
+    from ditas.pipeline import make_sampler, sample_inputs
 
     def loop_for(model):
         sampler = make_sampler(model, steps, 1.5, clip_denoised=True)
@@ -201,7 +201,7 @@ def main():
     w4 = f"W4A8 ditas g{args.group_size} r{args.lora_rank}"
     doc = ["# Checkpoint size", "",
            "`python bench/ckpt_size.py` (" + f"torch {torch.__version__}, {platform.machine()}). "
-           "Bytes are tensor payload; MB = 10^6 bytes. Layout (quant/checkpoint.py): 4-bit codes two per byte, "
+           "Bytes are tensor payload; MB = 10^6 bytes. Layout (quant/io/checkpoint.py): 4-bit codes two per byte, "
            "8-bit codes uint8, scales / LoRA / smoothing / bias / FP tensors fp16 (`--storage-dtype fp32`: fp32), "
            "zero points int16. Quantized: the 4 linears of every block (qkv, proj, fc1, fc2); "
            "`+ adaLN W8` also every block's adaLN linear (weight-only 8-bit, per output channel, "

@@ -15,7 +15,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import cli  # noqa: E402
+from ditas import cli  # noqa: E402
 from quant.errors import UserError  # noqa: E402
 
 

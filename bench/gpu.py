@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
+from ditas import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
 import torch  # noqa: E402
-import cli  # noqa: E402
+from ditas import cli  # noqa: E402
 from bench.common import cpu_name, write_report  # noqa: E402
 from bench.gpu_sections import SECTIONS as FUNCTIONS, first_line  # noqa: E402
 from quant.errors import UserError  # noqa: E402
@@ -147,7 +147,7 @@ def environment(prof, args):
 
 def main(args):
     if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # read when quant.ops_triton imports triton (not yet imported)
+        os.environ["TRITON_INTERPRET"] = "1"  # read when quant.kernels.ops_triton imports triton (not yet imported)
     elif not torch.cuda.is_available():
         raise UserError("no CUDA device: bench/gpu.py runs on a GPU (--dry-run runs it on CPU with tiny shapes)")
     names = [s.strip() for s in args.sections.split(",") if s.strip()]

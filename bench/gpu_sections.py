@@ -19,13 +19,13 @@ from bench.kernel_probe import int_mm_layouts
 from bench.scale import CALIB_ROWS, meta_model, project, random_model
 from bundled.digits import BUNDLED_FLAGS
 from config import DEFAULTS
-from quant.calibrate import quantize_dit
-from quant.config import QuantConfig
-from quant.fold import fold_smoothing
-from quant.layers import BLOCK_LAYERS, quantizable_layers
-from quant.ops_torch import batch_of
-from quant.qlinear import QuantLinear
-from quant.quantizer import ActQuantConfig, WeightQuantConfig, pack_int4, quantize_act, quantize_weight
+from quant.calibration.driver import quantize_dit
+from quant.quant_config import QuantConfig
+from quant.method.fold import fold_smoothing
+from quant.method.layers import BLOCK_LAYERS, quantizable_layers
+from quant.kernels.ops_torch import batch_of
+from quant.nn.qlinear import QuantLinear
+from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, pack_int4, quantize_act, quantize_weight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 1e6
@@ -130,8 +130,8 @@ def run_logged(cmd, log, env=None):
 # ---------------------------------------------------------------- the sections
 
 def section_check(ctx):
-    from quant import ops_triton as ot
-    from quant.int_linear import IntLinear
+    from quant.kernels import ops_triton as ot
+    from quant.nn.int_linear import IntLinear
     prof, rows = ctx.prof, []
     for bits in (8, 4):
         for i, (name, (n, k)) in enumerate(layer_shapes(prof).items()):
@@ -158,7 +158,7 @@ def section_check(ctx):
 
 def random_operands(n, k, bits, group, device, seed, rank=32):
     """Triton weight operands of random codes, scales, zero points, LoRA and bias."""
-    from quant import ops_triton as ot
+    from quant.kernels import ops_triton as ot
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2 ** bits, (n, k), generator=g).to(torch.uint8)
     zero = torch.randint(0, 2 ** bits, (n, k // group), generator=g).float()
@@ -170,7 +170,7 @@ def random_operands(n, k, bits, group, device, seed, rank=32):
 
 
 def section_gemm(ctx):
-    from quant import ops_triton as ot
+    from quant.kernels import ops_triton as ot
     prof, m, rows, data = ctx.prof, ctx.prof.gemm_rows, [], {}
     bf = torch.bfloat16
     for i, (name, (n, k)) in enumerate(layer_shapes(prof).items()):
@@ -202,7 +202,7 @@ def section_gemm(ctx):
                       "torch._int_mm: the int8 product alone, B as a row-major (K, N) tensor or as the transpose of "
                       "a contiguous (N, K) one (column-major, the weight's layout); both give equal products "
                       f"(checked). Triton: group {prof.group}, LoRA rank 32, bias, fc1's GELU epilogue, bf16 out, "
-                      "the launch configuration quant/ops_triton.py picks; GEMM = gemm() on prepared codes, linear "
+                      "the launch configuration quant/kernels/ops_triton.py picks; GEMM = gemm() on prepared codes, linear "
                       f"= quantize_act() + gemm(). Median of {prof.reps} after a warm-up call."]}
 
 
@@ -212,7 +212,7 @@ def int_model(fp, bits, group, inputs):
     q = copy.deepcopy(fp)
     cfg = QuantConfig(weight_bit=bits, group_size=group, smoothing="fixed", lora_iters=1)
     quantize_dit(q, cfg, lambda: q(*inputs), progress=False)
-    from quant.int_linear import to_int_backend
+    from quant.nn.int_linear import to_int_backend
     return to_int_backend(fold_smoothing(q), "triton").bfloat16()
 
 
@@ -325,7 +325,7 @@ def section_calib(ctx):
             "notes": [f"`{shown(cmd)}`: {prof.model} (random weights), "
                       f"{prof.image_size} px, {prof.calib_steps} steps, batch {CALIB_ROWS} rows, QuantDiT's defaults. "
                       "Projected (bench/scale.py's project, on this device): FP model + the largest layer group's "
-                      "planned search state (quant/budget.py) + activations; measured: torch.cuda.max_memory_allocated "
+                      "planned search state (quant/calibration/budget.py) + activations; measured: torch.cuda.max_memory_allocated "
                       "on a GPU, the process's peak RSS on CPU (the interpreter and libraries included)."]}
 
 

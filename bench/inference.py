@@ -13,7 +13,7 @@ the table gives the median ms per forward and images per second for a `--steps`-
 Variants (what sample_merge_TAS.py runs: quantized layers built, smoothing folded):
 * fp32, bf16: the FP model in that dtype.
 * fake W8A8 / W4A8: QuantLinear quantize-dequantize in float32 (the released code's kind).
-* int W8A8 / W4A8: `--backend int --dtype bf16` (quant/int_linear.py: the fused AVX512-VNNI kernel
+* int W8A8 / W4A8: `--backend int --dtype bf16` (quant/nn/int_linear.py: the fused AVX512-VNNI kernel
   where the CPU has it, which keeps 4-bit codes two per byte, else int8 GEMMs via torch._int_mm with
   the 4-bit codes unpacked once at load); everything that is not a quantized linear
   (attention, norms, adaLN, embedders) runs in bf16, like the bf16 baseline.
@@ -45,15 +45,15 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import threads  # noqa: E402,F401  (before torch: sets OpenMP's wait policy, read when torch loads)
+from ditas import threads  # noqa: E402,F401  (before torch: sets OpenMP's wait policy, read when torch loads)
 import torch  # noqa: E402
 from models import DiT_models  # noqa: E402
-from quant.calibrate import collect_tas  # noqa: E402
-from quant.config import QuantConfig  # noqa: E402
-from quant.layers import quantizable_layers  # noqa: E402
-from quant.fold import fold_smoothing  # noqa: E402
-from quant.int_linear import to_int_backend  # noqa: E402
-from quant.search import quantize_linear  # noqa: E402
+from quant.calibration.driver import collect_tas  # noqa: E402
+from quant.quant_config import QuantConfig  # noqa: E402
+from quant.method.layers import quantizable_layers  # noqa: E402
+from quant.method.fold import fold_smoothing  # noqa: E402
+from quant.nn.int_linear import to_int_backend  # noqa: E402
+from quant.search.candidates import quantize_linear  # noqa: E402
 from bench.common import cpu_name, write_report  # noqa: E402
 
 BUNDLED = os.path.join(ROOT, "assets", "dit_t2_digits16.safetensors")

@@ -19,13 +19,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
+from ditas import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from quant.int_linear import IntLinear  # noqa: E402
-from quant.ops_torch import quantize_act_int8  # noqa: E402
-from quant.qlinear import QuantLinear  # noqa: E402
-from quant.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight  # noqa: E402
+from quant.nn.int_linear import IntLinear  # noqa: E402
+from quant.kernels.ops_torch import quantize_act_int8  # noqa: E402
+from quant.nn.qlinear import QuantLinear  # noqa: E402
+from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight  # noqa: E402
 
 
 def run_round_robin(cases, reps, clock=time.perf_counter):

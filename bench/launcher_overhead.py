@@ -25,7 +25,7 @@ import tempfile  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import cli  # noqa: E402
+from ditas import cli  # noqa: E402
 from bench.common import cpu_name, stolen_seconds, write_report  # noqa: E402
 from quant.errors import UserError  # noqa: E402
 

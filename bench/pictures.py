@@ -22,16 +22,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import study  # noqa: E402  (puts the repository root on sys.path)
-import threads  # noqa: E402
+from ditas import threads  # noqa: E402
 import torch  # noqa: E402
 
 from bundled.digits import BUNDLED_CKPT, NUM_CLASSES  # noqa: E402
-from quant.files import atomic_path  # noqa: E402
+from quant.io.files import atomic_path  # noqa: E402
 
 
 @torch.no_grad()
 def sample_row(model, labels, seed, steps, cfg_scale):
-    from pipeline import make_sampler, sample_inputs
+    from ditas.pipeline import make_sampler, sample_inputs
     sampler = make_sampler(model, steps, cfg_scale, clip_denoised=True)
     gens, y, z = sample_inputs(seed, range(len(labels)), NUM_CLASSES, (3, 16, 16), labels)
     return sampler(z, y, gens).clamp(-1, 1)
@@ -39,15 +39,15 @@ def sample_row(model, labels, seed, steps, cfg_scale):
 
 def load_fp(ckpt):
     from types import SimpleNamespace
-    from pipeline import build_model
+    from ditas.pipeline import build_model
     args = SimpleNamespace(model="DiT-T/2", ckpt=ckpt, image_size=16, num_classes=NUM_CLASSES, vae="none",
                            num_sampling_steps=50, cfg_scale=1.5)
     return build_model(args)
 
 
 def load_q(qdir):
-    from quant.checkpoint import load_quantized
-    from quant.fold import fold_smoothing
+    from quant.io.checkpoint import load_quantized
+    from quant.method.fold import fold_smoothing
     model, _ = load_quantized(qdir)
     return fold_smoothing(model).eval()
 

@@ -45,7 +45,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from study import (METHODS, PSNR_CAP_DB, QUICK, ROOT, Bench, fmt, log, machine, mean_std, parse_bits,  # noqa: E402
                    pyplot)
-import threads  # noqa: E402
+from ditas import threads  # noqa: E402
 import torch  # noqa: E402
 from bundled.digits import BUNDLED_CKPT  # noqa: E402
 

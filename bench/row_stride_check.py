@@ -16,16 +16,16 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
+from ditas import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
 import torch  # noqa: E402
 from bench.common import write_report  # noqa: E402
 from config import calib_labels  # noqa: E402
 from bundled.digits import BUNDLED_CKPT, NUM_CLASSES  # noqa: E402
 from download import find_model, load_model_state  # noqa: E402
 from models import DiT_models  # noqa: E402
-from pipeline import make_sampler, sample_inputs  # noqa: E402
-from quant.calibrate import quantize_dit  # noqa: E402
-from quant.config import QuantConfig  # noqa: E402
+from ditas.pipeline import make_sampler, sample_inputs  # noqa: E402
+from quant.calibration.driver import quantize_dit  # noqa: E402
+from quant.quant_config import QuantConfig  # noqa: E402
 
 
 def calibrate(args, stride):

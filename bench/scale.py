@@ -32,15 +32,15 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
+from ditas import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
 import torch  # noqa: E402
-import cli  # noqa: E402
+from ditas import cli  # noqa: E402
 from models import DiT_models, get_2d_sincos_pos_embed  # noqa: E402
-from quant.budget import GIB as BUDGET_GIB, by_memory, layer_state_parts, plan_groups, transient_bytes  # noqa: E402
-from quant.budget import workspace_bytes  # noqa: E402
+from quant.calibration.budget import GIB as BUDGET_GIB, by_memory, layer_state_parts, plan_groups, transient_bytes  # noqa: E402
+from quant.calibration.budget import workspace_bytes  # noqa: E402
 from quant.errors import UserError  # noqa: E402
-from quant.feed import LoopShape  # noqa: E402
-from quant.layers import BLOCK_LAYERS, quantizable_layers  # noqa: E402
+from quant.calibration.feed import LoopShape  # noqa: E402
+from quant.method.layers import BLOCK_LAYERS, quantizable_layers  # noqa: E402
 from bench.common import cpu_name, stolen_seconds, stolen_share, write_report  # noqa: E402
 
 GIB, MIB, F32 = 2 ** 30, 2 ** 20, 4
@@ -119,7 +119,7 @@ def meta_model(name, latent):
 def activation_bytes(model, rows, cfg=None, device_type="cpu"):
     """(bytes, where) of the activation working set at `rows` token rows (cfg None: an FP forward): the larger of one
     block forward's peak and, at each quantized layer's input, what is live there plus the search's per-step
-    workspace for that layer (quant/budget.py's workspace_bytes, freed after the layer's step)."""
+    workspace for that layer (quant/calibration/budget.py's workspace_bytes, freed after the layer's step)."""
     shapes = {n: tuple(model.blocks[0].get_submodule(n).weight.shape) for n in BLOCK_LAYERS}
     peak, at = live_widths(shapes["attn.qkv"][1], shapes["mlp.fc1"][0])
     best, where = F32 * rows * peak, "block forward"
@@ -132,7 +132,7 @@ def activation_bytes(model, rows, cfg=None, device_type="cpu"):
 
 def planned_state(model, cfg, device_type, loop, budget_bytes, chunks=1):
     """(device bytes, host bytes) of the largest layer group's search state that one QuantDiT process plans
-    (quant/budget.py; tests/test_budget.py holds these formulas to the bytes held): the group's states plus
+    (quant/calibration/budget.py; tests/test_budget.py holds these formulas to the bytes held): the group's states plus
     one layer's transient candidates (the shortlist), on the device; its per-step ranges, on the host."""
     shapes = {n: tuple(lin.weight.shape) for n, lin in quantizable_layers(model).items()}
     groups, _ = plan_groups(shapes, cfg, budget_bytes, device_type, statistic_slots=chunks, loop=loop)
@@ -248,10 +248,10 @@ PROJECTION_COLUMNS = ["scheme", "image px", "tokens", "steps", "FP model GiB", "
                       "measured peak GiB", "measured as"]
 PROJECTION_NOTE = (
     "projected peak = FP model + the largest layer group's search state that QuantDiT plans in this memory "
-    "(quant/budget.py's formulas, held to the bytes held by tests/test_budget.py; one layer's transient shortlist "
+    "(quant/calibration/budget.py's formulas, held to the bytes held by tests/test_budget.py; one layer's transient shortlist "
     "candidates included) + activations: the larger of one block forward's float32 tensors (max(7 D, 3 D + 2 H) per "
     "token row; SDPA: no tokens x tokens matrix; the probe checks it) and, at each quantized layer's input, the "
-    "tensors live there plus its search workspace (quant/budget.py's workspace_bytes, an estimate not measured "
+    "tensors live there plus its search workspace (quant/calibration/budget.py's workspace_bytes, an estimate not measured "
     "here). On CUDA the shortlist's per-step activation ranges are kept in pinned host memory (host column); on the "
     "CPU they are in the state. load peak = loading --ckpt: download._load_file's whole state dict and the model it "
     "is copied into. Neither counts the interpreter nor the quantized layers built last.")

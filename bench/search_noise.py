@@ -8,7 +8,7 @@ fresh copy of the model with the same calibration noise:
 
 * float64 SVD: the same fits with every SVD computed in float64 (a change at float32's rounding);
 * weights x (1 + 1e-5 e): every quantized layer's weight times 1 + 1e-5 N(0, 1) (the FP model too);
-* subspace SVD: the ditas default (QuantConfig(), quant/lora.py's warm-started subspace iteration).
+* subspace SVD: the ditas default (QuantConfig(), quant/method/lora.py's warm-started subspace iteration).
 
 Per change: the layers whose alpha equals the baseline's, and the change of each layer's output error
 at its chosen alpha (the search loss there). Writes bench/results/search_noise.md (+ .json).
@@ -22,16 +22,16 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import cli  # noqa: E402
-import threads  # noqa: E402  (before torch: OpenMP's wait policy)
+from ditas import cli  # noqa: E402
+from ditas import threads  # noqa: E402  (before torch: OpenMP's wait policy)
 import torch  # noqa: E402
 from bench.candidate_fits import build_model, pct, spread  # noqa: E402
 from bench.common import cpu_name, write_report  # noqa: E402
 from config import calib_labels  # noqa: E402
-from pipeline import make_sampler, sample_inputs  # noqa: E402
-from quant.calibrate import quantize_dit  # noqa: E402
-from quant.config import QuantConfig  # noqa: E402
-from quant.layers import quantizable_layers  # noqa: E402
+from ditas.pipeline import make_sampler, sample_inputs  # noqa: E402
+from quant.calibration.driver import quantize_dit  # noqa: E402
+from quant.quant_config import QuantConfig  # noqa: E402
+from quant.method.layers import quantizable_layers  # noqa: E402
 
 SEED = 1
 

@@ -1,4 +1,4 @@
-"""The calibration's search state of a DiT by part, from quant/budget.py's formulas (no weights, no run).
+"""The calibration's search state of a DiT by part, from quant/calibration/budget.py's formulas (no weights, no run).
 
     python bench/state_parts.py                       # DiT-XL/2, QuantDiT's defaults (ditas), CPU and CUDA
     python bench/state_parts.py --model DiT-S/2 --extra "--search exact"
@@ -17,11 +17,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import torch  # noqa: E402
-import cli  # noqa: E402
+from ditas import cli  # noqa: E402
 from models import DiT_models  # noqa: E402
-from quant.budget import GIB, by_memory, layer_state_parts  # noqa: E402
-from quant.feed import LoopShape  # noqa: E402
-from quant.layers import quantizable_layers  # noqa: E402
+from quant.calibration.budget import GIB, by_memory, layer_state_parts  # noqa: E402
+from quant.calibration.feed import LoopShape  # noqa: E402
+from quant.method.layers import quantizable_layers  # noqa: E402
 
 
 def quant_config(extra):

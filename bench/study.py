@@ -18,7 +18,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
+from ditas import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -46,7 +46,7 @@ PSNR_CAP_DB = 80.0  # identical images: PSNR capped (uint8: the smallest non-zer
 
 def seeding_tag():
     """A short tag of how (global seed, index) maps to a sample's generator: part of the sample cache key."""
-    import pipeline
+    from ditas import pipeline
     probe = [float(pipeline.SampleRNG(s, i).randn((1,))) for s in (0, 1, 7) for i in (0, 1, 999)]
     return hashlib.sha256(json.dumps(probe).encode()).hexdigest()[:6]
 
@@ -109,7 +109,7 @@ class Bench:
     def checkpoint(self, bits, scheme, method, steps, calib_seed=None):
         """The quantized checkpoint directory (made by QuantDiT.main unless cached)."""
         import QuantDiT
-        from quant.checkpoint import is_quantized_checkpoint
+        from quant.io.checkpoint import is_quantized_checkpoint
         argv = self.quant_argv(bits, scheme, method, steps, calib_seed)
         key = hashlib.sha256(json.dumps([self.digest, argv]).encode()).hexdigest()[:10]
         cs = "" if calib_seed is None else f"-cs{calib_seed}"
@@ -167,7 +167,7 @@ class Bench:
     def score(self, images, seed, fp_images=None):
         from bundled.classifier import label_accuracy
         from evaluator import evaluate
-        from pipeline import sample_labels
+        from ditas.pipeline import sample_labels
         self._load()
         m = evaluate(self._ref, images, self._extractor, progress=False)
         out = {"fid": m["fid"], "is": m["inception_score"], "precision": m["precision"], "recall": m["recall"],

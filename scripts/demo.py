@@ -21,11 +21,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import threads  # noqa: E402,F401  (before torch: sets OpenMP's wait policy, read when torch loads)
+from ditas import threads  # noqa: E402,F401  (before torch: sets OpenMP's wait policy, read when torch loads)
 import numpy as np  # noqa: E402
 
 from bundled.digits import BUNDLED_FLAGS  # noqa: E402
-from cli import ArgumentParser, UserError, check_positive, check_seed, check_writable, run  # noqa: E402
+from ditas.cli import ArgumentParser, UserError, check_positive, check_seed, check_writable, run  # noqa: E402
 
 QUICK = dict(num_samples=300, steps=20, cfg_scale=4.0)
 FULL = dict(num_samples=500, steps=50, cfg_scale=4.0)
@@ -64,7 +64,7 @@ def quantize(args, bits, steps):
 def sample_and_score(args, label, qdir, n, steps, cfg):
     """(metrics, uint8 images) of one row; its folder is named by every setting the samples depend on."""
     from bundled.classifier import label_accuracy
-    from pipeline import sample_labels
+    from ditas.pipeline import sample_labels
     tag = os.path.basename(qdir) if qdir else "FP"
     sample_dir = os.path.join(args.out, "samples", f"{tag}-n{n}-steps{steps}-cfg{cfg}-seed{args.seed}")
     source = ["--path", qdir, "--backend", "int"] if qdir else BUNDLED_FLAGS
@@ -98,7 +98,7 @@ def check_args(args):
 def main(args):
     import torch
 
-    from pipeline import save_grid
+    from ditas.pipeline import save_grid
     t0 = time.time()
     base = FULL if args.full else QUICK
     n = args.num_samples or base["num_samples"]

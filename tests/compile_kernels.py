@@ -1,4 +1,4 @@
-"""Compiles, with Triton's real compiler and ptxas (no GPU needed), every variant of quant/ops_triton.py's kernels
+"""Compiles, with Triton's real compiler and ptxas (no GPU needed), every variant of quant/kernels/ops_triton.py's kernels
 that the runtime launches for DiT-XL/2 and DiT-S/2, for sm_90 (H100/H200) and sm_80 (A100), and checks the code:
 int8 warpgroup MMAs (wgmma) on sm_90 for 64-row tiles and up, int8 mma.sync otherwise, shared memory within the
 architecture's limit, IEEE divisions in the activation pass. Run by tests/test_ops_triton.py; prints one line a
@@ -12,7 +12,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from quant import ops_triton as ot
+from quant.kernels import ops_triton as ot
 
 SHARED = {90: 232448, 80: 166912}  # bytes of shared memory a block may use (H100/H200, A100)
 GEMM = dict(a_ptr="*i8", w_ptr="*i8", c_ptr="*i16", cb_ptr="*i32", d_ptr="*i32", sw_ptr="*fp32", gsum_ptr="*i32",

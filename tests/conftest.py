@@ -5,7 +5,7 @@ import sys
 os.environ.setdefault("TRITON_INTERPRET", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import threads  # noqa: E402,F401  (OpenMP's wait settings, before torch loads it)
+from ditas import threads  # noqa: E402,F401  (OpenMP's wait settings, before torch loads it)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -36,7 +36,7 @@ def call_main(module, *argv):
     import contextlib
     import io
 
-    import cli
+    from ditas import cli
     err = io.StringIO()
     code = 0
     with contextlib.redirect_stderr(err):
@@ -74,14 +74,11 @@ def random_dit(seed=0, std=0.1):
 
 
 def calib_loop(model, steps, n):
-    """One FP sampling loop of an 8x8x3, 10-class model over n labels (seed 1, cfg 1.5): quantize_dit's `loop`."""
-    from pipeline import make_sampler, sample_inputs
-    sampler = make_sampler(model, steps, 1.5, clip_denoised=True)
-
-    def loop():
-        gens, y, z = sample_inputs(1, range(n), 10, (3, 8, 8), [i % 10 for i in range(n)])
-        sampler(z, y, gens)
-    return loop
+    """One FP sampling loop of a 10-class model over n labels (seed 1, cfg 1.5, clipped): quantize_dit's `loop`."""
+    from quant import fp_calibration_loop
+    loop = fp_calibration_loop(model, [i % 10 for i in range(n)], seed=1, steps=steps, cfg_scale=1.5,
+                               clip_denoised=True)
+    return lambda: loop()  # a plain loop: no LoopShape, so the budget tests' sizes hold no per-step ranges
 
 
 def search_problem(seed=0, steps=3, out=96, inp=64, batch=4, tokens=5, shift=0.0):
@@ -105,8 +102,8 @@ def int_layer(k, n, bits=8, group=None, gran="token", rank=0, smooth=False, bias
     bias; wshift moves the first rows far from 0 (4-bit zero points beyond the int8 offset range)."""
     import torch
 
-    from quant.qlinear import QuantLinear
-    from quant.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight
+    from quant.nn.qlinear import QuantLinear
+    from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
     w[:, 3] *= 10
@@ -184,10 +181,10 @@ def quantize_blocks(model, bits, group, g, rank=4, iters=2, gran="row"):
     """Every block's qkv, proj, fc1 and fc2 as a QuantLinear (smoothing factors exp(N(0, 0.25)) drawn from the
     generator g, a LoRA fit of `rank` over `iters` iterations, 8-bit activations of granularity `gran`), the
     smoothing folded: a small quantized DiT without a calibration run. Returns the model, in eval mode."""
-    from quant.fold import fold_smoothing
-    from quant.lora import fit_lora
-    from quant.qlinear import QuantLinear
-    from quant.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight
+    from quant.method.fold import fold_smoothing
+    from quant.method.lora import fit_lora
+    from quant.nn.qlinear import QuantLinear
+    from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight
     wcfg, acfg = WeightQuantConfig(bits=bits, group_size=group), ActQuantConfig(8, gran)
     for block in model.blocks:
         for parent, attr in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):

@@ -1,15 +1,17 @@
-"""quant/approx_search.py: the one-pass approximate alpha search."""
+"""quant/search/approx.py: the one-pass approximate alpha search."""
 import pytest
 import torch
 
 from helpers import search_problem
-from quant.approx_search import InputStats, approx_losses, noise_variance
-from quant.calibrate import quantize_dit
-from quant.config import QuantConfig
-from quant.layers import quantizable_layers
-from quant.qlinear import QuantLinear
-from quant.quantizer import ActQuantConfig, WeightQuantConfig
-from quant.search import AlphaSearch, alpha_grid
+from quant.search.approx import InputStats, approx_losses, noise_variance
+from quant.calibration.driver import quantize_dit
+from quant.quant_config import QuantConfig
+from quant.method.layers import quantizable_layers
+from quant.nn.qlinear import QuantLinear
+from quant.method.quantizer import ActQuantConfig, WeightQuantConfig
+from quant.search.candidates import AlphaSearch
+
+from quant.quant_config import alpha_grid
 
 torch.set_num_threads(1)
 RANK, ITERS = 4, 2
@@ -99,7 +101,7 @@ def test_prediction_tracks_the_exact_loss_with_activation_quantization(scheme, g
 
 def test_quantize_dit_approx_uses_one_loop():
     from models import DiT_models
-    from pipeline import make_sampler, sample_inputs
+    from ditas.pipeline import make_sampler, sample_inputs
     torch.manual_seed(0)
     model = DiT_models["DiT-XS/2"](input_size=8, in_channels=3, num_classes=10).eval()
     with torch.no_grad():
@@ -211,7 +213,7 @@ def test_shortlist_search_scores_the_best_predicted_exactly():
 def test_step_stack_is_the_sequence_appended():
     """StepStack (InputStats' per-step storage): reads back exactly what was appended, in order, across
     its blocks; a tensor of another shape starts a new block; its bytes are its blocks'."""
-    from quant.approx_search import STEP_BLOCK, StepStack
+    from quant.search.approx import STEP_BLOCK, StepStack
     st, ref = StepStack(), []
     for t in range(STEP_BLOCK + 3):  # a full block and part of a second
         x = torch.full((2, 3), float(t))
@@ -225,7 +227,7 @@ def test_step_stack_is_the_sequence_appended():
     assert [tuple(b.shape) for b in st.blocks()] == [(STEP_BLOCK, 2, 3), (3, 2, 3), (1, 5), (1, 2, 3)]
     assert torch.equal(torch.cat(st.blocks()[:2]), torch.stack(ref[:STEP_BLOCK + 3]))
     assert st.nbytes() == 4 * STEP_BLOCK * (6 + 6 + 5 + 6) and not st.blocks()[0].is_cuda
-    import pickle  # to another process (quant/wire.py): the filled steps only, and it grows on from there
+    import pickle  # to another process (quant/calibration/wire.py): the filled steps only, and it grows on from there
     again = pickle.loads(pickle.dumps(st))
     assert all(torch.equal(a, b) for a, b in zip(again, ref)) and again.nbytes() == 4 * ((STEP_BLOCK + 3) * 6 + 5 + 6)
     again.append(torch.full((2, 3), 7.0))

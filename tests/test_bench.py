@@ -158,9 +158,9 @@ def test_launcher_overhead_bench_smoke(tmp_path):
 def test_state_parts_bench_sums_the_budget_of_every_layer():
     """bench/state_parts.py: per part, the budget's bytes summed over the model's layers, for QuantDiT's config."""
     from models import DiT_models
-    from quant.budget import layer_state_bytes
-    from quant.config import QuantConfig
-    from quant.layers import quantizable_layers
+    from quant.calibration.budget import layer_state_bytes
+    from quant.quant_config import QuantConfig
+    from quant.method.layers import quantizable_layers
     proc = run_script("bench/state_parts.py", "--model", "DiT-XS/2", "--extra", "--search exact --weight-bit 8")
     assert "search exact, MiB" in proc.stdout, proc.stdout
     assert proc.returncode == 0, proc.stderr

@@ -1,4 +1,4 @@
-"""The calibration's memory budget (quant/budget.py): state formulas, grouped passes, too-small budgets."""
+"""The calibration's memory budget (quant/calibration/budget.py): state formulas, grouped passes, too-small budgets."""
 import os
 
 import pytest
@@ -6,15 +6,15 @@ import torch
 
 import QuantDiT
 from helpers import assert_one_line_error, calib_loop, call_main, random_dit
-from quant.approx_search import STEP_BLOCK, InputStats
-from quant.budget import (GIB, by_memory, device_bytes, layer_state_bytes, layer_state_parts, plan_groups,
+from quant.search.approx import STEP_BLOCK, InputStats
+from quant.calibration.budget import (GIB, by_memory, device_bytes, layer_state_bytes, layer_state_parts, plan_groups,
                           range_bytes, statistic_bytes, transient_bytes)
-from quant.calibrate import quantize_dit
-from quant.config import QuantConfig
-from quant.feed import ChunkedLoop, LoopShape
-from quant.layers import quantizable_layers
-from quant.search import Candidates
-from quant.quantizer import WeightQuantConfig
+from quant.calibration.driver import quantize_dit
+from quant.quant_config import QuantConfig
+from quant.calibration.feed import ChunkedLoop, LoopShape
+from quant.method.layers import quantizable_layers
+from quant.search.candidates import Candidates
+from quant.method.quantizer import WeightQuantConfig
 
 SMALL = dict(group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25)
 CONFIGS = [

@@ -11,9 +11,9 @@ from bundled.classifier import label_accuracy
 from download import find_model, load_model_state
 from helpers import ROOT, assert_one_line_error, call_main
 from models import DiT_models
-from pipeline import make_sampler, sample_inputs, to_uint8
-from quant.calibrate import quantize_dit
-from quant.config import QuantConfig
+from ditas.pipeline import make_sampler, sample_inputs, to_uint8
+from quant.calibration.driver import quantize_dit
+from quant.quant_config import QuantConfig
 
 
 def bundled_model():

@@ -1,6 +1,6 @@
 """Calibration's host syncs (aten::_local_scalar_dense: .item(), float(t), ...) do not grow with the row chunks.
 
-The loss engine (quant/search_losses.py) accumulates every candidate's squared error on the device; a layer's
+The loss engine (quant/search/losses.py) accumulates every candidate's squared error on the device; a layer's
 sums are read back once, when its search reports. On a GPU each such read is a blocking sync, so the tests
 here run steps cut into many row chunks and hold the count to a constant per layer and step, on the torch-op
 path (what CUDA runs; the fused CPU kernel switched off) and on the fused CPU kernel where it loads.
@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from helpers import HostSyncs, calib_loop, random_dit
-from quant import ops_avx512, search_losses
-from quant.config import QuantConfig
-from quant.calibrate import quantize_dit
-from quant.layers import quantizable_layers
-from quant.quantizer import ActQuantConfig, WeightQuantConfig, dequantize_weight, fake_quantize_act
-from quant.search import AlphaSearch, Candidates, alpha_grid
+from quant.kernels import ops_avx512
+from quant.search import losses as search_losses
+from quant.quant_config import QuantConfig
+from quant.calibration.driver import quantize_dit
+from quant.method.layers import quantizable_layers
+from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, dequantize_weight, fake_quantize_act
+from quant.search.candidates import AlphaSearch, Candidates
+
+from quant.quant_config import alpha_grid
 
 IN, OUT = 64, 96
 FUSED = pytest.mark.skipif(ops_avx512.load() is None, reason="fused CPU kernel not available here")
@@ -140,7 +143,7 @@ def test_device_sums_equal_the_per_chunk_float_sums(small_chunks, torch_ops, gra
 
 def test_chunk_sizes_per_device():
     """CPU chunks stay cache-sized; elsewhere they are larger, and bounded (the budget's workspace follows)."""
-    from quant.budget import workspace_bytes
+    from quant.calibration.budget import workspace_bytes
     assert search_losses.chunk_elements("cpu") == search_losses._CHUNK_ELEMENTS
     cuda = search_losses.chunk_elements("cuda")
     assert cuda == search_losses._DEVICE_CHUNK_ELEMENTS > 16 * search_losses._CHUNK_ELEMENTS

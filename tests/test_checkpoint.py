@@ -1,5 +1,5 @@
-"""The packed fp16 checkpoint (quant/checkpoint.py), round_for_storage, --quantize-adaln and folding
-a quantized adaLN linear (quant/fold.py)."""
+"""The packed fp16 checkpoint (quant/io/checkpoint.py), round_for_storage, --quantize-adaln and folding
+a quantized adaLN linear (quant/method/fold.py)."""
 import copy
 import json
 import os
@@ -13,15 +13,15 @@ from safetensors.torch import load_file, save_file
 import QuantDiT
 from quant.errors import UserError
 from helpers import assert_one_line_error, calib_loop, call_main, random_dit
-from quant.calibrate import quantize_adaln, quantize_dit
-from quant.config import QuantConfig
-from quant.layers import adaln_layers
-from quant.checkpoint import load_quantized, planned_layers, save_quantized, skeleton
-from quant.storage import plan_bytes, round_for_storage, storage_plan
-from quant.fold import fold_smoothing
-from quant.lora import fit_lora
-from quant.qlinear import QuantLinear
-from quant.quantizer import WeightQuantConfig, quantize_weight, unpack_int4
+from quant.calibration.driver import quantize_adaln, quantize_dit
+from quant.quant_config import QuantConfig
+from quant.method.layers import adaln_layers
+from quant.io.checkpoint import load_quantized, planned_layers, save_quantized, skeleton
+from quant.io.storage import plan_bytes, round_for_storage, storage_plan
+from quant.method.fold import fold_smoothing
+from quant.method.lora import fit_lora
+from quant.nn.qlinear import QuantLinear
+from quant.method.quantizer import WeightQuantConfig, quantize_weight, unpack_int4
 
 torch.set_num_threads(1)
 META = {"model": "DiT-XS/2", "image_size": 8, "num_classes": 10, "vae": "none", "in_channels": 3}
@@ -165,7 +165,7 @@ def _corrupt(path, key, fn):
 
 
 def _one_line_error(path):
-    import cli
+    from ditas import cli
     code = 0
     import contextlib
     import io

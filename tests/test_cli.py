@@ -12,7 +12,7 @@ import sample
 import sample_merge_TAS
 from bundled.digits import BUNDLED_FLAGS
 from helpers import ROOT, assert_one_line_error, assert_user_error, call_main, random_dit, run_script
-from shards import write_npz
+from ditas.shards import write_npz
 
 SCRIPTS = {"QuantDiT.py": QuantDiT, "sample.py": sample, "sample_merge_TAS.py": sample_merge_TAS,
            "evaluator.py": evaluator}
@@ -121,9 +121,9 @@ def test_environment_files_agree_on_the_packages():
 
 
 def test_checkpoint_files_get_the_usual_permissions(tmp_path):
-    from quant.calibrate import quantize_dit
-    from quant.checkpoint import save_quantized
-    from quant.config import QuantConfig
+    from quant.calibration.driver import quantize_dit
+    from quant.io.checkpoint import save_quantized
+    from quant.quant_config import QuantConfig
     from helpers import calib_loop
     model = random_dit()
     quantize_dit(model, QuantConfig(group_size=32, lora_rank=0, smoothing="none"), calib_loop(model, 2, 2),

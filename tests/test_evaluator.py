@@ -10,7 +10,7 @@ from threadpoolctl import threadpool_limits
 
 import evaluator
 from bundled.digits import load_digits_tensors
-from pipeline import to_uint8
+from ditas.pipeline import to_uint8
 from bundled.classifier import load_classifier, uint8_to_input
 from helpers import ROOT, assert_user_error, run_script
 

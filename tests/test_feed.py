@@ -1,17 +1,17 @@
-"""The FP calibration loop in chunks (quant/feed.py): lockstep sampling, per-chunk statistics and
+"""The FP calibration loop in chunks (quant/calibration/feed.py): lockstep sampling, per-chunk statistics and
 search sums merged in chunk order, and what a chunked calibration equals."""
 import pytest
 import torch
 
 from helpers import random_dit
-from pipeline import make_lockstep_sampler, make_sampler, sample_inputs
-from quant.approx_search import InputStats
-from quant.calibrate import collect_statistics, quantize_dit
-from quant.config import QuantConfig
-from quant.feed import ChunkedLoop, Feed, merge
-from quant.layers import quantizable_layers
-from quant.search import AlphaSearch, Candidates
-from quant.smoothing import RunningAbsMax
+from ditas.pipeline import make_lockstep_sampler, make_sampler, sample_inputs
+from quant.search.approx import InputStats
+from quant.calibration.driver import collect_statistics, quantize_dit
+from quant.quant_config import QuantConfig
+from quant.calibration.feed import ChunkedLoop, Feed, merge
+from quant.method.layers import quantizable_layers
+from quant.search.candidates import AlphaSearch, Candidates
+from quant.method.smoothing import RunningAbsMax
 
 
 def chunked_loop(model, steps, n, chunks):
@@ -72,7 +72,7 @@ def test_merged_chunk_statistics_are_the_whole_batch_statistics():
 def test_search_slots_add_in_order_and_travel():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(24, 32, generator=g)
-    from quant.quantizer import WeightQuantConfig
+    from quant.method.quantizer import WeightQuantConfig
     cands = Candidates(w, None, torch.rand(32, generator=g) + 0.5, [0.3, 0.6], WeightQuantConfig(bits=4, group_size=16),
                        lora_rank=0)
     acfg = QuantConfig().act_cfg()

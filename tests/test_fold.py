@@ -1,4 +1,4 @@
-"""Folding the smoothing factors (quant/fold.py, docs/METHOD.md §7) keeps the model's function."""
+"""Folding the smoothing factors (quant/method/fold.py, docs/METHOD.md §7) keeps the model's function."""
 import copy
 from functools import partial
 
@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 
 from helpers import random_dit
-from quant.fold import fold_smoothing
-from quant.lora import fit_lora
-from quant.qlinear import QuantLinear
-from quant.quantizer import (ActQuantConfig, WeightQuantConfig, dequantize_weight, quantize_weight,
+from quant.method.fold import fold_smoothing
+from quant.method.lora import fit_lora
+from quant.nn.qlinear import QuantLinear
+from quant.method.quantizer import (ActQuantConfig, WeightQuantConfig, dequantize_weight, quantize_weight,
                              scale_qweight_columns)
 
 torch.set_num_threads(1)

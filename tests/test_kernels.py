@@ -6,18 +6,18 @@ import torch
 import torch.nn as nn
 
 from helpers import int_input, int_layer, quantize_blocks
-from quant import ops_avx512, ops_torch
-from quant.int_linear import IntLinear, linear_w4a8, linear_w8a8, to_int_backend
-from quant.ops_torch import int8_matmul, quantize_act_int8
-from quant.quantizer import affine_params
-from quant.qlinear import QuantLinear
-from quant.search import quantize_linear
-from quant.quantizer import (ActQuantConfig, WeightQuantConfig, pack_int4, quantize_act, quantize_weight,
+from quant.kernels import ops_avx512, ops_torch
+from quant.nn.int_linear import IntLinear, linear_w4a8, linear_w8a8, to_int_backend
+from quant.kernels.ops_torch import int8_matmul, quantize_act_int8
+from quant.method.quantizer import affine_params
+from quant.nn.qlinear import QuantLinear
+from quant.search.candidates import quantize_linear
+from quant.method.quantizer import (ActQuantConfig, WeightQuantConfig, pack_int4, quantize_act, quantize_weight,
                              scale_qweight_rows)
 
 torch.set_num_threads(1)
 
-# every IntLinear test runs on both kernels: torch._int_mm + torch ops, and quant/csrc/int_linear.c
+# every IntLinear test runs on both kernels: torch._int_mm + torch ops, and quant/kernels/csrc/int_linear.c
 KERNELS = ["torch", pytest.param("fused", marks=pytest.mark.skipif(
     ops_avx512.load() is None, reason=f"fused kernel: {ops_avx512.status()}"))]
 
@@ -350,7 +350,7 @@ def test_folded_dit_end_to_end(kernel):
 
 
 # ---------------------------------------------------------------------------
-# the fused CPU kernel (quant/csrc/int_linear.c) against the torch._int_mm path
+# the fused CPU kernel (quant/kernels/csrc/int_linear.c) against the torch._int_mm path
 # ---------------------------------------------------------------------------
 
 needs_fused = pytest.mark.skipif(ops_avx512.load() is None, reason=f"fused kernel: {ops_avx512.status()}")
@@ -554,7 +554,7 @@ def test_ckernel_build_cache_and_switch(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gran", ["tensor", "row", "token"])
 def test_fused_activation_codes_are_the_quantizers(k, dtype, gran):
-    """rowrange + encode (C) give quant.quantizer.quantize_act's codes bit for bit, group sums and
+    """rowrange + encode (C) give quant.method.quantizer.quantize_act's codes bit for bit, group sums and
     the LoRA down-projection (a - zero) R^T."""
     g = torch.Generator().manual_seed(k)
     x = (_x((3, 7, k), seed=k, kind="gelu" if k == 200 else "outliers")).to(dtype)
@@ -601,7 +601,7 @@ def test_gelu_epilogue(kernel):
 
 
 def _c_prototypes():
-    """{name: [(param name, 'ptr' | C type)]} of every exported ditas_* function in quant/csrc/*.c."""
+    """{name: [(param name, 'ptr' | C type)]} of every exported ditas_* function in quant/kernels/csrc/*.c."""
     import re
     found = {}
     for path in ops_avx512.SOURCES:

@@ -7,11 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from quant import ops_avx512
-from quant.quantizer import ActQuantConfig, WeightQuantConfig, dequantize_weight, fake_quantize_act
-from quant.search import Candidates, alpha_grid
-from quant.search_losses import LossEngine
-from quant.smoothing import RunningAbsMax
+from quant.kernels import ops_avx512
+from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, dequantize_weight, fake_quantize_act
+from quant.search.candidates import Candidates
+from quant.quant_config import alpha_grid
+from quant.search.losses import LossEngine
+from quant.method.smoothing import RunningAbsMax
 
 torch.set_num_threads(1)
 KINDS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -28,7 +29,7 @@ ALPHAS = alpha_grid(0.25) + [None]
 def bundled_inputs():
     """{kind: (weight, bias, [inputs of 3 DDPM steps])} of the bundled model's block 2."""
     from test_bundled import bundled_model
-    from pipeline import make_sampler, sample_inputs
+    from ditas.pipeline import make_sampler, sample_inputs
     model = bundled_model()
     block = model.blocks[2]
     layers = {kind: block.get_submodule(kind) for kind in KINDS}

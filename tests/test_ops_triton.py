@@ -1,5 +1,5 @@
-"""Triton integer kernels (quant/ops_triton.py) on CPU through Triton's interpreter, against the torch-op
-integer path (IntLinear kernel="torch"), quant.quantizer's activation codes and the fake backend."""
+"""Triton integer kernels (quant/kernels/ops_triton.py) on CPU through Triton's interpreter, against the torch-op
+integer path (IntLinear kernel="torch"), quant.method.quantizer's activation codes and the fake backend."""
 import dataclasses
 import importlib.util
 import os
@@ -14,10 +14,10 @@ import torch
 pytest.importorskip("triton", reason="triton not installed: pip install triton (tests run its CPU interpreter)")
 
 from helpers import int_input, int_layer  # noqa: E402
-from quant import ops_triton as ot  # noqa: E402
-from quant.int_linear import IntLinear  # noqa: E402
-from quant.ops_torch import batch_of as _batch_of, quantize_act_int8  # noqa: E402
-from quant.quantizer import ActQuantConfig, pack_int4, quantize_act  # noqa: E402
+from quant.kernels import ops_triton as ot  # noqa: E402
+from quant.nn.int_linear import IntLinear  # noqa: E402
+from quant.kernels.ops_torch import batch_of as _batch_of, quantize_act_int8  # noqa: E402
+from quant.method.quantizer import ActQuantConfig, pack_int4, quantize_act  # noqa: E402
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.skipif(not ot.available(), reason=f"Triton kernels: {ot.status()}")
@@ -58,7 +58,7 @@ def _run(ql, x, activation=None, out_dtype=None):
 @pytest.mark.parametrize("dtype,k,group,kind", [(torch.float32, 96, 32, "outliers"), (torch.bfloat16, 72, None, "gelu"),
                                                 (torch.float32, 40, 8, "gelu")])
 def test_activation_codes_are_the_quantizers(gran, dtype, k, group, kind):
-    """codes == quant.quantizer.quantize_act's bit for bit (with smooth, bf16 input, column tails), group sums
+    """codes == quant.method.quantizer.quantize_act's bit for bit (with smooth, bf16 input, column tails), group sums
     exact, lp == (codes - zx) R^T."""
     g = torch.Generator().manual_seed(k)
     x = _x((3, 7, k), seed=k, kind=kind).to(dtype)

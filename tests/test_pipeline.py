@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from quant.errors import UserError
-from cli import MAX_SEED, check_seed
-from pipeline import SampleRNG, sample_inputs, sample_labels
+from ditas.cli import MAX_SEED, check_seed
+from ditas.pipeline import SampleRNG, sample_inputs, sample_labels
 
 
 def test_global_seed_changes_every_sample():

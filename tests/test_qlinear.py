@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from quant.qlinear import QuantLinear
-from quant.quantizer import ActQuantConfig, WeightQuantConfig, dequantize_weight, fake_quantize_act, quantize_weight
-from quant.search import AlphaSearch, quantize_linear
-from quant.smoothing import channel_absmax, smoothing_factors, weight_channel_absmax
+from quant.nn.qlinear import QuantLinear
+from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, dequantize_weight, fake_quantize_act, quantize_weight
+from quant.search.candidates import AlphaSearch, quantize_linear
+from quant.method.smoothing import channel_absmax, smoothing_factors, weight_channel_absmax
 
 torch.set_num_threads(1)
 

@@ -8,12 +8,12 @@ import torch
 import QuantDiT
 from helpers import assert_one_line_error, assert_user_error, calib_loop, call_main, run_script
 from models import DiT_models
-from quant.calibrate import quantize_dit
-from quant.config import QuantConfig
-from quant.layers import quantizable_layers
-from quant.checkpoint import load_quantized, save_quantized
-from quant.storage import round_for_storage
-from quant.qlinear import QuantLinear
+from quant.calibration.driver import quantize_dit
+from quant.quant_config import QuantConfig
+from quant.method.layers import quantizable_layers
+from quant.io.checkpoint import load_quantized, save_quantized
+from quant.io.storage import round_for_storage
+from quant.nn.qlinear import QuantLinear
 
 
 def tiny_model(seed=0, depth_name="DiT-XS/2"):
@@ -222,8 +222,9 @@ def test_calibration_loop_clips_as_configured(tiny_ckpt, tmp_path, monkeypatch, 
     """The FP calibration loops clip x0 as --calib-clip (or the scheme's default) says for this pixel-space model;
     the preview samples as sample.py does (clipped); the checkpoint records both the setting and the outcome."""
     seen = []
-    lockstep, single = QuantDiT.make_lockstep_sampler, QuantDiT.make_sampler
-    monkeypatch.setattr(QuantDiT, "make_lockstep_sampler",
+    from quant.calibration import loop
+    lockstep, single = loop.make_lockstep_sampler, QuantDiT.make_sampler
+    monkeypatch.setattr(loop, "make_lockstep_sampler",
                         lambda *a, clip_denoised: seen.append(("calib", clip_denoised)) or
                         lockstep(*a, clip_denoised=clip_denoised))
     monkeypatch.setattr(QuantDiT, "make_sampler", lambda *a, clip_denoised: seen.append(("preview", clip_denoised))

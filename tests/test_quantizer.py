@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from quant.quantizer import (ActQuantConfig, WeightQuantConfig, dequantize_weight, fake_quantize_act,
+from quant.method.quantizer import (ActQuantConfig, WeightQuantConfig, dequantize_weight, fake_quantize_act,
                              fake_quantize_weight, pack_int4, quantize_act, quantize_weight,
                              scale_qweight_columns, scale_qweight_rows, unpack_int4)
 

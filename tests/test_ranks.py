@@ -1,4 +1,4 @@
-"""Calibration over several processes (quant/ranks.py, QuantDiT.py under torchrun with gloo)."""
+"""Calibration over several processes (quant/calibration/ranks.py, QuantDiT.py under torchrun with gloo)."""
 import os
 import subprocess
 import sys
@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from helpers import ROOT, assert_user_error, free_port, random_dit, run_gloo_workers, run_script
-from quant.budget import layer_cost, layer_state_bytes, plan_groups, transient_bytes
-from quant.config import QuantConfig
-from quant.feed import LoopShape
-from quant.layers import quantizable_layers
-from quant.ranks import RankFailed, Ranks
+from quant.calibration.budget import layer_cost, layer_state_bytes, plan_groups, transient_bytes
+from quant.quant_config import QuantConfig
+from quant.calibration.feed import LoopShape
+from quant.method.layers import quantizable_layers
+from quant.calibration.ranks import RankFailed, Ranks
 
 FLAGS = ["--model", "DiT-XS/2", "--image-size", "8", "--num-classes", "10", "--vae", "none",
          "--num-sampling-steps", "3", "--group-size", "32", "--lora-rank", "4", "--lora-iters", "2",

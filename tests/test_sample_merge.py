@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli import run
+from ditas.cli import run
 from helpers import ROOT, assert_user_error, free_port, random_dit, run_script
 
 N, BATCH, STEPS = 7, 2, 150  # 4 shards, the last one short; enough steps that a run can be killed mid-way
@@ -134,9 +134,9 @@ def test_changed_weights_start_over(ckpt, tmp_path, capsys):
 def _quantized_dit(scheme="ditas"):
     """A random DiT-XS/2 whose 4 linears per block are smoothed QuantLinear layers (W4A8)."""
     from functools import partial
-    from quant.lora import fit_lora
-    from quant.qlinear import QuantLinear
-    from quant.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight
+    from quant.method.lora import fit_lora
+    from quant.nn.qlinear import QuantLinear
+    from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight
     model = random_dit(std=0.1)
     g = torch.Generator().manual_seed(3)
     wcfg = WeightQuantConfig(bits=4, group_size=32, scheme=scheme)
@@ -156,17 +156,17 @@ META = {"model": "DiT-XS/2", "image_size": 8, "num_classes": 10, "vae": "none", 
 
 @pytest.fixture
 def qdir(tmp_path, monkeypatch):
-    """A real quantized checkpoint dir (quant.checkpoint.save_quantized); load_quantized calls are recorded."""
-    import quant.checkpoint
-    path = quant.checkpoint.save_quantized(_quantized_dit(), dict(META), {}, str(tmp_path / "W4A8"))
+    """A real quantized checkpoint dir (quant.io.checkpoint.save_quantized); load_quantized calls are recorded."""
+    import quant.io.checkpoint
+    path = quant.io.checkpoint.save_quantized(_quantized_dit(), dict(META), {}, str(tmp_path / "W4A8"))
     calls = []
-    real_load = quant.checkpoint.load_quantized
+    real_load = quant.io.checkpoint.load_quantized
 
     def load_quantized(p, device="cpu"):
         calls.append(p)
         return real_load(p, device=device)
 
-    monkeypatch.setattr(quant.checkpoint, "load_quantized", load_quantized)
+    monkeypatch.setattr(quant.io.checkpoint, "load_quantized", load_quantized)
     return path, calls
 
 
@@ -176,16 +176,16 @@ def _qflags(qdir, sample_dir, *extra):
 
 
 def test_path_loads_folds_and_names(qdir, tmp_path, monkeypatch):
-    import quant.fold
+    import quant.method.fold
     folded = []
-    real_fold = quant.fold.fold_smoothing
+    real_fold = quant.method.fold.fold_smoothing
 
     def spy(model):
         out = real_fold(model)
         folded.append([(b.attn.qkv.smooth, b.attn.proj.smooth, b.mlp.fc1.smooth, b.mlp.fc2.smooth) for b in out.blocks])
         return out
 
-    monkeypatch.setattr(quant.fold, "fold_smoothing", spy)
+    monkeypatch.setattr(quant.method.fold, "fold_smoothing", spy)
     # model flags come from quant_config.json; explicit ones that agree (and matching bits) are fine
     npz = _main(_qflags(qdir[0], tmp_path / "s", "--model", "DiT-XS/2", "--weight-bit", "4", "--act-bit", "8"))
     assert os.path.basename(npz) == "DiT-XS-2-size-8-vae-none-cfg-1.5-seed-0-steps-3-W4A8-ditas.npz"
@@ -269,9 +269,9 @@ def test_backend_int_samples_like_fake(qdir, tmp_path):
 
 
 def test_backend_int_without_integer_form_is_user_error(tmp_path, capsys):
-    import quant.checkpoint
+    import quant.io.checkpoint
     meta = dict(META, scheme="reference", act_granularity="tensor")
-    path = quant.checkpoint.save_quantized(_quantized_dit("reference"), meta, {}, str(tmp_path / "ref"))
+    path = quant.io.checkpoint.save_quantized(_quantized_dit("reference"), meta, {}, str(tmp_path / "ref"))
     cases = [(_qflags(path, tmp_path / "s", "--backend", "int"), ["no integer form", "--backend fake"]),
              (_qflags(path, tmp_path / "s", "--backend", "int")[2:], ["--backend int", "--path"])]
     for argv, fragments in cases:

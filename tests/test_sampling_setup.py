@@ -10,18 +10,18 @@ import pytest
 import torch
 
 import QuantDiT
-import cli
-import pipeline
+from ditas import cli
+from ditas import pipeline
 import sample
 import sample_merge_TAS
 from helpers import assert_one_line_error, calib_loop, call_main, random_dit
-from quant.calibrate import quantize_dit
-from quant.checkpoint import save_quantized
-from quant.config import QuantConfig
-from quant.fold import fold_smoothing
-from quant.inference import kernel_lines, load_checkpoint, to_backend
-from quant.int_linear import IntLinear
-from quant.qlinear import QuantLinear
+from quant.calibration.driver import quantize_dit
+from quant.io.checkpoint import save_quantized
+from quant.quant_config import QuantConfig
+from quant.method.fold import fold_smoothing
+from quant.nn.inference import kernel_lines, load_checkpoint, to_backend
+from quant.nn.int_linear import IntLinear
+from quant.nn.qlinear import QuantLinear
 
 XS = ["--model", "DiT-XS/2", "--image-size", "8", "--num-classes", "10", "--vae", "none"]
 INT_LAYERS = 8  # DiT-XS/2: 2 blocks x (qkv, proj, fc1, fc2)
@@ -128,7 +128,7 @@ def test_to_backend_moves_the_model_before_preparing_the_integer_layers(qdirs, m
 
     model.to = to
     monkeypatch.setattr(IntLinear, "_prepare", prepare)
-    model = to_backend(model, "int", "q", torch.device("cpu"), "torch")
+    model = to_backend(model, "int", torch.device("cpu"), "torch", path="q")
     assert events == [("to", torch.device("cpu"))] + [("prepare", torch.device("cpu"))] * INT_LAYERS
     layers = [m for m in model.modules() if isinstance(m, IntLinear)]
     assert len(layers) == INT_LAYERS and not any(isinstance(m, QuantLinear) for m in model.modules())
@@ -136,8 +136,8 @@ def test_to_backend_moves_the_model_before_preparing_the_integer_layers(qdirs, m
 
 
 def test_kernel_lines_name_the_kernel_and_warn_of_the_slow_fallback_on_cuda(qdirs, monkeypatch):
-    from quant import ops_avx512, ops_triton
-    model = to_backend(_folded(qdirs[0]), "int", "q", torch.device("cpu"), "torch")
+    from quant.kernels import ops_avx512, ops_triton
+    model = to_backend(_folded(qdirs[0]), "int", torch.device("cpu"), "torch", path="q")
     cpu = kernel_lines(model, torch.device("cpu"), "torch")
     assert cpu == [f"integer kernel on cpu: torch ({INT_LAYERS} layers); --int-kernel torch"]
     monkeypatch.setattr(ops_triton, "status", lambda: "triton not importable (ImportError: x); pip install triton")
@@ -148,7 +148,7 @@ def test_kernel_lines_name_the_kernel_and_warn_of_the_slow_fallback_on_cuda(qdir
     monkeypatch.setattr(ops_avx512, "status", lambda: "CPU lacks AVX512-VNNI")
     assert kernel_lines(model, torch.device("cpu"), "auto")[0].endswith(
         "auto: fused kernel unavailable (CPU lacks AVX512-VNNI), so torch ops")
-    triton = to_backend(_folded(qdirs[0]), "int", "q", torch.device("cpu"), "triton")  # the interpreter
+    triton = to_backend(_folded(qdirs[0]), "int", torch.device("cpu"), "triton", path="q")  # the interpreter
     assert kernel_lines(triton, torch.device("cuda"), "auto") == [
         f"integer kernel on cuda: triton ({INT_LAYERS} layers); auto: triton not importable (ImportError: x); "
         "pip install triton"]
@@ -168,7 +168,7 @@ def test_the_kernel_line_is_printed_once(script, qdirs, tmp_path, capsys):
 
 @pytest.mark.parametrize("script", [sample, sample_merge_TAS])
 def test_bad_kernel_choices_are_one_line_errors(script, qdirs, tmp_path, monkeypatch):
-    from quant import ops_avx512
+    from quant.kernels import ops_avx512
     monkeypatch.setattr(ops_avx512, "load", lambda: None)
     monkeypatch.setattr(ops_avx512, "status", lambda: "CPU lacks AVX512-VNNI")
     out = ["--out", tmp_path / "g.png"] if script is sample else ["--sample-dir", tmp_path / "s"]

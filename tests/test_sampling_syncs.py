@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from helpers import HostSyncs, quantize_blocks, random_dit
-from quant.int_linear import IntLinear, to_int_backend
+from quant.nn.int_linear import IntLinear, to_int_backend
 
 torch.set_num_threads(1)
 
 
 def _kernels():
-    from quant import ops_triton
+    from quant.kernels import ops_triton
     return ["torch"] + (["triton"] if ops_triton.available() else [])
 
 

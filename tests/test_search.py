@@ -6,13 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from helpers import search_problem
-from quant.lora import fit_lora
-from quant.qlinear import QuantLinear
-from quant.quantizer import ActQuantConfig, WeightQuantConfig, dequantize_weight, fake_quantize_act, quantize_weight
-from quant import ops_avx512
-from quant.search import AlphaSearch, alpha_grid, select_alpha
-from quant.search_losses import LossEngine
-from quant.smoothing import RunningAbsMax, smoothing_factors, weight_channel_absmax
+from quant.method.lora import fit_lora
+from quant.nn.qlinear import QuantLinear
+from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, dequantize_weight, fake_quantize_act, quantize_weight
+from quant.kernels import ops_avx512
+from quant.search.candidates import AlphaSearch, select_alpha
+from quant.quant_config import alpha_grid
+from quant.search.losses import LossEngine
+from quant.method.smoothing import RunningAbsMax, smoothing_factors, weight_channel_absmax
 
 torch.set_num_threads(1)
 RANK, ITERS = 4, 3
@@ -206,7 +207,7 @@ def test_row_stride_scores_every_nth_row(scheme, granularity, shape):
 @pytest.mark.parametrize("out", [96, 64, 32])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_bf16_search_kernel_matches_torch_bf16(monkeypatch, granularity, shape, out, stride):
-    """The C evaluation of the bf16 candidate products (quant/csrc/alpha_search_bf16.c) gives the torch bf16 path's
+    """The C evaluation of the bf16 candidate products (quant/kernels/csrc/alpha_search_bf16.c) gives the torch bf16 path's
     losses: the same bf16 operands, summed in another order. Odd widths exercise the padded layouts."""
     w, b, _ = search_problem(out=out, inp=shape[-1])
     xs, wcfg, acfg, absmax = _streams("reference", granularity, shape[:-1] + (64,), seed=3)
@@ -365,7 +366,7 @@ def test_integer_kernel_builds_weight_operands_once_per_search(monkeypatch):
     """Steps of many rows are scored in blocks; each candidate's kernel operands are built once for the
     whole search (not per step or block), counted in the engine's bytes, and the losses are the
     single-block ones."""
-    from quant import search_losses
+    from quant.search import losses as search_losses
     w, b, _ = search_problem(out=96)
     xs, wcfg, acfg, absmax = _streams("ditas", "row", (2, 300, 64), seed=11)
     alphas = alpha_grid(0.5)

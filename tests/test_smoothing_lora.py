@@ -5,11 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quant import lora, ops_avx512
-from quant.lora import fit_lora
-from quant.quantizer import WeightQuantConfig, dequantize_weight, quantize_weight
-from quant.search import Candidates
-from quant.smoothing import RunningAbsMax, channel_absmax, smoothing_factors, weight_channel_absmax
+from quant.method import lora
+
+from quant.kernels import ops_avx512
+from quant.method.lora import fit_lora
+from quant.method.quantizer import WeightQuantConfig, dequantize_weight, quantize_weight
+from quant.search.candidates import Candidates
+from quant.method.smoothing import RunningAbsMax, channel_absmax, smoothing_factors, weight_channel_absmax
 
 torch.set_num_threads(1)
 
@@ -213,7 +215,7 @@ def test_subspace_warm_start_from_a_neighbour():
 @pytest.mark.parametrize("shape,group,svd", [((96, 64), 32, "subspace"), ((2, 48, 128), 16, "full"),
                                              ((40, 256), None, "subspace")])
 def test_fused_quantize_residual_is_the_torch_ops(monkeypatch, shape, group, svd):
-    """The LoRA loop's quantize-and-residual step in one C pass (csrc/weight_quant.c) is quant.quantizer's
+    """The LoRA loop's quantize-and-residual step in one C pass (csrc/weight_quant.c) is quant.method.quantizer's
     round-to-nearest bit for bit: the same codes, scales, zero points, factors and errors after the whole
     loop, including a constant group (rng 0) and an all-zero one (the scale fallbacks)."""
     g = torch.Generator().manual_seed(3)

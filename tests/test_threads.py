@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import QuantDiT
-import threads
+from ditas import threads
 from bundled.digits import BUNDLED_FLAGS
 from helpers import ROOT, call_main, run_script, search_problem
-from quant import lapack
-from quant.config import QuantConfig
-from quant.search import Candidates
+from quant.method import lapack
+from quant.quant_config import QuantConfig
+from quant.search.candidates import Candidates
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_lapack_factorisations_give_the_same_bits_at_any_thread_count(shape, res
 @pytest.mark.parametrize("svd", ["subspace", "full"])
 def test_candidates_do_not_depend_on_the_thread_count(svd, restore_threads):
     """Every alpha's smoothing, quantization and warm-started LoRA fit: bit-equal at 1 and 2 threads (not promised at
-    every count: MKL splits some small products differently at 3 threads, see quant/lapack.py)."""
+    every count: MKL splits some small products differently at 3 threads, see quant/method/lapack.py)."""
     w, b, xs = search_problem(out=192, inp=128)
     absmax = torch.stack([x.abs().amax(dim=(0, 1)) for x in xs]).amax(0)
     cfg = QuantConfig(group_size=32, lora_rank=8, lora_iters=4)
@@ -158,7 +158,7 @@ def test_omp_num_threads_gives_the_checkpoint_of_the_same_threads_flag(tmp_path)
 
 def test_predicted_losses_do_not_depend_on_the_thread_count(restore_threads):
     """The shortlist's ranking (approx_search.approx_losses) at 1 and 2 threads: equal floats."""
-    from quant.approx_search import InputStats, approx_losses
+    from quant.search.approx import InputStats, approx_losses
     w, b, xs = search_problem(out=384, inp=256, batch=8, tokens=16)
     cfg = QuantConfig(group_size=32, lora_rank=4, lora_iters=2)
     stats = InputStats(cfg.act_cfg().granularity)

@@ -1,10 +1,10 @@
-"""Objects with large tensors between processes (quant/wire.py): the pickle without them, then raw bytes."""
+"""Objects with large tensors between processes (quant/calibration/wire.py): the pickle without them, then raw bytes."""
 from dataclasses import dataclass
 
 import torch
 
-from quant import wire
-from quant.approx_search import InputStats
+from quant.calibration import wire
+from quant.search.approx import InputStats
 from helpers import run_gloo_workers
 
 
@@ -89,7 +89,7 @@ def test_large_tensors_leave_the_pickle_and_come_back_in_order():
 def _worker(rank, port, queue):
     import torch.distributed as dist
 
-    from quant.ranks import Ranks
+    from quant.calibration.ranks import Ranks
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         ranks, obj = Ranks.current(), _object()

@@ -1,0 +1,1 @@
+"""The quantized checkpoint: save/load, storage layout, atomic file writes."""

@@ -1,0 +1,1 @@
+"""The paper's method on tensors: quantizers, TAS smoothing, the LoRA fit, folding, the layer registry."""

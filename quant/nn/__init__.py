@@ -1,0 +1,1 @@
+"""The quantized layers: QuantLinear (fake-quant) and IntLinear (integer), and the backend switch."""

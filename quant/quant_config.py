@@ -1,0 +1,218 @@
+"""QuantConfig: how to quantize a DiT, and the one place its defaults live.
+
+`QuantConfig(scheme="reference")` from Python is exactly `QuantDiT.py --scheme reference`:
+the fields whose default depends on the scheme are resolved here, not in the CLI
+(QuantDiT.py builds its argparse defaults and help from this class).
+
+Scheme-dependent defaults (docs/METHOD.md §8):
+
+    field             ditas    reference
+    act_granularity   row      tensor      (per batch row: a sample never depends on its neighbours)
+    search_steps      None     50          (None = every calibration step; the released search
+                                            scores the first 50, noisiest, steps only)
+    svd               subspace full        (the LoRA fit's truncated SVD: one fit per alpha in the ditas
+                                            scheme makes the full SVD its dominant cost, quant/method/lora.py)
+    search            shortlist exact      (shortlist: the approximate search ranks every candidate from
+                                            pass-1 statistics and the exact pass scores only the
+                                            `search_shortlist` best (2); exact: it scores every candidate,
+                                            the paper's search; with one alpha (fixed, none) always exact)
+    calib_clip        auto     off         (x0 predictions of the FP calibration loops clipped to [-1, 1]: auto
+                                            for pixel-space models only, as the sampling scripts sample them;
+                                            off: the released code's clip_denoised=False; clips_x0())
+
+`smoothing` defaults to "fixed" when an `alpha` is given and to "search" otherwise; `alpha`
+itself then defaults to 0.5 (SmoothQuant's value).
+"""
+from dataclasses import asdict, dataclass, fields
+
+SCHEMES = ("ditas", "reference")
+GRANULARITIES = ("tensor", "row", "token")
+
+
+def _check_bits(bits):
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+
+
+def _check_scheme(scheme):
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+
+
+@dataclass(frozen=True)
+class WeightQuantConfig:
+    """Weight quantizer settings.
+
+    group_size: ditas only; consecutive input columns sharing a scale within one
+    output row (None = one group per output row). The reference scheme's groups
+    are fixed (32 rows of one column) and ignore it. symmetric: ditas only.
+    """
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    scheme: str = "ditas"
+
+    def __post_init__(self):
+        _check_bits(self.bits)
+        _check_scheme(self.scheme)
+        if self.group_size is not None and (
+                isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ValueError(f"group_size must be a positive integer or None, got {self.group_size!r}")
+        if self.symmetric and self.scheme != "ditas":
+            raise ValueError("symmetric weight quantization is only defined for the ditas scheme")
+
+
+@dataclass(frozen=True)
+class ActQuantConfig:
+    """Dynamic asymmetric activation quantizer settings.
+
+    granularity: "tensor" (one range for the whole tensor, the paper), "row" (one
+    range per x[b], so a sample never depends on its batch neighbours), "token"
+    (one range per last-dim vector).
+    """
+    bits: int = 8
+    granularity: str = "tensor"
+    scheme: str = "ditas"
+
+    def __post_init__(self):
+        _check_bits(self.bits)
+        _check_scheme(self.scheme)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+
+
+def alpha_grid(step=0.05):
+    """[0, step, ..., 1] with exact decimals (21 values for 0.05)."""
+    n = round(1 / step) if 0 < step <= 1 else 0  # (0, nan and inf divide nothing)
+    if n < 1 or abs(n * step - 1) > 1e-9:
+        raise ValueError(f"alpha step must divide 1, got {step}")
+    return [round(k * step, 10) for k in range(n + 1)]
+
+
+SCHEME_DEFAULT = "scheme default"  # sentinel of the fields resolved per scheme
+_SCHEME_DEFAULTS = {"ditas": {"act_granularity": "row", "search_steps": None, "svd": "subspace", "search": "shortlist",
+                              "calib_clip": "auto"},
+                    "reference": {"act_granularity": "tensor", "search_steps": 50, "svd": "full", "search": "exact",
+                                  "calib_clip": "off"}}
+MATMUL_DTYPES = ("fp32", "bf16")
+SEARCHES = ("exact", "shortlist", "approx")
+DEFAULT_SHORTLIST = 2
+SMOOTHINGS = ("search", "fixed", "none")
+SVDS = ("full", "lowrank", "subspace")
+CALIB_CLIPS = ("auto", "on", "off")
+DEFAULT_ALPHA = 0.5
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a DiT (quant.calibration.driver.quantize_dit). Every field is a QuantDiT.py flag; calib_clip sets
+    the FP calibration loop that QuantDiT.py hands quantize_dit (clips_x0)."""
+    scheme: str = "ditas"             # ditas (deployable integer form) | reference (the released numerics)
+    weight_bit: int = 4
+    act_bit: int = 8
+    group_size: int | None = 128      # ditas: input columns per weight group; None = per output channel
+    act_granularity: str = SCHEME_DEFAULT  # tensor | row | token dynamic activation ranges
+    smoothing: str | None = None      # search | fixed | none (None: fixed if alpha is given, else search)
+    alpha: float | None = None        # the fixed alpha (None: 0.5)
+    alpha_step: float = 0.05          # the searched grid {0, step, ..., 1}
+    lora_rank: int = 32               # 0 = no LoRA branch
+    lora_iters: int = 10
+    svd: str = SCHEME_DEFAULT         # full | lowrank (randomized) | subspace (warm-started, quant/method/lora.py)
+    search_steps: int | None | str = SCHEME_DEFAULT  # search loss over the first N steps (None: all)
+    quantize_adaln: bool = False      # also quantize every block's adaLN linear, weight-only 8-bit
+    search_dtype: str = "fp32"        # reference scheme: candidate products in fp32 or bf16
+    search: str = SCHEME_DEFAULT      # exact: a second FP loop scores every candidate; shortlist: only the
+                                      # best predicted from pass 1; approx: all predicted from pass 1
+    search_shortlist: int | None | str = SCHEME_DEFAULT  # shortlist: candidates scored exactly (None otherwise)
+    search_row_stride: int = 1        # exact/shortlist: score every N-th token row only (an approximation)
+    calib_clip: str = SCHEME_DEFAULT  # auto | on | off: clip x0 to [-1, 1] in the FP calibration loops (clips_x0)
+
+    def __post_init__(self):
+        if self.scheme not in _SCHEME_DEFAULTS:
+            raise ValueError(f"scheme must be one of {tuple(_SCHEME_DEFAULTS)}, got {self.scheme!r}")
+        if self.smoothing is None:
+            object.__setattr__(self, "smoothing", "search" if self.alpha is None else "fixed")
+        if self.search == SCHEME_DEFAULT:  # resolved before the scheme's table: one alpha has nothing to rank
+            object.__setattr__(self, "search", _SCHEME_DEFAULTS[self.scheme]["search"]
+                               if self.smoothing == "search" else "exact")
+        for name, value in _SCHEME_DEFAULTS[self.scheme].items():
+            if getattr(self, name) == SCHEME_DEFAULT:
+                object.__setattr__(self, name, value)
+        if self.search_shortlist == SCHEME_DEFAULT:
+            object.__setattr__(self, "search_shortlist", DEFAULT_SHORTLIST if self.search == "shortlist" else None)
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", DEFAULT_ALPHA)
+        self._validate()
+
+    def _validate(self):
+        if self.search not in SEARCHES:
+            raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
+        if isinstance(self.search_row_stride, bool) or not isinstance(self.search_row_stride, int) \
+                or self.search_row_stride < 1:
+            raise ValueError(f"search row stride must be a positive integer, got {self.search_row_stride!r}")
+        if self.search_row_stride != 1 and self.search == "approx":
+            raise ValueError("the search row stride applies to the scoring pass (--search exact or shortlist)")
+        if self.search == "shortlist":
+            if self.smoothing != "search":
+                raise ValueError("--search shortlist ranks the searched alphas: it needs --smoothing search")
+            k = self.search_shortlist
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"the search shortlist must be a positive number of candidates, got {k!r}")
+        elif self.search_shortlist is not None:
+            raise ValueError(f"the search shortlist applies to --search shortlist only (this is --search {self.search})")
+        if self.smoothing not in SMOOTHINGS:
+            raise ValueError(f"smoothing must be search, fixed or none, got {self.smoothing!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"the fixed alpha must be in [0, 1], got {self.alpha}")
+        if self.search_dtype not in MATMUL_DTYPES:
+            raise ValueError(f"search dtype must be one of {MATMUL_DTYPES}, got {self.search_dtype!r}")
+        if self.calib_clip not in CALIB_CLIPS:
+            raise ValueError(f"calib clip must be one of {CALIB_CLIPS}, got {self.calib_clip!r}")
+        if self.svd not in SVDS:
+            raise ValueError(f"svd must be one of {SVDS}, got {self.svd!r}")
+        if self.lora_rank < 0 or self.lora_iters < 1:
+            raise ValueError(f"LoRA rank must be >= 0 and iterations >= 1, got {self.lora_rank}, {self.lora_iters}")
+        if self.search_steps is not None and (isinstance(self.search_steps, bool)
+                                              or not isinstance(self.search_steps, int) or self.search_steps < 1):
+            raise ValueError(f"search steps must be a positive integer or None (all), got {self.search_steps!r}")
+        self.weight_cfg()  # validates bits, scheme, group size
+        self.act_cfg()
+
+    def weight_cfg(self):
+        return WeightQuantConfig(bits=self.weight_bit, group_size=self.group_size, scheme=self.scheme)
+
+    def act_cfg(self):
+        return ActQuantConfig(bits=self.act_bit, granularity=self.act_granularity, scheme=self.scheme)
+
+    def alphas(self):
+        """The candidate alphas: the grid, the fixed one, or [None] (no smoothing)."""
+        if self.smoothing == "none":
+            return [None]
+        if self.smoothing == "fixed":
+            return [self.alpha]
+        return alpha_grid(self.alpha_step)
+
+    def clips_x0(self, pixel_space):
+        """Whether the FP calibration loops clip x0 predictions to [-1, 1] (clip_denoised): calib_clip on or
+        off, or auto: for pixel-space models (whose data lie in [-1, 1], and which sample.py and
+        sample_merge_TAS.py sample clipped), never for latent ones. The loop is the caller's (QuantDiT.py):
+        quantize_dit observes whatever trajectory it is given."""
+        return self.calib_clip == "on" or (self.calib_clip == "auto" and pixel_space)
+
+    def to_dict(self):
+        return asdict(self)
+
+    def changed(self):
+        """{field: value} where this config differs from its scheme's defaults (names an output dir); the
+        search fields against the defaults of its smoothing (one alpha: the exact search)."""
+        base = QuantConfig(scheme=self.scheme)
+        search_base = base if self.smoothing == "search" else QuantConfig(scheme=self.scheme, smoothing=self.smoothing)
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) != getattr(search_base if f.name.startswith("search") else base, f.name)}
+
+
+def field_default(name, scheme=None):
+    """A field's default: the class default, or the given scheme's resolution of it."""
+    if scheme is not None:
+        return getattr(QuantConfig(scheme=scheme), name)
+    return next(f.default for f in fields(QuantConfig) if f.name == name)
