@@ -12,82 +12,27 @@ the model that loads back. --quantize-adaln also quantizes every block's adaLN l
 """
 import argparse
 import os
-import sys
 import time
-from dataclasses import fields
 
 from ditas import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 
-from ditas.cli import (ArgumentParser, UserError, add_device_arg, add_model_args, add_tf32_arg, check_common_args,
-                 check_positive, check_seed, check_writable, latent_shape, pick_device, run, set_tf32)
 from config import DEFAULTS, calib_labels
-from ditas.pipeline import (build_model, close_distributed, decode, init_distributed, load_vae,
-                      make_sampler, sample_inputs, save_grid)
+from ditas.cli import (ArgumentParser, UserError, add_device_arg, add_model_args, add_tf32_arg, check_common_args,
+                       check_positive, check_seed, check_writable, latent_shape, pick_device, run, set_tf32)
+from ditas.pipeline import build_model, decode, init_distributed, load_vae, on_every_rank, save_grid
+from diffusion.sampling import make_sampler, sample_inputs
+from ditas.quant_args import add_quant_args, default_out_dir, quant_config_from_args
 from quant.calibration.budget import GIB
 from quant.calibration.driver import plan_calibration, quantize_dit
-from quant.quant_config import CALIB_CLIPS, DEFAULT_SHORTLIST, SCHEME_DEFAULT, SEARCHES, QuantConfig, field_default
-from quant.io.checkpoint import is_quantized_checkpoint, save_quantized
 from quant.calibration.loop import fp_calibration_loop
 from quant.calibration.ranks import Ranks
+from quant.io.checkpoint import is_quantized_checkpoint, save_quantized
 from quant.io.storage import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES, round_for_storage
 
 
-def quant_config_from_args(args):
-    """The QuantConfig of the command line: flags left unset take QuantConfig's (scheme) defaults."""
-    given = {f.name: getattr(args, f.name) for f in fields(QuantConfig)}
-    for flag in ("weight_bit", "act_bit"):  # the message names the flag
-        if not 2 <= given[flag] <= 8:
-            raise UserError(f"--{flag.replace('_', '-')} {given[flag]}: bits must be an integer in 2..8")
-    given["group_size"] = given["group_size"] or None  # 0 = per output channel
-    for name in ("act_granularity", "search_steps", "svd", "search", "search_shortlist", "calib_clip"):  # None: default
-        if given[name] is None:
-            given[name] = SCHEME_DEFAULT
-    try:
-        return QuantConfig(**given)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-def default_out_dir(args, cfg):
-    """results/<model>-<size>-W<w>A<a>-<scheme>[-ablation...]: one directory per setting (the ablation
-    suffixes name what differs from QuantConfig's defaults for the scheme)."""
-    changed = cfg.changed()
-    parts = [args.model.replace("/", "-"), str(args.image_size), f"W{cfg.weight_bit}A{cfg.act_bit}", cfg.scheme]
-    if cfg.smoothing == "none":
-        parts.append("rtn")
-    elif cfg.smoothing == "fixed":
-        parts.append(f"alpha{cfg.alpha:g}")
-    if "lora_rank" in changed:
-        parts.append(f"r{cfg.lora_rank}")
-    if "act_granularity" in changed:
-        parts.append(cfg.act_granularity)
-    if cfg.quantize_adaln:
-        parts.append("adaln8")
-    if "search" in changed:
-        parts.append(f"{cfg.search}search")
-    if "search_shortlist" in changed and cfg.search_shortlist is not None:
-        parts.append(f"short{cfg.search_shortlist}")
-    if "svd" in changed:
-        parts.append(f"{cfg.svd}svd")
-    if "search_row_stride" in changed:
-        parts.append(f"rows{cfg.search_row_stride}")
-    if "calib_clip" in changed:
-        parts.append(f"clip{cfg.calib_clip}")
-    if args.storage_dtype != DEFAULT_STORAGE_DTYPE:
-        parts.append(args.storage_dtype)
-    return os.path.join(args.results_dir, "-".join(parts))
-
-
 def main(args):
-    try:
-        return _main(args)
-    except UserError:
-        if Ranks.current().rank != 0:  # every rank stops with the same error; rank 0 reports it
-            sys.exit(2)
-        raise
-    finally:
-        close_distributed()
+    return on_every_rank(_main, args)
 
 
 def _main(args):
@@ -187,62 +132,6 @@ def _main(args):
     print(f"saved {out_dir} in {report['timings']['total_s']:.0f}s; mean output error vs round-to-nearest: "
           f"{sum(errs) / len(errs):.3f}x")
     return out_dir
-
-
-def add_quant_args(parser):
-    """The QuantConfig flags; defaults (and their help) come from quant/quant_config.py."""
-    q = field_default
-    parser.add_argument("--weight-bit", type=int, default=q("weight_bit"), help="weight bits, 2..8")
-    parser.add_argument("--act-bit", type=int, default=q("act_bit"), help="activation bits, 2..8")
-    parser.add_argument("--scheme", choices=("ditas", "reference"), default=q("scheme"),
-                        help="ditas: deployable integer form; reference: the released code's numerics "
-                             "(docs/METHOD.md §8)")
-    parser.add_argument("--group-size", type=int, default=q("group_size"),
-                        help="ditas weight group size along the input dim; 0 = per output channel")
-    parser.add_argument("--act-granularity", choices=("tensor", "row", "token"), default=None,
-                        help=f"dynamic activation ranges (default: {q('act_granularity', 'ditas')} for ditas, "
-                             f"{q('act_granularity', 'reference')} for reference)")
-    parser.add_argument("--smoothing", choices=("search", "fixed", "none"), default=None,
-                        help="search: layer-wise alpha grid search (default); fixed: --alpha (the default when "
-                             "--alpha is given); none: plain round-to-nearest")
-    parser.add_argument("--alpha", type=float, default=None,
-                        help=f"fixed smoothing exponent in [0, 1] (implies --smoothing fixed; "
-                             f"default {q('alpha', 'ditas')})")
-    parser.add_argument("--alpha-step", type=float, default=q("alpha_step"), help="alpha grid spacing")
-    parser.add_argument("--lora-rank", type=int, default=q("lora_rank"), help="0 disables the LoRA branch")
-    parser.add_argument("--lora-iters", type=int, default=q("lora_iters"),
-                        help="alternating quantize / low-rank fit iterations")
-    parser.add_argument("--svd", choices=("full", "lowrank", "subspace"), default=None,
-                        help=f"truncated SVD of the LoRA fit: full (LAPACK), lowrank (randomized, fresh every "
-                             f"iteration) or subspace (warm-started through the alternating loop and from the "
-                             f"neighbouring alpha; quant/method/lora.py) (default: {q('svd', 'ditas')} for ditas, "
-                             f"{q('svd', 'reference')} for reference, the released code's)")
-    parser.add_argument("--search-steps", type=int, default=None,
-                        help=f"search loss over the first N calibration steps only (default: all for ditas, "
-                             f"{q('search_steps', 'reference')} for reference)")
-    parser.add_argument("--search", choices=SEARCHES, default=None,
-                        help=f"alpha search loss: exact (a second FP loop scores every candidate, the paper), "
-                             f"shortlist (every candidate ranked by the approximate loss of pass 1, the "
-                             f"--search-shortlist best scored exactly by the second loop) or approx (predicted "
-                             f"from pass 1 alone; quant/search/approx.py) (default: {q('search', 'ditas')} for "
-                             f"ditas, {q('search', 'reference')} for reference; exact with one alpha)")
-    parser.add_argument("--search-shortlist", type=int, default=None, metavar="K",
-                        help=f"--search shortlist: candidates per layer scored exactly (default "
-                             f"{DEFAULT_SHORTLIST}; {len(QuantConfig().alphas())} = every alpha of the default grid)")
-    parser.add_argument("--search-dtype", choices=("fp32", "bf16"), default=q("search_dtype"),
-                        help="reference scheme: dtype of the alpha search's candidate products (bf16: 1.6-1.7x "
-                             "faster calibration, losses within ~1e-5 relative; see bench/results/calibration.md)")
-    parser.add_argument("--search-row-stride", type=int, default=q("search_row_stride"), metavar="N",
-                        help="exact/shortlist search: score the candidates on every N-th token row of each step only "
-                             "(an approximation, N times less candidate work; ranges still from all rows; "
-                             "1 = all rows, the paper)")
-    parser.add_argument("--calib-clip", choices=CALIB_CLIPS, default=None,
-                        help=f"clip x0 predictions to [-1, 1] in the FP calibration loops; auto: for pixel-space "
-                             f"models (--vae none) only, as sampling does (default: {q('calib_clip', 'ditas')} for "
-                             f"ditas, {q('calib_clip', 'reference')} for reference, the released code's "
-                             f"clip_denoised=False; docs/METHOD.md §8)")
-    parser.add_argument("--quantize-adaln", action="store_true", default=q("quantize_adaln"),
-                        help="also quantize every block's adaLN linear: weight-only 8-bit per output channel")
 
 
 def build_parser():

@@ -9,7 +9,8 @@ import torch
 from ditas.cli import (ArgumentParser, UserError, add_backend_args, add_device_arg, add_dtype_arg, add_model_args,
                  add_tf32_arg, check_backend_args, check_common_args, check_positive, check_seed, check_writable,
                  pick_device, resolve_model_args, run)
-from ditas.pipeline import build_model, decode, load_vae, make_sampler, sample_inputs, sampling_model, save_grid
+from ditas.pipeline import build_model, decode, load_vae, sampling_model, save_grid
+from diffusion.sampling import make_sampler, sample_inputs
 from quant.method.fold import fold_smoothing
 from quant.nn.inference import load_checkpoint
 

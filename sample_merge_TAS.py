@@ -10,7 +10,7 @@ directory is loaded (quant.io.checkpoint.load_quantized) and its smoothing facto
 (quant.method.fold.fold_smoothing) before sampling.
 
 Determinism. Sample i's label, x_T and every step's noise come from a generator seeded by
-(--global-seed, i) (pipeline.sample_inputs). The N samples are cut into shards of
+(--global-seed, i) (diffusion/sampling.py sample_inputs). The N samples are cut into shards of
 --per-proc-batch-size consecutive indices (the last one may be short); shard k is one batch and
 goes to rank k % world_size. A shard's content therefore does not depend on the world size, and
 the .npz is byte-identical for any number of processes at the same --per-proc-batch-size (on the
@@ -26,21 +26,21 @@ device, --dtype, the integer kernels, TF32 on GPUs) are discarded.
 import hashlib
 import json
 import os
-import sys
 
 from ditas import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 from tqdm import tqdm
 
 from ditas.cli import (ArgumentParser, UserError, add_backend_args, add_device_arg, add_dtype_arg, add_model_args,
-                 add_tf32_arg, check_backend_args, check_common_args, check_seed, check_writable, latent_shape,
-                 pick_device, resolve_model_args, run)
-from ditas.pipeline import (barrier, build_model, close_distributed, decode, init_distributed, load_vae, make_sampler, rank,
-                      sample_inputs, sampling_model, to_uint8, world_size)
+                       add_tf32_arg, check_backend_args, check_common_args, check_seed, check_writable, latent_shape,
+                       pick_device, resolve_model_args, run)
+from ditas.pipeline import (barrier, build_model, decode, init_distributed, load_vae, on_every_rank, rank, sampling_model,
+                            to_uint8, world_size)
+from diffusion.sampling import make_sampler, sample_inputs
+from ditas.shards import ShardStore, npz_chunks, npz_shape
 from quant.method import fold
 from quant.nn.inference import load_checkpoint
 from quant.nn.int_linear import IntLinear
-from ditas.shards import ShardStore, npz_chunks, npz_shape
 
 # upstream sample_ddp.py's defaults for the flags a quantized checkpoint may supply instead
 MODEL_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000, "vae": "ema"}
@@ -100,15 +100,8 @@ def fingerprint(model, args, meta, device):
 
 
 def main(args):
-    try:
-        with torch.no_grad():
-            return _main(args)
-    except UserError:
-        if rank() != 0:  # every rank hits the same input error; rank 0 reports it
-            sys.exit(2)
-        raise
-    finally:
-        close_distributed()
+    with torch.no_grad():
+        return on_every_rank(_main, args)
 
 
 def _main(args):

@@ -7,13 +7,11 @@ conversion the samplers use); key `labels`: their classes (ADM ignores extra key
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from ditas import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
-import numpy as np  # noqa: E402
-from bundled.digits import IMAGE_SIZE, load_digits_tensors  # noqa: E402
-from ditas.pipeline import to_uint8  # noqa: E402
+from ditas import threads  # (before torch: sets OpenMP's wait policy, read when torch loads)
+import numpy as np
+from bundled.digits import IMAGE_SIZE, load_digits_tensors
+from ditas.pipeline import to_uint8
 
 DEFAULT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits_ref.npz")
 

@@ -7,17 +7,15 @@ classifier-free guidance, MSE + VB loss. Checkpoints are {model, ema, opt, args,
 """
 import argparse
 import os
-import sys
 import time
 from copy import deepcopy
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from ditas import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
-import torch  # noqa: E402
-from bundled.digits import NUM_CLASSES, load_digits_tensors  # noqa: E402
-from diffusion import create_diffusion  # noqa: E402
-from models import DiT_models  # noqa: E402
-from quant.io.files import atomic_path  # noqa: E402
+from ditas import threads  # (before torch: sets OpenMP's wait policy, read when torch loads)
+import torch
+from bundled.digits import NUM_CLASSES, load_digits_tensors
+from diffusion import create_diffusion
+from models import DiT_models
+from quant.io.files import atomic_path
 
 
 def ema_decay(target, ema_steps):

@@ -9,18 +9,16 @@ noise so the features stay sensible on imperfect generated samples.
 """
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from ditas import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
-from bundled.classifier import DEFAULT_PATH, DigitClassifier, uint8_to_input  # noqa: E402
-from bundled.digits import IMAGE_SIZE, NUM_CLASSES, load_digits_tensors  # noqa: E402
-from ditas.pipeline import to_uint8  # noqa: E402
+from ditas import threads  # (before torch: sets OpenMP's wait policy, read when torch loads)
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from sklearn.model_selection import train_test_split
+from bundled.classifier import DEFAULT_PATH, DigitClassifier, uint8_to_input
+from bundled.digits import IMAGE_SIZE, NUM_CLASSES, load_digits_tensors
+from ditas.pipeline import to_uint8
 
 def quantize(x):
     """What the evaluator sees: [-1, 1] floats -> ADM uint8 -> back to [-1, 1]."""

@@ -1,6 +1,7 @@
 """The pieces every script shares: building and loading a DiT, the VAE, the sampling model's set-up, image
 grids and DDP helpers. The samplers and per-sample noise are diffusion/sampling.py's."""
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -140,6 +141,19 @@ def init_distributed(device_kind):
     if launched and not dist.is_initialized():
         dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
     return torch.device("cuda", local_rank) if device_kind == "cuda" else torch.device("cpu")
+
+
+def on_every_rank(main, args):
+    """main(args) on this rank; an input error (UserError) stops every rank, and rank 0 alone reports it (cli.run);
+    the process group is closed either way."""
+    try:
+        return main(args)
+    except UserError:
+        if rank() != 0:
+            sys.exit(2)
+        raise
+    finally:
+        close_distributed()
 
 
 def close_distributed():

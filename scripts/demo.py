@@ -19,13 +19,13 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from ditas import threads  # noqa: E402,F401  (before torch: sets OpenMP's wait policy, read when torch loads)
-import numpy as np  # noqa: E402
+from ditas import threads  # noqa: F401  (before torch: sets OpenMP's wait policy, read when torch loads)
+import numpy as np
 
-from bundled.digits import BUNDLED_FLAGS  # noqa: E402
-from ditas.cli import ArgumentParser, UserError, check_positive, check_seed, check_writable, run  # noqa: E402
+from bundled.digits import BUNDLED_FLAGS
+from ditas.cli import ArgumentParser, UserError, check_positive, check_seed, check_writable, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 QUICK = dict(num_samples=300, steps=20, cfg_scale=4.0)
 FULL = dict(num_samples=500, steps=50, cfg_scale=4.0)
@@ -64,7 +64,7 @@ def quantize(args, bits, steps):
 def sample_and_score(args, label, qdir, n, steps, cfg):
     """(metrics, uint8 images) of one row; its folder is named by every setting the samples depend on."""
     from bundled.classifier import label_accuracy
-    from ditas.pipeline import sample_labels
+    from diffusion.sampling import sample_labels
     tag = os.path.basename(qdir) if qdir else "FP"
     sample_dir = os.path.join(args.out, "samples", f"{tag}-n{n}-steps{steps}-cfg{cfg}-seed{args.seed}")
     source = ["--path", qdir, "--backend", "int"] if qdir else BUNDLED_FLAGS

@@ -11,7 +11,8 @@ from bundled.classifier import label_accuracy
 from download import find_model, load_model_state
 from helpers import ROOT, assert_one_line_error, call_main
 from models import DiT_models
-from ditas.pipeline import make_sampler, sample_inputs, to_uint8
+from ditas.pipeline import to_uint8
+from diffusion.sampling import make_sampler, sample_inputs
 from quant.calibration.driver import quantize_dit
 from quant.quant_config import QuantConfig
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import random_dit
-from ditas.pipeline import make_lockstep_sampler, make_sampler, sample_inputs
+from diffusion.sampling import make_lockstep_sampler, make_sampler, sample_inputs
 from quant.search.approx import InputStats
 from quant.calibration.driver import collect_statistics, quantize_dit
 from quant.quant_config import QuantConfig
@@ -77,18 +77,18 @@ def test_search_slots_add_in_order_and_travel():
                        lora_rank=0)
     acfg = QuantConfig().act_cfg()
     xs = [torch.randn(6, 32, generator=g) for _ in range(4)]
-    a, b = AlphaSearch.over(cands, acfg, slots=2), AlphaSearch.over(cands, acfg, slots=2)
+    a, b = AlphaSearch(cands, acfg, slots=2), AlphaSearch(cands, acfg, slots=2)
     for k, x in enumerate(xs):
         a.update(x, slot=k % 2)
         if k % 2 == 0:
             b.update(x, slot=0)
-    other = AlphaSearch.over(cands, acfg, slots=2)
+    other = AlphaSearch(cands, acfg, slots=2)
     for k, x in enumerate(xs):
         if k % 2:
             other.update(x, slot=1)
     b.set_slot(1, other.slot(1))  # the slot filled by another process
     assert a.losses == b.losses and a.steps == b.steps == 4
-    one = AlphaSearch.over(cands, acfg)
+    one = AlphaSearch(cands, acfg)
     for x in xs:
         one.update(x)
     torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(one.losses), rtol=1e-12, atol=0)

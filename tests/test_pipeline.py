@@ -3,7 +3,7 @@ import torch
 
 from quant.errors import UserError
 from ditas.cli import MAX_SEED, check_seed
-from ditas.pipeline import SampleRNG, sample_inputs, sample_labels
+from diffusion.sampling import SampleRNG, sample_inputs, sample_labels
 
 
 def test_global_seed_changes_every_sample():
