@@ -31,10 +31,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from bench.common import cpu_name, stolen_seconds, stolen_share, write_report  # noqa: E402
-from bundled.digits import BUNDLED_FLAGS  # noqa: E402
+from bench.common import ROOT, cpu_name, stolen_seconds, stolen_share, write_report
+from bundled.digits import BUNDLED_FLAGS
 
 CHECKPOINT_FILES = ("model.safetensors", "quant_config.json")
 

@@ -36,20 +36,18 @@ import sys
 import tempfile
 import time
 
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from ditas import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
-import torch  # noqa: E402
-from config import calib_labels  # noqa: E402
-from models import DiT_models  # noqa: E402
-from ditas.pipeline import make_sampler, sample_inputs  # noqa: E402
-from quant.calibration.driver import collect_tas, quantize_dit  # noqa: E402
-from quant.quant_config import QuantConfig, field_default  # noqa: E402
-from quant.method.layers import quantizable_layers  # noqa: E402
-from quant.nn.qlinear import QuantLinear  # noqa: E402
-from quant.search.candidates import AlphaSearch  # noqa: E402
-from bench.common import cpu_name, write_report  # noqa: E402
+from ditas import threads  # first: sets OpenMP's wait policy, read when torch loads
+import torch
+from config import calib_labels
+from models import DiT_models
+from quant import fp_calibration_loop
+from quant.calibration.driver import collect_tas, quantize_dit
+from quant.quant_config import QuantConfig, field_default
+from quant.method.layers import quantizable_layers
+from quant.nn.qlinear import QuantLinear
+from quant.search.candidates import AlphaSearch
+from bench.common import ROOT, cpu_name, write_report
+from bench.measure import status_kb
 
 BUNDLED = os.path.join(ROOT, "assets", "dit_t2_digits16.safetensors")
 
@@ -83,31 +81,18 @@ OURS = {"ours-defaults": lambda args: quant_config(args, scheme="ditas"),  # Qua
         "ours-bf16-rows4": lambda args: quant_config(args, "bf16", 4)}
 
 
-def _rss_kb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 def child(args):
     """Run one method; write its measurements as JSON."""
     torch.set_grad_enabled(False)
     threads.set_threads(args.threads)
     model = build_model(args)
     labels = calib_labels(args.num_classes)[:args.labels]
-    shape = (args.in_channels, args.input_size, args.input_size)
-    sampler = make_sampler(model, args.steps, 1.5, clip_denoised=args.clip)
     forwards = [0]
     model.x_embedder.register_forward_pre_hook(lambda m, i: forwards.__setitem__(0, forwards[0] + 1))
-
-    def loop():
-        gens, y, z = sample_inputs(args.seed, range(len(labels)), args.num_classes, shape, labels)
-        sampler(z, y, gens)
+    loop = fp_calibration_loop(model, labels, seed=args.seed, steps=args.steps, clip_denoised=args.clip)
 
     cfg = OURS.get(args.child, quant_config)(args)
-    rss0 = _rss_kb()
+    rss0 = status_kb("VmRSS")
     t0, c0 = time.perf_counter(), time.process_time()
     phases = {}
     if args.child.startswith("ours"):
@@ -133,10 +118,10 @@ def child(args):
             phases["capture_loops_s"] += time.perf_counter() - tp
             peak_capture = max(peak_capture, sum(x.numel() * x.element_size() for x in captured))
             tp = time.perf_counter()
-            search = AlphaSearch(lin.weight, lin.bias, absmax[name], cfg.alphas(), wcfg, acfg,
-                                 lora_rank=cfg.lora_rank, lora_iters=cfg.lora_iters, svd=cfg.svd,
-                                 max_steps=cfg.search_steps, matmul_dtype=cfg.search_dtype,
-                                 impl="naive" if args.child == "released-naive" else "fast")
+            search = AlphaSearch.of_layer(lin.weight, lin.bias, absmax[name], cfg.alphas(), wcfg, acfg,
+                                          lora_rank=cfg.lora_rank, lora_iters=cfg.lora_iters, svd=cfg.svd,
+                                          max_steps=cfg.search_steps, matmul_dtype=cfg.search_dtype,
+                                          impl="naive" if args.child == "released-naive" else "fast")
             phases["prepare_candidates_s"] += time.perf_counter() - tp
             tp = time.perf_counter()
             for x in captured:

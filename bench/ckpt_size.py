@@ -15,21 +15,18 @@ import argparse
 import os
 import platform
 import struct
-import sys
 import tempfile
 import time
 
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from ditas import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
-import torch  # noqa: E402
-from models import DiT_models  # noqa: E402
-from quant.calibration.driver import quantize_dit  # noqa: E402
-from quant.quant_config import QuantConfig  # noqa: E402
-from bench.common import write_report  # noqa: E402
-from quant.io.checkpoint import load_quantized, planned_layers, save_quantized, skeleton  # noqa: E402
-from quant.io.storage import plan_bytes, round_for_storage, storage_plan  # noqa: E402
+from ditas import threads  # first: sets OpenMP's wait policy, read when torch loads
+import torch
+from models import DiT_models
+from quant import fp_calibration_loop
+from quant.calibration.driver import quantize_dit
+from quant.quant_config import QuantConfig
+from bench.common import ROOT, write_report
+from quant.io.checkpoint import load_quantized, planned_layers, save_quantized, skeleton
+from quant.io.storage import plan_bytes, round_for_storage, storage_plan
 
 BUNDLED = os.path.join(ROOT, "assets", "dit_t2_digits16.safetensors")
 MB = 1e6
@@ -130,15 +127,9 @@ def measured_table(steps, out_root):
             for name, p in base.named_parameters():
                 if name != "pos_embed":
                     p.normal_(0, 0.05)
-    from ditas.pipeline import make_sampler, sample_inputs
 
     def loop_for(model):
-        sampler = make_sampler(model, steps, 1.5, clip_denoised=True)
-
-        def loop():
-            gens, y, z = sample_inputs(1, range(4), 10, (3, 16, 16), [0, 1, 2, 3])
-            sampler(z, y, gens)
-        return loop
+        return fp_calibration_loop(model, [0, 1, 2, 3], seed=1, steps=steps, clip_denoised=True)
 
     from safetensors.torch import save_file
     lines = [f"### Measured: DiT-T/2 16x16 pixel model ({'bundled ' + os.path.basename(BUNDLED) if bundled else 'random weights: the bundled model was not found'}), "

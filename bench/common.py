@@ -2,6 +2,9 @@
 import os
 import platform
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: scripts run from here
+RESULTS = os.path.join(ROOT, "bench", "results")
+
 
 def cpu_name():
     """The CPU model from /proc/cpuinfo (platform's guess elsewhere)."""

@@ -27,14 +27,12 @@ import time
 import types
 from dataclasses import asdict, dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from ditas import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
-import torch  # noqa: E402
-from ditas import cli  # noqa: E402
-from bench.common import cpu_name, write_report  # noqa: E402
-from bench.gpu_sections import SECTIONS as FUNCTIONS, first_line  # noqa: E402
-from quant.errors import UserError  # noqa: E402
+from ditas import threads  # first: sets OpenMP's wait policy, read when torch loads
+import torch
+from ditas import cli
+from bench.common import ROOT, cpu_name, write_report
+from bench.gpu_sections import SECTIONS as FUNCTIONS, first_line
+from quant.errors import UserError
 
 
 @dataclass(frozen=True)

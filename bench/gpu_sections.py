@@ -14,9 +14,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.inference import model_bytes
+from bench.common import ROOT
+from bench.measure import model_bytes
 from bench.kernel_probe import int_mm_layouts
-from bench.scale import CALIB_ROWS, meta_model, project, random_model
+from bench.scale_memory import CALIB_ROWS, meta_model, project, random_model
 from bundled.digits import BUNDLED_FLAGS
 from config import DEFAULTS
 from quant.calibration.driver import quantize_dit
@@ -27,7 +28,6 @@ from quant.kernels.ops_torch import batch_of
 from quant.nn.qlinear import QuantLinear
 from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, pack_int4, quantize_act, quantize_weight
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 1e6
 TOL_FAKE, TOL_TORCH = 1e-4, 1e-5  # relative L2 error of Triton's output against the fake / torch-op path
 

@@ -34,30 +34,24 @@ Writes bench/results/inference.md (and .json).
 """
 import argparse
 import copy
-import ctypes
-import gc
 import json
 import os
 import platform
 import sys
-import time
 
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from ditas import threads  # noqa: E402,F401  (before torch: sets OpenMP's wait policy, read when torch loads)
-import torch  # noqa: E402
-from models import DiT_models  # noqa: E402
-from quant.calibration.driver import collect_tas  # noqa: E402
-from quant.quant_config import QuantConfig  # noqa: E402
-from quant.method.layers import quantizable_layers  # noqa: E402
-from quant.method.fold import fold_smoothing  # noqa: E402
-from quant.nn.int_linear import to_int_backend  # noqa: E402
-from quant.search.candidates import quantize_linear  # noqa: E402
-from bench.common import cpu_name, write_report  # noqa: E402
+from ditas import threads  # noqa: F401  first: sets OpenMP's wait policy, read when torch loads
+import torch
+from models import DiT_models
+from quant.calibration.driver import collect_tas
+from quant.quant_config import QuantConfig
+from quant.method.layers import quantizable_layers
+from quant.method.fold import fold_smoothing
+from quant.nn.int_linear import to_int_backend
+from quant.search.candidates import quantize_linear
+from bench.common import ROOT, cpu_name, write_report
+from bench.measure import MB, model_bytes, peak_extra_mb, time_round_robin
 
 BUNDLED = os.path.join(ROOT, "assets", "dit_t2_digits16.safetensors")
-MB = 1e6
 # label -> (weight_bit, group_size or None, LoRA rank, backend)
 QUANT_VARIANTS = {
     "fake W8A8": (8, 128, 32, "fake"),
@@ -131,82 +125,6 @@ def build_variants(fp, names, inputs, group_size=128, compile_=False):
         for name in [n for n in out if n == "bf16" or n.startswith("int ")]:
             out[f"{name} +compile"] = (torch.compile(out[name][0]), out[name][1])
     return out
-
-
-def _held_tensors(obj, depth):
-    """The tensors obj holds: itself, or (depth levels down) in its dict values, list and tuple items and
-    attributes (a dataclass of prepared operands); not inside other modules (model.modules() visits those)."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif depth and not isinstance(obj, (torch.nn.Module, type, str, bytes)):
-        items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else \
-            vars(obj).values() if hasattr(obj, "__dict__") else ()
-        for item in items:
-            yield from _held_tensors(item, depth - 1)
-
-
-def model_bytes(model):
-    """Bytes of every tensor the model's modules keep: parameters, buffers (persistent or not) and tensors held
-    in plain attributes (prepared kernel operands), each storage counted once (a view, a shared tensor)."""
-    storages = {}
-    for module in model.modules():
-        for t in _held_tensors(vars(module), 4):
-            s = t.untyped_storage()
-            storages[(t.device, s.data_ptr())] = max(s.nbytes(), storages.get((t.device, s.data_ptr()), 0))
-    return sum(storages.values())
-
-
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _trim():
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def peak_extra_mb(fn, device="cpu"):
-    """Rise of peak memory during fn(): CUDA's peak allocation, or the peak RSS (VmHWM reset first; None where
-    /proc/self/clear_refs is not writable)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / MB
-    _trim()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    before = _status_kb("VmRSS")
-    fn()
-    return (_status_kb("VmHWM") - before) * 1024 / MB
-
-
-def time_round_robin(cases, reps, device="cpu"):
-    """cases {name: fn} -> {name: sorted seconds}; one warm-up call each (CUDA: synchronized)."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for fn in cases.values():
-        fn()
-    times = {name: [] for name in cases}
-    for _ in range(reps):
-        for name, fn in cases.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return {name: sorted(ts) for name, ts in times.items()}
 
 
 def bench_model(spec, args):

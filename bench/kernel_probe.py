@@ -14,18 +14,15 @@ Cases are timed round-robin (one run of each per round, `reps` rounds after a wa
 so that load changes on a shared machine hit all of them alike; min and median in ms.
 """
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ditas import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from quant.nn.int_linear import IntLinear  # noqa: E402
-from quant.kernels.ops_torch import quantize_act_int8  # noqa: E402
-from quant.nn.qlinear import QuantLinear  # noqa: E402
-from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight  # noqa: E402
+from ditas import threads  # first: sets OpenMP's wait policy, read when torch loads
+import torch
+import torch.nn.functional as F
+from quant.nn.int_linear import IntLinear
+from quant.kernels.ops_torch import quantize_act_int8
+from quant.nn.qlinear import QuantLinear
+from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight
 
 
 def run_round_robin(cases, reps, clock=time.perf_counter):

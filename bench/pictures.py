@@ -20,18 +20,19 @@ import os
 import shlex
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import study  # noqa: E402  (puts the repository root on sys.path)
-from ditas import threads  # noqa: E402
-import torch  # noqa: E402
+from ditas import threads  # first: sets OpenMP's wait policy, read when torch loads
+import torch
 
-from bundled.digits import BUNDLED_CKPT, NUM_CLASSES  # noqa: E402
-from quant.io.files import atomic_path  # noqa: E402
+from bench import study
+from bench.common import ROOT
+
+from bundled.digits import BUNDLED_CKPT, NUM_CLASSES
+from quant.io.files import atomic_path
 
 
 @torch.no_grad()
 def sample_row(model, labels, seed, steps, cfg_scale):
-    from ditas.pipeline import make_sampler, sample_inputs
+    from diffusion.sampling import make_sampler, sample_inputs
     sampler = make_sampler(model, steps, cfg_scale, clip_denoised=True)
     gens, y, z = sample_inputs(seed, range(len(labels)), NUM_CLASSES, (3, 16, 16), labels)
     return sampler(z, y, gens).clamp(-1, 1)
@@ -133,7 +134,7 @@ def main(argv=None):
     p.add_argument("--out-dir", default=os.path.join("bench", "results"))
     p.add_argument("--skip-samples", action="store_true", help="only layers.png")
     args = p.parse_args(argv)
-    os.chdir(study.ROOT)
+    os.chdir(ROOT)
     threads.set_threads(args.threads)
     torch.set_grad_enabled(False)
     bench = study.Bench(args.ckpt, args.results_dir, args.cfg_scale, calib_steps=args.calib_steps)

@@ -6,6 +6,8 @@
     python bench/scale.py --schemes ditas --nproc 2 --threads 1 --no-probe --extra=--calib-chunks=2 \
         --out bench/results/scale_ranks_chunks.md
     python bench/scale.py --project --out bench/results/calib_memory.md   # GPU peaks from the formulas, no run
+    python bench/scale.py --state-parts --steps 100 --image-size 256    # the search state by part, no run
+    python bench/scale.py --compare results/scale/DiT-XL-2-32-ditas results/scale/DiT-XL-2-32-ditas-2proc
 
 Each scheme: one `QuantDiT.py --ckpt FILE --vae mse --no-preview` subprocess (no VAE is loaded), QuantDiT's defaults
 otherwise, on a seeded random checkpoint cached in --cache (adaLN and the final layer N(0, 0.02), not adaLN-Zero's
@@ -17,10 +19,14 @@ state QuantDiT plans on the device, activations) against the run's torch.cuda.ma
 per-step ranges kept in host memory apart; on the CPU all of it against the peak RSS. Writes
 bench/results/scale.md and .json (everything); each run's output goes to stderr and to a log next to its QuantDiT
 output directory. --project runs nothing: the projected GPU peak of calibration with QuantDiT's defaults (plus
---extra) at 256 and 512 px for --project-steps.
+--extra) at 256 and 512 px for --project-steps. --state-parts runs nothing: per part of the calibration's search
+state (kept candidates, round-to-nearest baselines, loss-engine operands, pass-1 statistics and their per-step
+ranges) the bytes summed over every quantized layer, for QuantDiT's defaults plus --extra (run reports carry the
+total as state_bytes_estimated). --compare A B: two runs that should agree but not bit for bit (another thread
+count, process count or machine), per layer the chosen alpha, the output error at it (report.json's output_error)
+and the search loss of every alpha both scored; exit 2 with one line for a directory without report.json or with
+other layers.
 """
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -30,22 +36,17 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from ditas import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
-import torch  # noqa: E402
-from ditas import cli  # noqa: E402
-from models import DiT_models, get_2d_sincos_pos_embed  # noqa: E402
-from quant.calibration.budget import GIB as BUDGET_GIB, by_memory, layer_state_parts, plan_groups, transient_bytes  # noqa: E402
-from quant.calibration.budget import workspace_bytes  # noqa: E402
-from quant.errors import UserError  # noqa: E402
-from quant.calibration.feed import LoopShape  # noqa: E402
-from quant.method.layers import BLOCK_LAYERS, quantizable_layers  # noqa: E402
-from bench.common import cpu_name, stolen_seconds, stolen_share, write_report  # noqa: E402
-
-GIB, MIB, F32 = 2 ** 30, 2 ** 20, 4
-CALIB_ROWS = 32  # 16 calibration labels x 2 (classifier-free guidance)
-PROJECT = {256: 32, 512: 64}  # image px -> latent side
+from ditas import threads  # noqa: F401  first: sets OpenMP's wait policy, read when torch loads
+import torch
+from bench.common import ROOT, cpu_name, stolen_seconds, stolen_share, write_report
+from bench.scale_memory import (CALIB_ROWS, PROJECT, activation_bytes, meta_model, probe_child, project, projection,
+                                quant_config, random_model, state_parts_lines)
+from bench.scale_report import (PROJECTION_COLUMNS, PROJECTION_NOTE, compare, compare_table, document, load_layers,
+                                md_table, projection_cells)
+from ditas import cli
+from models import DiT_models
+from quant.calibration.budget import GIB as BUDGET_GIB
+from quant.errors import UserError
 
 
 def _rel(path):
@@ -55,17 +56,6 @@ def _rel(path):
 
 
 # ---------------------------------------------------------------- the random checkpoint and one QuantDiT run
-
-def random_model(name, latent, seed):
-    """DiT `name` on a latent x latent x 4 input, seeded; adaLN and the final layer N(0, 0.02) instead of zeros."""
-    torch.manual_seed(seed)
-    model = DiT_models[name](input_size=latent, in_channels=4, num_classes=1000)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "adaLN_modulation" in n or n.startswith("final_layer"):
-                p.normal_(0, 0.02, generator=gen)
-    return model.eval()
 
 
 def random_checkpoint(args, latent):
@@ -101,123 +91,7 @@ def run_quantdit(cmd, out_dir):
             "stolen_share": stolen_share(stolen0, wall), "exit": code, "log": _rel(out_dir + ".log"), "report": report}
 
 
-# ---------------------------------------------------------------- the memory model
-
-def live_widths(D, H):
-    """Float32 widths live at once per token row in one block forward (no grad): the peak, and at each quantized
-    layer's input. Attention: the residual x, modulated h, qkv (3D), SDPA's output (its layout makes proj's input
-    a view), proj's output: 7D. MLP: the block's input (its caller holds it), x after attention, h, fc1's and
-    GELU's outputs: 3D + 2H. At fc2's input fc1's output is already freed."""
-    return max(7 * D, 3 * D + 2 * H), {"attn.qkv": 2 * D, "attn.proj": 6 * D, "mlp.fc1": 3 * D, "mlp.fc2": 3 * D + H}
-
-
-def meta_model(name, latent):
-    with torch.device("meta"):
-        return DiT_models[name](input_size=latent, in_channels=4, num_classes=1000)
-
-
-def activation_bytes(model, rows, cfg=None, device_type="cpu"):
-    """(bytes, where) of the activation working set at `rows` token rows (cfg None: an FP forward): the larger of one
-    block forward's peak and, at each quantized layer's input, what is live there plus the search's per-step
-    workspace for that layer (quant/calibration/budget.py's workspace_bytes, freed after the layer's step)."""
-    shapes = {n: tuple(model.blocks[0].get_submodule(n).weight.shape) for n in BLOCK_LAYERS}
-    peak, at = live_widths(shapes["attn.qkv"][1], shapes["mlp.fc1"][0])
-    best, where = F32 * rows * peak, "block forward"
-    for name in BLOCK_LAYERS if cfg is not None else ():
-        ws = workspace_bytes(*shapes[name], rows, cfg, device_type)
-        if F32 * rows * at[name] + ws > best:
-            best, where = F32 * rows * at[name] + ws, f"{name} search"
-    return best, where
-
-
-def planned_state(model, cfg, device_type, loop, budget_bytes, chunks=1):
-    """(device bytes, host bytes) of the largest layer group's search state that one QuantDiT process plans
-    (quant/calibration/budget.py; tests/test_budget.py holds these formulas to the bytes held): the group's states plus
-    one layer's transient candidates (the shortlist), on the device; its per-step ranges, on the host."""
-    shapes = {n: tuple(lin.weight.shape) for n, lin in quantizable_layers(model).items()}
-    groups, _ = plan_groups(shapes, cfg, budget_bytes, device_type, statistic_slots=chunks, loop=loop)
-    transient = max(transient_bytes(o, i, cfg) for o, i in shapes.values())
-    held = []
-    for group in groups:
-        mem = [by_memory(layer_state_parts(*shapes[n], cfg, device_type, chunks, loop), device_type) for n in group]
-        held.append((transient + sum(m["device"] for m in mem), sum(m["host"] for m in mem)))
-    return max(held)
-
-
-def project(model_name, cfg, device_type, px, latent, steps, budget_bytes, chunks=1):
-    """One projected row: FP model, the planned search state (device, host), activations, the device's peak."""
-    model = meta_model(model_name, latent)
-    tokens = (latent // model.patch_size) ** 2
-    loop = LoopShape(steps, CALIB_ROWS // chunks, tokens)
-    state, host = planned_state(model, cfg, device_type, loop, budget_bytes, chunks)
-    act, where = activation_bytes(model, CALIB_ROWS * tokens, cfg, device_type)
-    fp = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    return {"px": px, "tokens": tokens, "steps": steps, "model": fp, "state": state, "host": host,
-            "activations": act, "where": where, "load": 2 * fp, "projected": fp + state + act}
-
-
-def projection(args, runs, qargs, run_latent):
-    """One row per scheme and size: model, planned state, activations, projected peak, load peak, and the run's
-    measured peak in the same memory: torch.cuda.max_memory_allocated on CUDA, the peak RSS on the CPU."""
-    rows = []
-    for scheme, run in runs.items():
-        cal = (run["report"] or {}).get("calibration") or {}
-        cuda = str(cal.get("device", args.device)).startswith("cuda")
-        q = qargs[scheme]
-        for px, latent in [(args.image_size, run_latent), *PROJECT.items()]:
-            row = project(args.model, quant_config(q), "cuda" if cuda else "cpu", px, latent, args.steps,
-                          round(q.calib_memory_gb * BUDGET_GIB), q.calib_chunks)
-            here = latent == run_latent
-            row.update(scheme=scheme, measured_as="CUDA max allocated" if cuda else "peak RSS",
-                       measured=(cal.get("peak_cuda_bytes") if cuda else run["peak_rss_bytes"]) if here else None)
-            rows.append(row)
-    return rows
-
-
-def quant_config(qargs):
-    import QuantDiT
-    return QuantDiT.quant_config_from_args(qargs)
-
-
-# ---------------------------------------------------------------- the probe (a subprocess)
-
-def _status_bytes(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
-
-def probe_child(args):
-    """Forward passes at batch 32: the rise of the peak RSS over the RSS before (first call, repeat) per tokens."""
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        raise UserError("the probe resets the peak RSS through /proc/self/clear_refs (Linux): pass --no-probe")
-    torch.set_grad_enabled(False)
-    threads.set_threads(args.threads)
-    baseline, patch = _status_bytes("VmRSS"), int(args.model.rsplit("/", 1)[1])
-    model = random_model(args.model, patch, args.seed)
-    D = model.pos_embed.shape[-1]
-
-    def forward(tokens):
-        side = max(1, round(tokens ** 0.5))  # the weights do not depend on the tokens, the sin-cos embedding does
-        model.pos_embed = torch.nn.Parameter(torch.from_numpy(get_2d_sincos_pos_embed(D, side)).float()[None], False)
-        x, t = torch.randn(CALIB_ROWS, 4, side * patch, side * patch), torch.randint(0, 1000, (CALIB_ROWS,))
-        rises, t0 = [], time.perf_counter()
-        for _ in range(2):
-            gc.collect()
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # VmHWM := VmRSS
-            before = _status_bytes("VmRSS")
-            model(x, t, t)
-            rises.append(_status_bytes("VmHWM") - before)
-        return {"tokens": side * side, "first_bytes": rises[0], "repeat_bytes": rises[1], "s": time.perf_counter() - t0}
-
-    forward(1)  # warm-up: the libraries' one-time allocations
-    out = {"baseline_rss_bytes": baseline, "full": [forward(n) for n in args.probe_full]}
-    model.blocks = model.blocks[:1]
-    out["block"] = [forward(n) for n in args.probe_block]
-    with open(args.probe_child, "w") as f:
-        json.dump(out, f)
-
+# ---------------------------------------------------------------- the probe (a subprocess: scale_memory.probe_child)
 
 def run_probe(args):
     path = os.path.join(args.cache, f"probe-{os.getpid()}.json")
@@ -238,72 +112,13 @@ def run_probe(args):
     return probe
 
 
-# ---------------------------------------------------------------- the report
-
-COLUMNS = ["scheme", "TAS statistics s", "candidates s", "alpha search s", "build layers s", "total s (report)",
-           "process wall s", "process CPU s", "peak RSS GiB", "peak CUDA GiB", "search state max group GiB",
-           "search state total GiB", "SVDs", "FP passes", "groups", "CPU stolen by the host %"]
-PROJECTION_COLUMNS = ["scheme", "image px", "tokens", "steps", "FP model GiB", "search state GiB", "activations GiB",
-                      "largest at", "projected peak GiB", "host: per-step ranges GiB", "load peak GiB",
-                      "measured peak GiB", "measured as"]
-PROJECTION_NOTE = (
-    "projected peak = FP model + the largest layer group's search state that QuantDiT plans in this memory "
-    "(quant/calibration/budget.py's formulas, held to the bytes held by tests/test_budget.py; one layer's transient shortlist "
-    "candidates included) + activations: the larger of one block forward's float32 tensors (max(7 D, 3 D + 2 H) per "
-    "token row; SDPA: no tokens x tokens matrix; the probe checks it) and, at each quantized layer's input, the "
-    "tensors live there plus its search workspace (quant/calibration/budget.py's workspace_bytes, an estimate not measured "
-    "here). On CUDA the shortlist's per-step activation ranges are kept in pinned host memory (host column); on the "
-    "CPU they are in the state. load peak = loading --ckpt: download._load_file's whole state dict and the model it "
-    "is copied into. Neither counts the interpreter nor the quantized layers built last.")
-
-
-def _proj_cells(r):
-    return [r["scheme"], r["px"], r["tokens"], r["steps"], _gib(r["model"]), _gib(r["state"], 3),
-            _gib(r["activations"], 3), r["where"], _gib(r["projected"]), _gib(r["host"]), _gib(r["load"]),
-            _gib(r.get("measured")), r.get("measured_as", "-")]
-PROBE_COLUMNS = ["forward", "tokens", "predicted MiB", "first call MiB", "repeat MiB", "repeat / predicted", "s"]
-
-
-def _gib(b, digits=2):
-    return "n/a" if b is None else f"{b / GIB:.{digits}f}"
-
-
-def _table(cols, rows):
-    return ["| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1),
-            *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
-
-
-def run_cells(scheme, run):
-    report = run["report"] or {}
-    t, c = report.get("timings") or {}, report.get("calibration") or {}
-    secs = [("n/a" if t.get(k) is None else f"{t[k]:.1f}") for k in
-            ("tas_statistics_s", "prepare_candidates_s", "alpha_search_s", "build_layers_s", "total_s")]
-    svds = "n/a" if c.get("svds") is None else f"{c['svds']} ({c.get('svd', '?')})"
-    return [scheme if run["exit"] == 0 else f"{scheme} (failed: exit {run['exit']})", *secs, f"{run['wall_s']:.1f}",
-            f"{run['cpu_s']:.1f}", _gib(run["peak_rss_bytes"]), _gib(c.get("peak_cuda_bytes")),
-            _gib(c.get("state_bytes_max"), 3), _gib(c.get("state_bytes_total"), 3), svds,
-            *(c.get(k, "n/a") for k in ("fp_passes", "groups")),
-            "n/a" if run.get("stolen_share") is None else f"{100 * run['stolen_share']:.0f}"]
-
-
-def document(args, header, runs, proj, probe):
-    doc = [f"# QuantDiT.py at scale: {args.model}, random weights", "", *header, "",
-           *_table(COLUMNS, [run_cells(s, r) for s, r in runs.items()]), "",
-           f"Projection to the paper's calibration batch ({CALIB_ROWS} rows of tokens: 16 labels x 2 for guidance):",
-           "", *_table(PROJECTION_COLUMNS, [_proj_cells(r) for r in proj]), "", PROJECTION_NOTE, ""]
-    if probe is None:
-        return doc + ["Probe: skipped (--no-probe)."]
-    rows = [[what, r["tokens"], *(f"{r[k] / MIB:.1f}" for k in ("predicted_bytes", "first_bytes", "repeat_bytes")),
-             f"{r['repeat_bytes'] / max(r['predicted_bytes'], 1):.2f}", f"{r['s']:.1f}"]
-            for what, key in (("whole model", "full"), ("one block", "block")) for r in probe[key]]
-    return doc + [f"Probe: the activation model vs the rise of the peak RSS of forward-only passes (CPU, batch "
-                  f"{CALIB_ROWS}, {args.threads} thread(s), glibc's mmap threshold 64 KiB; baseline after importing "
-                  f"torch {_gib(probe['baseline_rss_bytes'])} GiB):", "", *_table(PROBE_COLUMNS, rows)]
-
-
 def main(args):
+    if args.compare:
+        return print("\n".join(compare_table(compare(*map(load_layers, args.compare)), *args.compare)))
     if args.model not in DiT_models:
-        raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(DiT_models)}")
+        raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(DiT_models)}")
+    if args.state_parts:
+        return print("\n".join(state_parts_lines(args.model, args.extra, args.steps, args.image_size)))
     if args.probe_child:
         return probe_child(args)
     patch, latent = int(args.model.rsplit("/", 1)[1]), args.image_size // 8
@@ -374,7 +189,7 @@ def write_projection(args, qargs):
            f"Command: `{shlex.join(['python', 'bench/scale.py', *sys.argv[1:]])}`: QuantDiT.py's defaults{flags} "
            f"(--calib-memory-gb {qargs[next(iter(qargs))].calib_memory_gb:g}), batch {CALIB_ROWS} (16 labels x 2 for "
            f"guidance), one process; from the formulas alone (no run).", "",
-           *_table(PROJECTION_COLUMNS, [_proj_cells(r) for r in rows]), "", PROJECTION_NOTE]
+           *md_table(PROJECTION_COLUMNS, [projection_cells(r) for r in rows]), "", PROJECTION_NOTE]
     write_report(args.out, doc)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump({"args": vars(args), "device": device_type, "projection": rows}, f, indent=1)
@@ -406,6 +221,10 @@ def build_parser():
     p.add_argument("--out", help="the report and its .json (default bench/results/scale.md; --project: calib_memory.md)")
     p.add_argument("--project", action="store_true", help="run nothing: the projected peaks at 256 and 512 px")
     p.add_argument("--project-steps", type=int, nargs="+", default=[50, 100, 250], help="--project: calibration steps")
+    p.add_argument("--state-parts", action="store_true", help="run nothing: the search state by part at --image-size "
+                   "and --steps, for QuantDiT's defaults plus --extra (the budget's formulas), CPU and CUDA")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="run nothing: two QuantDiT.py output directories "
+                   "compared layer by layer (alphas, output errors, losses at shared alphas)")
     p.add_argument("--probe-child", help=cli.argparse.SUPPRESS)
     return p
 

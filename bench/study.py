@@ -1,4 +1,4 @@
-"""The quality study's machinery (bench/quality.py, bench/pictures.py, bench/approx_search.py): quantize,
+"""The quality study's machinery (bench/quality.py, bench/pictures.py, bench/studies/approx_search.py): quantize,
 sample and score the bundled digits DiT with caching, and the table helpers.
 
 Everything runs in-process (QuantDiT.main, sample_merge_TAS.main, evaluator.evaluate). Quantized
@@ -11,18 +11,13 @@ import json
 import os
 import platform
 import shlex
-import sys
 import time
 
+from ditas import threads  # noqa: F401  first: sets OpenMP's wait policy, read when torch loads
+import numpy as np
+import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-from ditas import threads  # noqa: E402  (before torch: sets OpenMP's wait policy, read when torch loads)
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bundled.digits import BUNDLED_FLAGS, NUM_CLASSES  # noqa: E402
+from bundled.digits import BUNDLED_FLAGS, NUM_CLASSES
 
 REF_NPZ = os.path.join("assets", "digits_ref.npz")
 # (key, label, QuantDiT.py flags)
@@ -167,7 +162,7 @@ class Bench:
     def score(self, images, seed, fp_images=None):
         from bundled.classifier import label_accuracy
         from evaluator import evaluate
-        from ditas.pipeline import sample_labels
+        from diffusion.sampling import sample_labels
         self._load()
         m = evaluate(self._ref, images, self._extractor, progress=False)
         out = {"fid": m["fid"], "is": m["inception_score"], "precision": m["precision"], "recall": m["recall"],

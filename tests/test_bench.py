@@ -31,7 +31,7 @@ def test_inference_weights_count_every_tensor_a_layer_keeps_once():
     (prepared kernel operands, also inside a dataclass), each storage once (a view or a shared tensor)."""
     import torch
     from dataclasses import dataclass
-    from bench.inference import model_bytes
+    from bench.measure import model_bytes
 
     @dataclass
     class Ops:
@@ -53,9 +53,9 @@ def test_inference_bench_rejects_unknown_variant(tmp_path):
 
 
 def test_busy_bench_smoke(tmp_path):
-    """bench/busy.py: a quiet and a busy calibration, CPU and wall seconds, the ratio column."""
+    """bench/studies/busy.py: a quiet and a busy calibration, CPU and wall seconds, the ratio column."""
     out = tmp_path / "busy.md"
-    proc = run_script("bench/busy.py", "--steps", "2", "--busy", "1", "--settings", "default", "--out", out,
+    proc = run_script("bench/studies/busy.py", "--steps", "2", "--busy", "1", "--settings", "default", "--out", out,
                       "--quantdit-flags=--lora-rank 0 --alpha-step 0.5", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = [line for line in out.read_text().splitlines() if line.startswith("| default |")]
@@ -76,10 +76,10 @@ def test_inference_bench_cuda_without_gpu_is_one_line(tmp_path):
 
 
 def test_candidate_fits_bench_quick(tmp_path):
-    """bench/candidate_fits.py --quick: both tables, and the alpha-equality share is a percentage."""
+    """bench/studies/candidate_fits.py --quick: both tables, and the alpha-equality share is a percentage."""
     import re
     out = tmp_path / "candidate_fits.md"
-    proc = run_script("bench/candidate_fits.py", "--quick", "--threads", "1", "--out", out, timeout=300)
+    proc = run_script("bench/studies/candidate_fits.py", "--quick", "--threads", "1", "--out", out, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = out.read_text()
     assert "## A. Quality" in text and "## B. Cost at DiT-XL/2 shapes" in text and "## C. What equal alphas" in text
@@ -94,7 +94,7 @@ def test_candidate_fits_refit_table():
     """Table C: per k, the layers whose exhaustive alpha (argmin of the full-SVD losses) is among the k best of the
     default fits' exact losses; the cost is the default fits plus k reference fits, over the reference fits (table B's
     seconds per block)."""
-    from bench.candidate_fits import fmt_refit
+    from bench.studies.fits import fmt_refit
     layers = {"m": {"a": dict(losses_exact={"0.0": 3.0, "0.5": 1.0, "1.0": 2.0},
                               losses_full={"0.0": 1.0, "0.5": 2.0, "1.0": 3.0}),  # exhaustive 0.0: 3rd of the default
                     "b": dict(losses_exact={"0.0": 2.0, "0.5": 1.0, "1.0": 3.0},
@@ -119,7 +119,7 @@ def test_stolen_seconds_reads_the_steal_column(tmp_path):
 
 
 def test_compare_reports(tmp_path):
-    """bench/compare_reports.py: equal alphas, output error ratios and losses at shared alphas of two reports;
+    """bench/scale.py --compare: equal alphas, output error ratios and losses at shared alphas of two reports;
     a missing report or other layers: one line, exit 2."""
     def report(name, layers):
         d = tmp_path / name
@@ -130,21 +130,22 @@ def test_compare_reports(tmp_path):
                      "l2": {"alpha": 0.1, "output_error": 1.0, "search_losses": {"0.1": 1.0}}})
     b = report("b", {"l1": {"alpha": 0.5, "output_error": 2.2, "search_losses": {"0.5": 2.2, "0.7": 3.0}},
                      "l2": {"alpha": 0.2, "output_error": 0.9, "search_losses": {"0.2": 0.9}}})
-    proc = run_script("bench/compare_reports.py", a, b)
+    proc = run_script("bench/scale.py", "--compare", a, b)
     assert proc.returncode == 0, proc.stderr
     row = [c.strip() for c in proc.stdout.splitlines()[-1].strip("|").split("|")]
     # l1: +10 %, l2: -10 %; the one shared alpha (l1's 0.5): 10 %
     assert row[2:] == ["2", "1", "+0.00% (-10.00% / +10.00%)", "10.00% / 10.00% (1)"], row
-    assert_user_error(run_script("bench/compare_reports.py", a, tmp_path), "not a QuantDiT report")
+    assert_user_error(run_script("bench/scale.py", "--compare", a, tmp_path), "not a QuantDiT report")
     c = report("c", {"l1": {"alpha": 0.5, "output_error": 2.0, "search_losses": {"0.5": 2.0}}})
-    assert_user_error(run_script("bench/compare_reports.py", a, c), "other layers (2 and 1, 1 in one only)")
+    assert_user_error(run_script("bench/scale.py", "--compare", a, c), "other layers (2 and 1, 1 in one only)")
 
 
 def test_launcher_overhead_bench_smoke(tmp_path):
-    """bench/launcher_overhead.py: the launcher's phases fit in its wall time, one row per repeat of the loops;
-    a zero count is one line, exit 2."""
+    """bench/studies/launcher_overhead.py: the launcher's phases fit in its wall time, one row per repeat of the
+    loops; a zero count is one line, exit 2."""
     out = tmp_path / "lo.md"
-    proc = run_script("bench/launcher_overhead.py", "--repeats", "1", "--nproc", "1", "--loops", "1", "--out", out)
+    proc = run_script("bench/studies/launcher_overhead.py", "--repeats", "1", "--nproc", "1", "--loops", "1",
+                      "--out", out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = out.read_text().splitlines()
     i = lines.index('| `python -c "import torch"` | wall | to workers | imports | gloo init | after workers |')
@@ -152,16 +153,18 @@ def test_launcher_overhead_bench_smoke(tmp_path):
     assert all(c >= 0 for c in cells) and sum(cells[2:]) <= cells[1], cells
     rows = [line for line in lines if line.startswith("| ") and line.endswith("|") and "x |" in line]
     assert len(rows) == 1 and rows[0].count("x") == 1, rows  # one copy: one ratio
-    assert_user_error(run_script("bench/launcher_overhead.py", "--loops", "0", "--out", out), "at least 1")
+    assert_user_error(run_script("bench/studies/launcher_overhead.py", "--loops", "0", "--out", out), "at least 1")
 
 
 def test_state_parts_bench_sums_the_budget_of_every_layer():
-    """bench/state_parts.py: per part, the budget's bytes summed over the model's layers, for QuantDiT's config."""
+    """bench/scale.py --state-parts: per part, the budget's bytes summed over the model's layers, for QuantDiT's
+    config."""
     from models import DiT_models
     from quant.calibration.budget import layer_state_bytes
     from quant.quant_config import QuantConfig
     from quant.method.layers import quantizable_layers
-    proc = run_script("bench/state_parts.py", "--model", "DiT-XS/2", "--extra", "--search exact --weight-bit 8")
+    proc = run_script("bench/scale.py", "--state-parts", "--model", "DiT-XS/2", "--extra",
+                      "--search exact --weight-bit 8")
     assert "search exact, MiB" in proc.stdout, proc.stdout
     assert proc.returncode == 0, proc.stderr
     rows = {r[0]: [float(c) for c in r[1:]] for r in
@@ -174,18 +177,18 @@ def test_state_parts_bench_sums_the_budget_of_every_layer():
         assert want > 1 and cells[-2] == round(want, 3) and abs(sum(cells[:-2]) - cells[-2]) <= 0.003, (device, cells)
         assert cells[-1] == 0  # of which host: the exact search keeps no per-step ranges
     assert set(rows) == {"cpu", "cuda"}
-    proc = run_script("bench/state_parts.py", "--model", "DiT-XS/2", "--steps", "20", "--image-size", "32")
+    proc = run_script("bench/scale.py", "--state-parts", "--model", "DiT-XS/2", "--steps", "20", "--image-size", "32")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| c")]
     # the shortlist's ranges: 2 x 32 x C floats a step, in 16-step blocks
     host = {r[0]: [float(c) for c in r[1:]] for r in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
     c = sum(lin.weight.shape[1] for lin in layers.values())
     assert host["cuda"][-1] == host["cuda"][-3] == round(4 * 2 * 32 * c * 32 / 2 ** 20, 3) and host["cpu"][-1] == 0
-    assert_user_error(run_script("bench/state_parts.py", "--model", "DiT-Q/2"), "unknown --model")
+    assert_user_error(run_script("bench/scale.py", "--state-parts", "--model", "DiT-Q/2"), "unknown --model")
 
 
 def test_scale_bench_smoke(tmp_path):
     """bench/scale.py: one QuantDiT run on a random DiT-S/2 (1 token), its row, the projection rows, the probe."""
-    from bench.scale import COLUMNS, PROBE_COLUMNS, PROJECTION_COLUMNS
+    from bench.scale_report import COLUMNS, PROBE_COLUMNS, PROJECTION_COLUMNS
     out = tmp_path / "scale.md"
     proc = run_script("bench/scale.py", "--model", "DiT-S/2", "--image-size", "16", "--steps", "2", "--schemes",
                       "reference", "--threads", "1", "--extra", "--lora-rank 0 --smoothing none", "--cache",
@@ -218,10 +221,7 @@ def test_scale_bench_smoke(tmp_path):
 
 def _bench_module(name):
     import importlib
-    import sys
-    from helpers import ROOT
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    return importlib.import_module(name)
+    return importlib.import_module(f"bench.{name}")
 
 
 def test_quality_bench_draws_and_paired_column(tmp_path):
@@ -304,7 +304,7 @@ def test_quality_worker_leaves_with_its_parent(tmp_path):
     import sys
     import time
     from helpers import ROOT
-    child = ("import os, sys; sys.path.insert(0, 'bench'); import quality; "
+    child = ("import os, sys; from bench import quality; "
              "open(sys.argv[1], 'w').write(str(os.getpid())); quality._exit_with(int(sys.argv[2]), 0.05)")
     parent = ("import os, subprocess, sys, time; subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2], "
               "str(os.getpid())]); [time.sleep(0.1) for _ in range(600) if not os.path.exists(sys.argv[2])]")

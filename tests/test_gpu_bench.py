@@ -64,8 +64,8 @@ def test_failing_overrunning_and_unaffordable_sections_are_reported():
 
 
 def test_weight_bytes_count_each_storage_once():
-    """gpu.py's weight memory (bench/inference.py's model_bytes): operands held beside the layer's own tensors."""
-    from bench.inference import model_bytes
+    """gpu.py's weight memory (bench/measure.py's model_bytes): operands held beside the layer's own tensors."""
+    from bench.measure import model_bytes
     lin = torch.nn.Linear(4, 3)
     assert model_bytes(torch.nn.ModuleList([lin])) == (12 + 3) * 4
     lin.triton_ops = types.SimpleNamespace(w=torch.zeros(10, dtype=torch.int8), same=lin.weight, bound=(1, 2))

@@ -1,8 +1,14 @@
-"""Why the searched alpha loses to alpha 0.5 at W4A8 (ditas, no LoRA) on the bundled digits DiT.
+"""Question: why does the searched alpha lose to alpha 0.5 at W4A8 (ditas, no LoRA) on the bundled digits DiT?
 
-    OMP_NUM_THREADS=1 python bench/alpha_search_study.py --part spread      # ~4 min
-    OMP_NUM_THREADS=1 python bench/alpha_search_study.py --part diagnose    # ~6 min
-    OMP_NUM_THREADS=1 python bench/alpha_search_study.py --part netloss     # ~15 min (1 thread)
+Answer (bench/results/alpha_search_study.md): in general it does not; the gap is one calibration draw. Over
+calibration seeds 1-3 the searched alpha is better on average (30.0 vs 29.0 dB PSNR vs FP); 0.5 wins only at seed
+1 (quality.md's), and the search is no defect (the built layer reproduces the search's loss to 2.6e-5). At seed 1
+the per-layer objective is what is misaligned: alphas chosen by the model-output error give 31.98 dB, above alpha
+0.5 (31.76); the cost sits in attn.proj and mlp.fc2, whose outputs enter the residual stream through the adaLN gate.
+
+    OMP_NUM_THREADS=1 python bench/studies/alpha_search_study.py --part spread      # ~4 min
+    OMP_NUM_THREADS=1 python bench/studies/alpha_search_study.py --part diagnose    # ~6 min
+    OMP_NUM_THREADS=1 python bench/studies/alpha_search_study.py --part netloss     # ~15 min (1 thread)
 
 Everything in-process, calibration as QuantDiT.py does it (16 labels x CFG 1.5, 10 DDPM steps, fixed
 noise of --seed), quantized layers built from the same Candidates for every alpha assignment (the
@@ -22,26 +28,28 @@ Results: bench/results/alpha_search_study.md.
 import argparse
 import copy
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from study import ROOT, mean_psnr  # noqa: E402  (puts the repository root on sys.path; imports threads first)
-import numpy as np  # noqa: E402
-from ditas import threads  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import QuantDiT  # noqa: E402
-from bundled.digits import BUNDLED_FLAGS, NUM_CLASSES  # noqa: E402
-from config import calib_labels  # noqa: E402
-from ditas.pipeline import build_model, make_sampler, sample_inputs, to_uint8  # noqa: E402
-from quant.calibration.driver import ExactScoring, collect_tas, prepare_candidates  # noqa: E402
-from quant.quant_config import QuantConfig  # noqa: E402
-from quant.calibration.feed import run_hooked  # noqa: E402
-from quant.method.layers import quantizable_layers  # noqa: E402
-from quant.nn.qlinear import QuantLinear  # noqa: E402
-from quant.search.candidates import AlphaSearch, select_alpha  # noqa: E402
-from quant.io.storage import round_for_storage  # noqa: E402
+from ditas import threads  # first: sets OpenMP's wait policy, read when torch loads
+import numpy as np
+import torch
+import torch.nn.functional as F
+import QuantDiT
+from bench.common import ROOT
+from bench.study import mean_psnr
+from bundled.digits import BUNDLED_FLAGS, NUM_CLASSES
+from config import calib_labels
+from diffusion.sampling import make_sampler, sample_inputs
+from ditas.pipeline import build_model, to_uint8
+from quant import fp_calibration_loop
+from quant.calibration.driver import collect_tas, prepare_candidates
+from quant.calibration.scoring import ExactScoring
+from quant.quant_config import QuantConfig
+from quant.calibration.feed import run_hooked
+from quant.method.layers import quantizable_layers
+from quant.nn.qlinear import QuantLinear
+from quant.search.candidates import AlphaSearch, select_alpha
+from quant.io.storage import round_for_storage
 
 SHAPE = (3, 16, 16)
 CFG = QuantConfig(weight_bit=4, act_bit=8, lora_rank=0)  # ditas, searched alpha, no LoRA
@@ -58,13 +66,7 @@ def fp_model():
 
 def calib_loop(model, seed, steps=10):
     """QuantDiT.py's calibration loop: the 16 default labels, cfg 1.5, the fixed noise of `seed`."""
-    labels = calib_labels(NUM_CLASSES)
-    sampler = make_sampler(model, steps, 1.5, clip_denoised=True)
-
-    def loop():
-        gens, y, z = sample_inputs(seed, range(len(labels)), NUM_CLASSES, SHAPE, labels)
-        return sampler(z, y, gens)
-    return loop
+    return fp_calibration_loop(model, calib_labels(NUM_CLASSES), seed=seed, steps=steps, clip_denoised=True)
 
 
 def sample_loop(model, seed, n=100, steps=10):
@@ -100,7 +102,7 @@ def psnr(model, cands, assign, fp, seed):
 def local_losses(model, cands, loop):
     """{name: per-alpha layer-output loss summed over steps} on the inputs `loop` feeds model's layers."""
     layers = quantizable_layers(model)
-    ss = {n: AlphaSearch.over(c, CFG.act_cfg()) for n, c in cands.items()}
+    ss = {n: AlphaSearch(c, CFG.act_cfg()) for n, c in cands.items()}
     run_hooked(layers, lambda n, x: ss[n].update(x), loop)
     return {n: np.array(s.losses) for n, s in ss.items()}
 

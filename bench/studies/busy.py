@@ -1,7 +1,12 @@
-"""The bundled-model calibration on a busy machine: CPU time and wall time, quiet and next to busy processes.
+"""Question: what do busy processes on the machine cost the bundled-model calibration, per OpenMP wait policy?
 
-    python bench/busy.py                       # W8A8, 20 calibration steps, 2 busy processes, both settings
-    python bench/busy.py --steps 50 --busy 1   # the documented calibration, one competitor
+Answer (bench/results/busy.md): spinning waits (OMP_WAIT_POLICY=ACTIVE) take 5.1x the CPU time and 9.7x the wall
+time next to 2 busy processes; always sleeping (PASSIVE) costs 1.6x wall time on a quiet machine; ditas/threads.py's
+default (PASSIVE only when fewer idle cores than threads at start) has the spinning speed when quiet and PASSIVE's
+CPU time when busy (1.00x).
+
+    python bench/studies/busy.py                       # W8A8, 20 calibration steps, 2 busy processes, both settings
+    python bench/studies/busy.py --steps 50 --busy 1   # the documented calibration, one competitor
 
 Each run is `QuantDiT.py` on the bundled DiT-T/2 (W8A8, no preview) in a subprocess; its CPU time is
 the child's user + system time (getrusage). "Busy" starts N pure-Python spin loops (one core each)
@@ -24,10 +29,8 @@ import sys
 import time
 from importlib.metadata import version
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from bench.common import cpu_name, write_report  # noqa: E402
-from bundled.digits import BUNDLED_FLAGS  # noqa: E402
+from bench.common import ROOT, cpu_name, write_report
+from bundled.digits import BUNDLED_FLAGS
 
 SETTINGS = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
             "spinning": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000", "THREADS": "2"}}
@@ -85,7 +88,7 @@ def main():
             print(rows[-1], flush=True)
     write_report(args.out, [
         "# The bundled-model calibration on a busy machine", "",
-        f"Command: `python bench/busy.py {' '.join(sys.argv[1:])}`", "",
+        f"Command: `python bench/studies/busy.py {' '.join(sys.argv[1:])}`", "",
         f"QuantDiT.py on the bundled DiT-T/2, W8A8, {args.steps} calibration steps, no preview; busy = "
         f"{args.busy} pure-Python spin loops. Machine: {cpu_name()}, {len(os.sched_getaffinity(0))} cores "
         f"available, torch {version('torch')}, {time.strftime('%Y-%m-%d')}. CPU = the run's user + system seconds; "

@@ -1,6 +1,12 @@
-"""What several processes cost before any calibration: torchrun's start and stop, and this machine's noise.
+"""Question: what do several processes cost before any calibration (torchrun's start and stop), and how noisy is
+this machine?
 
-    python bench/launcher_overhead.py [--repeats 3 --nproc 2 --loops 400]
+Answer (bench/results/launcher_overhead.md): launch.py with 2 trivial workers takes 9.4 s (median; 7.7-12.4) against
+3.0 s for `python -c "import torch"`: 5-9 s of start and stop in every multi-process run (bench/calib_ranks.py's
+wall times include it). A fixed one-thread loop run as 2 copies at once takes 0.72x-1.34x its lone time, with
+0.4-3.4 s per CPU stolen by the host: single timings here carry about 30 % noise.
+
+    python bench/studies/launcher_overhead.py [--repeats 3 --nproc 2 --loops 400]
 
 A. A trivial worker (import torch, gloo init, a barrier, exit) under `launch.py --standalone
    --nproc_per_node=N`, against `python -c "import torch"`: the launcher's wall time, split at the
@@ -23,10 +29,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 from ditas import cli  # noqa: E402
-from bench.common import cpu_name, stolen_seconds, write_report  # noqa: E402
+from bench.common import ROOT, cpu_name, stolen_seconds, write_report  # noqa: E402
 from quant.errors import UserError  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -105,7 +109,7 @@ def main(args):
     steal = lambda s: "n/a" if None in s else " / ".join(f"{v:.2f}" for v in s)  # noqa: E731
     write_report(args.out, [
         "# Start-up of several processes, and this machine's noise", "",
-        f"Command: `{' '.join(['python', 'bench/launcher_overhead.py', *sys.argv[1:]])}`", "",
+        f"Command: `{' '.join(['python', 'bench/studies/launcher_overhead.py', *sys.argv[1:]])}`", "",
         f"{cpu_name()}, {os.cpu_count()} cores; torch {__import__('torch').__version__}; one thread per process; "
         f"{args.repeats} repeats; load average {load0[0]:.2f} before, {load1[0]:.2f} after.", "",
         f"## A. launch.py with {args.nproc} trivial workers (import torch, gloo init, barrier), s, min / median / max",
