@@ -41,8 +41,8 @@ PSNR_CAP_DB = 80.0  # identical images: PSNR capped (uint8: the smallest non-zer
 
 def seeding_tag():
     """A short tag of how (global seed, index) maps to a sample's generator: part of the sample cache key."""
-    from ditas import pipeline
-    probe = [float(pipeline.SampleRNG(s, i).randn((1,))) for s in (0, 1, 7) for i in (0, 1, 999)]
+    from diffusion.sampling import SampleRNG
+    probe = [float(SampleRNG(s, i).randn((1,))) for s in (0, 1, 7) for i in (0, 1, 999)]
     return hashlib.sha256(json.dumps(probe).encode()).hexdigest()[:6]
 
 

@@ -8,8 +8,6 @@ import torch.distributed as dist
 
 from ditas.cli import MODEL_DTYPES, check_common_args, check_sampling_dtype, default_ckpt, latent_shape, set_tf32
 from quant.errors import UserError
-from diffusion.sampling import (SampleRNG, make_lockstep_sampler, make_sampler, sample_inputs,  # noqa: F401
-                                sample_labels)
 from download import find_model, load_model_state
 from models import DiT_models
 from quant.io.files import atomic_path

@@ -15,9 +15,8 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ditas.cli import ArgumentParser, UserError, check_writable  # noqa: E402
-from quant.io.files import atomic_write  # noqa: E402
+from ditas.cli import ArgumentParser, UserError, check_writable
+from quant.io.files import atomic_write
 
 NAME = re.compile(r"(?P<model>.+?)-size-(?P<size>\d+)-vae-(?P<vae>.+?)-cfg-(?P<cfg>[0-9.]+)-seed-(?P<seed>\d+)"
                   r"-steps-(?P<steps>\d+)-(?P<method>fp|W\d+A(?:\d+|fp)-[A-Za-z0-9_]+)\.npz$")
