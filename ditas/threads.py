@@ -14,7 +14,7 @@ processes spend on them over 0.1 s (/proc/stat, per core of the affinity mask). 
 idle are fewer than the threads this process will run, OMP_WAIT_POLICY=PASSIVE: a waiting thread
 sleeps at once, instead of spinning on a core that a descheduled peer or another process needs.
 When they suffice, libgomp's default stays (spin a while, then sleep), so the calibration's many
-short parallel regions start without a wake-up each. bench/busy.py measures both cases. Where
+short parallel regions start without a wake-up each. bench/studies/busy.py measures both cases. Where
 /proc/stat cannot be read, PASSIVE. A machine that becomes busy after the start keeps the choice;
 set OMP_WAIT_POLICY to decide for yourself.
 """

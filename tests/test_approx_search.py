@@ -31,7 +31,7 @@ def _stats(xs, granularity, **kw):
 
 
 def _exact(w, b, xs, absmax, alphas, wcfg, acfg):
-    search = AlphaSearch(w, b, absmax, alphas, wcfg, acfg, lora_rank=RANK, lora_iters=ITERS)
+    search = AlphaSearch.of_layer(w, b, absmax, alphas, wcfg, acfg, lora_rank=RANK, lora_iters=ITERS)
     for x in xs:
         search.update(x)
     return search
@@ -57,7 +57,7 @@ def test_exact_when_activations_are_not_quantized(scheme, group_size):
     wcfg = WeightQuantConfig(bits=4, group_size=group_size, scheme=scheme)
     st = _stats(xs, None)
     exact = _exact(w, b, xs, st.absmax, alphas, wcfg, None)
-    fresh = AlphaSearch(w, b, st.absmax, alphas, wcfg, None, lora_rank=RANK, lora_iters=ITERS)
+    fresh = AlphaSearch.of_layer(w, b, st.absmax, alphas, wcfg, None, lora_rank=RANK, lora_iters=ITERS)
     predicted, weight_term, act_term = approx_losses(fresh.candidates, st, None)
     _close(predicted, exact.losses, rtol=1e-4)
     assert act_term == [0.0] * len(alphas)
@@ -90,8 +90,8 @@ def test_prediction_tracks_the_exact_loss_with_activation_quantization(scheme, g
     acfg = ActQuantConfig(bits=6, granularity=granularity, scheme=scheme)
     st = _stats(xs, granularity, token_samples=64)
     exact = _exact(w, b, xs, st.absmax, alphas, wcfg, acfg)
-    predicted = approx_losses(AlphaSearch(w, b, st.absmax, alphas, wcfg, acfg, lora_rank=RANK, lora_iters=ITERS).candidates,
-                              st, acfg)[0]
+    search = AlphaSearch.of_layer(w, b, st.absmax, alphas, wcfg, acfg, lora_rank=RANK, lora_iters=ITERS)
+    predicted = approx_losses(search.candidates, st, acfg)[0]
     ratio = torch.tensor(predicted) / torch.tensor(exact.losses)
     assert ratio.min() > 0.5 and ratio.max() < 2.0, ratio
     # the predicted choice costs little under the exact loss
@@ -101,7 +101,7 @@ def test_prediction_tracks_the_exact_loss_with_activation_quantization(scheme, g
 
 def test_quantize_dit_approx_uses_one_loop():
     from models import DiT_models
-    from ditas.pipeline import make_sampler, sample_inputs
+    from diffusion.sampling import make_sampler, sample_inputs
     torch.manual_seed(0)
     model = DiT_models["DiT-XS/2"](input_size=8, in_channels=3, num_classes=10).eval()
     with torch.no_grad():
@@ -119,7 +119,7 @@ def test_quantize_dit_approx_uses_one_loop():
     cfg = QuantConfig(weight_bit=4, act_bit=8, group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25,
                       search="approx")
     report = quantize_dit(model, cfg, loop, progress=False)
-    assert len(calls) == 1 and report["calibration_loops"] == 1 and report["search"] == "approx"
+    assert len(calls) == 1 and report["calibration"]["fp_passes"] == 1 and report["calibration"]["search"] == "approx"
     for name in quantizable_layers(model):
         r = report["layers"][name]
         assert isinstance(model.get_submodule(name), QuantLinear)
@@ -155,7 +155,7 @@ def test_quantdit_search_flag(tmp_path):
     assert os.path.basename(out).endswith("-approxsearch")
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
-    assert report["search"] == "approx" and report["calibration_loops"] == 1
+    assert report["calibration"]["search"] == "approx" and report["calibration"]["fp_passes"] == 1
     with open(os.path.join(out, "quant_config.json")) as f:
         assert json.load(f)["search"] == "approx"
     assert QuantDiT.quant_config_from_args(QuantDiT.build_parser().parse_args(argv[:-2])).search == "shortlist"
@@ -170,7 +170,7 @@ def test_reference_per_token_models_the_clamped_maximum():
     acfg = ActQuantConfig(bits=8, granularity="token", scheme="reference")
     st = _stats(xs, "token", token_samples=64)
     exact = _exact(w, b, xs, st.absmax, alphas, wcfg, acfg)
-    fresh = AlphaSearch(w, b, st.absmax, alphas, wcfg, acfg, lora_rank=RANK, lora_iters=ITERS)
+    fresh = AlphaSearch.of_layer(w, b, st.absmax, alphas, wcfg, acfg, lora_rank=RANK, lora_iters=ITERS)
     _, wt, nt = approx_losses(fresh.candidates, st, acfg)
     ratio = (torch.tensor(wt) + torch.tensor(nt)) / torch.tensor(exact.losses)
     assert (ratio - 1).abs().max() < 0.1, ratio

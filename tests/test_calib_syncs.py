@@ -58,7 +58,7 @@ def _searches(scheme, granularity, dtype="fp32", lora_rank=4):
     absmax = torch.stack([x.abs().amax((0, 1)) for x in xs]).amax(0)
     cands = Candidates(w, b, absmax, alpha_grid(0.25), wcfg, lora_rank, 2)
     base = Candidates(w, b, None, [None], wcfg, lora_rank=0)
-    return [AlphaSearch.over(c, acfg, matmul_dtype=dtype) for c in (cands, base)], xs
+    return [AlphaSearch(c, acfg, matmul_dtype=dtype) for c in (cands, base)], xs
 
 
 def _step_syncs(searches, xs):

@@ -29,7 +29,7 @@ ALPHAS = alpha_grid(0.25) + [None]
 def bundled_inputs():
     """{kind: (weight, bias, [inputs of 3 DDPM steps])} of the bundled model's block 2."""
     from test_bundled import bundled_model
-    from ditas.pipeline import make_sampler, sample_inputs
+    from diffusion.sampling import make_sampler, sample_inputs
     model = bundled_model()
     block = model.blocks[2]
     layers = {kind: block.get_submodule(kind) for kind in KINDS}

@@ -74,7 +74,7 @@ def test_input_shapes():
 def test_reference_layer_is_quantized_then_smoothed():
     lin, x = _linear()
     wcfg = WeightQuantConfig(bits=4, scheme="reference")
-    search = AlphaSearch(lin.weight, lin.bias, channel_absmax(x), [0.6], wcfg, None, lora_rank=4, lora_iters=3)
+    search = AlphaSearch.of_layer(lin.weight, lin.bias, channel_absmax(x), [0.6], wcfg, None, lora_rank=4, lora_iters=3)
     fit, s = search.candidates.fit, search.candidate(0).smooth
     q = dequantize_weight(fit.qweight)  # the search keeps the integer form only
     torch.testing.assert_close(s, smoothing_factors(channel_absmax(x), weight_channel_absmax(q), 0.6))
@@ -90,8 +90,9 @@ def test_reference_layer_is_quantized_then_smoothed():
 def test_from_search_reproduces_search_loss(scheme):
     lin, x = _linear()
     acfg = ActQuantConfig(bits=6, granularity="row", scheme=scheme)
-    search = AlphaSearch(lin.weight, lin.bias, channel_absmax(x), [0.3, 0.5, 0.7],
-                         WeightQuantConfig(bits=4, group_size=32, scheme=scheme), acfg, lora_rank=4, lora_iters=3)
+    search = AlphaSearch.of_layer(lin.weight, lin.bias, channel_absmax(x), [0.3, 0.5, 0.7],
+                                  WeightQuantConfig(bits=4, group_size=32, scheme=scheme), acfg, lora_rank=4,
+                                  lora_iters=3)
     search.update(x)
     best, losses = search.result()
     ql = QuantLinear.from_search(search.best(), acfg)

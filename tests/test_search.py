@@ -51,7 +51,8 @@ def _search(w, b, xs, alphas, wcfg, acfg, scheme, **kw):
     a = RunningAbsMax()
     for x in xs:
         a.update(x)
-    search = AlphaSearch(w, b, a.value, alphas, wcfg, acfg, lora_rank=RANK, lora_iters=ITERS, scheme=scheme, **kw)
+    search = AlphaSearch.of_layer(w, b, a.value, alphas, wcfg, acfg, lora_rank=RANK, lora_iters=ITERS, scheme=scheme,
+                                  svd="full", **kw)  # full: _brute_force's fit_lora
     for x in xs:
         search.update(x)
     return search
@@ -103,8 +104,8 @@ def test_ties_go_to_smaller_alpha():
     assert select_alpha([0.2, 0.1, 0.3], [0.0, 0.5, 1.0]) == 1
     # an all-zero input: every candidate is exact, all losses tie at 0
     w, b, _ = search_problem()
-    search = AlphaSearch(w, b, torch.ones(64), [0.5, 0.2, 0.8], WeightQuantConfig(bits=4, group_size=32),
-                         ActQuantConfig(), lora_rank=RANK, lora_iters=ITERS)
+    search = AlphaSearch.of_layer(w, b, torch.ones(64), [0.5, 0.2, 0.8], WeightQuantConfig(bits=4, group_size=32),
+                                  ActQuantConfig(), lora_rank=RANK, lora_iters=ITERS)
     search.update(torch.zeros(2, 3, 64))
     assert search.result() == (0.2, [0.0, 0.0, 0.0])
 
@@ -116,7 +117,7 @@ def test_max_steps_ignores_later_updates():
     a = RunningAbsMax()
     for x in xs:
         a.update(x)
-    two = AlphaSearch(w, b, a.value, [0.0, 0.5, 1.0], wcfg, acfg, lora_rank=RANK, lora_iters=ITERS)
+    two = AlphaSearch.of_layer(w, b, a.value, [0.0, 0.5, 1.0], wcfg, acfg, lora_rank=RANK, lora_iters=ITERS)
     for x in xs[:2]:
         two.update(x)
     assert capped.steps == 2 and capped.losses == two.losses
@@ -125,7 +126,7 @@ def test_max_steps_ignores_later_updates():
 def test_no_smoothing_and_fixed_alpha_modes():
     w, b, xs = search_problem(steps=1)
     wcfg, acfg = WeightQuantConfig(bits=4, group_size=32), ActQuantConfig()
-    plain = AlphaSearch(w, b, None, [None], wcfg, acfg, lora_rank=RANK, lora_iters=ITERS)
+    plain = AlphaSearch.of_layer(w, b, None, [None], wcfg, acfg, lora_rank=RANK, lora_iters=ITERS, svd="full")
     plain.update(xs[0])
     best = plain.best()
     assert best.alpha is None and best.smooth is None
@@ -134,7 +135,7 @@ def test_no_smoothing_and_fixed_alpha_modes():
     fixed = _search(w, b, xs, [0.5], wcfg, acfg, "ditas")
     assert fixed.result()[0] == 0.5 and fixed.best().smooth.shape == (64,)
     with pytest.raises(RuntimeError):
-        AlphaSearch(w, b, None, [None], wcfg, acfg, lora_rank=0).result()
+        AlphaSearch.of_layer(w, b, None, [None], wcfg, acfg, lora_rank=0).result()
 
 
 def _streams(scheme, granularity, shape, seed):
@@ -160,8 +161,8 @@ def test_fast_update_matches_naive(scheme, granularity, shape, out):
     losses = {}
     for impl, dtype, chunk in (("naive", "fp32", None), ("fast", "fp32", None), ("fast", "fp32", 5),
                                ("fast", "bf16", None)):
-        search = AlphaSearch(w, b, absmax, alpha_grid(0.1) + [None], wcfg, acfg, lora_rank=RANK, lora_iters=ITERS,
-                             impl=impl, matmul_dtype=dtype, chunk=chunk)
+        search = AlphaSearch.of_layer(w, b, absmax, alpha_grid(0.1) + [None], wcfg, acfg, lora_rank=RANK,
+                                      lora_iters=ITERS, impl=impl, matmul_dtype=dtype, chunk=chunk)
         for x in xs:
             search.update(x)
         losses[impl, dtype, chunk] = torch.tensor(search.losses)
@@ -183,8 +184,8 @@ def test_row_stride_scores_every_nth_row(scheme, granularity, shape):
     xs, wcfg, acfg, absmax = _streams(scheme, granularity, shape, seed=7)
     losses = {}
     for impl, stride in (("naive", 3), ("fast", 3), ("naive", 1)):
-        search = AlphaSearch(w, b, absmax, alpha_grid(0.25), wcfg, acfg, lora_rank=RANK, lora_iters=ITERS,
-                             impl=impl, row_stride=stride)
+        search = AlphaSearch.of_layer(w, b, absmax, alpha_grid(0.25), wcfg, acfg, lora_rank=RANK, lora_iters=ITERS,
+                                      impl=impl, row_stride=stride)
         for x in xs:
             search.update(x)
         losses[impl, stride] = torch.tensor(search.losses)
@@ -193,13 +194,13 @@ def test_row_stride_scores_every_nth_row(scheme, granularity, shape):
     torch.testing.assert_close(losses["naive", 3], losses["naive", 1], rtol=0.5, atol=0)
     # brute force for one candidate: quantize the whole input, then average the strided rows' errors
     k = 2
-    search = AlphaSearch(w, b, absmax, alpha_grid(0.25), wcfg, acfg, lora_rank=RANK, lora_iters=ITERS)
+    search = AlphaSearch.of_layer(w, b, absmax, alpha_grid(0.25), wcfg, acfg, lora_rank=RANK, lora_iters=ITERS)
     q = QuantLinear.from_search(search.candidate(k), acfg)
     with torch.no_grad():
         want = sum(((q(x) - F.linear(x, w, b)).reshape(-1, 96)[::3] ** 2).mean().item() for x in xs)
     assert losses["naive", 3][k].item() == pytest.approx(want, rel=1e-4)
     with pytest.raises(ValueError, match="row_stride"):
-        AlphaSearch(w, b, absmax, [0.5], wcfg, acfg, row_stride=0)
+        AlphaSearch.of_layer(w, b, absmax, [0.5], wcfg, acfg, row_stride=0)
 
 
 @pytest.mark.skipif(not ops_avx512.bf16_ok(), reason="fused bf16 search kernel not available here")
@@ -219,8 +220,8 @@ def test_bf16_search_kernel_matches_torch_bf16(monkeypatch, granularity, shape, 
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(ops_avx512, "bf16_ok", lambda: False)
-        search = AlphaSearch(w, b, absmax, alpha_grid(0.1) + [None], wcfg, acfg, lora_rank=RANK, lora_iters=ITERS,
-                             matmul_dtype="bf16", row_stride=stride)
+        search = AlphaSearch.of_layer(w, b, absmax, alpha_grid(0.1) + [None], wcfg, acfg, lora_rank=RANK,
+                                      lora_iters=ITERS, matmul_dtype="bf16", row_stride=stride)
         assert ("m_packed" in search.engine.ops) == fused
         for x in xs:
             search.update(x)
@@ -239,7 +240,7 @@ def test_single_candidate_direct_product(dtype):
     xs, wcfg, acfg, absmax = _streams("reference", "tensor", (3, 37, 64), seed=5)
     losses = []
     for impl in ("naive", "fast"):
-        search = AlphaSearch(w, b, None, [None], wcfg, acfg, lora_rank=0, impl=impl, matmul_dtype=dtype)
+        search = AlphaSearch.of_layer(w, b, None, [None], wcfg, acfg, lora_rank=0, impl=impl, matmul_dtype=dtype)
         for x in xs:
             search.update(x)
         losses.append(search.losses[0])
@@ -280,7 +281,8 @@ def test_ditas_candidates_on_the_integer_kernel(monkeypatch, granularity, shape)
     monkeypatch.setattr(ops_avx512, "qgemm", lambda *a, **k: calls.append(1) or qgemm(*a, **k))
 
     def losses(outputs=False):
-        search = AlphaSearch(w, b, absmax, alphas, wcfg, acfg, lora_rank=RANK, lora_iters=ITERS, svd="subspace")
+        search = AlphaSearch.of_layer(w, b, absmax, alphas, wcfg, acfg, lora_rank=RANK, lora_iters=ITERS,
+                                      svd="subspace")
         for x in xs:
             search.update(x, F.linear(x, w, b) if outputs else None)
         return search, torch.tensor(search.losses, dtype=torch.float64)
@@ -321,7 +323,7 @@ def test_candidates_travel_without_the_fp_weight():
     assert bare.weight is None and bare.bias is None and torch.equal(c.weight, w)
     assert pickled(c) - pickled(bare) >= (w.numel() + b.numel()) * 4
     back = bare.on(w, b)
-    searches = [AlphaSearch.over(x, acfg) for x in (c, back)]
+    searches = [AlphaSearch(x, acfg) for x in (c, back)]
     for x in xs:
         for search in searches:
             search.update(x, x @ w.T + b)
@@ -380,3 +382,29 @@ def test_integer_kernel_builds_weight_operands_once_per_search(monkeypatch):
     assert len(built) == len(alphas) and len(xs) > 1
     assert blocks.engine.nbytes() > 0  # counted (tests/test_budget.py: equal to the budget's formula)
     torch.testing.assert_close(torch.tensor(blocks.losses), torch.tensor(single.losses), rtol=1e-9, atol=0)
+
+
+def test_candidates_class_is_chosen_once_by_the_scheme_and_lora_defaults_are_quantconfigs():
+    """Candidates(...) is the scheme's class (also through copies and pickling, as the ranks send them); the LoRA
+    settings left out are QuantConfig's for the scheme."""
+    import copy
+    import pickle
+
+    from quant.quant_config import QuantConfig
+    from quant.search.candidates import Candidates, DitasCandidates, ReferenceCandidates, lora_settings
+    w, b, xs = search_problem(steps=1)
+    a = RunningAbsMax().update(xs[0]).value
+    ditas = Candidates(w, b, a, [0.5], WeightQuantConfig(bits=4, group_size=32), lora_rank=4, lora_iters=2)
+    ref = Candidates(w, b, a, [0.5], WeightQuantConfig(bits=4, scheme="reference"), lora_rank=4, lora_iters=2)
+    assert type(ditas) is DitasCandidates and type(ref) is ReferenceCandidates
+    for c in (ditas, ref):
+        for other in (copy.copy(c), pickle.loads(pickle.dumps(c)), c.on(None, None), c.subset([0])):
+            assert type(other) is type(c) and other.nbytes() == c.nbytes()
+    with pytest.raises(ValueError):
+        DitasCandidates(w, b, a, [0.5], WeightQuantConfig(bits=4, group_size=32), scheme="reference")
+    with pytest.raises(ValueError):
+        Candidates(w, b, a, [0.5], WeightQuantConfig(bits=4, group_size=32), scheme="other")
+    for scheme in ("ditas", "reference"):
+        cfg = QuantConfig(scheme=scheme)
+        assert lora_settings(scheme) == (cfg.lora_rank, cfg.lora_iters, cfg.svd)
+    assert lora_settings("ditas", 0, 3, "full") == (0, 3, "full")

@@ -5,8 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quant.method import lora
-
 from quant.kernels import ops_avx512
 from quant.method.lora import fit_lora
 from quant.method.quantizer import WeightQuantConfig, dequantize_weight, quantize_weight
@@ -224,8 +222,8 @@ def test_fused_quantize_residual_is_the_torch_ops(monkeypatch, shape, group, svd
     w[..., 1, :16] = 0.0
     cfg = WeightQuantConfig(bits=4, group_size=group)
     calls = []
-    fused = lora.ops_avx512.quant_residual
-    monkeypatch.setattr(lora.ops_avx512, "quant_residual", lambda *a: calls.append(1) or fused(*a))
+    fused = ops_avx512.quant_residual
+    monkeypatch.setattr(ops_avx512, "quant_residual", lambda *a: calls.append(1) or fused(*a))
     a = fit_lora(w, cfg, rank=4, iters=3, svd=svd)
     assert len(calls) == 3
     b = fit_lora(w, partial(quantize_weight, cfg=cfg), rank=4, iters=3, svd=svd)  # a callable: the torch ops

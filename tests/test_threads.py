@@ -74,7 +74,7 @@ def test_wait_policy_is_passive_only_when_the_idle_cores_are_fewer_than_the_thre
 
 
 def _policy_at_start(env):
-    code = "import os, threads; print(os.environ.get('OMP_WAIT_POLICY', 'unset'))"
+    code = "import os; from ditas import threads; print(os.environ.get('OMP_WAIT_POLICY', 'unset'))"
     full = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**full, **env}, capture_output=True, text=True,
                           timeout=60)

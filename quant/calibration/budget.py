@@ -19,6 +19,7 @@ Not in the budget: the FP model, the sampling loop's activations and the per-ste
 the layer being scored (`workspace_bytes`, freed after each layer's step); bench/scale.py adds
 them up for DiT-XL/2.
 """
+from quant import kernels
 from quant.search.approx import DEFAULT_TOKEN_SAMPLES, STEP_BLOCK
 from quant.search.losses import chunk_elements, kernel_fits, rows_per_block
 
@@ -49,7 +50,7 @@ def candidate_bytes(out, inp, cfg, n_alphas=None, lora_rank=None):
 
 
 def kernel_operand_bytes(out, inp, n_groups, lora_rank):
-    """One candidate's weight operands of the fused CPU kernel (ops_avx512.w4_operands, with a bias and
+    """One candidate's weight operands of the fused CPU kernel (kernels.w4_candidate, with a bias and
     zero points: what a ditas layer has): packed codes, scales / group sums / zero points and the bias
     per 32-column block, the transposed LoRA factors."""
     npad = -out // 32 * -32
@@ -71,14 +72,9 @@ def engine_bytes(out, inp, cfg, n_alphas=None, device_type="cpu", lora_rank=None
     m_cols = inp if inp < out else out                  # M = V S (in x in) or Weff^T (in x out)
     total = (2 if bf16 else F32) * inp * m_cols
     total += F32 * inp * (2 * inp if m_cols >= inp else out)  # xmul: [X N M^T, X F] or P = X N
-    if bf16 and device_type == "cpu" and _fused_bf16():
+    if bf16 and device_type == "cpu" and kernels.bf16_ok():
         total += 2 * (-inp // 2 * -2) * (-m_cols // 32 * -32)  # the fused kernel's packed copy of M
     return total
-
-
-def _fused_bf16():
-    from quant.kernels import ops_avx512
-    return ops_avx512.bf16_ok()
 
 
 def statistic_bytes(out, inp, cfg):

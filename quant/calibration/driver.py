@@ -9,10 +9,10 @@ activations are kept. The phases of quantize_dit, each named after the paper's s
                             with it, in each group's pass)
     2. candidate prep       per layer and alpha: smoothing factors, quantized weight, LoRA (§4, §5);
                             the shortlist keeps each layer's best predicted candidates only
-    3. alpha search         scoring: exact = a pass streams every step's FP input through every
-                            candidate (quant/search/candidates.py); shortlist (the ditas default) = the same
-                            pass over the kept candidates; approx = predicted from the statistics
-                            (quant/search/approx.py; shortlist and approx are beyond the paper)
+    3. alpha search         a Scoring (quant/calibration/scoring.py): exact = a pass streams every step's FP
+                            input through every candidate (quant/search/candidates.py); shortlist (the ditas
+                            default) = the same pass over the kept candidates; approx = predicted from the
+                            statistics (quant/search/approx.py; shortlist and approx are beyond the paper)
     4. layers and report    each layer becomes the QuantLinear of its best alpha
 
 Phases 2 and 3 run per group of layers whose search state fits the memory budget
@@ -25,116 +25,57 @@ linear, weight-only 8-bit.
 """
 import resource
 import time
-from dataclasses import replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from quant.search.approx import ApproxScoring, InputStats, approx_losses
 from quant.calibration.budget import human, layer_cost, plan_groups
-from quant.calibration.feed import ChunkedLoop, Feed, as_feed, by_chunks, merge
+from quant.calibration.feed import ChunkedLoop, Feed, by_chunks, collect_statistics
 from quant.method.layers import ADALN_WEIGHT_CFG, adaln_layers, check_layers, quantizable_layers
 from quant.nn.qlinear import QuantLinear
 from quant.method.quantizer import dequantize_weight
 from quant.calibration.ranks import Ranks
-from quant.search.candidates import AlphaSearch, Candidates, Scores, quantize_linear, select_alpha
+from quant.calibration.scoring import SCORINGS
+from quant.search.candidates import Candidates, quantize_linear, select_alpha
 from quant.method.smoothing import RunningAbsMax
 
 
-class ExactScoring:
-    """Pass 2 (the paper's search): every candidate scored on every calibration step's FP input.
-
-    The scoring protocol (ShortlistScoring, approx_search.ApproxScoring): group_statistics (pass 1 runs
-    per group of layers, else once for all), scoring_loop (phase 3 runs one more FP loop), statistic()
-    (pass 1's per-layer statistic), prune(name, candidates, statistic) (right after a layer's candidates
-    are prepared: the ones kept) and score(...)."""
-    group_statistics, scoring_loop = False, True
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def statistic(self):
-        return RunningAbsMax()
-
-    def prune(self, name, candidates, statistic):
-        return candidates
-
-    def score(self, layers, candidates, baselines, stats, loop):
-        """{name: Scores} from a streaming FP loop (a Feed, or a loop of this process) over `layers`
-        ({name: nn.Linear}, this rank's). Shared by chunks, every rank scores every layer of the round
-        on its chunks (the candidates sent to every rank first, the running sums back to the owners)."""
-        cfg, acfg = self.cfg, self.cfg.act_cfg()
-        feed = as_feed(loop, layers)
-        # shared without the FP weight and bias (up to 21 MB a layer at DiT-XL/2): every rank has the model
-        bare = feed.share({name: (candidates[name].on(None, None), baselines[name].on(None, None))
-                           for name in layers})
-        every = {name: tuple(c.on(feed.modules[name].weight, feed.modules[name].bias) for c in pair)
-                 for name, pair in bare.items()}
-        engine = dict(matmul_dtype=cfg.search_dtype, row_stride=cfg.search_row_stride)
-        n = feed.loop.chunks
-        searches = {name: AlphaSearch.over(c, acfg, cfg.search_steps, slots=n, **engine)
-                    for name, (c, _) in every.items()}
-        # plain round-to-nearest on the same inputs: the "before smoothing, before LoRA" error
-        rtn = {name: AlphaSearch.over(b, acfg, cfg.search_steps, slots=n, **engine) for name, (_, b) in every.items()}
-
-        def observe(name, chunk, x, y):  # y: the FP layer's output, the candidates' reference (no FP product)
-            searches[name].update(x, y, chunk)
-            rtn[name].update(x, y, chunk)
-
-        feed.run(observe, outputs=True)
-        sums = {name: {c: (searches[name].slot(c), rtn[name].slot(c)) for c in feed.chunks} for name in every}
-        for name, parts in feed.to_owners(sums).items():
-            for c, (mine, base) in enumerate(parts):
-                searches[name].set_slot(c, mine)
-                rtn[name].set_slot(c, base)
-        return {name: Scores(s.losses, s.steps, rtn[name].losses[0], rtn[name].steps, {},
-                             s.engine.nbytes() + rtn[name].engine.nbytes())
-                for name, s in searches.items() if name in layers}
+PHASES = ("tas_statistics_s", "prepare_candidates_s", "alpha_search_s", "build_layers_s")
 
 
-class ShortlistScoring:
-    """The default search of the ditas scheme (beyond the paper): pass 1, per group of layers, gathers the
-    approximate search's statistics (the TAS maxima among them, quant/search/approx.py); right after a
-    layer's candidates are prepared they are ranked by the predicted loss and only the
-    `search_shortlist` best are kept (the others freed); pass 2 scores those exactly, as ExactScoring
-    does, and the best of them wins. Equal to the exact search wherever its winner is on the shortlist
-    (bench/results/candidate_fits.md); the report keeps every alpha's prediction."""
-    group_statistics, scoring_loop = True, True
+@dataclass(frozen=True)
+class Run:
+    """One calibration's progress lines and wall time per phase. say(line): the progress printer (a no-op without
+    progress); progress: show the candidate bars too; prefix: the lines' group ("group 2/3, "); timings: seconds
+    per phase (PHASES), charged by `phase`; _open: the phases running (a phase opened in another pauses it)."""
+    say: Callable
+    progress: bool = True
+    prefix: str = ""
+    timings: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    _open: list = field(default_factory=list, repr=False)
 
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.exact = ExactScoring(cfg)
-        self.predicted = {}
+    def line(self, phase, text):
+        """Print the progress line of phase 1..3."""
+        self.say(f"calibration {phase}/3, {self.prefix}{text}")
 
-    def statistic(self):
-        # float32 X^T X: it only ranks candidates for the exact pass (half the memory and time of float64)
-        return InputStats(self.cfg.act_cfg().granularity, max_steps=self.cfg.search_steps, dtype=torch.float32)
-
-    def prune(self, name, candidates, statistic):
-        """The shortlist of one layer's candidates; its statistic keeps only the TAS maxima (the rest is no
-        longer needed)."""
-        losses = approx_losses(candidates, statistic, self.cfg.act_cfg())[0]
-        alphas = candidates.alphas
-        self.predicted[name] = dict(zip(alphas, losses))
-        statistic.release()
-        keep = sorted(range(len(alphas)), key=lambda k: (losses[k], -1.0 if alphas[k] is None else alphas[k]))
-        return candidates.subset(sorted(keep[:self.cfg.search_shortlist]))
-
-    def score(self, layers, candidates, baselines, stats, loop):
-        scores = self.exact.score(layers, candidates, baselines, stats, loop)
-        return {name: replace(s, predicted=self.predicted.pop(name)) for name, s in scores.items()}
-
-
-SCORINGS = {"exact": ExactScoring, "shortlist": ShortlistScoring, "approx": ApproxScoring}
-
-
-def collect_statistics(layers, loop, make):
-    """Pass 1: {name: statistic} of this rank's `layers`, statistic = make() updated on every step's
-    input of the layer (one per chunk of the batch, merged in chunk order); loop: a Feed or a loop."""
-    feed = as_feed(loop, layers)
-    parts = {name: {c: make() for c in feed.chunks} for name in feed.observed}
-    feed.run(lambda name, chunk, x: parts[name][chunk].update(x))
-    return {name: merge(p) for name, p in feed.to_owners(parts).items()}
+    @contextmanager
+    def phase(self, name):
+        """Charge the wall time inside to timings[name], less that of the phases opened inside it."""
+        now = time.time()
+        if self._open:
+            self.timings[self._open[-1][0]] += now - self._open[-1][1]
+        self._open.append([name, now])
+        try:
+            yield
+        finally:
+            now = time.time()
+            self.timings[name] += now - self._open.pop()[1]
+            if self._open:
+                self._open[-1][1] = now
 
 
 def collect_tas(layers, loop):
@@ -205,46 +146,35 @@ def quantize_adaln(model):
     return report
 
 
-def calibrate_group(part, cfg, scoring, stats, feed, timings, say, of="", progress=True):
-    """Phases 2 and 3 for one group of layers ({name: nn.Linear}); stats: pass 1's, None where the scoring
-    gathers its statistics per group (here); feed: the round's (quant/calibration/feed.py). Adds to `timings`; returns
-    ({name: (LayerQuant, report entry)}, FP loops run). The group's candidates are freed on return."""
+def calibrate_group(part, cfg, scoring, stats, feed, run):
+    """Phases 2 and 3 for one group of layers ({name: nn.Linear}) over the round's feed
+    (quant/calibration/feed.py); stats: pass 1's (scoring.group_statistics gathers the group's own where it
+    does); timed and printed through `run`. Returns {name: (LayerQuant, report entry)}; the group's candidates
+    are freed on return."""
     if not part and not feed.by_chunks:  # a loop shared by chunks needs every rank, with layers or none
-        return {}, 0
-    loops = 0
-    t0 = time.time()
-    if scoring.group_statistics:  # the approximate search's statistics (and the TAS maxima) in one loop
-        say(f"calibration 1/3, {of}TAS and loss statistics: one FP sampling loop, {feed.observing()}")
-        stats = collect_statistics(part, feed, scoring.statistic)
-        loops += 1
+        return {}
+    with run.phase("tas_statistics_s"):
+        stats = scoring.group_statistics(part, feed, stats, partial(run.line, 1))
     absmax = {n: None if stats[n] is None or cfg.smoothing == "none" else stats[n].value for n in part}
-    timings["tas_statistics_s"] += time.time() - t0
 
-    t0 = time.time()  # 2. candidate preparation: smoothing, quantized weights, LoRA per alpha
     lora = f"LoRA rank {cfg.lora_rank}, {cfg.lora_iters} iterations, {cfg.svd} SVD" if cfg.lora_rank else "no LoRA"
     kept = f", the {cfg.search_shortlist} best predicted kept" if cfg.search == "shortlist" else ""
-    say(f"calibration 2/3, {of}candidate preparation: {len(cfg.alphas())} alpha(s) x {len(part)} layers "
-        f"({lora}{kept})")
-    ranking = [0.0]
+    run.line(2, f"candidate preparation: {len(cfg.alphas())} alpha(s) x {len(part)} layers ({lora}{kept})")
 
     def prune(name, cands):  # the shortlist's ranking is part of the search: timed as phase 3
-        t = time.time()
-        kept = scoring.prune(name, cands, stats[name])
-        ranking[0] += time.time() - t
-        return kept
-    candidates, baselines = prepare_candidates(part, cfg, absmax, progress, prune)
-    timings["prepare_candidates_s"] += time.time() - t0 - ranking[0]
+        with run.phase("alpha_search_s"):
+            return scoring.prune(name, cands, stats[name])
+    with run.phase("prepare_candidates_s"):  # 2. smoothing, quantized weights, LoRA per alpha
+        candidates, baselines = prepare_candidates(part, cfg, absmax, run.progress, prune)
 
-    t0 = time.time()  # 3. alpha search: score the candidates
     what = {"exact": "one more FP sampling loop scores every candidate",
             "shortlist": f"one more FP sampling loop scores the shortlisted candidates ({cfg.search_shortlist} "
                          "per layer)",
             "approx": "losses predicted from the statistics (no FP loop)"}[cfg.search]
-    say(f"calibration 3/3, {of}alpha search: {what}")
-    scores = scoring.score(part, candidates, baselines, stats, feed)
-    loops += int(scoring.scoring_loop)
-    timings["alpha_search_s"] += time.time() - t0 + ranking[0]
-    return {n: layer_report(candidates[n], scores[n], baselines[n], stats[n], feed.loop.chunks) for n in part}, loops
+    run.line(3, f"alpha search: {what}")
+    with run.phase("alpha_search_s"):  # 3. score the candidates
+        scores = scoring.score(part, candidates, baselines, stats, feed)
+    return {n: layer_report(candidates[n], scores[n], baselines[n], stats[n], feed.loop.chunks) for n in part}
 
 
 def plan_calibration(model, cfg, memory_budget=None, ranks=None, device_type=None, chunks=1, loop_shape=None):
@@ -289,40 +219,32 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
     layers = quantizable_layers(model)
     scoring = SCORINGS[cfg.search](cfg)
     device = next(model.parameters()).device
-    say = tqdm.write if progress else (lambda msg: None)
+    run = Run(tqdm.write if progress else (lambda msg: None), progress)
     mine, groups, estimates = plan_calibration(model, cfg, memory_budget, ranks, chunks=loop.chunks,
                                                loop_shape=loop.shape)
     rank_groups = ranks.all(groups)  # every rank's groups: who observes which layer in each round
     n_groups = max(len(gs) for gs in rank_groups)
     divided = by_chunks(ranks.world, loop.chunks)  # the FP loops divided by chunks (quant/calibration/feed.py)
-    timings = dict.fromkeys(("tas_statistics_s", "prepare_candidates_s", "alpha_search_s", "build_layers_s"), 0.0)
     where = f" on rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""
     budget = "no memory budget" if memory_budget is None else f"a budget of {memory_budget / 2 ** 30:g} GiB"
     feed = Feed(loop, ranks, layers, [[n for g in gs for n in g] for gs in rank_groups])
     how = f", {'divided among' if divided else 'each run by'} the processes" if ranks.world > 1 else ""
     fp = "" if loop.chunks == 1 else f"; FP loops in {loop.chunks} chunks{how}"
     held = ", each process holding every rank's in a round" if divided else ""
-    say(f"calibration: {len(mine)} layers{where} in {len(groups)} group(s) ({budget}; estimated search state "
+    run.say(f"calibration: {len(mine)} layers{where} in {len(groups)} group(s) ({budget}; estimated search state "
         f"{human(sum(estimates.values()))} in all{held}{fp})")
-    passes = 0
-
-    t0 = time.time()  # 1. TAS statistics (the exact search with no smoothing needs none)
-    stats = {name: None for name in mine}
-    if cfg.smoothing != "none" and not scoring.group_statistics:
-        say(f"calibration 1/3, TAS statistics: one FP sampling loop, {feed.observing()}")
-        stats = ranks.together(lambda: collect_statistics({n: layers[n] for n in mine}, feed, scoring.statistic))
-        passes += 1
-    timings["tas_statistics_s"] += time.time() - t0
+    with run.phase("tas_statistics_s"):  # 1. TAS statistics before the groups, where the scoring gathers them so
+        stats = ranks.together(lambda: scoring.statistics({n: layers[n] for n in mine}, feed, partial(run.line, 1)))
+    passes = feed.runs
 
     chosen, state_max = {}, 0
     for g in range(n_groups):  # 2. and 3. per group; every rank takes part in every round
         part = {n: layers[n] for n in (groups[g] if g < len(groups) else [])}
-        of = f"group {g + 1}/{n_groups}, " if n_groups > 1 else ""
+        group = replace(run, prefix=f"group {g + 1}/{n_groups}, " if n_groups > 1 else "")
         feed = Feed(loop, ranks, layers, [gs[g] if g < len(gs) else [] for gs in rank_groups])
-        results, loops = ranks.together(lambda: calibrate_group(part, cfg, scoring, stats, feed, timings, say, of,
-                                                                progress))
+        results = ranks.together(lambda: calibrate_group(part, cfg, scoring, stats, feed, group))
         chosen.update(results)
-        passes += loops
+        passes += feed.runs
         held = sum(entry["state_bytes"] for _, entry in results.values())
         if divided:  # every rank held the whole round's statistics and candidates
             held = sum(ranks.all(held))
@@ -333,18 +255,17 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
            "state_bytes_estimated": sum(estimates.values()),
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "peak_cuda_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-           "timings": dict(timings)}
+           "timings": dict(run.timings)}
     every = ranks.gather({"layers": chosen, "memory": mem}, device=device)  # rank 0 builds the model
     if every is None:
         return None
     chosen = {n: r for part in every for n, r in part["layers"].items()}
 
-    t0 = time.time()  # 4. the best candidate of every layer, and the report
-    report = {}
-    for name in layers:
-        best, report[name] = chosen[name]
-        model.set_submodule(name, QuantLinear.from_search(best.to(device), cfg.act_cfg()))
-    timings["build_layers_s"] = time.time() - t0
+    report, timings = {}, run.timings
+    with run.phase("build_layers_s"):  # 4. the best candidate of every layer, and the report
+        for name in layers:
+            best, report[name] = chosen[name]
+            model.set_submodule(name, QuantLinear.from_search(best.to(device), cfg.act_cfg()))
     ranks_mem = [part["memory"] for part in every]
     out = {"layers": report, "timings": timings, "calibration": {
         "ranks": ranks.world, "device": str(device), "budget_bytes": memory_budget, "svd": cfg.svd,
@@ -357,11 +278,9 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
         "peak_cuda_bytes": None if device.type != "cuda" else max(m["peak_cuda_bytes"] for m in ranks_mem),
         "per_rank": ranks_mem}}
     out["calibration"].update(search=cfg.search, fp_chunks=loop.chunks, fp_by_chunks=divided)
-    if not scoring.scoring_loop:
-        out.update(search=cfg.search, calibration_loops=1)
     if cfg.quantize_adaln:  # 5. adaLN, weight-only
-        say("adaLN linears: weight-only 8-bit")
-        t0 = time.time()
-        out["adaln_layers"] = quantize_adaln(model)
-        timings["quantize_adaln_s"] = time.time() - t0
+        run.say("adaLN linears: weight-only 8-bit")
+        timings["quantize_adaln_s"] = 0.0
+        with run.phase("quantize_adaln_s"):
+            out["adaln_layers"] = quantize_adaln(model)
     return out

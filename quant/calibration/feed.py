@@ -89,10 +89,10 @@ class Feed:
     """The FP loop of one round. shares: [each rank's layer names in the round] (the same on every rank);
     modules: {name: module} holding at least those layers.
 
-    chunks: the chunks this rank runs; observed: the layer names it observes; owners: {name: rank}.
-    run(fn, outputs=False): one FP loop, fn(name, chunk, x) (or fn(name, chunk, x, y) with the layer's
-    output, outputs=True) for each observed layer, once per chunk and step. to_owners(parts) and
-    share(objects) are collectives: every rank calls them at the same point."""
+    chunks: the chunks this rank runs; observed: the layer names it observes; owners: {name: rank}; runs: the
+    FP loops run so far. run(fn, outputs=False): one FP loop, fn(name, chunk, x) (or fn(name, chunk, x, y)
+    with the layer's output, outputs=True) for each observed layer, once per chunk and step. to_owners(parts)
+    and share(objects) are collectives: every rank calls them at the same point."""
 
     def __init__(self, loop, ranks, modules, shares):
         self.loop, self.ranks = ChunkedLoop.of(loop), ranks
@@ -103,6 +103,7 @@ class Feed:
         self.observed = [n for n, r in self.owners.items() if self.by_chunks or r == ranks.rank]
         self.modules = {name: modules[name] for name in self.observed}
         self.device = next((m.weight.device for m in modules.values()), torch.device("cpu"))
+        self.runs = 0
 
     def observing(self):
         """What this rank observes, for the progress lines."""
@@ -115,6 +116,7 @@ class Feed:
         return cls(loop, Ranks(), modules, [list(modules)])
 
     def run(self, fn, outputs=False):
+        self.runs += 1
         calls = dict.fromkeys(self.observed, 0)
 
         def observe(name, *tensors):  # every layer runs once per forward: its k-th call is chunk k mod n
@@ -161,3 +163,12 @@ def merge(parts):
 def as_feed(loop, modules):
     """A Feed as is; a loop (callable or ChunkedLoop) as this process alone observing `modules`."""
     return loop if isinstance(loop, Feed) else Feed.local(loop, modules)
+
+
+def collect_statistics(layers, loop, make):
+    """Pass 1: {name: statistic} of this rank's `layers`, statistic = make() updated on every step's
+    input of the layer (one per chunk of the batch, merged in chunk order); loop: a Feed or a loop."""
+    feed = as_feed(loop, layers)
+    parts = {name: {c: make() for c in feed.chunks} for name in feed.observed}
+    feed.run(lambda name, chunk, x: parts[name][chunk].update(x))
+    return {name: merge(p) for name, p in feed.to_owners(parts).items()}

@@ -20,7 +20,7 @@ The truncated SVD (`svd`):
   factors and the next V, one power step per iteration on the slowly changing error, two products
   of width p = rank + OVERSAMPLE instead of a full SVD. The first iteration starts from `basis`
   (e.g. the fit of the neighbouring alpha) or from a seeded random one, with WARMUP_STEPS extra
-  power steps. bench/candidate_fits.py compares it with the full SVD.
+  power steps. bench/studies/candidate_fits.py compares it with the full SVD.
 """
 import math
 from dataclasses import dataclass
@@ -30,7 +30,7 @@ import torch
 
 from quant.method import lapack
 
-from quant.kernels import ops_avx512
+from quant import kernels
 from quant.method.quantizer import QWeight, WeightQuantConfig, dequantize_weight, quantize_weight
 
 SVDS = ("full", "lowrank", "subspace")
@@ -137,7 +137,7 @@ def _fused(w, lr, cfg):
     return (isinstance(cfg, WeightQuantConfig) and cfg.scheme == "ditas" and not cfg.symmetric
             and w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
             and (lr is None or lr.is_contiguous()) and (cfg.group_size or w.shape[-1]) % 16 == 0
-            and w.shape[-1] % (cfg.group_size or w.shape[-1]) == 0 and ops_avx512.load() is not None)
+            and w.shape[-1] % (cfg.group_size or w.shape[-1]) == 0 and kernels.available())
 
 
 def _quantize_residual(w, lr, quantize):
@@ -145,8 +145,8 @@ def _quantize_residual(w, lr, quantize):
     WeightQuantConfig (round-to-nearest; in one C pass where it applies, the same bits) or a callable."""
     if _fused(w, lr, quantize):
         k = w.shape[-1]
-        codes, scale, zero, e = ops_avx512.quant_residual(w.reshape(-1, k), None if lr is None else lr.reshape(-1, k),
-                                                          quantize.group_size or k, 2 ** quantize.bits - 1)
+        codes, scale, zero, e = kernels.quant_residual(w.reshape(-1, k), None if lr is None else lr.reshape(-1, k),
+                                                      quantize.group_size or k, 2 ** quantize.bits - 1)
         lead = w.shape[:-1]
         return (QWeight(codes.view(w.shape), scale.view(*lead, -1), zero.view(*lead, -1), quantize),
                 e.view(w.shape))

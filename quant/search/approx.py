@@ -51,7 +51,6 @@ losses are evaluated from the statistics.
 import torch
 
 from quant.method.quantizer import num_intervals
-from quant.search.candidates import Scores
 from quant.method.smoothing import channel_absmax
 
 DEFAULT_TOKEN_SAMPLES = 64
@@ -303,33 +302,3 @@ def approx_losses(candidates, stats, act_cfg):
     wt, nt = torch.cat(weight_terms), torch.cat(noise_terms)
     return (wt + nt).tolist(), wt.tolist(), nt.tolist()
 
-
-class ApproxScoring:
-    """The approximate search as the calibration driver's scoring phase (quant/calibration/driver.py): pass 1
-    gathers InputStats (the TAS maxima among them), the losses are predicted from them; one FP loop.
-
-    Its report adds each alpha's weight and activation terms (search_losses_weight_term / _act_term);
-    output_error and output_error_rtn are the predicted per-step losses.
-    """
-    group_statistics, scoring_loop = True, False
-
-    def __init__(self, cfg, token_samples=DEFAULT_TOKEN_SAMPLES):
-        self.cfg, self.token_samples = cfg, token_samples
-
-    def statistic(self):
-        return InputStats(self.cfg.act_cfg().granularity, max_steps=self.cfg.search_steps,
-                          token_samples=self.token_samples)
-
-    def prune(self, name, candidates, statistic):
-        return candidates
-
-    def score(self, layers, candidates, baselines, stats, loop):
-        """{name: Scores} predicted from pass 1's statistics (no FP loop)."""
-        acfg, out = self.cfg.act_cfg(), {}
-        for name, cands in candidates.items():
-            st = stats[name]
-            losses, wterm, nterm = approx_losses(cands, st, acfg)
-            rtn = approx_losses(baselines[name], st, acfg)[0][0]
-            out[name] = Scores(losses, st.steps, rtn, st.steps,
-                               {"search_losses_weight_term": wterm, "search_losses_act_term": nterm})
-        return out

@@ -24,6 +24,7 @@ import torch
 from quant.method.lora import fit_lora
 from quant.nn.qlinear import QuantLinear
 from quant.method.quantizer import QWeight, dequantize_weight, pack_int4, scale_qweight_columns, unpack_int4
+from quant.quant_config import QuantConfig
 from quant.search.losses import LossEngine
 from quant.method.smoothing import smoothing_factors, weight_channel_absmax
 
@@ -81,41 +82,111 @@ def _fp_params(weight, bias):
     return (None if weight is None else weight.detach().float()), (None if bias is None else bias.detach())
 
 
+def lora_settings(scheme, lora_rank=None, lora_iters=None, svd=None):
+    """(rank, iterations, svd) of the LoRA fits: the ones given, QuantConfig's defaults for `scheme` for None."""
+    default = QuantConfig(scheme=scheme)
+    return (default.lora_rank if lora_rank is None else lora_rank,
+            default.lora_iters if lora_iters is None else lora_iters, default.svd if svd is None else svd)
+
+
+def _scheme(weight, bias, act_absmax, alphas, weight_cfg, lora_rank=None, lora_iters=None, scheme=None, svd=None):
+    """The scheme a Candidates(...) call asks for (default: weight_cfg's)."""
+    scheme = weight_cfg.scheme if scheme is None else scheme
+    if scheme not in _CLASSES:
+        raise ValueError(f"scheme must be 'ditas' or 'reference', got {scheme!r}")
+    return scheme
+
+
 class Candidates:
     """The candidate layers of one linear: smoothing factors and LoRA-fitted quantized weights per alpha,
     stored compactly (integer codes, scales and LoRA factors; no dense float weight per candidate).
 
-    weight (out, in), bias (out,) or None; act_absmax: the TAS statistic a_j (in,), unused when
-    every alpha is None. scheme defaults to weight_cfg.scheme.
-    * ditas: one LoRA fit per alpha, one alpha at a time (the transient memory of one fit), each
-      subspace fit warm-started from its neighbour's (quant/method/lora.py). Stored: codes (A, out, in)
-      uint8, two 4-bit codes per byte (A, out, in / 2) at <= 4 bits; scale, zero (A, out, groups);
-      L (A, out, r), R (A, r, in).
-    * reference: one fit of the unsmoothed W (`fit`, a LoraFit without its dense q); every alpha
-      applies it to fq(X/s) s.
+    Candidates(weight, bias, act_absmax, alphas, weight_cfg, lora_rank, lora_iters, scheme, svd) is a
+    DitasCandidates or a ReferenceCandidates, chosen once by `scheme` (default weight_cfg.scheme), as pathlib.Path
+    is a PosixPath or a WindowsPath. weight (out, in), bias (out,) or None; act_absmax: the TAS statistic a_j
+    (in,), unused when every alpha is None; lora_rank, lora_iters, svd: None takes QuantConfig's default for the
+    scheme (lora_settings).
     Public state: alphas, scheme, weight (float32, the FP layer's own tensor), bias, smooth (A, in)
     (rows of ones for alpha None), svds (truncated SVDs computed), nbytes() (what is stored).
     """
+    scheme = None
 
-    def __init__(self, weight, bias, act_absmax, alphas, weight_cfg, lora_rank=32, lora_iters=10, scheme=None,
-                 svd="full"):
+    def __new__(cls, *args, **kwargs):
+        if cls is Candidates:
+            cls = _CLASSES[_scheme(*args, **kwargs)]
+        return super().__new__(cls)
+
+    def __init__(self, weight, bias, act_absmax, alphas, weight_cfg, lora_rank=None, lora_iters=None, scheme=None,
+                 svd=None):
         self.alphas = list(alphas)
         if not self.alphas:
             raise ValueError("AlphaSearch needs at least one candidate alpha")
-        self.scheme = weight_cfg.scheme if scheme is None else scheme
-        if self.scheme not in ("ditas", "reference"):
-            raise ValueError(f"scheme must be 'ditas' or 'reference', got {self.scheme!r}")
+        if scheme not in (None, self.scheme):
+            raise ValueError(f"{type(self).__name__} holds the {self.scheme} scheme, not {scheme!r}")
         self.weight_cfg = weight_cfg
         self.weight, self.bias = _fp_params(weight, bias)
-        fit = partial(fit_lora, quantize_fn=weight_cfg, rank=lora_rank,
-                      iters=lora_iters, svd=svd)
-        if self.scheme == "reference":
-            f = fit(self.weight)
-            self.smooth = self._factors(act_absmax, weight_channel_absmax(f.q))
-            self.fit, self.svds = replace(f, q=None, basis=None), f.svds
-            return
+        rank, iters, svd = lora_settings(self.scheme, lora_rank, lora_iters, svd)
+        self._fit(act_absmax, partial(fit_lora, quantize_fn=weight_cfg, rank=rank, iters=iters, svd=svd))
+
+    def subset(self, indices):
+        """The candidates `indices` (positions in alphas) alone, as a new Candidates of their own copies
+        (the rest can then be freed). svds still counts every fit that was computed."""
+        idx = list(indices)
+        if not idx:
+            raise ValueError("a subset of candidates needs at least one of them")
+        new = copy.copy(self)
+        new.alphas = [self.alphas[k] for k in idx]
+        t = torch.tensor(idx, device=self.smooth.device)
+        new.smooth = self.smooth[t].clone()
+        new.__dict__.update(self._per_alpha(t))
+        return new
+
+    def _factors(self, act_absmax, w_absmax):
+        """(n_alpha, in) smoothing factors, rows of ones for alpha None."""
+        s = torch.ones(len(self.alphas), self.weight.shape[1], device=self.weight.device)
+        for k, a in enumerate(self.alphas):
+            if a is not None:
+                s[k] = smoothing_factors(act_absmax.to(s.device), w_absmax, a, self.scheme)
+        return s
+
+    def on(self, weight, bias):
+        """A shallow copy over the layer's FP `weight` and `bias` (None, None: without them, to send to a
+        process that has the model; it puts its own back)."""
+        new = copy.copy(self)
+        new.weight, new.bias = _fp_params(weight, bias)
+        return new
+
+    def nbytes(self):
+        """Bytes of the stored candidate state (the FP weight and bias are the model's own)."""
+        return sum(t.numel() * t.element_size() for t in [self.smooth] + self._stored())
+
+    def smoothed_weight(self, k):
+        """W_s (out, in), dense: the weight candidate k applies to fq(X/s_k) (Q + L R in the smoothed domain)."""
+        L, R = self.lora(k)
+        return dequantize_weight(self.qweight(k)).to(self.weight) + L @ R
+
+    def layer(self, k):
+        """LayerQuant of candidate k."""
+        alpha, s = self.alphas[k], self.smooth[k]
+        errors, rtn = self._errors(k)
+        L, R = self.lora(k)
+        # clones: the returned layer must not keep the whole candidate stack alive
+        return LayerQuant(alpha=alpha, smooth=None if alpha is None else s.clone(), qweight=self.qweight(k).clone(),
+                          lora_L=L.clone(), lora_R=R.clone(), bias=self.bias,
+                          weight_error_rtn=float(rtn), weight_error_lora=float(errors[-1]),
+                          lora_errors=errors.tolist())
+
+
+class DitasCandidates(Candidates):
+    """The ditas scheme's candidates: one LoRA fit per alpha, one alpha at a time (the transient memory of one fit),
+    each subspace fit warm-started from its neighbour's (quant/method/lora.py). Stored: codes (A, out, in) uint8,
+    two 4-bit codes per byte (A, out, in / 2) at <= 4 bits (packed); scale, zero (A, out, groups); L (A, out, r),
+    R (A, r, in); errors (iterations, A) and rtn_error (A,) of the fits."""
+    scheme = "ditas"
+
+    def _fit(self, act_absmax, fit):
         self.smooth = self._factors(act_absmax, weight_channel_absmax(self.weight))
-        self.packed = weight_cfg.bits <= 4 and self.weight.shape[1] % 2 == 0
+        self.packed = self.weight_cfg.bits <= 4 and self.weight.shape[1] % 2 == 0
         fits, basis = [], None
         for k in range(len(self.alphas)):
             f = fit(self.weight * self.smooth[k], basis=basis)
@@ -128,120 +199,93 @@ class Candidates:
         self.L, self.R = torch.stack(L), torch.stack(R)
         self.errors, self.rtn_error, self.svds = torch.stack(errors, 1), torch.stack(rtn), sum(svds)
 
-    def subset(self, indices):
-        """The candidates `indices` (positions in alphas) alone, as a new Candidates of their own copies
-        (the rest can then be freed). svds still counts every fit that was computed."""
-        idx = list(indices)
-        if not idx:
-            raise ValueError("a subset of candidates needs at least one of them")
-        new = copy.copy(self)
-        new.alphas = [self.alphas[k] for k in idx]
-        t = torch.tensor(idx, device=self.smooth.device)
-        new.smooth = self.smooth[t].clone()
-        if self.scheme == "ditas":
-            new.codes, new.scale, new.zero = self.codes[t].clone(), self.scale[t].clone(), self.zero[t].clone()
-            new.L, new.R = self.L[t].clone(), self.R[t].clone()
-            new.errors, new.rtn_error = self.errors[:, t].clone(), self.rtn_error[t].clone()
-        return new
-
-    def _factors(self, act_absmax, w_absmax):
-        """(n_alpha, in) smoothing factors, rows of ones for alpha None."""
-        s = torch.ones(len(self.alphas), self.weight.shape[1], device=self.weight.device)
-        for k, a in enumerate(self.alphas):
-            if a is not None:
-                s[k] = smoothing_factors(act_absmax.to(s.device), w_absmax, a, self.scheme)
-        return s
+    def _per_alpha(self, t):
+        return {"codes": self.codes[t].clone(), "scale": self.scale[t].clone(), "zero": self.zero[t].clone(),
+                "L": self.L[t].clone(), "R": self.R[t].clone(), "errors": self.errors[:, t].clone(),
+                "rtn_error": self.rtn_error[t].clone()}
 
     def _stored(self):
-        held = [self.smooth] + ([self.fit.qweight.codes, self.fit.qweight.scale, self.fit.qweight.zero, self.fit.L,
-                                 self.fit.R] if self.scheme == "reference" else
-                                [self.codes, self.scale, self.zero, self.L, self.R])
-        return held
+        return [self.codes, self.scale, self.zero, self.L, self.R]
 
-    def on(self, weight, bias):
-        """A shallow copy over the layer's FP `weight` and `bias` (None, None: without them, to send to a
-        process that has the model; it puts its own back)."""
-        new = copy.copy(self)
-        new.weight, new.bias = _fp_params(weight, bias)
-        return new
-
-    def nbytes(self):
-        """Bytes of the stored candidate state (the FP weight and bias are the model's own)."""
-        return sum(t.numel() * t.element_size() for t in self._stored())
+    def _errors(self, k):
+        return self.errors[:, k], self.rtn_error[k]
 
     def qweight(self, k):
         """QWeight of candidate k in the smoothed domain (the weight the layer applies to fq(x/s))."""
-        if self.scheme == "reference":
-            q = self.fit.qweight
-            return q if self.alphas[k] is None else scale_qweight_columns(q, self.smooth[k])
         codes = unpack_int4(self.codes[k]) if self.packed else self.codes[k]
         return QWeight(codes, self.scale[k], self.zero[k], self.weight_cfg)
 
     def lora(self, k):
         """(L (out, r), R (r, in)) of candidate k in the smoothed domain."""
-        if self.scheme == "reference":
-            return self.fit.L, (self.fit.R if self.alphas[k] is None else self.fit.R * self.smooth[k])
         return self.L[k], self.R[k]
 
+
+class ReferenceCandidates(Candidates):
+    """The reference scheme's candidates: one fit of the unsmoothed W (`fit`, a LoraFit without its dense q),
+    w_j = max|Q[:, j]|; every alpha applies it to fq(X/s) s, i.e. Q diag(s) with branch L (R diag(s))."""
+    scheme = "reference"
+
+    def _fit(self, act_absmax, fit):
+        f = fit(self.weight)
+        self.smooth = self._factors(act_absmax, weight_channel_absmax(f.q))
+        self.fit, self.svds = replace(f, q=None, basis=None), f.svds
+
+    def _per_alpha(self, t):
+        return {}
+
+    def _stored(self):
+        q = self.fit.qweight
+        return [q.codes, q.scale, q.zero, self.fit.L, self.fit.R]
+
+    def _errors(self, k):
+        return self.fit.errors, self.fit.rtn_error
+
+    def qweight(self, k):
+        """QWeight of candidate k in the smoothed domain (the weight the layer applies to fq(x/s))."""
+        q = self.fit.qweight
+        return q if self.alphas[k] is None else scale_qweight_columns(q, self.smooth[k])
+
+    def lora(self, k):
+        """(L (out, r), R (r, in)) of candidate k in the smoothed domain."""
+        return self.fit.L, (self.fit.R if self.alphas[k] is None else self.fit.R * self.smooth[k])
+
     def effective(self, dtype=None):
-        """Reference scheme: Q + L R, dense (out, in), computed on demand (not kept) in dtype (default: the FP
-        weight's; float64 gives the exact values of the stored codes, scales and factors)."""
-        if self.scheme != "reference":
-            raise ValueError("the ditas scheme has one effective weight per alpha: see smoothed_weight(k)")
+        """Q + L R, dense (out, in), computed on demand (not kept) in dtype (default: the FP weight's; float64
+        gives the exact values of the stored codes, scales and factors). The ditas scheme has one effective
+        weight per alpha: smoothed_weight(k)."""
         dtype = self.weight.dtype if dtype is None else dtype
         q, L, R = self.fit.qweight, self.fit.L.to(dtype), self.fit.R.to(dtype)
         return dequantize_weight(replace(q, scale=q.scale.to(dtype))) + L @ R
 
-    def smoothed_weight(self, k):
-        """W_s (out, in), dense: the weight candidate k applies to fq(X/s_k) (Q + L R in the smoothed domain)."""
-        L, R = self.lora(k)
-        return dequantize_weight(self.qweight(k)).to(self.weight) + L @ R
 
-    def layer(self, k):
-        """LayerQuant of candidate k."""
-        alpha, s = self.alphas[k], self.smooth[k]
-        if self.scheme == "reference":
-            errors, rtn = self.fit.errors, self.fit.rtn_error
-        else:
-            errors, rtn = self.errors[:, k], self.rtn_error[k]
-        L, R = self.lora(k)
-        # clones: the returned layer must not keep the whole candidate stack alive
-        return LayerQuant(alpha=alpha, smooth=None if alpha is None else s.clone(), qweight=self.qweight(k).clone(),
-                          lora_L=L.clone(), lora_R=R.clone(), bias=self.bias,
-                          weight_error_rtn=float(rtn), weight_error_lora=float(errors[-1]),
-                          lora_errors=errors.tolist())
+_CLASSES = {"ditas": DitasCandidates, "reference": ReferenceCandidates}
 
 
 class AlphaSearch:
     """Streaming grid search of alpha for one linear layer: Candidates, a loss engine, running sums.
 
-    Arguments as Candidates, plus: act_cfg (None leaves activations unquantized); max_steps (updates
-    after that many are ignored; reference: 50); chunk, matmul_dtype, impl, row_stride: the loss
-    engine's (quant/search/losses.py: candidates evaluated together, "bf16" candidate products, the
-    "naive" direct evaluation, scoring every row_stride-th row only).
+    AlphaSearch(candidates, act_cfg, max_steps, slots, **engine_options): act_cfg None leaves activations
+    unquantized; max_steps: updates of a slot after that many are ignored (reference: 50); slots: running sums
+    kept apart (one per chunk of the calibration batch, quant/calibration/feed.py), added in order at the end;
+    engine_options: the loss engine's chunk, matmul_dtype, impl, row_stride (quant/search/losses.py: candidates
+    evaluated together, "bf16" candidate products, the "naive" direct evaluation, scoring every row_stride-th row
+    only). AlphaSearch.of_layer builds the Candidates of a layer first.
     """
 
-    def __init__(self, weight, bias, act_absmax, alphas, weight_cfg, act_cfg, lora_rank=32, lora_iters=10,
-                 scheme=None, max_steps=None, svd="full", chunk=None, matmul_dtype="fp32", impl="fast",
-                 row_stride=1):
-        engine = LossEngine(act_cfg, chunk=chunk, matmul_dtype=matmul_dtype, impl=impl, row_stride=row_stride)
-        candidates = Candidates(weight, bias, act_absmax, alphas, weight_cfg, lora_rank, lora_iters, scheme, svd)
-        self._start(candidates, engine, max_steps)
-
-    @classmethod
-    def over(cls, candidates, act_cfg, max_steps=None, slots=1, **engine_options):
-        """The streaming search over already prepared Candidates (engine_options: LossEngine's). slots: running
-        sums kept apart (one per chunk of the calibration batch, quant/calibration/feed.py), added in order at the end."""
-        search = cls.__new__(cls)
-        search._start(candidates, LossEngine(act_cfg, **engine_options), max_steps, slots)
-        return search
-
-    def _start(self, candidates, engine, max_steps, slots=1):
+    def __init__(self, candidates, act_cfg, max_steps=None, slots=1, **engine_options):
         self.candidates = candidates
-        self.engine = engine.attach(candidates)
+        self.engine = LossEngine(act_cfg, **engine_options).attach(candidates)
         self.max_steps = max_steps  # per slot
         self.slot_steps = [0] * slots
         self._loss = torch.zeros(slots, len(self.alphas), dtype=torch.float64, device=candidates.weight.device)
+
+    @classmethod
+    def of_layer(cls, weight, bias, act_absmax, alphas, weight_cfg, act_cfg, lora_rank=None, lora_iters=None,
+                 scheme=None, max_steps=None, svd=None, **engine_options):
+        """The search over the Candidates(weight, bias, act_absmax, alphas, weight_cfg, lora_rank, lora_iters,
+        scheme, svd) of one layer."""
+        return cls(Candidates(weight, bias, act_absmax, alphas, weight_cfg, lora_rank, lora_iters, scheme, svd),
+                   act_cfg, max_steps, **engine_options)
 
     @property
     def alphas(self):
@@ -296,8 +340,8 @@ class AlphaSearch:
         return self.candidates.layer(k)
 
 
-def quantize_linear(linear, alpha, act_absmax, weight_cfg, act_cfg, lora_rank=32, lora_iters=10, scheme=None,
-                    svd="full"):
-    """A QuantLinear of an nn.Linear for a fixed alpha (None: no smoothing)."""
+def quantize_linear(linear, alpha, act_absmax, weight_cfg, act_cfg, lora_rank=None, lora_iters=None, scheme=None,
+                    svd=None):
+    """A QuantLinear of an nn.Linear for a fixed alpha (None: no smoothing); the LoRA settings as Candidates'."""
     c = Candidates(linear.weight, linear.bias, act_absmax, [alpha], weight_cfg, lora_rank, lora_iters, scheme, svd)
     return QuantLinear.from_search(c.layer(0), act_cfg)
