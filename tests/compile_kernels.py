@@ -1,8 +1,9 @@
-"""Compiles, with Triton's real compiler and ptxas (no GPU needed), every variant of quant/kernels/ops_triton.py's kernels
-that the runtime launches for DiT-XL/2 and DiT-S/2, for sm_90 (H100/H200) and sm_80 (A100), and checks the code:
-int8 warpgroup MMAs (wgmma) on sm_90 for 64-row tiles and up, int8 mma.sync otherwise, shared memory within the
-architecture's limit, IEEE divisions in the activation pass. Run by tests/test_ops_triton.py; prints one line a
-variant and a last line "compiled N variants" (or the failures). Usage: python tests/compile_kernels.py [PROCESSES]
+"""Compiles, with Triton's real compiler and ptxas (no GPU needed), every variant of quant/kernels/triton_kernels.py's
+kernels that the runtime (quant/kernels/ops_triton.py) launches for DiT-XL/2 and DiT-S/2, for sm_90 (H100/H200) and
+sm_80 (A100), and checks the code: int8 warpgroup MMAs (wgmma) on sm_90 for 64-row tiles and up, int8 mma.sync
+otherwise, shared memory within the architecture's limit, IEEE divisions in the activation pass. Run by
+tests/test_ops_triton.py; prints one line a variant and a last line "compiled N variants" (or the failures).
+Usage: python tests/compile_kernels.py [PROCESSES]
 """
 import re
 import sys
@@ -12,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from quant.kernels import ops_triton as ot
+from quant.kernels import ops_triton as ot, triton_kernels
 
 SHARED = {90: 232448, 80: 166912}  # bytes of shared memory a block may use (H100/H200, A100)
 GEMM = dict(a_ptr="*i8", w_ptr="*i8", c_ptr="*i16", cb_ptr="*i32", d_ptr="*i32", sw_ptr="*fp32", gsum_ptr="*i32",
@@ -29,7 +30,7 @@ def compile_ptx(job):
     """PTX and shared bytes of one kernel variant, specialised as Triton's launcher does (16-byte aligned pointers
     and integers divisible by 16 marked so)."""
     name, arch, sig, values, launch, consts = job
-    fn = getattr(ot, name)
+    fn = getattr(triton_kernels, name)
     names = list(sig)
     div = [n for n in names if sig[n].startswith("*") or values.get(n, 1) % 16 == 0]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div}
@@ -57,15 +58,15 @@ def runtime_jobs():
     jobs = []
     for (arch, run, one_step, packed), (m, n, k, g) in gemm.items():
         for wide in (False, True) if (run.block_m == 128 and not packed and one_step) else (False,):
-            jobs.append(("_int_gemm_kernel", arch, dict(GEMM, w_ptr="*u8" if packed else "*i8"),
+            jobs.append(("int_gemm_kernel", arch, dict(GEMM, w_ptr="*u8" if packed else "*i8"),
                          dict(M=m, N=n, K=k, G=g), run,
                          dict(ONE_STEP=one_step, WIDE=wide, PACKED=packed, USE_SA=True, HAS_LORA=True, RANK_P=32,
                               HAS_BIAS=True, GELU=True, OUT_BF16=True, BLOCK_M=run.block_m, BLOCK_N=run.block_n,
                               BLOCK_K=run.block_k)))
     for (arch, run), (m, k, g) in act.items():
-        jobs.append(("_act_encode_kernel", arch, ENCODE, dict(M=m, K=k, G=g), run,
+        jobs.append(("act_encode_kernel", arch, ENCODE, dict(M=m, K=k, G=g), run,
                      dict(HAS_SMOOTH=True, HAS_LORA=True, RANK_P=32, BLOCK_M=run.block_m, BLOCK_K=run.block_k)))
-        jobs.append(("_act_range_kernel", arch, RANGE, dict(M=m, K=k), ot.Launch(run.block_m, run.block_n, 0,
+        jobs.append(("act_range_kernel", arch, RANGE, dict(M=m, K=k), ot.Launch(run.block_m, run.block_n, 0,
                      run.num_warps, run.num_stages), dict(HAS_SMOOTH=True, BLOCK_M=run.block_m, BLOCK_K=run.block_n)))
     return list({(j[0], j[1], repr(j[4]), repr(sorted(j[5].items()))): j for j in jobs}.values())
 
@@ -79,12 +80,12 @@ if __name__ == "__main__":
             what = f"{name} sm_{arch} {run} {values} {consts.get('PACKED', '')} {consts.get('WIDE', '')}"
             if shared > SHARED[arch]:
                 failures.append(f"{what}: {shared} B shared")
-            if name == "_int_gemm_kernel":  # int8 x int8 -> int32 tensor-core MMAs of the architecture
+            if name == "int_gemm_kernel":  # int8 x int8 -> int32 tensor-core MMAs of the architecture
                 want = r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8" if arch == 90 and \
                     run.block_m >= 64 else r"\bmma\.sync\.aligned\.m16n8k32\.row\.col(\.satfinite)?\.s32\.s8\.s8"
                 if not re.search(want, ptx):
                     failures.append(f"{what}: no {want} in {sorted(mmas)}")
-            if name == "_act_encode_kernel" and (
+            if name == "act_encode_kernel" and (
                     "div.rn.f32" not in ptx or "div.full.f32" in ptx or "div.approx" in ptx):
                 failures.append(f"{what}: divisions are not IEEE")
             print(f"{what}: shared {shared} B, {sorted(m for m in mmas if 's8' in m)}")

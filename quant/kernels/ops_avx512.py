@@ -27,121 +27,22 @@ SA_g = sum_{k in g} A and CBD_g = sum_{k in g} (W - zw) (independent of c),
   the weight memory of the int8 layout and nothing else kept (the layer's codes_packed is rebuilt
   from it when needed, see quant/nn/int_linear.py).
 
-The C files are compiled with the system C compiler (`$CC`, else gcc/cc) into a cache directory
-($DITAS_CACHE, else $XDG_CACHE_HOME/ditas, else ~/.cache/ditas), keyed by a hash of the sources,
-flags and compiler, then loaded with ctypes. Its OpenMP runtime is torch's own libgomp (same
-soname), so its threads are torch's. Where there is no compiler, no AVX512-VNNI, or
-DITAS_CKERNEL=0, `load()` returns None and the torch ops run instead (quant/kernels/ops_torch.py) (same results;
-`status()` says why).
+The library is built and loaded by quant/kernels/avx512_build.py (`load()`, `status()`, re-exported here); where it
+does not run, the torch ops run instead (quant/kernels/ops_torch.py, the same results).
 """
-import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
 
 import torch
 import torch.nn.functional as F
 
-from quant.io.files import atomic_path
+# the library (quant/kernels/avx512_build.py builds and loads it; re-exported: callers and tests reach it here)
+from quant.kernels.avx512_build import (NB, PROTOTYPES, QR, SOURCES, _build, _compiler, _load, load,  # noqa: F401
+                                        status)
 from quant.kernels.ops_torch import INT32_MAX, combine_range
 from quant.method.quantizer import affine_params, num_intervals
 
-CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-SOURCES = tuple(os.path.join(CSRC, f) for f in ("int_linear.c", "alpha_search_bf16.c", "weight_quant.c"))
-HEADERS = (os.path.join(CSRC, "ditas_simd.h"),)
-NB = 32          # columns per packed block (both kernels)
-QR = 4           # rows per LoRA block of ditas_encode
 ALIGN_K = 4      # vpdpbusd consumes 4 consecutive K values per int32 lane
 ALIGN_K4 = 8     # pack_b4: one byte holds two of them (K and the group a multiple of 8)
-FLAGS = ("-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16",
-         "-fopenmp", "-shared", "-fPIC", f"-DDITAS_NB={NB}", f"-DDITAS_QR={QR}", f"-I{CSRC}")
-_I, _P = ctypes.c_int64, ctypes.c_void_p
-# The C entry points' parameters, by name, as declared in csrc/*.c (tests/test_kernels.py checks
-# them against the C prototypes): int64_t -> c_int64, any pointer -> c_void_p.
-PROTOTYPES = {
-    "ditas_qgemm": (("M", _I), ("N", _I), ("Npad", _I), ("K", _I), ("G", _I), ("A", _P), ("lda", _I), ("Bp", _P),
-                    ("sw", _P), ("cbd", _P), ("dq", _P), ("sa", _P), ("zx", _P), ("zs", _I), ("sx", _P), ("ss", _I),
-                    ("lp", _P), ("lpld", _I), ("r", _I), ("Lt", _P), ("bias", _P), ("out", _P), ("ldo", _I),
-                    ("out_bf16", _I), ("gelu", _I), ("nthreads", _I)),
-    "ditas_qgemm_w4": (("M", _I), ("N", _I), ("Npad", _I), ("K", _I), ("G", _I), ("A", _P), ("lda", _I),
-                       ("Bp4", _P), ("sw", _P), ("cbd", _P), ("dq", _P), ("sa", _P), ("zx", _P), ("zs", _I),
-                       ("sx", _P), ("ss", _I), ("lp", _P), ("lpld", _I), ("r", _I), ("Lt", _P), ("bias", _P),
-                       ("out", _P), ("ldo", _I), ("out_bf16", _I), ("gelu", _I), ("nthreads", _I)),
-    "ditas_rowrange": (("M", _I), ("K", _I), ("x", _P), ("ldx", _I), ("x_bf16", _I), ("s", _P), ("mn", _P),
-                       ("mx", _P), ("nthreads", _I)),
-    "ditas_encode": (("M", _I), ("K", _I), ("x", _P), ("ldx", _I), ("x_bf16", _I), ("s", _P), ("scale", _P),
-                     ("ss", _I), ("zero", _P), ("zs", _I), ("levels", _I), ("a", _P), ("G", _I), ("sa", _P),
-                     ("Rt", _P), ("rpad", _I), ("lp", _P), ("scratch", _P), ("nthreads", _I)),
-    "ditas_quant_residual": (("rows", _I), ("K", _I), ("G", _I), ("W", _P), ("LR", _P), ("levels", _I),
-                             ("codes", _P), ("scale", _P), ("zero", _P), ("E", _P), ("nthreads", _I)),
-    "ditas_ref_losses": (("n", _I), ("rows", _I), ("r0", _I), ("c", _I), ("w", _I), ("k", _I), ("x", _P),
-                         ("s", _P), ("sc", _P), ("top", _P), ("Mp", _P), ("partner", _P), ("pw", _I), ("split", _I),
-                         ("E", _P), ("part", _P), ("nthreads", _I)),
-}
-
-
-def _cache_dir():
-    if os.environ.get("DITAS_CACHE"):
-        return os.environ["DITAS_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "ditas")
-
-
-def _compiler():
-    for cc in (os.environ.get("CC"), "gcc", "cc"):
-        if cc and shutil.which(cc):
-            return shutil.which(cc)
-    return None
-
-
-def _build(cc):
-    """Path of the compiled library (built once per source/flags/compiler); raises OSError/CalledProcessError."""
-    src = b"".join(open(f, "rb").read() for f in SOURCES + HEADERS)
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(src + repr((FLAGS, cc, version)).encode()).hexdigest()[:16]
-    cache = _cache_dir()
-    path = os.path.join(cache, f"ditas_kernels-{key}.so")
-    if not os.path.exists(path):
-        os.makedirs(cache, exist_ok=True)
-        with atomic_path(path, suffix=".so") as tmp:  # build beside, rename: no half-written library
-            subprocess.run([cc, *FLAGS, *SOURCES, "-o", tmp], capture_output=True, text=True, check=True)
-    return path
-
-
-@functools.lru_cache(maxsize=None)
-def _load():
-    """(library or None, reason)."""
-    if os.environ.get("DITAS_CKERNEL", "1") == "0":
-        return None, "disabled by DITAS_CKERNEL=0"
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return None, f"CPU capability {torch.backends.cpu.get_cpu_capability()} (needs AVX512-VNNI)"
-    cc = _compiler()
-    if cc is None:
-        return None, "no C compiler (set CC)"
-    try:
-        lib = ctypes.CDLL(_build(cc))
-    except subprocess.CalledProcessError as e:
-        return None, f"compiling {', '.join(map(os.path.basename, SOURCES))} failed: {(e.stderr or '').strip().splitlines()[-1:]}"
-    except OSError as e:
-        return None, f"building or loading the kernel failed: {e}"
-    if not lib.ditas_qgemm_supported():
-        return None, "CPU lacks AVX512-VNNI"
-    for name, params in PROTOTYPES.items():
-        getattr(lib, name).argtypes = [ctype for _, ctype in params]
-        getattr(lib, name).restype = None
-    return lib, "ok"
-
-
-def load():
-    """The loaded library, or None where it cannot run here."""
-    return _load()[0]
-
-
-def status():
-    """'ok' or why the fused kernel is not used."""
-    return _load()[1]
 
 
 def _pack_blocks(t, lanes):
@@ -195,7 +96,11 @@ def rows(x2):
 
 
 def rowrange(x2, smooth):
-    """(min, max) over each row of x2 / smooth (x2 from rows()): float32 (M,) each, exactly torch's values."""
+    """(min, max) over each row of x2 / smooth, exactly torch's values (csrc/int_linear.c: ditas_rowrange):
+
+        x2      float32 | bfloat16 (M, K) with unit column stride (rows());  smooth float32 (K,) contiguous or None
+    ->  mn, mx  float32 (M,) each
+    """
     m, k = x2.shape
     mn, mx = torch.empty(m), torch.empty(m)
     load().ditas_rowrange(m, k, x2.data_ptr(), x2.stride(0), int(x2.dtype == torch.bfloat16), _ptr(smooth),
@@ -204,10 +109,13 @@ def rowrange(x2, smooth):
 
 
 def encode(x2, smooth, scale, zero, levels, group=None, rt=None):
-    """Activation codes of x2 / smooth (x2 from rows()), as quant.method.quantizer.quantize_act bit for bit.
+    """Activation codes of x2 / smooth, as quant.method.quantizer.quantize_act bit for bit (ditas_encode):
 
-    scale, zero: float32 with M or 1 elements. Returns (a uint8 (M, K), sa int32 (M, K/group) row sums
-    per group or None, lp float32 (M, rpad) = (a - zero) @ rt or None) for rt (K, rpad), rpad % 16 == 0.
+        x2      float32 | bfloat16 (M, K) with unit column stride (rows());  smooth float32 (K,) contiguous or None
+        scale   float32, M or 1 elements;  zero float32 (integers), M or 1 elements;  levels: 2^bits - 1
+        group   G columns per code sum, or None (no sums);  rt float32 (K, rpad), rpad % 16 == 0, or None
+    ->  a uint8 (M, K) codes;  sa int32 (M, K/G) row sums per group or None;  lp float32 (M, rpad) = (a - zero) @ rt
+        or None
     """
     m, k = x2.shape
     nt = torch.get_num_threads()
@@ -226,22 +134,42 @@ def encode(x2, smooth, scale, zero, levels, group=None, rt=None):
 
 
 def qgemm(a, bp, n, group, sw, cbd, dq, sa, zx, sx, lp, r, lt, bias, out, gelu=False):
-    """out (M, N) float32 or bf16 <- the fused linear (see csrc/int_linear.c); every operand prepared by the caller.
+    """out <- the fused linear (csrc/int_linear.c: ditas_qgemm, ditas_qgemm_w4); every operand prepared by the caller:
 
-    a uint8 (M, K) with unit column stride; bp from pack_b (int8: ditas_qgemm) or pack_b4 (uint8:
-    ditas_qgemm_w4); sw/cbd/dq (ng, Npad), dq None where it is 0; sa int32 (M, ng) or None (with dq);
-    zx int32 and sx float32 of M or 1 elements; lp float32 (M, >= r) or None with the LoRA rank r;
-    lt (r, Npad); bias (Npad) or None. gelu: apply GELU (tanh form) to the result.
+        a       uint8 (M, K) activation codes, unit column stride;  n: N output columns;  group: G = K / ng
+        bp      int8 pack_b (ditas_qgemm) | uint8 pack_b4 (ditas_qgemm_w4), (Npad/32, ...)
+        sw      float32 (ng, Npad);  cbd int32 (ng, Npad);  dq int32 (ng, Npad) or None where d = 0
+        sa      int32 (M, ng) or None (None with dq);  zx int32, sx float32: M or 1 elements
+        lp      float32 (M, >= r) or None;  r: the LoRA rank;  lt float32 (r, Npad);  bias float32 (Npad,) or None
+        out     float32 | bfloat16 (M, N), unit column stride;  gelu: apply GELU (tanh form) to the result
+    ->  out
     """
     m, k = a.shape
     npad = bp.shape[0] * NB
     r = 0 if lp is None else r
     entry = load().ditas_qgemm_w4 if bp.dtype == torch.uint8 else load().ditas_qgemm
-    entry(m, n, npad, k, group, a.data_ptr(), a.stride(0), bp.data_ptr(), sw.data_ptr(),
-                       cbd.data_ptr(), _ptr(dq), _ptr(sa), zx.data_ptr(), int(zx.numel() > 1), sx.data_ptr(),
-                       int(sx.numel() > 1), _ptr(lp), 0 if lp is None else lp.stride(0), r,
-                       _ptr(lt) if r else None, _ptr(bias), out.data_ptr(), out.stride(0),
-                       int(out.dtype == torch.bfloat16), int(gelu), torch.get_num_threads())
+    entry(m, n, npad, k, group, a.data_ptr(), a.stride(0), bp.data_ptr(), sw.data_ptr(), cbd.data_ptr(), _ptr(dq),
+          _ptr(sa), zx.data_ptr(), int(zx.numel() > 1), sx.data_ptr(), int(sx.numel() > 1), _ptr(lp),
+          0 if lp is None else lp.stride(0), r, _ptr(lt) if r else None, _ptr(bias), out.data_ptr(), out.stride(0),
+          int(out.dtype == torch.bfloat16), int(gelu), torch.get_num_threads())
+    return out
+
+
+def _column_operands(npad, scale, cbd_t, d_t, lora_L, lora_R, bias):
+    """Both kernels' per-column operands, zero-padded to whole 32-column blocks (npad columns):
+
+        scale   float32 (N, ng);  cbd_t int32 (ng, N) = CBD;  d_t integer (ng, N) = d
+        lora_L  float32 (N, r), lora_R float32 (r, K) (r may be 0);  bias float32 (N,) or None
+    -> {f_sw float32 / f_cbd int32 / f_d int32 (ng, Npad), f_Lt (r, Npad), f_Rt (K, rpad), f_bias (Npad)}, f_d absent
+    where d = 0 and f_bias without a bias.
+    """
+    rank = lora_R.shape[0]
+    out = {"f_sw": pad_cols(scale.t(), npad), "f_cbd": pad_cols(cbd_t, npad), "f_Lt": pad_cols(lora_L.t(), npad),
+           "f_Rt": pad_cols(lora_R.t(), -rank // 16 * -16)}
+    if bool((d_t != 0).any()):
+        out["f_d"] = pad_cols(d_t.to(torch.int32), npad)
+    if bias is not None:
+        out["f_bias"] = pad_cols(bias.float(), npad)
     return out
 
 
@@ -251,70 +179,54 @@ def w4_operands(codes, scale, zero, lora_L, lora_R, bias=None):
         codes   uint8 (N, K) in [0, 15], K and the group G = K / ng multiples of ALIGN_K4
         scale   float32 (N, ng); zero float32 (N, ng) integer zero points zw
         lora_L  float32 (N, r), lora_R float32 (r, K) (r may be 0); bias float32 (N,) or None
-    Returns ({w_vnni4 (pack_b4 of the raw codes), f_sw float32 / f_cbd int32 / f_d int32 (ng, Npad),
-    f_Lt (r, Npad), f_Rt (K, rpad), f_bias (Npad) or absent; f_d absent where every zw is 0}, int32 bound
-    (g 255 max(codes) + 255 g max|zw|, max|CBD|)) with c = 0: d = -zw, CBD_g = sum_{k in g} (codes - zw);
-    per-column operands zero-padded to whole 32-column blocks.
+    Returns ({w_vnni4 (pack_b4 of the raw codes), and _column_operands'}, int32 bound
+    (g 255 max(codes) + 255 g max|zw|, max|CBD|)) with c = 0: d = -zw, CBD_g = sum_{k in g} (codes - zw).
     """
     n, k = codes.shape
     ng = scale.shape[1]
     g = k // ng
-    npad = -n // NB * -NB
     zw = zero.to(torch.int32)
     cbd = codes.view(n, ng, g).sum(-1, dtype=torch.int32) - g * zw
-    rank = lora_R.shape[0]
-    out = {"w_vnni4": pack_b4(codes), "f_sw": pad_cols(scale.t(), npad), "f_cbd": pad_cols(cbd.t(), npad),
-           "f_Lt": pad_cols(lora_L.t(), npad), "f_Rt": pad_cols(lora_R.t(), -rank // 16 * -16)}
-    if bool((zw != 0).any()):
-        out["f_d"] = pad_cols((-zw).t(), npad)
-    if bias is not None:
-        out["f_bias"] = pad_cols(bias.float(), npad)
+    out = {"w_vnni4": pack_b4(codes),
+           **_column_operands(-n // NB * -NB, scale, cbd.t(), (-zw).t(), lora_L, lora_R, bias)}
     bmax = int(codes.max()) if codes.numel() else 0
     zmax = float(zw.abs().max()) if zw.numel() else 0.0
     return out, (g * 255 * bmax + 255 * g * zmax, float(cbd.abs().max()) if cbd.numel() else 0.0)
 
 
-def fused_safe(bound, zx_max):
-    """Do the int32 partials fit for activation zero points up to zx_max in magnitude (bound: prepare's)?"""
-    return bound[0] + zx_max * bound[1] < INT32_MAX
+def w8_operands(b, cb_t, d_t, scale, lora_L, lora_R, bias=None):
+    """ditas_qgemm's weight side of a weight of 5..8 bits, from the torch path's operands (quant/kernels/ops_torch.py:
+    operands, offsets):
 
-
-def prepare(layer, codes, ops):
-    """({name: tensor}, int32 bound) of an IntLinear on this kernel, from its codes uint8 (N, K) and the
-    torch path's operands `ops` (quant/kernels/ops_torch.py: cb_t, d_t, w_op).
-
-    D_g = A_g B_g + SA_g d_g - zx CBD_g with A the uint8 activation codes, B = codes - c, d = c - zw and
-    CBD_g = sum_{k in g} (codes - zw) = CB_g + g d_g for the torch path's offset c; packed weights run
-    on the raw codes instead (w4_operands: c = 0, d = -zw). Every per-column operand is zero-padded to
-    whole 32-column blocks. The bound: |int32 partial| <= g*255*max|B| + 255 g max|d| + |zx| max|CBD|.
+        b       int8 (K, N) = B = codes - c (w_op);  cb_t int32 (ng, N) = CB_g, B's column sums per group
+        d_t     float32 (ng, N) = c - zw (exact integers);  scale float32 (N, ng); G = K / ng
+        lora_L  float32 (N, r), lora_R float32 (r, K) (r may be 0); bias float32 (N,) or None
+    Returns ({w_vnni (pack_b of B), and _column_operands'}, int32 bound (g 255 128 + 255 g max|d|, max|CBD|)) with
+    CBD_g = sum_{k in g} (codes - zw) = CB_g + G d_g.
     """
-    if layer.packed:
-        return w4_operands(codes, layer.scale, layer.zero, layer.lora_L, layer.lora_R, layer.bias)
-    g, n = layer.group, layer.out_features
-    npad = -n // NB * -NB
-    d = ops["d_t"]
-    cbd = ops["cb_t"] + g * d.to(torch.int32)
-    out = {"w_vnni": pack_b(ops["w_op"])}
-    out["f_sw"], out["f_cbd"] = pad_cols(layer.scale.t(), npad), pad_cols(cbd, npad)
-    if bool((d != 0).any()):
-        out["f_d"] = pad_cols(d.to(torch.int32), npad)
-    rank = layer.lora_R.shape[0]
-    out["f_Lt"], out["f_Rt"] = pad_cols(layer.lora_L.t(), npad), pad_cols(layer.lora_R.t(), -rank // 16 * -16)
-    if layer.bias is not None:
-        out["f_bias"] = pad_cols(layer.bias, npad)
-    dmax = float(d.abs().max()) if d.numel() else 0.0
+    g = b.shape[0] // cb_t.shape[0]
+    cbd = cb_t + g * d_t.to(torch.int32)
+    out = {"w_vnni": pack_b(b), **_column_operands(-b.shape[1] // NB * -NB, scale, cbd, d_t, lora_L, lora_R, bias)}
+    dmax = float(d_t.abs().max()) if d_t.numel() else 0.0
     return out, (g * 255 * 128 + 255 * g * dmax, float(cbd.abs().max()) if cbd.numel() else 0.0)
 
 
-def fused_linear(x2, layer, batch):
-    """An IntLinear's forward in two C passes: range and codes (+ group sums, LoRA down-projection) over
-    x, then u8 codes x packed weights with corrections, scales, LoRA and bias in registers.
+def fused_safe(bound, zx_max):
+    """Do the int32 partials fit for activation zero points up to zx_max in magnitude (bound: w4/w8_operands')?"""
+    return bound[0] + zx_max * bound[1] < INT32_MAX
 
-        x2      (M, K) float32/bf16/fp16 input rows; batch: leading x[b] blocks (row granularity)
-        layer   an IntLinear prepared for this kernel: act_cfg, smooth (K,) or None, group,
-                w_vnni (pack_b of B) or w_vnni4 (pack_b4 of the raw codes), f_sw float32 / f_cbd int32 /
-                f_d int32 or None where d = 0 (ng, Npad), f_Rt (K, rpad), f_Lt (r, Npad), f_bias (Npad)
-                or None, activation, out_features, _fused_safe
+
+def fused_linear(x2, ops, layer, batch, bound):
+    """An IntLinear's forward in two C passes (csrc/int_linear.c): ditas_rowrange and ditas_encode (codes, group sums,
+    LoRA down-projection) over x, then ditas_qgemm / ditas_qgemm_w4 (u8 codes x packed weights with corrections,
+    scales, LoRA and bias in registers).
+
+        x2      (M, K) float32/bf16/fp16 input rows;  batch: leading x[b] blocks (row granularity)
+        ops     w8_operands' or w4_operands' {name: tensor}: w_vnni int8 or w_vnni4 uint8 (the other None or absent),
+                f_sw float32 / f_cbd int32 (ng, Npad), f_d int32 (ng, Npad) or None where d = 0, f_Rt (K, rpad),
+                f_Lt (r, Npad), f_bias (Npad) or None
+        layer   the declared side: act_cfg, smooth float32 (K,) or None, group, lora_R (r, K), out_features, activation
+        bound   the int32 bound of w8_operands / w4_operands
     Returns (M, N) bf16 for bf16 input, else float32; None where this input's activation zero points
     break the kernel's int32 bound (the caller falls back to the torch ops).
     """
@@ -323,17 +235,18 @@ def fused_linear(x2, layer, batch):
     mn, mx = rowrange(x2, layer.smooth)
     mn, mx = combine_range(mn.view(-1, 1), mx.view(-1, 1), cfg.granularity, batch)
     sx, zx = affine_params(mn, mx, num_intervals(cfg.bits, cfg.scheme))
-    if not layer._fused_safe(float(zx.abs().max())):
+    if not fused_safe(bound, float(zx.abs().max())):
         return None
     rank = layer.lora_R.shape[0]
-    a, sa, lp = encode(x2, layer.smooth, sx, zx, 2 ** cfg.bits - 1, None if layer.f_d is None else layer.group,
-                       layer.f_Rt if rank else None)
+    d = ops.get("f_d")
+    a, sa, lp = encode(x2, layer.smooth, sx, zx, 2 ** cfg.bits - 1, None if d is None else layer.group,
+                       ops["f_Rt"] if rank else None)
     out = torch.empty(x2.shape[0], layer.out_features,
                       dtype=torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32)
-    bp = layer.w_vnni if layer.w_vnni4 is None else layer.w_vnni4
-    return qgemm(a, bp, layer.out_features, layer.group, layer.f_sw, layer.f_cbd, layer.f_d, sa,
-                 zx.to(torch.int32).reshape(-1), sx.reshape(-1).contiguous(), lp, rank, layer.f_Lt,
-                 layer.f_bias, out, gelu=layer.activation == "gelu_tanh")
+    bp = ops["w_vnni"] if ops.get("w_vnni4") is None else ops["w_vnni4"]
+    return qgemm(a, bp, layer.out_features, layer.group, ops["f_sw"], ops["f_cbd"], d, sa,
+                 zx.to(torch.int32).reshape(-1), sx.reshape(-1).contiguous(), lp, rank, ops["f_Lt"],
+                 ops.get("f_bias"), out, gelu=layer.activation == "gelu_tanh")
 
 
 def quant_residual(w, lr, group, levels):

@@ -242,15 +242,16 @@ def tile_rows(m, n, per_channel):
     return max(16, min(m, budget // (4 * max(n, 1))))
 
 
-def linear(x2, ops, layer, batch):
+def linear(x2, ops, layer, batch, emax, use_sa):
     """torch._int_mm per K-group and row tile; float32 (M, N) out.
 
         x2       (M, K) float32/bf16/fp16   the layer's input rows (read, never written)
         ops      operands(): w_op int8 (K, N), cb_t int32 (ng, N), d_t float32 (ng, N),
-                 w_scale_t float32 (ng, N), lora_Lt float32 (r, N), lora_rsum float32 (r,)
+                 w_scale_t float32 (ng, N), lora_Lt float32 (r, N), lora_rsum float32 (r,), excess_v float32 (N,)
         layer    what the input side needs: act_cfg, smooth (K,) or None, lora_R float32 (r, K),
-                 bias (N,) or None, n_groups, group, use_sa (any d != 0), emax (int32_emax), out_features
+                 bias (N,) or None, n_groups, group, out_features
         batch    leading x[b] blocks of x2 (row granularity's ranges)
+        emax     int32_emax(int32_bound(ops, group));  use_sa: any d != 0 (both known when the layer is prepared)
 
     Per row tile and group g: P = A_g B_g (int32) + e CB_g + (SA_g + G e) d_g is the exact
     integer sum_{k in g} (ax - zx)(wq - zw) (corrected in the integer domain, so that no
@@ -274,11 +275,11 @@ def linear(x2, ops, layer, batch):
     # e1 = e clamped to the layer's int32 bound (int32_emax): the corrections in int32, exact; e2 = e - e1 is 0 but
     # where the zero point is extreme (x far from 0 relative to its range), and adds e2 excess_v in float32 (one
     # rank-1 update; same sign as e1's share, no cancellation). Nothing is read back to decide.
-    e1 = e.clamp(-layer.emax, layer.emax)
+    e1 = e.clamp(-emax, emax)
     e2 = (e - e1).expand(m, 1)
     e_c = e1.to(torch.int32).expand(m, 1)
     cb = ops["cb_t"]
-    if layer.use_sa:
+    if use_sa:
         d = ops["d_t"].to(torch.int32)
         # SA_g: exact in float32 (|sum| <= 128 g < 2^24); SA_g + g e1 fits int32 by the bound
         sae = (t.view(m, ng, g).sum(-1).to(torch.float64) + g * e1.to(torch.float64)).to(torch.int32)
@@ -298,7 +299,7 @@ def linear(x2, ops, layer, batch):
         for j in range(ng):
             p = int8_matmul(a[rows] if ng == 1 else a[j, rows], w_op[j * g:(j + 1) * g])
             p.addcmul_(e_c[rows], cb[j])
-            if layer.use_sa:
+            if use_sa:
                 p.addcmul_(sae[rows, j:j + 1], d[j])
             if j == 0 and not lora:
                 torch.mul(p, sw[0], out=o)

@@ -4,8 +4,9 @@ The scripts (sample_merge_TAS.py, sample.py) do three visible steps: `load_check
 quant.method.fold.fold_smoothing (the smoothing factors into adaLN and the V rows), then `to_backend`:
 
     fake  quantize-dequantize in float (every scheme; what calibration measured)
-    int   real integer GEMMs (quant/nn/int_linear.py: Triton on CUDA, the fused AVX512-VNNI kernel of
-          quant/kernels/csrc/int_linear.c on x86 CPUs that have it, else torch._int_mm; W8A8 and packed W4A8)
+    int   real integer GEMMs (quant/nn/int_linear.py, one kernel per layer from quant/nn/backends.py: Triton on CUDA,
+          the fused AVX512-VNNI kernel of quant/kernels/csrc/int_linear.c on x86 CPUs that have it, else
+          torch._int_mm; W8A8 and packed W4A8)
 
 `to_backend` moves the model to its device first, so the integer layers build their kernel's operands
 once, where they run; `kernel_lines` says which kernel that is, and why.

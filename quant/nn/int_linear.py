@@ -1,35 +1,34 @@
 """IntLinear: a quantized linear layer that runs on integer GEMMs (W8A8, packed W4A8), and to_int_backend.
 
 The layer holds the deployable form of a `ditas`-scheme QuantLinear (integer weight codes, group
-scales and zero points, LoRA factors, bias, smoothing factors) and derives from it the operands of
-the kernel it runs (`kernel`):
+scales and zero points, LoRA factors, bias, smoothing factors) and one kernel backend
+(quant/nn/backends.py), chosen when the layer is prepared for its device, that derives its operands from them:
 
-    fused   quant/kernels/ops_avx512.py (csrc/int_linear.c): x86 CPUs with AVX512-VNNI; activation ranges and
-            codes in two passes over x, then per K-group vpdpbusd accumulation with the corrections,
-            scales, LoRA, bias and an optional GELU in registers: one write of the output. Weights of
-            <= 4 bits stay two codes per byte there (the kernel's nibble layout is their only copy)
-    torch   quant/kernels/ops_torch.py: torch._int_mm per K-group and torch ops (CUDA, other CPUs, and inputs
-            whose zero points break the fused kernel's int32 bound); its docstring has the algebra
-    triton  quant/kernels/ops_triton.py: CUDA GPUs (and CPU tensors under TRITON_INTERPRET=1, for tests); int8
-            tl.dot per K-group, 4-bit codes kept packed and unpacked in registers, fused epilogue
+    torch   TorchKernel: quant/kernels/ops_torch.py, torch._int_mm per K-group and torch ops (CUDA, other CPUs,
+            and inputs whose zero points break the fused kernel's int32 bound); its docstring has the algebra
+    fused   FusedKernel: quant/kernels/ops_avx512.py (C source quant/kernels/csrc/int_linear.c), x86 CPUs with
+            AVX512-VNNI; activation ranges and codes in two passes over x, then per K-group vpdpbusd accumulation
+            with the corrections, scales, LoRA, bias and an optional GELU in registers: one write of the output.
+            Weights of <= 4 bits stay two codes per byte (the kernel's nibble layout is their only copy)
+    triton  TritonKernel: quant/kernels/ops_triton.py (kernels in quant/kernels/triton_kernels.py), CUDA GPUs (and
+            CPU tensors under TRITON_INTERPRET=1, for tests); int8 tl.dot per K-group, 4-bit codes kept packed and
+            unpacked in registers, fused epilogue
     auto    triton on CUDA where triton is installed, the fused kernel on x86 CPUs that have it, else torch
 
-Both compute the same integers as the fake-quantized QuantLinear; their float epilogues differ in
+All compute the same integers as the fake-quantized QuantLinear; their float epilogues differ in
 order only (~1e-7 relative). Entry points: `IntLinear.from_quantlinear`, `to_int_backend`,
 `linear_w8a8`, `linear_w4a8`.
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from quant.kernels import ops_avx512, ops_torch
+from quant.kernels import ops_torch
+from quant.nn import backends
 from quant.nn.qlinear import QuantLinear
 from quant.method.quantizer import dequantize_weight, pack_int4, unpack_int4
 
 FAKE_HINT = "use --backend fake"
-# the Triton kernel's operands derived at _prepare (quant.kernels.ops_triton.Operands' w, c, cb, d), non-persistent buffers
-TRITON_OPERANDS = ("t_w", "t_c", "t_cb", "t_d")
-INT_KERNELS = ("auto", "torch", "fused", "triton")
+INT_KERNELS = ("auto", *backends.KERNELS)
 ACTIVATIONS = (None, "gelu_tanh")
 
 
@@ -44,19 +43,17 @@ class IntLinear(nn.Module):
     `codes_packed` uint8 (out, in/2) (two 4-bit codes per byte, quant.method.quantizer.pack_int4) for
     bits <= 4; `scale`, `zero` (out, n_groups); bias, lora_L, lora_R, smooth (all float32 whatever
     the model dtype; dtype casts of the module are ignored, outputs follow the input's dtype).
-    Non-persistent operands derived from them by `_prepare` (also after load_state_dict and device
-    moves), for the torch kernel: `w_op` int8 (in, out) = B, `cb_t` int32 (n_groups, out) = CB,
-    `d_t` (n_groups, out) = d, `w_scale_t` (n_groups, out), `lora_Lt` (r, out), `lora_rsum` (r,);
-    for the fused one instead (those stay None): `w_vnni` (B packed for vpdpbusd, 8-bit weights)
-    or `w_vnni4` (the raw <= 4-bit codes, two per byte, ops_avx512.pack_b4) and the `f_*`
-    per-column operands padded to 32-column blocks. A fused packed layer keeps `w_vnni4` instead of
-    `codes_packed` (a permutation of the same nibbles: about 0.5 byte per weight in all); its
-    state_dict still holds `codes_packed`, rebuilt from `w_vnni4` when saved. On the Triton kernel:
-    `t_w` int8 (out, in) = B (8-bit weights; it replaces `codes`, rebuilt when saved; 4-bit weights use
-    `codes_packed` itself), `t_c` int16, `t_cb` int32, `t_d` int32 (n_groups, out) (quant.kernels.ops_triton.Operands;
-    scales, LoRA and bias are read in place). `emax`: the largest |128 - zx| whose int32 corrections cannot
-    overflow (ops_torch.int32_emax), on every kernel. `kernel` and `activation`:
-    see from_quantlinear. Symmetric weights are the special case zw = 2^(b-1) and are supported.
+    `backend` (quant/nn/backends.py) is the kernel it runs (`kernel`: see from_quantlinear), chosen by `_prepare`
+    (also after load_state_dict and device moves) for the buffers' device; its operands are non-persistent buffers
+    (backends.OPERANDS, None where another kernel runs): the torch kernel's `w_op` int8 (in, out) = B, `cb_t` int32
+    (n_groups, out) = CB, `d_t` (n_groups, out) = d, `w_scale_t` (n_groups, out), `lora_Lt` (r, out), `lora_rsum`
+    (r,), `excess_v` (out,); the fused one's `w_vnni` (B packed for vpdpbusd, 8-bit weights) or `w_vnni4` (the raw
+    <= 4-bit codes, two per byte, ops_avx512.pack_b4) and the `f_*` per-column operands padded to 32-column blocks;
+    Triton's `t_w` int8 (out, in) = B (8-bit weights; 4-bit weights use `codes_packed` itself), `t_c` int16, `t_cb`
+    int32, `t_d` int32 (n_groups, out) (quant.kernels.ops_triton.Operands; scales, LoRA and bias are read in place).
+    Where a kernel's operand holds the codes (fused 4-bit: w_vnni4, Triton 8-bit: t_w) the stored buffer is None,
+    rebuilt for state_dict; the state_dict is the same on every kernel. Symmetric weights are the special case
+    zw = 2^(b-1) and are supported.
     """
 
     def __init__(self, codes, scale, zero, weight_cfg, act_cfg, bias=None, lora_L=None, lora_R=None,
@@ -86,12 +83,9 @@ class IntLinear(nn.Module):
         if codes.dtype != torch.uint8 or (codes.numel() and int(codes.max()) > levels):
             raise _unsupported(f"weight codes are not uint8 in [0, {levels}]")
         self.packed = weight_cfg.bits <= 4
-        if self.packed:
-            if k % 2:
-                raise _unsupported(f"in_features {k} is odd, 4-bit codes cannot be packed")
-            self.register_buffer("codes_packed", pack_int4(codes.contiguous()))
-        else:
-            self.register_buffer("codes", codes.clone())
+        if self.packed and k % 2:
+            raise _unsupported(f"in_features {k} is odd, 4-bit codes cannot be packed")
+        self.register_buffer(self._stored_name(), pack_int4(codes.contiguous()) if self.packed else codes.clone())
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
@@ -106,122 +100,66 @@ class IntLinear(nn.Module):
 
     @torch.no_grad()
     def _prepare(self):
-        """Derive the GEMM operands from the stored codes: Triton's on CUDA, the fused kernel's where it runs,
-        else torch._int_mm's (which the fused layer rebuilds on the fly in the rare fallback)."""
-        codes = self._codes()  # before the operands are reset: a layer may hold its codes only in them
-        for name in (*ops_torch.OPERANDS, *TRITON_OPERANDS, "w_vnni", "w_vnni4", "f_sw", "f_cbd", "f_d", "f_Lt",
-                     "f_Rt", "f_bias"):
+        """Choose the backend for the buffers' device (backends.choose) and keep its operands as non-persistent
+        buffers; the stored codes go where the backend's operand holds them."""
+        codes = self.weight_codes()  # before the operands are reset: a layer may hold its codes only in them
+        for name in backends.OPERANDS:
             self.register_buffer(name, None, persistent=False)
-        stored = self._stored_name()  # the stored form, unless a kernel's operand holds it (below)
+        stored = self._stored_name()
         if self._buffers[stored] is None:
-            self._buffers[stored] = pack_int4(codes) if self.packed else codes
-        if self._triton_chosen(self.scale.device):
-            from quant.kernels import ops_triton
-            self.fused = False
-            ops = ops_triton.prepare_layer(self)  # 4-bit: reads the packed codes and keeps them as they are
-            for name in TRITON_OPERANDS:
-                self.register_buffer(name, getattr(ops, name[2:]), persistent=False)
-            self.emax = ops.emax
-            if self.packed:
-                self._buffers["t_w"] = None  # the operand is codes_packed itself
-            else:
-                self._buffers["codes"] = None  # t_w = codes - c holds them (see _codes): one copy of the weight
-            return
-        self.fused = self._fused_possible(self.scale.device)
-        ops = ops_torch.operands(codes, self.weight_cfg.bits, self.scale, self.zero, self.lora_L, self.lora_R,
-                                 weight=not (self.fused and self.packed))
-        self.use_sa = bool((ops["d_t"] != 0).any())
-        self.emax = ops_torch.int32_emax(ops_torch.int32_bound(ops, self.group))
-        if not self.fused:
-            for name in ops_torch.OPERANDS:
-                self.register_buffer(name, ops[name], persistent=False)
-            return
-        operands, self._fbound = ops_avx512.prepare(self, codes, ops)
-        for name, t in operands.items():
+            self._buffers[stored] = self._stored_form(codes)
+        self.backend = backends.choose(self.kernel, self, self.scale.device)
+        for name, t in self.backend.prepare(self, codes).items():
             self.register_buffer(name, t, persistent=False)
-        if self.packed:
-            self._buffers["codes_packed"] = None  # w_vnni4 holds the same nibbles (see _codes)
-
-    @property
-    def triton_ops(self):
-        """quant.kernels.ops_triton.Operands over this layer's buffers (None unless it runs on the Triton kernel)."""
-        if self.t_cb is None:
-            return None
-        from quant.kernels import ops_triton
-        rank = self.lora_R.shape[0]
-        return ops_triton.Operands(self.weight_cfg.bits, self.in_features, self.group,
-                                   self.codes_packed if self.packed else self.t_w, self.t_c, self.t_cb, self.t_d,
-                                   self.scale, self.lora_L if rank else None, self.lora_R if rank else None,
-                                   self.bias, self.emax)
-
-    def _stored_name(self):
-        return "codes_packed" if self.packed else "codes"
-
-    def _codes(self):
-        """The weight codes, uint8 (out, in), from whichever form the layer holds."""
-        if not self.packed:
-            if self._buffers.get("codes") is not None:
-                return self.codes
-            return ops_torch.codes_of_b(self.t_w, ops_torch.offset_c(self.weight_cfg.bits, self.zero))
-        if self._buffers.get("codes_packed") is not None:
-            return unpack_int4(self.codes_packed)
-        return ops_avx512.unpack_b4(self.w_vnni4, self.out_features)
-
-    @torch.no_grad()
-    def _eager_build(self):
-        """The torch path's operands (quant/kernels/ops_torch.py), from the stored codes."""
-        return ops_torch.operands(self._codes(), self.weight_cfg.bits, self.scale, self.zero, self.lora_L,
-                                  self.lora_R)
+        if self.backend.holds_codes(self):
+            self._buffers[stored] = None  # one copy of the weight: rebuilt from the operand when needed (weight_codes)
 
     @property
     def runs(self):
         """The kernel this layer runs: triton, fused or torch."""
-        return "triton" if self.t_cb is not None else "fused" if self.fused else "torch"
+        return self.backend.name
 
-    def _eager_operands(self):
-        """The torch path's operands: kept by a torch-kernel layer, rebuilt by a fused one."""
-        return self._eager_build() if self.w_op is None else {name: getattr(self, name) for name in ops_torch.OPERANDS}
+    @property
+    def fused(self):
+        """Does this layer run on the fused AVX512 kernel?"""
+        return self.runs == "fused"
 
-    def _triton_chosen(self, device):
-        """Does this layer run on the Triton kernel on `device`? (kernel "triton", or "auto" on CUDA)."""
-        if self.kernel not in ("triton", "auto") or (self.kernel == "auto" and device.type != "cuda"):
-            return False
-        from quant.kernels import ops_triton  # optional and slow to import: only where a layer may run on it
-        why = None
-        if not ops_triton.available():
-            why = ops_triton.status()
-        elif device.type != "cuda" and not ops_triton.INTERPRET:
-            why = f"tensors on {device.type} (Triton runs on CUDA, or on CPU under TRITON_INTERPRET=1)"
-        if why is not None and self.kernel == "triton":
-            raise ValueError(f"triton integer kernel unavailable: {why}; use kernel 'fused' (x86 CPUs) or 'torch'")
-        return why is None
+    @property
+    def emax(self):
+        """The largest |128 - zx| whose int32 corrections cannot overflow (ops_torch.int32_emax), on every kernel."""
+        return self.backend.emax
 
-    def _fused_possible(self, device):
-        if self.kernel == "torch":
-            return False
-        why = None
-        align = ops_avx512.ALIGN_K4 if self.packed else ops_avx512.ALIGN_K
-        if device.type != "cpu":
-            why = f"device {device.type}"
-        elif self.in_features % align or self.group % align:
-            why = (f"in_features {self.in_features} / group {self.group} not multiples of {align}"
-                   + (" (packed 4-bit weights)" if self.packed else ""))
-        elif ops_avx512.load() is None:
-            why = ops_avx512.status()
-        if why is not None and self.kernel == "fused":
-            raise ValueError(f"fused integer kernel unavailable: {why}; use kernel "
-                             f"{'triton' if device.type == 'cuda' else 'torch'!r}")
-        return why is None
+    @property
+    def triton_ops(self):
+        """quant.kernels.ops_triton.Operands over this layer's buffers (None unless it runs on the Triton kernel)."""
+        return self.backend.operands(self) if self.runs == "triton" else None
 
     def _fused_safe(self, zmax):
-        return ops_avx512.fused_safe(self._fbound, zmax)
+        """A fused layer's FusedKernel.safe: do its int32 partials fit for activation zero points up to zmax?"""
+        return self.backend.safe(zmax)
+
+    def _eager_operands(self):
+        """The torch path's operands: kept by a torch-kernel layer, rebuilt by the others."""
+        return self.backend.operands(self) if self.runs == "torch" else backends.torch_operands(self)
+
+    def _stored_name(self):
+        return "codes_packed" if self.packed else "codes"
+
+    def _stored_form(self, codes):
+        return pack_int4(codes) if self.packed else codes
+
+    def weight_codes(self):
+        """The weight codes, uint8 (out, in), from whichever form the layer holds."""
+        stored = self._buffers.get(self._stored_name())
+        if stored is None:
+            return self.backend.codes(self)
+        return unpack_int4(stored) if self.packed else stored
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         name = self._stored_name()
         if self._buffers[name] is not None:
             return super()._save_to_state_dict(destination, prefix, keep_vars)
-        codes = self._codes()  # rebuilt from the kernel's operand for the save only
-        self._buffers[name] = pack_int4(codes) if self.packed else codes
+        self._buffers[name] = self._stored_form(self.weight_codes())  # from the kernel's operand, for the save only
         try:
             super()._save_to_state_dict(destination, prefix, keep_vars)
         finally:
@@ -230,8 +168,7 @@ class IntLinear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         name = self._stored_name()
         if self._buffers[name] is None:  # a target to load into (the current codes if absent)
-            codes = self._codes()
-            self._buffers[name] = pack_int4(codes) if self.packed else codes
+            self._buffers[name] = self._stored_form(self.weight_codes())
         super()._load_from_state_dict(*args, **kwargs)
         self._prepare()  # the GEMM operands derive from the loaded codes/scales/LoRA
 
@@ -274,7 +211,8 @@ class IntLinear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, rank={self.lora_R.shape[0]}, smooth={self.smooth is not None}, "
-                f"groups={self.n_groups}x{self.group}, packed_int4={self.packed}, kernel={self.runs}, activation={self.activation}, "
+                f"groups={self.n_groups}x{self.group}, packed_int4={self.packed}, kernel={self.runs}, "
+                f"activation={self.activation}, "
                 f"weight_cfg={self.weight_cfg}, act_cfg={self.act_cfg}")
 
 
@@ -289,29 +227,14 @@ def _check_supported(weight_cfg, act_cfg):
 
 
 def _int_linear(x, layer):
-    """IntLinear forward: quantize x, exact integer dot products per K-group, scale, LoRA, bias.
-
-    The fused CPU kernel where the layer prepared it (and the int32 bound holds for this input's
-    activation zero points), else torch._int_mm with the epilogue in torch ops (quant/kernels/ops_torch.py).
-    """
+    """IntLinear forward: quantize x, exact integer dot products per K-group, scale, LoRA, bias, on the layer's
+    backend (quant/nn/backends.py); the output in x's dtype."""
     shape = x.shape
     k, n = layer.in_features, layer.out_features
     if shape[-1] != k:
         raise ValueError(f"input has {shape[-1]} features, layer expects {k}")
     batch = ops_torch.batch_of(shape, layer.act_cfg.granularity)
-    out = None
-    if layer.triton_ops is not None:
-        from quant.kernels import ops_triton
-        cfg = layer.act_cfg
-        out = ops_triton.linear(x.reshape(-1, k), layer.triton_ops, cfg.granularity, cfg.bits, cfg.scheme, batch,
-                                layer.smooth, layer.activation)
-    elif layer.fused and x.numel() and x.device.type == "cpu":
-        out = ops_avx512.fused_linear(x.reshape(-1, k), layer, batch)
-    if out is None:
-        out = ops_torch.linear(x.reshape(-1, k), layer._eager_operands(), layer, batch)
-        if layer.activation == "gelu_tanh":
-            out = F.gelu(out, approximate="tanh")
-    y = out.view(*shape[:-1], n)
+    y = layer.backend.linear(layer, x.reshape(-1, k), batch).view(*shape[:-1], n)
     return y if x.dtype == y.dtype else y.to(x.dtype)
 
 

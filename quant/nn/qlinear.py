@@ -29,10 +29,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("zero", qweight.zero)
         self.register_buffer("weight", dequantize_weight(qweight))
         self.register_buffer("bias", None if bias is None else bias.detach().to(self.weight))
+        like_weight = lambda t: t.detach().to(self.weight).contiguous()  # noqa: E731
         empty = self.weight.new_zeros
-        self.register_buffer("lora_L", empty(self.out_features, 0) if lora_L is None else lora_L.detach().to(self.weight).contiguous())
-        self.register_buffer("lora_R", empty(0, self.in_features) if lora_R is None else lora_R.detach().to(self.weight).contiguous())
-        self.register_buffer("smooth", None if smooth is None else smooth.detach().to(self.weight).contiguous())
+        self.register_buffer("lora_L", empty(self.out_features, 0) if lora_L is None else like_weight(lora_L))
+        self.register_buffer("lora_R", empty(0, self.in_features) if lora_R is None else like_weight(lora_R))
+        self.register_buffer("smooth", None if smooth is None else like_weight(smooth))
         # set by quant/method/fold.py when a row divisor could not go into the integer codes (reference scheme):
         # weight == diag(fold_row_scale) dequant(codes, scale, zero), and the codes no longer describe it
         self.fake_quant_only = False
