@@ -146,8 +146,9 @@ def build_parser():
                         help="dtype of scales, LoRA factors and the FP tensors in the checkpoint "
                              "(fp32 for exactness studies)")
     parser.add_argument("--calib-memory-gb", type=float, default=d.calib_memory_gb, metavar="GIB",
-                        help="search state one process may hold, in GiB (quant/calibration/budget.py); layers beyond it are "
-                             "calibrated in groups, each over its own FP sampling loop (same result, more loops). "
+                        help="search state one process may hold, in GiB (quant/calibration/budget.py); layers "
+                             "beyond it are calibrated in groups, each over its own FP sampling loop (same result, "
+                             "more loops). "
                              "The FP model and the sampling activations come on top")
     parser.add_argument("--calib-chunks", type=int, default=d.calib_chunks, metavar="N",
                         help="run each FP calibration loop's batch as N equal chunks of samples, in turn at every "

@@ -26,7 +26,8 @@ from quant.method.fold import fold_smoothing
 from quant.method.layers import BLOCK_LAYERS, quantizable_layers
 from quant.kernels.ops_torch import batch_of
 from quant.nn.qlinear import QuantLinear
-from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, pack_int4, quantize_act, quantize_weight
+from quant.method.quantizer import pack_int4, quantize_act, quantize_weight
+from quant.quant_config import ActQuantConfig, WeightQuantConfig
 
 MB = 1e6
 TOL_FAKE, TOL_TORCH = 1e-4, 1e-5  # relative L2 error of Triton's output against the fake / torch-op path

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from quant.nn.int_linear import IntLinear
 from quant.kernels.ops_torch import quantize_act_int8
 from quant.nn.qlinear import QuantLinear
-from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight
+from quant.method.quantizer import quantize_weight
+from quant.quant_config import ActQuantConfig, WeightQuantConfig
 
 
 def run_round_robin(cases, reps, clock=time.perf_counter):

@@ -103,7 +103,8 @@ def int_layer(k, n, bits=8, group=None, gran="token", rank=0, smooth=False, bias
     import torch
 
     from quant.nn.qlinear import QuantLinear
-    from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight
+    from quant.method.quantizer import quantize_weight
+    from quant.quant_config import ActQuantConfig, WeightQuantConfig
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
     w[:, 3] *= 10
@@ -184,7 +185,8 @@ def quantize_blocks(model, bits, group, g, rank=4, iters=2, gran="row"):
     from quant.method.fold import fold_smoothing
     from quant.method.lora import fit_lora
     from quant.nn.qlinear import QuantLinear
-    from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight
+    from quant.method.quantizer import quantize_weight
+    from quant.quant_config import ActQuantConfig, WeightQuantConfig
     wcfg, acfg = WeightQuantConfig(bits=bits, group_size=group), ActQuantConfig(8, gran)
     for block in model.blocks:
         for parent, attr in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):

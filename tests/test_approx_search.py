@@ -8,7 +8,7 @@ from quant.calibration.driver import quantize_dit
 from quant.quant_config import QuantConfig
 from quant.method.layers import quantizable_layers
 from quant.nn.qlinear import QuantLinear
-from quant.method.quantizer import ActQuantConfig, WeightQuantConfig
+from quant.quant_config import ActQuantConfig, WeightQuantConfig
 from quant.search.candidates import AlphaSearch
 
 from quant.quant_config import alpha_grid

@@ -14,7 +14,7 @@ from quant.quant_config import QuantConfig
 from quant.calibration.feed import ChunkedLoop, LoopShape
 from quant.method.layers import quantizable_layers
 from quant.search.candidates import Candidates
-from quant.method.quantizer import WeightQuantConfig
+from quant.quant_config import WeightQuantConfig
 
 SMALL = dict(group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25)
 CONFIGS = [

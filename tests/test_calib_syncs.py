@@ -14,7 +14,8 @@ from quant.search import losses as search_losses
 from quant.quant_config import QuantConfig
 from quant.calibration.driver import quantize_dit
 from quant.method.layers import quantizable_layers
-from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, dequantize_weight, fake_quantize_act
+from quant.method.quantizer import dequantize_weight, fake_quantize_act
+from quant.quant_config import ActQuantConfig, WeightQuantConfig
 from quant.search.candidates import AlphaSearch, Candidates
 
 from quant.quant_config import alpha_grid

@@ -21,7 +21,8 @@ from quant.io.storage import plan_bytes, round_for_storage, storage_plan
 from quant.method.fold import fold_smoothing
 from quant.method.lora import fit_lora
 from quant.nn.qlinear import QuantLinear
-from quant.method.quantizer import WeightQuantConfig, quantize_weight, unpack_int4
+from quant.method.quantizer import quantize_weight, unpack_int4
+from quant.quant_config import WeightQuantConfig
 
 torch.set_num_threads(1)
 META = {"model": "DiT-XS/2", "image_size": 8, "num_classes": 10, "vae": "none", "in_channels": 3}

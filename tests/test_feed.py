@@ -72,7 +72,7 @@ def test_merged_chunk_statistics_are_the_whole_batch_statistics():
 def test_search_slots_add_in_order_and_travel():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(24, 32, generator=g)
-    from quant.method.quantizer import WeightQuantConfig
+    from quant.quant_config import WeightQuantConfig
     cands = Candidates(w, None, torch.rand(32, generator=g) + 0.5, [0.3, 0.6], WeightQuantConfig(bits=4, group_size=16),
                        lora_rank=0)
     acfg = QuantConfig().act_cfg()

@@ -10,8 +10,8 @@ from helpers import random_dit
 from quant.method.fold import fold_smoothing
 from quant.method.lora import fit_lora
 from quant.nn.qlinear import QuantLinear
-from quant.method.quantizer import (ActQuantConfig, WeightQuantConfig, dequantize_weight, quantize_weight,
-                             scale_qweight_columns)
+from quant.method.quantizer import dequantize_weight, quantize_weight, scale_qweight_columns
+from quant.quant_config import ActQuantConfig, WeightQuantConfig
 
 torch.set_num_threads(1)
 LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")

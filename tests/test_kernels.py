@@ -12,8 +12,8 @@ from quant.kernels.ops_torch import int8_matmul, quantize_act_int8
 from quant.method.quantizer import affine_params
 from quant.nn.qlinear import QuantLinear
 from quant.search.candidates import quantize_linear
-from quant.method.quantizer import (ActQuantConfig, WeightQuantConfig, pack_int4, quantize_act, quantize_weight,
-                             scale_qweight_rows)
+from quant.method.quantizer import pack_int4, quantize_act, quantize_weight, scale_qweight_rows
+from quant.quant_config import ActQuantConfig, WeightQuantConfig
 
 torch.set_num_threads(1)
 

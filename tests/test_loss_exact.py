@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from quant.kernels import ops_avx512
-from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, dequantize_weight, fake_quantize_act
+from quant.method.quantizer import dequantize_weight, fake_quantize_act
+from quant.quant_config import ActQuantConfig, WeightQuantConfig
 from quant.search.candidates import Candidates
 from quant.quant_config import alpha_grid
 from quant.search.losses import LossEngine

@@ -17,7 +17,8 @@ from helpers import int_input, int_layer  # noqa: E402
 from quant.kernels import ops_triton as ot  # noqa: E402
 from quant.nn.int_linear import IntLinear  # noqa: E402
 from quant.kernels.ops_torch import batch_of as _batch_of, quantize_act_int8  # noqa: E402
-from quant.method.quantizer import ActQuantConfig, pack_int4, quantize_act  # noqa: E402
+from quant.method.quantizer import pack_int4, quantize_act  # noqa: E402
+from quant.quant_config import ActQuantConfig
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.skipif(not ot.available(), reason=f"Triton kernels: {ot.status()}")

@@ -4,7 +4,8 @@ import torch
 import torch.nn as nn
 
 from quant.nn.qlinear import QuantLinear
-from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, dequantize_weight, fake_quantize_act, quantize_weight
+from quant.method.quantizer import dequantize_weight, fake_quantize_act, quantize_weight
+from quant.quant_config import ActQuantConfig, WeightQuantConfig
 from quant.search.candidates import AlphaSearch, quantize_linear
 from quant.method.smoothing import channel_absmax, smoothing_factors, weight_channel_absmax
 

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from quant.method.quantizer import (ActQuantConfig, WeightQuantConfig, dequantize_weight, fake_quantize_act,
-                             fake_quantize_weight, pack_int4, quantize_act, quantize_weight,
-                             scale_qweight_columns, scale_qweight_rows, unpack_int4)
+from quant.method.quantizer import (dequantize_weight, fake_quantize_act, fake_quantize_weight, pack_int4, quantize_act,
+                                    quantize_weight, scale_qweight_columns, scale_qweight_rows, unpack_int4)
+
+from quant.quant_config import ActQuantConfig, WeightQuantConfig
 
 torch.set_num_threads(1)
 

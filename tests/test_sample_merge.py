@@ -136,7 +136,8 @@ def _quantized_dit(scheme="ditas"):
     from functools import partial
     from quant.method.lora import fit_lora
     from quant.nn.qlinear import QuantLinear
-    from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, quantize_weight
+    from quant.method.quantizer import quantize_weight
+    from quant.quant_config import ActQuantConfig, WeightQuantConfig
     model = random_dit(std=0.1)
     g = torch.Generator().manual_seed(3)
     wcfg = WeightQuantConfig(bits=4, group_size=32, scheme=scheme)

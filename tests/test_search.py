@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from helpers import search_problem
 from quant.method.lora import fit_lora
 from quant.nn.qlinear import QuantLinear
-from quant.method.quantizer import ActQuantConfig, WeightQuantConfig, dequantize_weight, fake_quantize_act, quantize_weight
+from quant.method.quantizer import dequantize_weight, fake_quantize_act, quantize_weight
+from quant.quant_config import ActQuantConfig, WeightQuantConfig
 from quant.kernels import ops_avx512
 from quant.search.candidates import AlphaSearch, select_alpha
 from quant.quant_config import alpha_grid

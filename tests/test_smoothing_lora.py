@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from quant.kernels import ops_avx512
 from quant.method.lora import fit_lora
-from quant.method.quantizer import WeightQuantConfig, dequantize_weight, quantize_weight
+from quant.method.quantizer import dequantize_weight, quantize_weight
+from quant.quant_config import WeightQuantConfig
 from quant.search.candidates import Candidates
 from quant.method.smoothing import RunningAbsMax, channel_absmax, smoothing_factors, weight_channel_absmax
 

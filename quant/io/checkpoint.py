@@ -24,7 +24,8 @@ from quant.errors import UserError
 from quant.io.files import atomic_path, write_json
 from quant.method.layers import adaln_layers, quantizable_layers
 from quant.nn.qlinear import QuantLinear
-from quant.method.quantizer import REFERENCE_GROUP_ROWS, ActQuantConfig, QWeight, WeightQuantConfig, unpack_int4
+from quant.method.quantizer import REFERENCE_GROUP_ROWS, QWeight, unpack_int4
+from quant.quant_config import ActQuantConfig, WeightQuantConfig
 from quant.io.storage import (DEFAULT_STORAGE_DTYPE, QLINEAR_LEAVES, check_storage_dtype, dtype_name, layer_layout,
                            plan_bytes, qlinears, quantized_state, round_for_storage, storage_plan, torch_dtype)
 

@@ -4,7 +4,7 @@ The four linears of every block (attention qkv and output projection, the MLP's 
 carry the method; with --quantize-adaln every block's adaLN linear is also quantized,
 weight-only. Names are upstream DiT's module paths (models.py), for any depth.
 """
-from quant.method.quantizer import WeightQuantConfig
+from quant.quant_config import WeightQuantConfig
 
 BLOCK_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 # --quantize-adaln: weight-only quantization of every block's adaLN linear (Linear(D, 6D)).

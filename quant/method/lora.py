@@ -31,7 +31,8 @@ import torch
 from quant.method import lapack
 
 from quant import kernels
-from quant.method.quantizer import QWeight, WeightQuantConfig, dequantize_weight, quantize_weight
+from quant.method.quantizer import QWeight, dequantize_weight, quantize_weight
+from quant.quant_config import WeightQuantConfig
 
 SVDS = ("full", "lowrank", "subspace")
 OVERSAMPLE = 16   # subspace/lowrank: basis width p = rank + OVERSAMPLE

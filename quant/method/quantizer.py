@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from quant.quant_config import GRANULARITIES, SCHEMES, ActQuantConfig, WeightQuantConfig  # noqa: F401
+from quant.quant_config import WeightQuantConfig
 
 REFERENCE_GROUP_ROWS = 32  # the released code reshapes every weight to (32, numel/32)
 
