@@ -31,6 +31,7 @@ from quant.checkpoint import is_quantized_checkpoint, save_quantized
 from quant.feed import ChunkedLoop, LoopShape
 from quant.ranks import Ranks
 from quant.storage import DEFAULT_STORAGE_DTYPE, STORAGE_DTYPES, round_for_storage
+from quant.svd_branch import LORA_ORDERS
 
 
 def quant_config_from_args(args):
@@ -60,6 +61,10 @@ def default_out_dir(args, cfg):
         parts.append(f"alpha{cfg.alpha:g}")
     if "lora_rank" in changed:
         parts.append(f"r{cfg.lora_rank}")
+    if "lora_order" in changed:
+        parts.append(cfg.lora_order.replace("_", ""))
+    if cfg.hadamard:
+        parts.append("hadamard")
     if "act_granularity" in changed:
         parts.append(cfg.act_granularity)
     if cfg.quantize_adaln:
@@ -219,6 +224,14 @@ def add_quant_args(parser):
     parser.add_argument("--lora-rank", type=int, default=q("lora_rank"), help="0 disables the LoRA branch")
     parser.add_argument("--lora-iters", type=int, default=q("lora_iters"),
                         help="alternating quantize / low-rank fit iterations")
+    parser.add_argument("--lora-order", choices=LORA_ORDERS, default=q("lora_order"),
+                        help="residual: the LoRA branch fits the quantization residual and is fed the quantized "
+                             "activation (the paper); svd_first: the smoothed weight's top --lora-rank singular "
+                             "directions are taken out before quantization and run in 16-bit on the smoothed, "
+                             "unquantized activation (SVDQuant's order; ditas scheme; quant/svd_branch.py)")
+    parser.add_argument("--hadamard", action="store_true", default=q("hadamard"),
+                        help="rotate the inputs of attn.proj (folded into qkv's V rows) and mlp.fc2 (online, after "
+                             "the GELU) by a block Walsh-Hadamard matrix before calibration (quant/rotation.py)")
     parser.add_argument("--svd", choices=("full", "lowrank", "subspace"), default=None,
                         help=f"truncated SVD of the LoRA fit: full (LAPACK), lowrank (randomized, fresh every "
                              f"iteration) or subspace (warm-started through the alternating loop and from the "

@@ -58,7 +58,7 @@ DEFAULT_SCHEMES = ["ditas"]
 DEFAULT_EXTRA = ["W4A8:ditas:approx", "W4A4:ditas:token"] + [f"W4A8:reference:{m}" for m in DEFAULT_METHODS]
 LABELS = {"fixed": "SmoothQuant alpha 0.5 (TAS statistic, no LoRA)"}  # the study's names where METHODS' differ
 # calibration cost order (the dearest cells start first)
-COST = {"ditas": 4, "token": 4, "adaln": 4, "approx": 3, "approx-token": 3, "search": 3, "fixed": 1, "rtn": 1}
+COST = {"ditas": 4, "token": 4, "svd": 3, "svd-token": 3, "had": 4, "had-token": 4, "had-svd": 3, "had-svd-token": 3, "adaln": 4, "approx": 3, "approx-token": 3, "search": 3, "fixed": 1, "rtn": 1}
 
 
 def bits_name(bits):
@@ -210,7 +210,19 @@ COMPONENTS = [("TAS smoothing at alpha 0.5", "fixed", "rtn"), ("layer-wise alpha
               ("LoRA branch (rank 32)", "ditas", "search"), ("all of DiTAS", "ditas", "rtn"),
               ("approximate instead of exact search", "approx", "ditas"),
               ("per-token instead of per-row activations", "token", "ditas"),
-              ("adaLN linears quantized too (weight-only 8-bit)", "adaln", "ditas")]
+              ("adaLN linears quantized too (weight-only 8-bit)", "adaln", "ditas"),
+              ("SVD-first branch instead of residual LoRA", "svd", "ditas"),
+              ("SVD-first branch instead of residual LoRA, per-token", "svd-token", "token"),
+              ("per-token instead of per-row, SVD-first", "svd-token", "svd"),
+              ("SVD-first + per-token against DiTAS", "svd-token", "ditas"),
+              ("Hadamard rotation of proj/fc2 inputs", "had", "ditas"),
+              ("Hadamard rotation, per-token", "had-token", "token"),
+              ("Hadamard rotation, SVD-first", "had-svd", "svd"),
+              ("Hadamard rotation, SVD-first + per-token", "had-svd-token", "svd-token"),
+              ("SVD-first instead of residual LoRA, Hadamard", "had-svd", "had"),
+              ("SVD-first instead of residual LoRA, Hadamard + per-token", "had-svd-token", "had-token"),
+              ("per-token instead of per-row, Hadamard + SVD-first", "had-svd-token", "had-svd"),
+              ("all three against DiTAS", "had-svd-token", "ditas")]
 
 
 def components_table(rows):

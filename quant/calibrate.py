@@ -37,6 +37,7 @@ from quant.layers import ADALN_WEIGHT_CFG, adaln_layers, check_layers, quantizab
 from quant.qlinear import QuantLinear
 from quant.quantizer import dequantize_weight
 from quant.ranks import Ranks
+from quant.rotation import rotate_dit
 from quant.search import AlphaSearch, Candidates, Scores, quantize_linear, select_alpha
 from quant.smoothing import RunningAbsMax
 
@@ -151,7 +152,7 @@ def prepare_candidates(layers, cfg, absmax, progress=True, prune=None):
     for name, lin in tqdm(layers.items(), desc="candidates (smoothing, quantization, LoRA fits)", unit="layer",
                           disable=not progress, leave=False):
         cands = Candidates(lin.weight, lin.bias, absmax[name], alphas, wcfg, cfg.lora_rank, cfg.lora_iters,
-                           svd=cfg.svd)
+                           svd=cfg.svd, lora_order=cfg.lora_order)
         candidates[name] = cands if prune is None else prune(name, cands)
         del cands
         baselines[name] = Candidates(lin.weight, lin.bias, None, [None], wcfg, lora_rank=0)
@@ -222,6 +223,8 @@ def calibrate_group(part, cfg, scoring, stats, feed, timings, say, of="", progre
 
     t0 = time.time()  # 2. candidate preparation: smoothing, quantized weights, LoRA per alpha
     lora = f"LoRA rank {cfg.lora_rank}, {cfg.lora_iters} iterations, {cfg.svd} SVD" if cfg.lora_rank else "no LoRA"
+    if cfg.lora_rank and cfg.lora_order == "svd_first":
+        lora = f"rank-{cfg.lora_rank} SVD of the smoothed weight before quantization, {cfg.svd} SVD"
     kept = f", the {cfg.search_shortlist} best predicted kept" if cfg.search == "shortlist" else ""
     say(f"calibration 2/3, {of}candidate preparation: {len(cfg.alphas())} alpha(s) x {len(part)} layers "
         f"({lora}{kept})")
@@ -286,6 +289,8 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
     """
     ranks = ranks or Ranks()
     loop = ChunkedLoop.of(loop)
+    if cfg.hadamard:  # the FP model rotated in place (the same function): calibration sees the rotated inputs
+        rotate_dit(model)
     layers = quantizable_layers(model)
     scoring = SCORINGS[cfg.search](cfg)
     device = next(model.parameters()).device

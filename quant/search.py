@@ -26,6 +26,7 @@ from quant.qlinear import QuantLinear
 from quant.quantizer import QWeight, dequantize_weight, pack_int4, scale_qweight_columns, unpack_int4
 from quant.search_losses import LossEngine
 from quant.smoothing import smoothing_factors, weight_channel_absmax
+from quant.svd_branch import fit_svd_first, lora_input_of
 
 
 def alpha_grid(step=0.05):
@@ -60,6 +61,7 @@ class LayerQuant:
     weight_error_rtn: float
     weight_error_lora: float
     lora_errors: list
+    lora_input: str = "quantized"  # the branch's input: fq(x/s) ("quantized") or x/s ("smoothed", svd_first)
 
     def to(self, device):
         """The same layer with its tensors on `device`."""
@@ -106,8 +108,9 @@ class Candidates:
     """
 
     def __init__(self, weight, bias, act_absmax, alphas, weight_cfg, lora_rank=32, lora_iters=10, scheme=None,
-                 svd="full"):
+                 svd="full", lora_order="residual"):
         self.alphas = list(alphas)
+        self.lora_input = lora_input_of(lora_order)
         if not self.alphas:
             raise ValueError("AlphaSearch needs at least one candidate alpha")
         self.scheme = weight_cfg.scheme if scheme is None else scheme
@@ -117,6 +120,10 @@ class Candidates:
         self.weight, self.bias = _fp_params(weight, bias)
         fit = partial(fit_lora, quantize_fn=weight_cfg, rank=lora_rank,
                       iters=lora_iters, svd=svd)
+        if lora_order == "svd_first":
+            if self.scheme != "ditas":
+                raise ValueError("lora_order svd_first needs the ditas scheme")
+            fit = partial(fit_svd_first, quantize_fn=weight_cfg, rank=lora_rank, svd=svd)
         if self.scheme == "reference":
             f = fit(self.weight)
             self.smooth = self._factors(act_absmax, weight_channel_absmax(f.q))
@@ -126,7 +133,7 @@ class Candidates:
         self.packed = weight_cfg.bits <= 4 and self.weight.shape[1] % 2 == 0
         fits, basis = [], None
         for k in range(len(self.alphas)):
-            f = fit(self.weight * self.smooth[k], basis=basis)
+            f = fit(self.weight * self.smooth[k], **({} if lora_order == "svd_first" else {"basis": basis}))
             basis = f.basis
             codes = pack_int4(f.qweight.codes) if self.packed else f.qweight.codes
             fits.append((codes, f.qweight.scale, f.qweight.zero, f.L, f.R, f.errors, f.rtn_error, f.svds))
@@ -201,9 +208,16 @@ class Candidates:
         return dequantize_weight(replace(q, scale=q.scale.to(dtype))) + L @ R
 
     def smoothed_weight(self, k):
-        """W_s (out, in), dense: the weight candidate k applies to fq(X/s_k) (Q + L R in the smoothed domain)."""
+        """W_s (out, in), dense: the weight candidate k applies to X/s_k (Q + L R in the smoothed domain)."""
         L, R = self.lora(k)
         return dequantize_weight(self.qweight(k)).to(self.weight) + L @ R
+
+    def noisy_weight(self, k):
+        """The part of smoothed_weight(k) that the activation rounding error passes through: all of it when the
+        branch is fed fq(X/s) (residual), Q alone when it is fed X/s (svd_first)."""
+        if self.lora_input == "quantized":
+            return self.smoothed_weight(k)
+        return dequantize_weight(self.qweight(k)).to(self.weight)
 
     def layer(self, k):
         """LayerQuant of candidate k."""
@@ -217,7 +231,7 @@ class Candidates:
         return LayerQuant(alpha=alpha, smooth=None if alpha is None else s.clone(), qweight=self.qweight(k).clone(),
                           lora_L=L.clone(), lora_R=R.clone(), bias=self.bias,
                           weight_error_rtn=float(rtn), weight_error_lora=float(errors[-1]),
-                          lora_errors=errors.tolist())
+                          lora_errors=errors.tolist(), lora_input=self.lora_input)
 
 
 class AlphaSearch:
@@ -231,9 +245,10 @@ class AlphaSearch:
 
     def __init__(self, weight, bias, act_absmax, alphas, weight_cfg, act_cfg, lora_rank=32, lora_iters=10,
                  scheme=None, max_steps=None, svd="full", chunk=None, matmul_dtype="fp32", impl="fast",
-                 row_stride=1):
+                 row_stride=1, lora_order="residual"):
         engine = LossEngine(act_cfg, chunk=chunk, matmul_dtype=matmul_dtype, impl=impl, row_stride=row_stride)
-        candidates = Candidates(weight, bias, act_absmax, alphas, weight_cfg, lora_rank, lora_iters, scheme, svd)
+        candidates = Candidates(weight, bias, act_absmax, alphas, weight_cfg, lora_rank, lora_iters, scheme, svd,
+                                lora_order)
         self._start(candidates, engine, max_steps)
 
     @classmethod
