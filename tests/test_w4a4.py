@@ -2,6 +2,7 @@
 quant/svd_branch.py) against brute-force references, the search scoring what it builds, the integer backend,
 folding, the checkpoint round trip, and nothing changed when it is off."""
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -26,7 +27,9 @@ from quant.svd_branch import fit_svd_first
 
 torch.set_num_threads(1)
 KERNELS = ["torch", pytest.param("fused", marks=pytest.mark.skipif(
-    ops_avx512.load() is None, reason=f"fused kernel: {ops_avx512.status()}"))]
+    ops_avx512.load() is None, reason=f"fused kernel: {ops_avx512.status()}")),
+    pytest.param("triton", marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                                    reason="triton not installed (tests run its CPU interpreter)"))]
 META = {"model": "DiT-XS/2", "image_size": 8, "num_classes": 10, "vae": "none", "in_channels": 3}
 CFG = QuantConfig(weight_bit=4, act_bit=4, group_size=32, lora_rank=4, alpha_step=0.25, lora_order="svd_first")
 
