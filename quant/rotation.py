@@ -14,8 +14,8 @@ channels of its block, which is what 4-bit activation ranges need.
            H online) and fc2's weight W H. DiT-XL/2: 4608 = 36 x 128, b = 128. The online H is one batched
            product with the dense b x b block (`block_rotate`: b multiply-adds per element, one pass over x),
            not the fast transform's log2(b) butterfly stages (`fwht`: n log2(b) additions per token, but one
-           pass over x per stage in torch ops): at 512 x 4608 on one CPU core the product took 24 ms, the
-           butterfly 63 ms, the W4A8 fc2 itself 50 ms (bench/hadamard_cost.py, bench/results/w4a4.md).
+           pass over x per stage in torch ops): at 512 x 4608 on one CPU core the product took about half
+           the W4A8 fc2 call, the butterfly 2.5x the product (bench/hadamard_cost.py, bench/results/w4a4.md).
 
 `rotate_dit` applies this to the FP model before calibration, so smoothing acts on the rotated channels
 (x -> (x H) / s, W -> W H diag(s): rotate, then smooth) and every later step -- the TAS statistics, the alpha
