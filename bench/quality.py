@@ -13,7 +13,9 @@ Rows, for every bit width of the ditas scheme (the quantized rows all from Quant
                             default the released numerics' four rows at W4A8 (--schemes ditas reference
                             gives them at every bit width, ~30 min more)
 
-plus FP and real digits as floors. A *draw* is one (calibration seed, sampling seed) pair: every
+plus FP and real digits as floors. The W4A4 options beyond the paper (--lora-order svd_first, --hadamard: rows
+svd*, had*, r4) are extra rows; bench/results/w4a4.md has their table and its command. A *draw* is one
+(calibration seed, sampling seed) pair: every
 quantized row is calibrated with QuantDiT.py --seed c and sampled with global seed s, for each pair
 of --calib-seeds and --seeds (zipped), so each cell's mean +- standard deviation covers both noise
 sources; FP rows have only the sampling seed. Since all rows of one draw share its seeds, the
@@ -59,7 +61,9 @@ DEFAULT_SCHEMES = ["ditas"]
 # default run's ~96 min; --schemes ditas reference gives them all.
 DEFAULT_EXTRA = ["W4A8:ditas:approx", "W4A4:ditas:token"] + [f"W4A8:reference:{m}" for m in DEFAULT_METHODS]
 # calibration cost order (the dearest cells start first)
-COST = {"ditas": 4, "token": 4, "adaln": 4, "approx": 3, "approx-token": 3, "search": 3, "fixed": 1, "rtn": 1}
+COST = {"ditas": 4, "token": 4, "adaln": 4, "approx": 3, "approx-token": 3, "search": 3, "fixed": 1, "rtn": 1,
+        "svd": 3, "svd-token": 3, "had": 4, "had-token": 4, "had-svd": 3, "had-svd-token": 3, "r4": 4, "svd-r4": 3,
+        "had-svd-token-r4": 3}
 
 
 # ---------------------------------------------------------------------------------------------- cells

@@ -74,7 +74,21 @@ COMPONENTS = [("TAS smoothing at alpha 0.5", "fixed", "rtn"), ("layer-wise alpha
               ("LoRA branch (rank 32)", "ditas", "search"), ("all of DiTAS", "ditas", "rtn"),
               ("approximate instead of exact search", "approx", "ditas"),
               ("per-token instead of per-row activations", "token", "ditas"),
-              ("adaLN linears quantized too (weight-only 8-bit)", "adaln", "ditas")]
+              ("adaLN linears quantized too (weight-only 8-bit)", "adaln", "ditas"),
+              ("SVD-first branch instead of residual LoRA", "svd", "ditas"),
+              ("SVD-first branch instead of residual LoRA, per-token", "svd-token", "token"),
+              ("per-token instead of per-row, SVD-first", "svd-token", "svd"),
+              ("SVD-first + per-token against DiTAS", "svd-token", "ditas"),
+              ("Hadamard rotation of proj/fc2 inputs", "had", "ditas"),
+              ("Hadamard rotation, per-token", "had-token", "token"),
+              ("Hadamard rotation, SVD-first", "had-svd", "svd"),
+              ("Hadamard rotation, SVD-first + per-token", "had-svd-token", "svd-token"),
+              ("SVD-first instead of residual LoRA, Hadamard", "had-svd", "had"),
+              ("SVD-first instead of residual LoRA, Hadamard + per-token", "had-svd-token", "had-token"),
+              ("per-token instead of per-row, Hadamard + SVD-first", "had-svd-token", "had-svd"),
+              ("all three against DiTAS", "had-svd-token", "ditas"),
+              ("SVD-first instead of residual LoRA, rank 4", "svd-r4", "r4"),
+              ("all three at rank 4 against DiTAS at rank 4", "had-svd-token-r4", "r4")]
 
 
 def components_table(rows):

@@ -32,6 +32,24 @@ METHODS = {
     "approx": ("DiTAS, approximate search", ["--smoothing", "search", "--search", "approx"]),
     "approx-token": ("DiTAS + per-token, approximate search",
                      ["--smoothing", "search", "--act-granularity", "token", "--search", "approx"]),
+    # issue 30: the rank-32 branch in SVDQuant's order (SVD of W diag(s) before quantization, fed x/s in 16-bit)
+    "svd": ("searched alpha + SVD-first branch r32 (--lora-order svd_first)",
+            ["--smoothing", "search", "--lora-order", "svd_first"]),
+    "svd-token": ("searched alpha + SVD-first branch r32 + per-token activations",
+                  ["--smoothing", "search", "--lora-order", "svd_first", "--act-granularity", "token"]),
+    # issue 30: block Hadamard rotation of proj's and fc2's inputs (--hadamard), alone and with the above
+    "had": ("DiTAS + Hadamard (--hadamard)", ["--smoothing", "search", "--hadamard"]),
+    "had-token": ("DiTAS + Hadamard + per-token", ["--smoothing", "search", "--hadamard", "--act-granularity", "token"]),
+    "had-svd": ("searched alpha + SVD-first r32 + Hadamard",
+                ["--smoothing", "search", "--lora-order", "svd_first", "--hadamard"]),
+    "had-svd-token": ("searched alpha + SVD-first r32 + Hadamard + per-token",
+                      ["--smoothing", "search", "--lora-order", "svd_first", "--hadamard", "--act-granularity", "token"]),
+    # rank 4: r (in + out) is 4.2 % of the bundled model's quantized weights, as rank 32 is of DiT-XL/2's (3.7 %)
+    "r4": ("DiTAS with LoRA r4", ["--smoothing", "search", "--lora-rank", "4"]),
+    "svd-r4": ("searched alpha + SVD-first r4", ["--smoothing", "search", "--lora-order", "svd_first", "--lora-rank", "4"]),
+    "had-svd-token-r4": ("searched alpha + SVD-first r4 + Hadamard + per-token",
+                         ["--smoothing", "search", "--lora-order", "svd_first", "--lora-rank", "4", "--hadamard",
+                          "--act-granularity", "token"]),
 }
 DEFAULT_METHODS = ["rtn", "fixed", "search", "ditas", "token"]
 FULL = dict(num_samples=1000, steps=50)

@@ -5,7 +5,8 @@ from dataclasses import fields
 
 from quant.errors import UserError
 from quant.io.storage import DEFAULT_STORAGE_DTYPE
-from quant.quant_config import CALIB_CLIPS, DEFAULT_SHORTLIST, SCHEME_DEFAULT, SEARCHES, QuantConfig, field_default
+from quant.quant_config import (CALIB_CLIPS, DEFAULT_SHORTLIST, LORA_ORDERS, SCHEME_DEFAULT, SEARCHES, QuantConfig,
+                                field_default)
 
 
 def add_quant_args(parser):
@@ -31,6 +32,14 @@ def add_quant_args(parser):
     parser.add_argument("--lora-rank", type=int, default=q("lora_rank"), help="0 disables the LoRA branch")
     parser.add_argument("--lora-iters", type=int, default=q("lora_iters"),
                         help="alternating quantize / low-rank fit iterations")
+    parser.add_argument("--lora-order", choices=LORA_ORDERS, default=q("lora_order"),
+                        help="residual: the LoRA branch fits the quantization residual and is fed the quantized "
+                             "activation (the paper); svd_first: the smoothed weight's top --lora-rank singular "
+                             "directions are taken out before quantization and run in 16-bit on the smoothed, "
+                             "unquantized activation (SVDQuant's order; ditas scheme; quant/method/svd_branch.py)")
+    parser.add_argument("--hadamard", action="store_true", default=q("hadamard"),
+                        help="rotate the inputs of attn.proj (folded into qkv's V rows) and mlp.fc2 (online, after "
+                             "the GELU) by a block Walsh-Hadamard matrix before calibration (quant/method/rotation.py)")
     parser.add_argument("--svd", choices=("full", "lowrank", "subspace"), default=None,
                         help=f"truncated SVD of the LoRA fit: full (LAPACK), lowrank (randomized, fresh every "
                              f"iteration) or subspace (warm-started through the alternating loop and from the "
@@ -91,6 +100,10 @@ def default_out_dir(args, cfg):
         parts.append(f"alpha{cfg.alpha:g}")
     if "lora_rank" in changed:
         parts.append(f"r{cfg.lora_rank}")
+    if "lora_order" in changed:
+        parts.append(cfg.lora_order.replace("_", ""))
+    if cfg.hadamard:
+        parts.append("hadamard")
     if "act_granularity" in changed:
         parts.append(cfg.act_granularity)
     if cfg.quantize_adaln:

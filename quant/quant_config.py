@@ -100,6 +100,11 @@ DEFAULT_SHORTLIST = 2
 SMOOTHINGS = ("search", "fixed", "none")
 SVDS = ("full", "lowrank", "subspace")
 CALIB_CLIPS = ("auto", "on", "off")
+LORA_ORDERS = ("residual", "svd_first")  # the low-rank branch: fitted on the residual, or taken out first (svd_branch)
+LORA_INPUTS = ("quantized", "smoothed")  # what feeds a layer's branch: fq(x/s) (residual) or x/s (svd_first)
+# fields added after checkpoints existed: to_dict records them only where they differ from this value, so a
+# checkpoint of an existing setting is written byte for byte as before
+RECORDED_WHEN_SET = {"lora_order": "residual", "hadamard": False}
 DEFAULT_ALPHA = 0.5
 
 
@@ -126,6 +131,11 @@ class QuantConfig:
     search_shortlist: int | None | str = SCHEME_DEFAULT  # shortlist: candidates scored exactly (None otherwise)
     search_row_stride: int = 1        # exact/shortlist: score every N-th token row only (an approximation)
     calib_clip: str = SCHEME_DEFAULT  # auto | on | off: clip x0 to [-1, 1] in the FP calibration loops (clips_x0)
+    lora_order: str = "residual"      # residual: LoRA fitted on the quantization residual, fed fq(x/s) (§5);
+                                      # svd_first: SVD_r(W diag(s)) taken out before quantization, fed x/s in
+                                      # 16-bit (SVDQuant's order, quant/svd_branch.py; ditas scheme)
+    hadamard: bool = False            # rotate the inputs of proj (folded into qkv's V rows) and fc2 (online) by a
+                                      # block Hadamard before calibration (quant/rotation.py)
 
     def __post_init__(self):
         if self.scheme not in _SCHEME_DEFAULTS:
@@ -168,6 +178,17 @@ class QuantConfig:
             raise ValueError(f"search dtype must be one of {MATMUL_DTYPES}, got {self.search_dtype!r}")
         if self.calib_clip not in CALIB_CLIPS:
             raise ValueError(f"calib clip must be one of {CALIB_CLIPS}, got {self.calib_clip!r}")
+        if self.lora_order not in LORA_ORDERS:
+            raise ValueError(f"lora order must be one of {LORA_ORDERS}, got {self.lora_order!r}")
+        if self.lora_order == "svd_first":
+            if self.scheme != "ditas":
+                raise ValueError("--lora-order svd_first is a ditas-scheme option (the reference scheme shares "
+                                 "one residual fit across alphas)")
+            if self.lora_iters != field_default("lora_iters"):
+                raise ValueError("--lora-iters sets the residual LoRA's alternating loop; --lora-order svd_first "
+                                 "takes one SVD before quantization")
+        if not isinstance(self.hadamard, bool):
+            raise ValueError(f"hadamard must be True or False, got {self.hadamard!r}")
         if self.svd not in SVDS:
             raise ValueError(f"svd must be one of {SVDS}, got {self.svd!r}")
         if self.lora_rank < 0 or self.lora_iters < 1:
@@ -200,7 +221,8 @@ class QuantConfig:
         return self.calib_clip == "on" or (self.calib_clip == "auto" and pixel_space)
 
     def to_dict(self):
-        return asdict(self)
+        """The fields as a dict (what a checkpoint records); RECORDED_WHEN_SET fields only where set."""
+        return {k: v for k, v in asdict(self).items() if RECORDED_WHEN_SET.get(k, object()) != v}
 
     def changed(self):
         """{field: value} where this config differs from its scheme's defaults (names an output dir); the

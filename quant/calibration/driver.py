@@ -42,6 +42,7 @@ from quant.calibration.ranks import Ranks
 from quant.calibration.scoring import SCORINGS
 from quant.search.candidates import Candidates, quantize_linear, select_alpha
 from quant.method.smoothing import RunningAbsMax
+from quant.method.rotation import rotate_dit
 
 
 PHASES = ("tas_statistics_s", "prepare_candidates_s", "alpha_search_s", "build_layers_s")
@@ -92,7 +93,7 @@ def prepare_candidates(layers, cfg, absmax, progress=True, prune=None):
     for name, lin in tqdm(layers.items(), desc="candidates (smoothing, quantization, LoRA fits)", unit="layer",
                           disable=not progress, leave=False):
         cands = Candidates(lin.weight, lin.bias, absmax[name], alphas, wcfg, cfg.lora_rank, cfg.lora_iters,
-                           svd=cfg.svd)
+                           svd=cfg.svd, lora_order=cfg.lora_order)
         candidates[name] = cands if prune is None else prune(name, cands)
         del cands
         baselines[name] = Candidates(lin.weight, lin.bias, None, [None], wcfg, lora_rank=0)
@@ -158,6 +159,8 @@ def calibrate_group(part, cfg, scoring, stats, feed, run):
     absmax = {n: None if stats[n] is None or cfg.smoothing == "none" else stats[n].value for n in part}
 
     lora = f"LoRA rank {cfg.lora_rank}, {cfg.lora_iters} iterations, {cfg.svd} SVD" if cfg.lora_rank else "no LoRA"
+    if cfg.lora_rank and cfg.lora_order == "svd_first":
+        lora = f"rank-{cfg.lora_rank} SVD of the smoothed weight before quantization, {cfg.svd} SVD"
     kept = f", the {cfg.search_shortlist} best predicted kept" if cfg.search == "shortlist" else ""
     run.line(2, f"candidate preparation: {len(cfg.alphas())} alpha(s) x {len(part)} layers ({lora}{kept})")
 
@@ -216,6 +219,8 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
     """
     ranks = ranks or Ranks()
     loop = ChunkedLoop.of(loop)
+    if cfg.hadamard:  # the FP model rotated in place (the same function): calibration sees the rotated inputs
+        rotate_dit(model)
     layers = quantizable_layers(model)
     scoring = SCORINGS[cfg.search](cfg)
     device = next(model.parameters()).device

@@ -26,6 +26,7 @@ from quant.method.layers import adaln_layers, quantizable_layers
 from quant.nn.qlinear import QuantLinear
 from quant.method.quantizer import REFERENCE_GROUP_ROWS, QWeight, unpack_int4
 from quant.quant_config import ActQuantConfig, WeightQuantConfig
+from quant.method.rotation import rotated_skeleton
 from quant.io.storage import (DEFAULT_STORAGE_DTYPE, QLINEAR_LEAVES, check_storage_dtype, dtype_name, layer_layout,
                            plan_bytes, qlinears, quantized_state, round_for_storage, storage_plan, torch_dtype)
 
@@ -102,7 +103,7 @@ def skeleton_layer(info, meta=None):
         qw = QWeight(torch.empty(out, inp, dtype=torch.uint8), torch.empty(sshape), torch.empty(sshape), wcfg)
         return QuantLinear(qw, torch.empty(out) if info["bias"] else None, torch.empty(out, rank),
                            torch.empty(rank, inp), torch.empty(inp) if info["smooth"] else None,
-                           _act_cfg(info, meta))
+                           _act_cfg(info, meta), info.get("lora_input", "quantized"))
 
 
 def _meta_dit(meta):
@@ -122,6 +123,8 @@ def planned_layers(model, cfg):
                      "weight_bit": wcfg.bits, "group_size": wcfg.group_size, "symmetric": wcfg.symmetric,
                      "scheme": wcfg.scheme,
                      "act": {"bits": acfg.bits, "granularity": acfg.granularity, "scheme": acfg.scheme}}
+        if cfg.lora_order == "svd_first":
+            out[name]["lora_input"] = "smoothed"
     if cfg.quantize_adaln:
         from quant.method.layers import ADALN_WEIGHT_CFG as w
         for name, lin in adaln_layers(model).items():
@@ -135,6 +138,8 @@ def skeleton(meta, layers=None):
     """The quantized DiT described by `meta` (model, image_size, vae, in_channels, num_classes) with
     `layers` ({name: info}, default meta["layers"]) as QuantLinear, all on the meta device."""
     model = _meta_dit(meta)
+    if meta.get("hadamard"):  # the online rotation of fc2's input (the rotated weights are stored)
+        rotated_skeleton(model)
     for name, info in (meta["layers"] if layers is None else layers).items():
         model.set_submodule(name, skeleton_layer(info, meta))
     return model
@@ -211,7 +216,7 @@ def load_quantized(path, device="cpu"):
         qw = QWeight(codes, leaf["scale"].float(), leaf["zero"].float(), m.weight_cfg)
         f32 = {k: None if leaf[k] is None else leaf[k].float() for k in ("bias", "lora_L", "lora_R", "smooth")}
         model.set_submodule(name, QuantLinear(qw, f32["bias"], f32["lora_L"], f32["lora_R"], f32["smooth"],
-                                              m.act_cfg))
+                                              m.act_cfg, m.lora_input))
     prefixes = tuple(f"{n}." for n in qlin)
     fp_state = model.state_dict()
     fp = {k: v.to(fp_state[k].dtype) for k, v in values.items() if not k.startswith(prefixes)}

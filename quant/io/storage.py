@@ -178,7 +178,8 @@ def layer_info(m):
     return {"in": m.in_features, "out": m.out_features, "rank": int(m.lora_R.shape[0]),
             "smooth": m.smooth is not None, "bias": m.bias is not None, "packed_int4": _packs(m),
             "weight_bit": w.bits, "group_size": w.group_size, "symmetric": w.symmetric, "scheme": w.scheme,
-            "act": None if a is None else {"bits": a.bits, "granularity": a.granularity, "scheme": a.scheme}}
+            "act": None if a is None else {"bits": a.bits, "granularity": a.granularity, "scheme": a.scheme},
+            **({"lora_input": m.lora_input} if m.lora_input != "quantized" else {})}  # svd_first only: as before
 
 
 def layer_layout(model, plan):

@@ -26,6 +26,9 @@ from quant.kernels import ops_torch
 from quant.nn import backends
 from quant.nn.qlinear import QuantLinear
 from quant.method.quantizer import dequantize_weight, pack_int4, unpack_int4
+from quant.method.rotation import RotatedGELU
+from quant.method.svd_branch import branch
+from quant.quant_config import LORA_INPUTS
 
 FAKE_HINT = "use --backend fake"
 INT_KERNELS = ("auto", *backends.KERNELS)
@@ -57,9 +60,14 @@ class IntLinear(nn.Module):
     """
 
     def __init__(self, codes, scale, zero, weight_cfg, act_cfg, bias=None, lora_L=None, lora_R=None,
-                 smooth=None, kernel="auto", activation=None):
+                 smooth=None, kernel="auto", activation=None, lora_input="quantized"):
         super().__init__()
         _check_supported(weight_cfg, act_cfg)
+        if lora_input not in LORA_INPUTS:
+            raise ValueError(f"lora_input must be one of {LORA_INPUTS}, got {lora_input!r}")
+        if lora_input == "smoothed" and activation is not None:
+            raise ValueError("a branch fed x/s (lora_input 'smoothed') is added after the kernel: no fused activation")
+        self.lora_input = lora_input
         if kernel not in INT_KERNELS:
             raise ValueError(f"kernel must be one of {INT_KERNELS}, got {kernel!r}")
         if activation not in ACTIVATIONS:
@@ -93,8 +101,12 @@ class IntLinear(nn.Module):
         lora_R = scale.new_zeros(0, k) if lora_R is None else lora_R.detach().float().clone()
         if lora_L.shape != (n, lora_R.shape[0]) or lora_R.shape[1] != k:
             raise ValueError(f"LoRA shapes {tuple(lora_L.shape)} x {tuple(lora_R.shape)} do not fit a {n}x{k} layer")
-        self.register_buffer("lora_L", lora_L)
-        self.register_buffer("lora_R", lora_R)
+        # lora_input "smoothed" (svd_first): the kernels run no LoRA; branch_L, branch_R are applied to x/s in float
+        smoothed = lora_input == "smoothed"
+        self.register_buffer("branch_L", lora_L if smoothed else None)
+        self.register_buffer("branch_R", lora_R if smoothed else None)
+        self.register_buffer("lora_L", lora_L[:, :0].contiguous() if smoothed else lora_L)
+        self.register_buffer("lora_R", lora_R[:0].contiguous() if smoothed else lora_R)
         self.register_buffer("smooth", None if smooth is None else smooth.detach().float().clone())
         self._prepare()
 
@@ -203,7 +215,7 @@ class IntLinear(nn.Module):
                 8 * torch.finfo(ql.weight.dtype).eps * float(ql.weight.abs().max())):
             raise _unsupported("layer weight does not match its integer codes")
         return cls(ql.codes, ql.scale, ql.zero, ql.weight_cfg, ql.act_cfg, ql.bias, ql.lora_L, ql.lora_R,
-                   ql.smooth, kernel=kernel, activation=activation).to(ql.codes.device)
+                   ql.smooth, kernel=kernel, activation=activation, lora_input=ql.lora_input).to(ql.codes.device)
 
     def forward(self, x):
         return _int_linear(x, self)
@@ -211,6 +223,7 @@ class IntLinear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, rank={self.lora_R.shape[0]}, smooth={self.smooth is not None}, "
+                f"{'' if self.branch_R is None else f'branch_rank={self.branch_R.shape[0]}, '}"
                 f"groups={self.n_groups}x{self.group}, packed_int4={self.packed}, kernel={self.runs}, "
                 f"activation={self.activation}, "
                 f"weight_cfg={self.weight_cfg}, act_cfg={self.act_cfg}")
@@ -234,7 +247,11 @@ def _int_linear(x, layer):
     if shape[-1] != k:
         raise ValueError(f"input has {shape[-1]} features, layer expects {k}")
     batch = ops_torch.batch_of(shape, layer.act_cfg.granularity)
-    y = layer.backend.linear(layer, x.reshape(-1, k), batch).view(*shape[:-1], n)
+    out = layer.backend.linear(layer, x.reshape(-1, k), batch)
+    if layer.branch_R is not None:  # svd_first: the 16-bit branch on x/s, unquantized (quant/method/svd_branch.py)
+        xs = x.reshape(-1, k).float()
+        out = out.float() + branch(xs if layer.smooth is None else xs / layer.smooth, layer.branch_L, layer.branch_R)
+    y = out.view(*shape[:-1], n)
     return y if x.dtype == y.dtype else y.to(x.dtype)
 
 
@@ -286,14 +303,14 @@ def to_int_backend(model, kernel="auto"):
             if isinstance(child, QuantLinear) and child.act_cfg is not None:
                 # a DiT Mlp (models.py): fc1 -> act (GELU, tanh form) -> fc2
                 act = getattr(mod, "act", None)
-                fuse = (child_name == "fc1" and hasattr(mod, "fc2") and isinstance(act, nn.GELU)
-                        and act.approximate == "tanh")
+                gelu = (isinstance(act, nn.GELU) and act.approximate == "tanh") or isinstance(act, RotatedGELU)
+                fuse = child_name == "fc1" and hasattr(mod, "fc2") and gelu and child.lora_input == "quantized"
                 swaps.append((mod, child_name, f"{name}.{child_name}" if name else child_name, child, fuse))
     for parent, child_name, full, child, fuse in swaps:
         try:
             setattr(parent, child_name, IntLinear.from_quantlinear(child, kernel, "gelu_tanh" if fuse else None))
         except ValueError as err:
             raise ValueError(f"{full}: {err}") from None
-        if fuse:
-            parent.act = nn.Identity()
+        if fuse:  # a RotatedGELU (--hadamard) keeps its rotation
+            parent.act = parent.act.rotation() if isinstance(parent.act, RotatedGELU) else nn.Identity()
     return model

@@ -2,6 +2,9 @@
 
     y = xq Q^T + (xq R^T) L^T + b,   xq = fq_act(x / smooth)
 
+With lora_input "smoothed" (--lora-order svd_first, quant/svd_branch.py) the branch is fed x / smooth
+itself, unquantized: y = xq Q^T + ((x / smooth) R^T) L^T + b.
+
 Q (`weight`) is the dequantized low-bit weight in the smoothed domain, kept in
 float for the fake-quantized forward; `codes`, `scale`, `zero` hold the same
 weight as integers for saving and integer kernels. `smooth` is the input
@@ -11,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quant.method.quantizer import QWeight, dequantize_weight, fake_quantize_act
+from quant.quant_config import LORA_INPUTS
 
 
 class QuantLinear(nn.Module):
@@ -20,8 +24,12 @@ class QuantLinear(nn.Module):
     --quantize-adaln). lora_L (out, r) and lora_R (r, in) may have r = 0.
     """
 
-    def __init__(self, qweight, bias=None, lora_L=None, lora_R=None, smooth=None, act_cfg=None):
+    def __init__(self, qweight, bias=None, lora_L=None, lora_R=None, smooth=None, act_cfg=None,
+                 lora_input="quantized"):
         super().__init__()
+        if lora_input not in LORA_INPUTS:
+            raise ValueError(f"lora_input must be one of {LORA_INPUTS}, got {lora_input!r}")
+        self.lora_input = lora_input
         self.out_features, self.in_features = qweight.codes.shape
         self.weight_cfg, self.act_cfg = qweight.cfg, act_cfg
         self.register_buffer("codes", qweight.codes)
@@ -59,20 +67,21 @@ class QuantLinear(nn.Module):
     def forward(self, x):
         if self.smooth is not None:
             x = x / self.smooth
+        xs = x
         if self.act_cfg is not None:
             x = fake_quantize_act(x, self.act_cfg)
         y = F.linear(x, self.weight, self.bias)
         if self.lora_R.shape[0]:
-            y = y + F.linear(F.linear(x, self.lora_R), self.lora_L)
+            y = y + F.linear(F.linear(xs if self.lora_input == "smoothed" else x, self.lora_R), self.lora_L)
         return y
 
     @classmethod
     def from_search(cls, layer_quant, act_cfg):
         """Build from an AlphaSearch candidate (search.best() or search.candidate(k))."""
         lq = layer_quant
-        return cls(lq.qweight, lq.bias, lq.lora_L, lq.lora_R, lq.smooth, act_cfg)
+        return cls(lq.qweight, lq.bias, lq.lora_L, lq.lora_R, lq.smooth, act_cfg, lq.lora_input)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, rank={self.lora_R.shape[0]}, smooth={self.smooth is not None}, "
-                f"weight_cfg={self.weight_cfg}, act_cfg={self.act_cfg}")
+                f"{'lora_input=smoothed, ' if self.lora_input == 'smoothed' else ''}weight_cfg={self.weight_cfg}, act_cfg={self.act_cfg}")

@@ -296,7 +296,7 @@ def approx_losses(candidates, stats, act_cfg):
         # sums row by row, then over rows: one thread per row's sum, so the same bits at any thread count
         # (a sum over both dims splits its reduction by the thread count)
         weight_terms.append(((d @ m) * d).sum(-1).sum(-1) / (n * out))
-        ws2 = ws.double().pow(2)
+        ws2 = candidates.noisy_weight(k).unsqueeze(0).double().pow(2)  # svd_first: the branch sees no rounding
         uniform, clamped = noise_variance(stats, s, act_cfg, colnorm2=ws2.sum(1), parts=parts)
         noise_terms.append((uniform.to(ws2.device) * ws2.sum(-1).sum(-1) + clamped.to(ws2.device)) / out)
     wt, nt = torch.cat(weight_terms), torch.cat(noise_terms)

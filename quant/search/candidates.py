@@ -27,6 +27,7 @@ from quant.method.quantizer import QWeight, dequantize_weight, pack_int4, scale_
 from quant.quant_config import QuantConfig
 from quant.search.losses import LossEngine
 from quant.method.smoothing import smoothing_factors, weight_channel_absmax
+from quant.method.svd_branch import fit_svd_first, lora_input_of
 
 
 def select_alpha(losses, alphas):
@@ -53,6 +54,7 @@ class LayerQuant:
     weight_error_rtn: float
     weight_error_lora: float
     lora_errors: list
+    lora_input: str = "quantized"  # the branch's input: fq(x/s) ("quantized") or x/s ("smoothed", svd_first)
 
     def to(self, device):
         """The same layer with its tensors on `device`."""
@@ -89,7 +91,8 @@ def lora_settings(scheme, lora_rank=None, lora_iters=None, svd=None):
             default.lora_iters if lora_iters is None else lora_iters, default.svd if svd is None else svd)
 
 
-def _scheme(weight, bias, act_absmax, alphas, weight_cfg, lora_rank=None, lora_iters=None, scheme=None, svd=None):
+def _scheme(weight, bias, act_absmax, alphas, weight_cfg, lora_rank=None, lora_iters=None, scheme=None, svd=None,
+            lora_order="residual"):
     """The scheme a Candidates(...) call asks for (default: weight_cfg's)."""
     scheme = weight_cfg.scheme if scheme is None else scheme
     if scheme not in _CLASSES:
@@ -101,11 +104,12 @@ class Candidates:
     """The candidate layers of one linear: smoothing factors and LoRA-fitted quantized weights per alpha,
     stored compactly (integer codes, scales and LoRA factors; no dense float weight per candidate).
 
-    Candidates(weight, bias, act_absmax, alphas, weight_cfg, lora_rank, lora_iters, scheme, svd) is a
+    Candidates(weight, bias, act_absmax, alphas, weight_cfg, lora_rank, lora_iters, scheme, svd, lora_order) is a
     DitasCandidates or a ReferenceCandidates, chosen once by `scheme` (default weight_cfg.scheme), as pathlib.Path
     is a PosixPath or a WindowsPath. weight (out, in), bias (out,) or None; act_absmax: the TAS statistic a_j
     (in,), unused when every alpha is None; lora_rank, lora_iters, svd: None takes QuantConfig's default for the
-    scheme (lora_settings).
+    scheme (lora_settings); lora_order: "residual" (the LoRA fit on the quantization residual, fed fq(x/s)) or
+    "svd_first" (ditas: SVD_r(W diag(s)) taken out before quantization, fed x/s; quant/method/svd_branch.py).
     Public state: alphas, scheme, weight (float32, the FP layer's own tensor), bias, smooth (A, in)
     (rows of ones for alpha None), svds (truncated SVDs computed), nbytes() (what is stored).
     """
@@ -117,7 +121,7 @@ class Candidates:
         return super().__new__(cls)
 
     def __init__(self, weight, bias, act_absmax, alphas, weight_cfg, lora_rank=None, lora_iters=None, scheme=None,
-                 svd=None):
+                 svd=None, lora_order="residual"):
         self.alphas = list(alphas)
         if not self.alphas:
             raise ValueError("AlphaSearch needs at least one candidate alpha")
@@ -126,7 +130,12 @@ class Candidates:
         self.weight_cfg = weight_cfg
         self.weight, self.bias = _fp_params(weight, bias)
         rank, iters, svd = lora_settings(self.scheme, lora_rank, lora_iters, svd)
-        self._fit(act_absmax, partial(fit_lora, quantize_fn=weight_cfg, rank=rank, iters=iters, svd=svd))
+        self.lora_input = lora_input_of(lora_order)
+        if lora_order == "svd_first" and self.scheme != "ditas":
+            raise ValueError("lora_order svd_first needs the ditas scheme")
+        fit = (partial(fit_svd_first, quantize_fn=weight_cfg, rank=rank, svd=svd) if lora_order == "svd_first" else
+               partial(fit_lora, quantize_fn=weight_cfg, rank=rank, iters=iters, svd=svd))
+        self._fit(act_absmax, fit)
 
     def subset(self, indices):
         """The candidates `indices` (positions in alphas) alone, as a new Candidates of their own copies
@@ -161,9 +170,16 @@ class Candidates:
         return sum(t.numel() * t.element_size() for t in [self.smooth] + self._stored())
 
     def smoothed_weight(self, k):
-        """W_s (out, in), dense: the weight candidate k applies to fq(X/s_k) (Q + L R in the smoothed domain)."""
+        """W_s (out, in), dense: the weight candidate k applies to X/s_k (Q + L R in the smoothed domain)."""
         L, R = self.lora(k)
         return dequantize_weight(self.qweight(k)).to(self.weight) + L @ R
+
+    def noisy_weight(self, k):
+        """The part of smoothed_weight(k) that the activation rounding error passes through: all of it when the
+        branch is fed fq(X/s) (residual), Q alone when it is fed X/s (svd_first)."""
+        if self.lora_input == "quantized":
+            return self.smoothed_weight(k)
+        return dequantize_weight(self.qweight(k)).to(self.weight)
 
     def layer(self, k):
         """LayerQuant of candidate k."""
@@ -174,7 +190,7 @@ class Candidates:
         return LayerQuant(alpha=alpha, smooth=None if alpha is None else s.clone(), qweight=self.qweight(k).clone(),
                           lora_L=L.clone(), lora_R=R.clone(), bias=self.bias,
                           weight_error_rtn=float(rtn), weight_error_lora=float(errors[-1]),
-                          lora_errors=errors.tolist())
+                          lora_errors=errors.tolist(), lora_input=self.lora_input)
 
 
 class DitasCandidates(Candidates):
@@ -189,7 +205,8 @@ class DitasCandidates(Candidates):
         self.packed = self.weight_cfg.bits <= 4 and self.weight.shape[1] % 2 == 0
         fits, basis = [], None
         for k in range(len(self.alphas)):
-            f = fit(self.weight * self.smooth[k], basis=basis)
+            # the residual fit warm-starts from the neighbour's basis; svd_first takes one SVD per alpha
+            f = fit(self.weight * self.smooth[k], **({"basis": basis} if self.lora_input == "quantized" else {}))
             basis = f.basis
             codes = pack_int4(f.qweight.codes) if self.packed else f.qweight.codes
             fits.append((codes, f.qweight.scale, f.qweight.zero, f.L, f.R, f.errors, f.rtn_error, f.svds))
@@ -281,11 +298,11 @@ class AlphaSearch:
 
     @classmethod
     def of_layer(cls, weight, bias, act_absmax, alphas, weight_cfg, act_cfg, lora_rank=None, lora_iters=None,
-                 scheme=None, max_steps=None, svd=None, **engine_options):
+                 scheme=None, max_steps=None, svd=None, lora_order="residual", **engine_options):
         """The search over the Candidates(weight, bias, act_absmax, alphas, weight_cfg, lora_rank, lora_iters,
-        scheme, svd) of one layer."""
-        return cls(Candidates(weight, bias, act_absmax, alphas, weight_cfg, lora_rank, lora_iters, scheme, svd),
-                   act_cfg, max_steps, **engine_options)
+        scheme, svd, lora_order) of one layer."""
+        return cls(Candidates(weight, bias, act_absmax, alphas, weight_cfg, lora_rank, lora_iters, scheme, svd,
+                              lora_order), act_cfg, max_steps, **engine_options)
 
     @property
     def alphas(self):

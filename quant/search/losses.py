@@ -134,8 +134,14 @@ class LossEngine:
             xs = x.unsqueeze(0) / s.view(s.shape[0], *[1] * (x.dim() - 1), s.shape[1])
             xq = xs if self.act_cfg is None else fake_quantize_act(xs, self.act_cfg, stack_dims=1)
             xq = xq.reshape(s.shape[0], -1, x.shape[-1])
+            xs = xs.reshape(s.shape[0], -1, x.shape[-1])
             for j, k in enumerate(range(sl.start, sl.stop)):
-                err = (xq[j] @ c.smoothed_weight(k).T - y_fp)[::self.row_stride]
+                if c.lora_input == "smoothed":  # svd_first: the branch is fed x/s, unquantized
+                    L, R = c.lora(k)
+                    yq = xq[j] @ c.noisy_weight(k).T + (xs[j] @ R.T) @ L.T
+                else:
+                    yq = xq[j] @ c.smoothed_weight(k).T
+                err = (yq - y_fp)[::self.row_stride]
                 loss[k] += err.pow(2).mean().double()
 
     def _operands(self):
@@ -180,7 +186,8 @@ class LossEngine:
             loss[sl] += acc / (xr.shape[0] * self.c.weight.shape[0])
 
     def _own_weight_losses(self, x2, s, ranges, sl, ref=None):
-        """Sum over rows of ||fq(x/s_k) (Q_k + L_k R_k)^T - x W^T||^2, one candidate at a time, each
+        """Sum over rows of ||fq(x/s_k) (Q_k + L_k R_k)^T - x W^T||^2 (svd_first: fq(x/s_k) Q_k^T + (x/s_k) (L_k R_k)^T,
+        the branch fed the unquantized x/s_k, never on the fused kernel), one candidate at a time, each
         evaluated from its codes. ref: the layer's own output x W^T + b for these rows (the candidates
         then add the bias too), else x W^T is computed here per block of rows (one block unless the
         rows of a step are many). On the fused CPU kernel (kernels.w4_residual) a candidate is its integer
@@ -198,7 +205,8 @@ class LossEngine:
         for b, b0 in enumerate(range(0, rows, block)):
             xb = x2[b0:b0 + block]
             y_fp = xb @ cands.weight.T if ref is None else ref[b0:b0 + block]
-            fold = xb.shape[0] * (c + out) > out * c
+            fold = xb.shape[0] * (c + out) > out * c and cands.lora_input == "quantized"
+            smoothed = cands.lora_input == "smoothed"  # svd_first: the branch is fed x/s, unquantized
             for j, k in enumerate(range(sl.start, sl.stop)):
                 rk = None if ranges is None else (ranges[0][j, b0:b0 + block], ranges[1][j, b0:b0 + block])
                 if fused is not None and fused[1][j][b]:
@@ -214,12 +222,13 @@ class LossEngine:
                     xc = xb[r0:r0 + step]
                     n = xc.shape[0]
                     rc = None if rk is None else (rk[0][r0:r0 + n], rk[1][r0:r0 + n])
-                    t, sc = fake_quant_rows(torch.div(xc, s[j], out=buf[:n]), rc, 0, self.ops["qmax"],
-                                            self.ops["intervals"])
+                    xs = torch.div(xc, s[j], out=buf[:n])
+                    low = xs @ R.T if smoothed and R.shape[0] else None  # before the quantizer overwrites xs
+                    t, sc = fake_quant_rows(xs, rc, 0, self.ops["qmax"], self.ops["intervals"])
                     t = t.mul_(sc)
                     z = torch.mm(t, q.T) if bias is None else torch.addmm(bias, t, q.T)
                     if R.shape[0] and not fold:
-                        z.addmm_(t @ R.T, L.T)
+                        z.addmm_(t @ R.T if low is None else low, L.T)
                     acc[j].add_(row_sq(z.sub_(y_fp[r0:r0 + n])).sum())
                 del q  # before the next candidate's weight is dequantized
         return acc
@@ -230,6 +239,7 @@ class LossEngine:
         c = self.c
         n_groups = c.scale.shape[-1] if c.scheme == "ditas" else 0
         return (self.impl == "fast" and x2.device.type == "cpu" and x2.dtype == torch.float32
+                and c.lora_input == "quantized"  # the kernel feeds the LoRA branch the activation codes
                 and kernel_fits(c.scheme, c.weight_cfg.bits, self.act_cfg.bits, c.weight.shape[1], n_groups))
 
     def _kernel_operands(self, k, bias):
