@@ -87,6 +87,42 @@ def run_setting(bench, name, seeds, args, fp):
     return out
 
 
+SWAPS = {"attn.qkv": ("attn.qkv",), "attn.proj": ("attn.proj",), "mlp.fc1": ("mlp.fc1",), "mlp.fc2": ("mlp.fc2",),
+         "blocks 0-3": ("blocks.0.", "blocks.1.", "blocks.2.", "blocks.3."),
+         "blocks 4-7": ("blocks.4.", "blocks.5.", "blocks.6.", "blocks.7.")}
+
+
+def swapped_checkpoint(dir_a, dir_b, part, results_dir):
+    """A checkpoint: dir_a's with the quantized layers that SWAPS[part] names (alpha, smoothing, codes, LoRA)
+    taken from dir_b (both calibrated with the same flags but another seed); cached by name."""
+    from quant.checkpoint import is_quantized_checkpoint, load_quantized, save_quantized
+    from quant.layers import quantizable_layers
+    out = os.path.join(results_dir, "ckpt", f"swap-{os.path.basename(dir_a)}-{os.path.basename(dir_b)}-"
+                       + part.replace(" ", "").replace(".", ""))
+    if is_quantized_checkpoint(out):
+        return out
+    (a, meta), (b, meta_b) = load_quantized(dir_a), load_quantized(dir_b)
+    names = [n for n in quantizable_layers(a) if any(k in n for k in SWAPS[part])]
+    for n in names:
+        a.set_submodule(n, b.get_submodule(n))
+        meta["alphas"][n] = meta_b["alphas"][n]
+    with open(os.path.join(dir_a, "report.json")) as f:
+        report = json.load(f)
+    save_quantized(a, {k: v for k, v in meta.items() if k != "layers"}, report, out,
+                   storage_dtype=meta["storage_dtype"])
+    return out
+
+
+def run_swaps(bench, per, a, b, args, fp):
+    """{part: PSNR} of seed a's checkpoint with `part` taken from seed b's."""
+    out = {}
+    for part in SWAPS:
+        qdir = swapped_checkpoint(per[a]["dir"], per[b]["dir"], part, args.results_dir)
+        out[part] = mean_psnr(bench.samples(qdir, args.seed, args.num_samples, args.steps), fp)
+        log(f"seed {a} with {part} of seed {b}: {out[part]:.2f} dB")
+    return out
+
+
 def alpha_changes(per_seed):
     """Layers whose alpha is not the same at every seed: {layer: [alpha per seed]}."""
     seeds = list(per_seed)
@@ -123,6 +159,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="the one sampling seed")
     p.add_argument("--num-samples", type=int, default=200)
     p.add_argument("--steps", type=int, default=10, help="sampling steps")
+    p.add_argument("--swap", type=int, nargs=2, metavar=("A", "B"),
+                   help="also sample seed A's checkpoint of the first --settings with each SWAPS part of seed B's, "
+                        "and the reverse")
     p.add_argument("--ckpt", default=BUNDLED_CKPT)
     p.add_argument("--results-dir", default=os.path.join("results", "bench"))
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "calib_spread.md"))
@@ -138,6 +177,12 @@ def main(args):
     fp = bench.samples(None, args.seed, args.num_samples, args.steps)
     results = {name: run_setting(bench, name, args.calib_seeds, args, fp) for name in args.settings}
     seeds = args.calib_seeds
+    swaps = {}
+    if args.swap:
+        a, b = args.swap
+        name = args.settings[0]
+        swaps = {f"{a}<-{b}": run_swaps(bench, results[name], a, b, args, fp),
+                 f"{b}<-{a}": run_swaps(bench, results[name], b, a, args, fp)}
     cmd = "python bench/calib_spread.py " + " ".join(sys.argv[1:])
     md = ["# Calibration-seed spread of W4A8 DiTAS (bundled digits DiT-T/2)", "",
           f"Command: `OMP_NUM_THREADS=1 {cmd.strip()}`", "",
@@ -149,10 +194,20 @@ def main(args):
     for name, per in results.items():
         if alpha_changes(per):
             md += ["", f"### Alphas that change between seeds: {name}", ""] + alpha_lines(per, seeds)
+    if swaps:
+        a, b = args.swap
+        per = results[args.settings[0]]
+        md += ["", f"### Layers swapped between the checkpoints of calibration seeds {a} and {b} "
+               f"({args.settings[0]}; PSNR in dB)", "",
+               f"Each quantized layer moves whole (alpha, smoothing factors, codes, LoRA). Unswapped: seed {a} "
+               f"{per[a]['psnr']:.2f}, seed {b} {per[b]['psnr']:.2f}.", "",
+               "| layers taken from the other seed | " + " | ".join(f"seed {k}" for k in swaps) + " |",
+               "|---|---|---|"]
+        md += [f"| {part} | " + " | ".join(f"{swaps[k][part]:.2f}" for k in swaps) + " |" for part in SWAPS]
     with open(args.out, "w") as f:
         f.write("\n".join(md) + "\n")
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"args": vars(args), "results": {n: {str(s): v for s, v in per.items()}
+        json.dump({"args": vars(args), "swaps": swaps, "results": {n: {str(s): v for s, v in per.items()}
                                                      for n, per in results.items()}}, f, indent=1)
     print("\n".join(md))
     return results
