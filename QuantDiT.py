@@ -21,7 +21,7 @@ import torch
 
 from cli import (ArgumentParser, UserError, add_device_arg, add_model_args, add_tf32_arg, check_common_args,
                  check_positive, check_seed, check_writable, latent_shape, pick_device, run, set_tf32)
-from config import DEFAULTS, calib_labels
+from config import CALIB_SAMPLES, CHUNK_SAMPLES, DEFAULTS, calib_set
 from pipeline import (build_model, close_distributed, decode, init_distributed, load_vae, make_lockstep_sampler,
                       make_sampler, sample_inputs, save_grid)
 from quant.budget import GIB
@@ -104,7 +104,10 @@ def _main(args):
         what = "a quantized checkpoint" if is_quantized_checkpoint(out_dir) else "files"
         raise UserError(f"{out_dir} already holds {what}; pass --overwrite to replace it or choose --out")
     check_writable(out_dir, "--out" if args.out else "--results-dir", kind="dir")
-    labels = args.calib_labels or calib_labels(args.num_classes)
+    if args.calib_samples is not None and args.calib_samples < 1:
+        raise UserError(f"--calib-samples must be a positive integer, got {args.calib_samples}")
+    labels, args.calib_chunks = calib_set(args.num_classes, cfg.scheme, cfg.act_granularity, args.calib_labels,
+                                          args.calib_samples, args.calib_chunks)
     args.preview_labels = args.preview_labels or labels[:8]
     for flag, given in (("--calib-labels", labels), ("--preview-labels", args.preview_labels)):
         if any(not 0 <= y < args.num_classes for y in given):
@@ -274,11 +277,17 @@ def build_parser():
                              "layer; the per-chunk statistics and loss sums and the kept candidates travel between "
                              "them once per loop (for CPU processes, where the FP loops dominate). 1: every process "
                              "runs the whole batch and observes its own layers, nothing sent (GPUs). Needs "
-                             "activation ranges per row or token when N > 1")
+                             "activation ranges per row or token when N > 1. Default: the fewest equal chunks of at "
+                             f"most {CHUNK_SAMPLES} samples (1 for tensor ranges)")
     parser.add_argument("--calib-cfg-scale", type=float, default=d.calib_cfg_scale,
                         help="guidance of the FP calibration loops (the paper's 1.5)")
     parser.add_argument("--calib-labels", type=int, nargs="+", default=None,
-                        help="calibration class labels (default: the released 16 ImageNet labels)")
+                        help="calibration class labels (default: the released 16 ImageNet labels, for other "
+                             "class counts 0, 1, ...), cycled to --calib-samples")
+    parser.add_argument("--calib-samples", type=int, default=d.calib_samples, metavar="N",
+                        help=f"calibration samples, each with its own noise: the labels cycled to N (default: "
+                             f"{CALIB_SAMPLES['ditas']} for ditas, {CALIB_SAMPLES['reference']} for reference, the "
+                             f"released batch; with --calib-labels, their number)")
     parser.add_argument("--preview-labels", type=int, nargs="+", default=None,
                         help="preview class labels (default: the first 8 calibration labels)")
     parser.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True,

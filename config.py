@@ -8,6 +8,12 @@ from dataclasses import dataclass
 
 # The released code's 16 fixed ImageNet calibration labels (batch 32 after CFG doubling).
 IMAGENET_CALIB_LABELS = (207, 360, 387, 974, 88, 979, 417, 279, 27, 336, 177, 594, 748, 718, 447, 613)
+# The calibration batch in samples per scheme (QuantDiT.py --calib-samples): ditas cycles the labels to 64 samples,
+# each with its own noise, since 16 leave W4A8 at the mercy of the calibration draw (docs/METHOD.md §14,
+# bench/results/calib_spread.md); reference keeps the released 16 (the paper's numerics).
+CALIB_SAMPLES = {"ditas": 64, "reference": 16}
+# samples per chunk of the default chunking (--calib-chunks unset): the released batch, so memory stays the released
+CHUNK_SAMPLES = 16
 
 
 @dataclass(frozen=True)
@@ -24,9 +30,12 @@ class Defaults:
     # the alpha search's state per process, GiB (quant/budget.py): DiT-XL/2's ditas search holds about
     # 6.5 GiB in one group, so 8 fits it next to the FP model and 512x512 activations on a 24 GB GPU
     calib_memory_gb: float = 8.0
+    # calibration samples (labels cycled to this many); None: the scheme's CALIB_SAMPLES, or --calib-labels as given
+    calib_samples: int | None = None
     # the FP calibration loop's batch in equal chunks, run in turn at each step (quant/feed.py); under
-    # torchrun a multiple of the processes divides the FP loops among them (CPU); 1: the whole batch
-    calib_chunks: int = 1
+    # torchrun a multiple of the processes divides the FP loops among them (CPU); 1: the whole batch;
+    # None: default_chunks (chunks of at most CHUNK_SAMPLES samples)
+    calib_chunks: int | None = None
     # preview
     cfg_scale: float = 4.0
     # float32 arithmetic on GPUs (--tf32): IEEE float32 in calibration and, by default, in sampling
@@ -37,8 +46,26 @@ class Defaults:
 DEFAULTS = Defaults()
 
 
-def calib_labels(num_classes):
-    """The released labels for ImageNet models; 16 labels cycling over the classes otherwise."""
-    if num_classes == 1000:
-        return list(IMAGENET_CALIB_LABELS)
-    return [i % num_classes for i in range(16)]
+def calib_labels(num_classes, n=len(IMAGENET_CALIB_LABELS), given=None):
+    """n calibration labels: `given` cycled, or the released labels for ImageNet models (cycled: each class
+    again with other noise), the classes 0, 1, ... cycled otherwise."""
+    base = given or (IMAGENET_CALIB_LABELS if num_classes == 1000 else range(num_classes))
+    base = list(base)
+    return [base[i % len(base)] for i in range(n)]
+
+
+def calib_set(num_classes, scheme, granularity, labels=None, samples=None, chunks=None):
+    """(labels, chunks) of QuantDiT.py's calibration batch from its flags (None: the defaults): `samples` labels
+    (the given ones, or the scheme's CALIB_SAMPLES) cycled from `labels` (or calib_labels' base), in `chunks`
+    equal chunks (default_chunks)."""
+    samples = samples or (len(labels) if labels else CALIB_SAMPLES[scheme])
+    labels = calib_labels(num_classes, samples, labels)
+    return labels, chunks if chunks is not None else default_chunks(len(labels), granularity)
+
+
+def default_chunks(samples, granularity):
+    """The default --calib-chunks: the fewest equal chunks of at most CHUNK_SAMPLES samples (the smallest divisor
+    of `samples` at least ceil(samples / CHUNK_SAMPLES)); 1 for tensor activation ranges, which cannot be chunked."""
+    if granularity == "tensor":
+        return 1
+    return next(c for c in range(-(-samples // CHUNK_SAMPLES), samples + 1) if samples % c == 0)

@@ -48,6 +48,7 @@ from study import (METHODS, PSNR_CAP_DB, QUICK, ROOT, Bench, fmt, log, machine, 
 import threads  # noqa: E402
 import torch  # noqa: E402
 from bundled.digits import BUNDLED_CKPT  # noqa: E402
+from config import CALIB_SAMPLES  # noqa: E402
 
 FULL = dict(num_samples=1000, steps=10)
 DEFAULT_BITS = ["W4A8", "W4A6", "W4A4", "W3A8"]
@@ -385,7 +386,8 @@ def main(argv=None):
         f"Command: `{command}`", "",
         f"Model: `{args.ckpt}` (sha256 {Bench(args.ckpt).digest}…), {n} samples per row and draw, {steps} DDPM "
         f"steps, cfg {args.cfg_scale}; draws (calibration seed, sampling seed): "
-        f"{', '.join(f'({c}, {s})' for c, s in draws)}; calibration: QuantDiT.py defaults (16 labels, cfg 1.5) "
+        f"{', '.join(f'({c}, {s})' for c, s in draws)}; calibration: QuantDiT.py defaults (ditas "
+        f"{CALIB_SAMPLES['ditas']} samples, reference {CALIB_SAMPLES['reference']}, cfg 1.5) "
         f"at {calib} steps. Machine: {machine()}, {args.jobs} process(es). Wall time {wall / 60:.1f} min "
         f"(cached cells excluded).", "",
         "Each cell: mean ± standard deviation over the draws (each draw its own calibration noise and "

@@ -38,6 +38,7 @@ import cli  # noqa: E402
 from models import DiT_models, get_2d_sincos_pos_embed  # noqa: E402
 from quant.budget import GIB as BUDGET_GIB, by_memory, layer_state_parts, plan_groups, transient_bytes  # noqa: E402
 from quant.budget import workspace_bytes  # noqa: E402
+from config import calib_set  # noqa: E402
 from quant.errors import UserError  # noqa: E402
 from quant.feed import LoopShape  # noqa: E402
 from quant.layers import BLOCK_LAYERS, quantizable_layers  # noqa: E402
@@ -144,13 +145,21 @@ def planned_state(model, cfg, device_type, loop, budget_bytes, chunks=1):
     return max(held)
 
 
-def project(model_name, cfg, device_type, px, latent, steps, budget_bytes, chunks=1):
-    """One projected row: FP model, the planned search state (device, host), activations, the device's peak."""
+def calib_batch(q, cfg):
+    """(rows, chunks) of QuantDiT's calibration batch for its parsed flags q (config.calib_set: its defaults for
+    the scheme; ImageNet classes), rows = samples x 2 for guidance."""
+    labels, chunks = calib_set(1000, cfg.scheme, cfg.act_granularity, q.calib_labels, q.calib_samples, q.calib_chunks)
+    return 2 * len(labels), chunks
+
+
+def project(model_name, cfg, device_type, px, latent, steps, budget_bytes, chunks=1, rows=CALIB_ROWS):
+    """One projected row: FP model, the planned search state (device, host), activations (one chunk's forward),
+    the device's peak."""
     model = meta_model(model_name, latent)
     tokens = (latent // model.patch_size) ** 2
-    loop = LoopShape(steps, CALIB_ROWS // chunks, tokens)
+    loop = LoopShape(steps, rows // chunks, tokens)
     state, host = planned_state(model, cfg, device_type, loop, budget_bytes, chunks)
-    act, where = activation_bytes(model, CALIB_ROWS * tokens, cfg, device_type)
+    act, where = activation_bytes(model, rows // chunks * tokens, cfg, device_type)
     fp = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return {"px": px, "tokens": tokens, "steps": steps, "model": fp, "state": state, "host": host,
             "activations": act, "where": where, "load": 2 * fp, "projected": fp + state + act}
@@ -165,8 +174,10 @@ def projection(args, runs, qargs, run_latent):
         cuda = str(cal.get("device", args.device)).startswith("cuda")
         q = qargs[scheme]
         for px, latent in [(args.image_size, run_latent), *PROJECT.items()]:
-            row = project(args.model, quant_config(q), "cuda" if cuda else "cpu", px, latent, args.steps,
-                          round(q.calib_memory_gb * BUDGET_GIB), q.calib_chunks)
+            cfg = quant_config(q)
+            rows_, chunks = calib_batch(q, cfg)
+            row = project(args.model, cfg, "cuda" if cuda else "cpu", px, latent, args.steps,
+                          round(q.calib_memory_gb * BUDGET_GIB), chunks, rows_)
             here = latent == run_latent
             row.update(scheme=scheme, measured_as="CUDA max allocated" if cuda else "peak RSS",
                        measured=(cal.get("peak_cuda_bytes") if cuda else run["peak_rss_bytes"]) if here else None)
@@ -366,14 +377,18 @@ def write_projection(args, qargs):
     for scheme, q in qargs.items():
         for px, latent in PROJECT.items():
             for steps in args.project_steps:
-                row = project(args.model, quant_config(q), device_type, px, latent, steps,
-                              round(q.calib_memory_gb * BUDGET_GIB), q.calib_chunks)
-                rows.append({**row, "scheme": scheme})
+                cfg = quant_config(q)
+                batch, chunks = calib_batch(q, cfg)
+                row = project(args.model, cfg, device_type, px, latent, steps,
+                              round(q.calib_memory_gb * BUDGET_GIB), chunks, batch)
+                rows.append({**row, "scheme": scheme, "batch": batch, "chunks": chunks})
     flags = f" {args.extra}" if args.extra else ""
     doc = [f"# Projected peak memory of calibration: {args.model} on {device_type}", "",
            f"Command: `{shlex.join(['python', 'bench/scale.py', *sys.argv[1:]])}`: QuantDiT.py's defaults{flags} "
-           f"(--calib-memory-gb {qargs[next(iter(qargs))].calib_memory_gb:g}), batch {CALIB_ROWS} (16 labels x 2 for "
-           f"guidance), one process; from the formulas alone (no run).", "",
+           f"(--calib-memory-gb {qargs[next(iter(qargs))].calib_memory_gb:g}), calibration batch per "
+           f"scheme (samples x 2 for guidance, in chunks): "
+           + ", ".join(sorted({f"{r['scheme']} {r['batch']} rows in {r['chunks']}" for r in rows})) +
+           "; one process; from the formulas alone (no run).", "",
            *_table(PROJECTION_COLUMNS, [_proj_cells(r) for r in rows]), "", PROJECTION_NOTE]
     write_report(args.out, doc)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
