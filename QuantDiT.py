@@ -106,8 +106,8 @@ def _main(args):
     check_writable(out_dir, "--out" if args.out else "--results-dir", kind="dir")
     if args.calib_samples is not None and args.calib_samples < 1:
         raise UserError(f"--calib-samples must be a positive integer, got {args.calib_samples}")
-    labels, args.calib_chunks = calib_set(args.num_classes, cfg.scheme, cfg.act_granularity, args.calib_labels,
-                                          args.calib_samples, args.calib_chunks)
+    labels, args.calib_chunks = calib_set(args.num_classes, cfg.act_granularity, args.calib_labels, args.calib_samples,
+                                          args.calib_chunks)
     args.preview_labels = args.preview_labels or labels[:8]
     for flag, given in (("--calib-labels", labels), ("--preview-labels", args.preview_labels)):
         if any(not 0 <= y < args.num_classes for y in given):
@@ -286,8 +286,7 @@ def build_parser():
                              "class counts 0, 1, ...), cycled to --calib-samples")
     parser.add_argument("--calib-samples", type=int, default=d.calib_samples, metavar="N",
                         help=f"calibration samples, each with its own noise: the labels cycled to N (default: "
-                             f"{CALIB_SAMPLES['ditas']} for ditas, {CALIB_SAMPLES['reference']} for reference, the "
-                             f"released batch; with --calib-labels, their number)")
+                             f"{CALIB_SAMPLES}, the released batch; with --calib-labels, their number)")
     parser.add_argument("--preview-labels", type=int, nargs="+", default=None,
                         help="preview class labels (default: the first 8 calibration labels)")
     parser.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True,

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 
 # The released code's 16 fixed ImageNet calibration labels (batch 32 after CFG doubling).
 IMAGENET_CALIB_LABELS = (207, 360, 387, 974, 88, 979, 417, 279, 27, 336, 177, 594, 748, 718, 447, 613)
-# The calibration batch in samples per scheme (QuantDiT.py --calib-samples): ditas cycles the labels to 64 samples,
-# each with its own noise, since 16 leave W4A8 at the mercy of the calibration draw (docs/METHOD.md §14,
-# bench/results/calib_spread.md); reference keeps the released 16 (the paper's numerics).
-CALIB_SAMPLES = {"ditas": 64, "reference": 16}
+# The default calibration batch in samples (QuantDiT.py --calib-samples): the released 16. Larger batches raise the
+# mean a little but do not remove the calibration-seed spread (docs/METHOD.md §14, bench/results/calib_spread.md).
+CALIB_SAMPLES = len(IMAGENET_CALIB_LABELS)
 # samples per chunk of the default chunking (--calib-chunks unset): the released batch, so memory stays the released
 CHUNK_SAMPLES = 16
 
@@ -30,7 +29,7 @@ class Defaults:
     # the alpha search's state per process, GiB (quant/budget.py): DiT-XL/2's ditas search holds about
     # 6.5 GiB in one group, so 8 fits it next to the FP model and 512x512 activations on a 24 GB GPU
     calib_memory_gb: float = 8.0
-    # calibration samples (labels cycled to this many); None: the scheme's CALIB_SAMPLES, or --calib-labels as given
+    # calibration samples (labels cycled to this many); None: CALIB_SAMPLES, or --calib-labels as given
     calib_samples: int | None = None
     # the FP calibration loop's batch in equal chunks, run in turn at each step (quant/feed.py); under
     # torchrun a multiple of the processes divides the FP loops among them (CPU); 1: the whole batch;
@@ -54,11 +53,11 @@ def calib_labels(num_classes, n=len(IMAGENET_CALIB_LABELS), given=None):
     return [base[i % len(base)] for i in range(n)]
 
 
-def calib_set(num_classes, scheme, granularity, labels=None, samples=None, chunks=None):
+def calib_set(num_classes, granularity, labels=None, samples=None, chunks=None):
     """(labels, chunks) of QuantDiT.py's calibration batch from its flags (None: the defaults): `samples` labels
-    (the given ones, or the scheme's CALIB_SAMPLES) cycled from `labels` (or calib_labels' base), in `chunks`
-    equal chunks (default_chunks)."""
-    samples = samples or (len(labels) if labels else CALIB_SAMPLES[scheme])
+    (the given ones, or CALIB_SAMPLES) cycled from `labels` (or calib_labels' base), in `chunks` equal chunks
+    (default_chunks)."""
+    samples = samples or (len(labels) if labels else CALIB_SAMPLES)
     labels = calib_labels(num_classes, samples, labels)
     return labels, chunks if chunks is not None else default_chunks(len(labels), granularity)
 

@@ -37,25 +37,30 @@ def labels_flags(n, chunks):
     return ["--calib-labels", *map(str, cycle_labels(n)), "--calib-chunks", str(chunks)]
 
 
-# name -> (description, calibration steps, QuantDiT.py flags on top of the W4A8 ditas defaults)
+# name -> (description, calibration steps, QuantDiT.py flags on top of the W4A8 ditas defaults); the 16-sample rows
+# pin --calib-samples 16 (QuantDiT's default, so that they keep their batch if it changes)
+N16 = ["--calib-samples", "16"]
 SETTINGS = {
-    "n16": ("16 labels (today's default), 10 calib steps", 10, []),
+    "n16": ("16 labels (the former default), 10 calib steps", 10, N16),
     "n32": ("32 labels (2 chunks), 10 calib steps", 10, labels_flags(32, 2)),
     "n64": ("64 labels (4 chunks), 10 calib steps", 10, labels_flags(64, 4)),
     "n128": ("128 labels (8 chunks), 10 calib steps", 10, labels_flags(128, 8)),
+    "default": ("QuantDiT's default (16 samples, 1 chunk: n16's batch)", 10, []),
     "n32-approx": ("32 labels (2 chunks), approximate search (one FP loop)", 10,
                    labels_flags(32, 2) + ["--search", "approx"]),
     "n64-approx": ("64 labels (4 chunks), approximate search (one FP loop)", 10,
                    labels_flags(64, 4) + ["--search", "approx"]),
-    "s20": ("16 labels, 20 calib steps", 20, []),
-    "s50": ("16 labels, 50 calib steps", 50, []),
+    "s20": ("16 labels, 20 calib steps", 20, N16),
+    "s50": ("16 labels, 50 calib steps", 50, N16),
     "fixed": ("16 labels, fixed alpha 0.5 + LoRA r32 (alphas fixed, a_j and LoRA vary)", 10,
-              ["--smoothing", "fixed", "--alpha", "0.5"]),
-    "search-nolora": ("16 labels, searched alpha, no LoRA", 10, ["--lora-rank", "0"]),
+              N16 + ["--smoothing", "fixed", "--alpha", "0.5"]),
+    "fixed64": ("64 labels (4 chunks), fixed alpha 0.5 + LoRA r32", 10,
+                labels_flags(64, 4) + ["--smoothing", "fixed", "--alpha", "0.5"]),
+    "search-nolora": ("16 labels, searched alpha, no LoRA", 10, N16 + ["--lora-rank", "0"]),
     "rtn-lora": ("no smoothing + LoRA r32 (nothing depends on the calibration draw)", 10,
-                 ["--smoothing", "none"]),
+                 N16 + ["--smoothing", "none"]),
 }
-DEFAULT_SETTINGS = ["n16", "n32", "n64", "n128", "s20", "s50", "fixed"]
+DEFAULT_SETTINGS = ["n16", "n32", "n64", "n128", "s20", "s50", "fixed", "n32-approx", "n64-approx"]
 
 
 class SpreadBench(Bench):
@@ -160,8 +165,7 @@ def build_parser():
     p.add_argument("--num-samples", type=int, default=200)
     p.add_argument("--steps", type=int, default=10, help="sampling steps")
     p.add_argument("--swap", type=int, nargs=2, metavar=("A", "B"),
-                   help="also sample seed A's checkpoint of the first --settings with each SWAPS part of seed B's, "
-                        "and the reverse")
+                   help="also sample seed A's checkpoint of the first --settings with each SWAPS part of seed B's")
     p.add_argument("--ckpt", default=BUNDLED_CKPT)
     p.add_argument("--results-dir", default=os.path.join("results", "bench"))
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "calib_spread.md"))
@@ -181,8 +185,7 @@ def main(args):
     if args.swap:
         a, b = args.swap
         name = args.settings[0]
-        swaps = {f"{a}<-{b}": run_swaps(bench, results[name], a, b, args, fp),
-                 f"{b}<-{a}": run_swaps(bench, results[name], b, a, args, fp)}
+        swaps = {f"{a}<-{b}": run_swaps(bench, results[name], a, b, args, fp)}
     cmd = "python bench/calib_spread.py " + " ".join(sys.argv[1:])
     md = ["# Calibration-seed spread of W4A8 DiTAS (bundled digits DiT-T/2)", "",
           f"Command: `OMP_NUM_THREADS=1 {cmd.strip()}`", "",
@@ -190,10 +193,14 @@ def main(args):
           f"seed ({args.seed}), {args.num_samples} samples, {args.steps} DDPM steps, cfg 1.5. PSNR: mean over "
           f"samples vs the FP sample from the same noise. Machine: {machine()}. Wall time "
           f"{(time.time() - t0) / 60:.1f} min (cached cells excluded).", ""]
+    sems = [c["sem"] for per in results.values() for c in per.values()]
+    md += [f"Sampling part of the noise: the standard error of a cell's mean over its {args.num_samples} samples "
+           f"(per-sample PSNR standard deviation / sqrt(n)) is {min(sems):.2f}-{max(sems):.2f} dB, and every cell "
+           f"shares the same samples' noise, so differences between cells are mostly calibration.", ""]
     md += table(results, seeds)
-    for name, per in results.items():
-        if alpha_changes(per):
-            md += ["", f"### Alphas that change between seeds: {name}", ""] + alpha_lines(per, seeds)
+    name, per = next(iter(results.items()))  # the first setting's alphas per layer and seed
+    if alpha_changes(per):
+        md += ["", f"### Alphas that change between seeds: {name}", ""] + alpha_lines(per, seeds)
     if swaps:
         a, b = args.swap
         per = results[args.settings[0]]
@@ -201,9 +208,9 @@ def main(args):
                f"({args.settings[0]}; PSNR in dB)", "",
                f"Each quantized layer moves whole (alpha, smoothing factors, codes, LoRA). Unswapped: seed {a} "
                f"{per[a]['psnr']:.2f}, seed {b} {per[b]['psnr']:.2f}.", "",
-               "| layers taken from the other seed | " + " | ".join(f"seed {k}" for k in swaps) + " |",
-               "|---|---|---|"]
-        md += [f"| {part} | " + " | ".join(f"{swaps[k][part]:.2f}" for k in swaps) + " |" for part in SWAPS]
+               f"| seed {a}'s checkpoint with these layers from seed {b} | PSNR (dB) | change (dB) |", "|---|---|---|"]
+        md += [f"| {part} | {swaps[f'{a}<-{b}'][part]:.2f} | {swaps[f'{a}<-{b}'][part] - per[a]['psnr']:+.2f} |"
+               for part in SWAPS]
     with open(args.out, "w") as f:
         f.write("\n".join(md) + "\n")
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:

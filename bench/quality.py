@@ -386,8 +386,8 @@ def main(argv=None):
         f"Command: `{command}`", "",
         f"Model: `{args.ckpt}` (sha256 {Bench(args.ckpt).digest}…), {n} samples per row and draw, {steps} DDPM "
         f"steps, cfg {args.cfg_scale}; draws (calibration seed, sampling seed): "
-        f"{', '.join(f'({c}, {s})' for c, s in draws)}; calibration: QuantDiT.py defaults (ditas "
-        f"{CALIB_SAMPLES['ditas']} samples, reference {CALIB_SAMPLES['reference']}, cfg 1.5) "
+        f"{', '.join(f'({c}, {s})' for c, s in draws)}; calibration: QuantDiT.py defaults ("
+        f"{CALIB_SAMPLES} samples, cfg 1.5) "
         f"at {calib} steps. Machine: {machine()}, {args.jobs} process(es). Wall time {wall / 60:.1f} min "
         f"(cached cells excluded).", "",
         "Each cell: mean ± standard deviation over the draws (each draw its own calibration noise and "

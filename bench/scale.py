@@ -146,9 +146,9 @@ def planned_state(model, cfg, device_type, loop, budget_bytes, chunks=1):
 
 
 def calib_batch(q, cfg):
-    """(rows, chunks) of QuantDiT's calibration batch for its parsed flags q (config.calib_set: its defaults for
-    the scheme; ImageNet classes), rows = samples x 2 for guidance."""
-    labels, chunks = calib_set(1000, cfg.scheme, cfg.act_granularity, q.calib_labels, q.calib_samples, q.calib_chunks)
+    """(rows, chunks) of QuantDiT's calibration batch for its parsed flags q (config.calib_set: its defaults;
+    ImageNet classes), rows = samples x 2 for guidance."""
+    labels, chunks = calib_set(1000, cfg.act_granularity, q.calib_labels, q.calib_samples, q.calib_chunks)
     return 2 * len(labels), chunks
 
 

@@ -276,8 +276,8 @@ def without_calib_labels(flags):
 
 
 @pytest.mark.parametrize("flags,labels,chunks", [
-    ([], [i % 10 for i in range(64)], 4),                          # ditas: 64 samples in chunks of 16
-    (["--scheme", "reference"], [i % 10 for i in range(16)], 1),   # reference: the released batch
+    ([], [i % 10 for i in range(16)], 1),                          # the released batch's size
+    (["--calib-samples", "64"], [i % 10 for i in range(64)], 4),   # chunks of 16: a chunk is the released batch
     (["--calib-labels", "3", "5"], [3, 5], 1),                      # given labels: as given
     (["--calib-labels", "3", "5", "--calib-samples", "6", "--calib-chunks", "3"], [3, 5] * 3, 3),
 ])
@@ -292,8 +292,8 @@ def test_calibration_set_defaults_per_scheme(tiny_ckpt, tmp_path, flags, labels,
 
 
 def test_calib_samples_16_is_the_former_default(tiny_ckpt, tmp_path):
-    """--calib-samples 16 writes the bytes of the former default (16 cycled labels in one chunk): the larger
-    default costs nothing when set back."""
+    """--calib-samples 16 writes the bytes of the former default (16 labels cycled over the classes, one chunk
+    given explicitly): the new option costs nothing at its default."""
     base = without_calib_labels(TINY)
     old = [str(i % 10) for i in range(16)]
     for name, flags in (("new", ["--calib-samples", "16"]), ("old", ["--calib-labels", *old, "--calib-chunks", "1"])):

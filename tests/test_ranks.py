@@ -14,8 +14,8 @@ from quant.layers import quantizable_layers
 from quant.ranks import RankFailed, Ranks
 
 FLAGS = ["--model", "DiT-XS/2", "--image-size", "8", "--num-classes", "10", "--vae", "none",
-         "--num-sampling-steps", "3", "--calib-samples", "16", "--group-size", "32", "--lora-rank", "4",
-         "--lora-iters", "2", "--alpha-step", "0.25", "--no-preview", "--threads", "1"]
+         "--num-sampling-steps", "3", "--group-size", "32", "--lora-rank", "4", "--lora-iters", "2",
+         "--alpha-step", "0.25", "--no-preview", "--threads", "1"]
 # what a chunk of FLAGS' FP loop feeds a layer per step (the budget's per-step ranges): 16 labels x 2 (guidance), 4x4
 LOOP, HALF_LOOP = LoopShape(steps=3, rows=32, tokens=16), LoopShape(steps=3, rows=16, tokens=16)
 
