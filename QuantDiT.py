@@ -21,7 +21,7 @@ import torch
 
 from cli import (ArgumentParser, UserError, add_device_arg, add_model_args, add_tf32_arg, check_common_args,
                  check_positive, check_seed, check_writable, latent_shape, pick_device, run, set_tf32)
-from config import CALIB_SAMPLES, CHUNK_SAMPLES, DEFAULTS, calib_set
+from config import CALIB_SAMPLES, DEFAULTS, calib_set
 from pipeline import (build_model, close_distributed, decode, init_distributed, load_vae, make_lockstep_sampler,
                       make_sampler, sample_inputs, save_grid)
 from quant.budget import GIB
@@ -106,8 +106,7 @@ def _main(args):
     check_writable(out_dir, "--out" if args.out else "--results-dir", kind="dir")
     if args.calib_samples is not None and args.calib_samples < 1:
         raise UserError(f"--calib-samples must be a positive integer, got {args.calib_samples}")
-    labels, args.calib_chunks = calib_set(args.num_classes, cfg.act_granularity, args.calib_labels, args.calib_samples,
-                                          args.calib_chunks)
+    labels = calib_set(args.num_classes, args.calib_labels, args.calib_samples)
     args.preview_labels = args.preview_labels or labels[:8]
     for flag, given in (("--calib-labels", labels), ("--preview-labels", args.preview_labels)):
         if any(not 0 <= y < args.num_classes for y in given):
@@ -277,8 +276,7 @@ def build_parser():
                              "layer; the per-chunk statistics and loss sums and the kept candidates travel between "
                              "them once per loop (for CPU processes, where the FP loops dominate). 1: every process "
                              "runs the whole batch and observes its own layers, nothing sent (GPUs). Needs "
-                             "activation ranges per row or token when N > 1. Default: the fewest equal chunks of at "
-                             f"most {CHUNK_SAMPLES} samples (1 for tensor ranges)")
+                             "activation ranges per row or token when N > 1")
     parser.add_argument("--calib-cfg-scale", type=float, default=d.calib_cfg_scale,
                         help="guidance of the FP calibration loops (the paper's 1.5)")
     parser.add_argument("--calib-labels", type=int, nargs="+", default=None,

@@ -11,8 +11,6 @@ IMAGENET_CALIB_LABELS = (207, 360, 387, 974, 88, 979, 417, 279, 27, 336, 177, 59
 # The default calibration batch in samples (QuantDiT.py --calib-samples): the released 16. Larger batches raise the
 # mean a little but do not remove the calibration-seed spread (docs/METHOD.md §14, bench/results/calib_spread.md).
 CALIB_SAMPLES = len(IMAGENET_CALIB_LABELS)
-# samples per chunk of the default chunking (--calib-chunks unset): the released batch, so memory stays the released
-CHUNK_SAMPLES = 16
 
 
 @dataclass(frozen=True)
@@ -32,9 +30,8 @@ class Defaults:
     # calibration samples (labels cycled to this many); None: CALIB_SAMPLES, or --calib-labels as given
     calib_samples: int | None = None
     # the FP calibration loop's batch in equal chunks, run in turn at each step (quant/feed.py); under
-    # torchrun a multiple of the processes divides the FP loops among them (CPU); 1: the whole batch;
-    # None: default_chunks (chunks of at most CHUNK_SAMPLES samples)
-    calib_chunks: int | None = None
+    # torchrun a multiple of the processes divides the FP loops among them (CPU); 1: the whole batch
+    calib_chunks: int = 1
     # preview
     cfg_scale: float = 4.0
     # float32 arithmetic on GPUs (--tf32): IEEE float32 in calibration and, by default, in sampling
@@ -53,18 +50,7 @@ def calib_labels(num_classes, n=len(IMAGENET_CALIB_LABELS), given=None):
     return [base[i % len(base)] for i in range(n)]
 
 
-def calib_set(num_classes, granularity, labels=None, samples=None, chunks=None):
-    """(labels, chunks) of QuantDiT.py's calibration batch from its flags (None: the defaults): `samples` labels
-    (the given ones, or CALIB_SAMPLES) cycled from `labels` (or calib_labels' base), in `chunks` equal chunks
-    (default_chunks)."""
-    samples = samples or (len(labels) if labels else CALIB_SAMPLES)
-    labels = calib_labels(num_classes, samples, labels)
-    return labels, chunks if chunks is not None else default_chunks(len(labels), granularity)
-
-
-def default_chunks(samples, granularity):
-    """The default --calib-chunks: the fewest equal chunks of at most CHUNK_SAMPLES samples (the smallest divisor
-    of `samples` at least ceil(samples / CHUNK_SAMPLES)); 1 for tensor activation ranges, which cannot be chunked."""
-    if granularity == "tensor":
-        return 1
-    return next(c for c in range(-(-samples // CHUNK_SAMPLES), samples + 1) if samples % c == 0)
+def calib_set(num_classes, labels=None, samples=None):
+    """QuantDiT.py's calibration labels from its flags (None: the defaults): `samples` labels (the number given,
+    or CALIB_SAMPLES) cycled from `labels` (or calib_labels' base)."""
+    return calib_labels(num_classes, samples or (len(labels) if labels else CALIB_SAMPLES), labels)

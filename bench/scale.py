@@ -145,11 +145,10 @@ def planned_state(model, cfg, device_type, loop, budget_bytes, chunks=1):
     return max(held)
 
 
-def calib_batch(q, cfg):
+def calib_batch(q):
     """(rows, chunks) of QuantDiT's calibration batch for its parsed flags q (config.calib_set: its defaults;
     ImageNet classes), rows = samples x 2 for guidance."""
-    labels, chunks = calib_set(1000, cfg.act_granularity, q.calib_labels, q.calib_samples, q.calib_chunks)
-    return 2 * len(labels), chunks
+    return 2 * len(calib_set(1000, q.calib_labels, q.calib_samples)), q.calib_chunks
 
 
 def project(model_name, cfg, device_type, px, latent, steps, budget_bytes, chunks=1, rows=CALIB_ROWS):
@@ -175,7 +174,7 @@ def projection(args, runs, qargs, run_latent):
         q = qargs[scheme]
         for px, latent in [(args.image_size, run_latent), *PROJECT.items()]:
             cfg = quant_config(q)
-            rows_, chunks = calib_batch(q, cfg)
+            rows_, chunks = calib_batch(q)
             row = project(args.model, cfg, "cuda" if cuda else "cpu", px, latent, args.steps,
                           round(q.calib_memory_gb * BUDGET_GIB), chunks, rows_)
             here = latent == run_latent
@@ -378,7 +377,7 @@ def write_projection(args, qargs):
         for px, latent in PROJECT.items():
             for steps in args.project_steps:
                 cfg = quant_config(q)
-                batch, chunks = calib_batch(q, cfg)
+                batch, chunks = calib_batch(q)
                 row = project(args.model, cfg, device_type, px, latent, steps,
                               round(q.calib_memory_gb * BUDGET_GIB), chunks, batch)
                 rows.append({**row, "scheme": scheme, "batch": batch, "chunks": chunks})

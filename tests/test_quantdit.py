@@ -260,16 +260,6 @@ def test_calib_labels_cycle_to_the_sample_count():
     assert calib_labels(10, 5, given=[3, 7]) == [3, 7, 3, 7, 3]
 
 
-@pytest.mark.parametrize("samples,granularity,chunks", [(64, "row", 4), (16, "row", 1), (10, "token", 1),
-                                                         (24, "row", 2), (100, "row", 10), (17, "row", 17),
-                                                         (64, "tensor", 1)])
-def test_default_chunks_hold_at_most_the_released_batch(samples, granularity, chunks):
-    from config import CHUNK_SAMPLES, default_chunks
-    assert default_chunks(samples, granularity) == chunks
-    if granularity != "tensor":
-        assert samples % chunks == 0 and (samples // chunks <= CHUNK_SAMPLES or chunks == samples)
-
-
 def without_calib_labels(flags):
     i = flags.index("--calib-labels")
     return flags[:i] + flags[i + 5:]
@@ -277,7 +267,7 @@ def without_calib_labels(flags):
 
 @pytest.mark.parametrize("flags,labels,chunks", [
     ([], [i % 10 for i in range(16)], 1),                          # the released batch's size
-    (["--calib-samples", "64"], [i % 10 for i in range(64)], 4),   # chunks of 16: a chunk is the released batch
+    (["--calib-samples", "64"], [i % 10 for i in range(64)], 1),   # one chunk unless --calib-chunks
     (["--calib-labels", "3", "5"], [3, 5], 1),                      # given labels: as given
     (["--calib-labels", "3", "5", "--calib-samples", "6", "--calib-chunks", "3"], [3, 5] * 3, 3),
 ])
