@@ -1,6 +1,6 @@
 """Where the calibration-seed spread of W4A8 DiTAS comes from (issue 30), on the bundled digits DiT.
 
-    OMP_NUM_THREADS=1 python bench/calib_spread.py --threads 1                   # the committed table
+    OMP_NUM_THREADS=1 python bench/calib_spread.py --threads 1 --swap 1 2        # the committed table
     OMP_NUM_THREADS=1 python bench/calib_spread.py --settings n16 n64 --calib-seeds 1 2
 
 Every row is one calibration setting (QuantDiT.py flags on top of the W4A8 ditas defaults), calibrated at
@@ -41,7 +41,7 @@ def labels_flags(n, chunks):
 # pin --calib-samples 16 (QuantDiT's default, so that they keep their batch if it changes)
 N16 = ["--calib-samples", "16"]
 SETTINGS = {
-    "n16": ("16 labels (the former default), 10 calib steps", 10, N16),
+    "n16": ("16 labels (the default), 10 calib steps", 10, N16),
     "n32": ("32 labels (2 chunks), 10 calib steps", 10, labels_flags(32, 2)),
     "n64": ("64 labels (4 chunks), 10 calib steps", 10, labels_flags(64, 4)),
     "n128": ("128 labels (8 chunks), 10 calib steps", 10, labels_flags(128, 8)),
@@ -60,7 +60,7 @@ SETTINGS = {
     "rtn-lora": ("no smoothing + LoRA r32 (nothing depends on the calibration draw)", 10,
                  N16 + ["--smoothing", "none"]),
 }
-DEFAULT_SETTINGS = ["n16", "n32", "n64", "n128", "s20", "s50", "fixed", "n32-approx", "n64-approx"]
+DEFAULT_SETTINGS = ["n16", "n32", "n64", "n128", "s20", "fixed", "fixed64", "n32-approx"]
 
 
 class SpreadBench(Bench):
