@@ -42,7 +42,7 @@ class Defaults:
 DEFAULTS = Defaults()
 
 
-def calib_labels(num_classes, n=len(IMAGENET_CALIB_LABELS), given=None):
+def calib_labels(num_classes, n=CALIB_SAMPLES, given=None):
     """n calibration labels: `given` cycled, or the released labels for ImageNet models (cycled: each class
     again with other noise), the classes 0, 1, ... cycled otherwise."""
     base = given or (IMAGENET_CALIB_LABELS if num_classes == 1000 else range(num_classes))
