@@ -17,7 +17,7 @@ import time
 from ditas import threads  # before torch: sets OpenMP's wait policy, read when torch loads
 import torch
 
-from config import DEFAULTS, calib_labels
+from config import CALIB_SAMPLES, DEFAULTS, calib_set
 from ditas.cli import (ArgumentParser, UserError, add_device_arg, add_model_args, add_tf32_arg, check_common_args,
                        check_positive, check_seed, check_writable, latent_shape, pick_device, run, set_tf32)
 from ditas.pipeline import build_model, decode, init_distributed, load_vae, on_every_rank, save_grid
@@ -49,7 +49,9 @@ def _main(args):
         what = "a quantized checkpoint" if is_quantized_checkpoint(out_dir) else "files"
         raise UserError(f"{out_dir} already holds {what}; pass --overwrite to replace it or choose --out")
     check_writable(out_dir, "--out" if args.out else "--results-dir", kind="dir")
-    labels = args.calib_labels or calib_labels(args.num_classes)
+    if args.calib_samples is not None and args.calib_samples < 1:
+        raise UserError(f"--calib-samples must be a positive integer, got {args.calib_samples}")
+    labels = calib_set(args.num_classes, args.calib_labels, args.calib_samples)
     args.preview_labels = args.preview_labels or labels[:8]
     for flag, given in (("--calib-labels", labels), ("--preview-labels", args.preview_labels)):
         if any(not 0 <= y < args.num_classes for y in given):
@@ -161,7 +163,11 @@ def build_parser():
     parser.add_argument("--calib-cfg-scale", type=float, default=d.calib_cfg_scale,
                         help="guidance of the FP calibration loops (the paper's 1.5)")
     parser.add_argument("--calib-labels", type=int, nargs="+", default=None,
-                        help="calibration class labels (default: the released 16 ImageNet labels)")
+                        help="calibration class labels (default: the released 16 ImageNet labels, for other "
+                             "class counts 0, 1, ...), cycled to --calib-samples")
+    parser.add_argument("--calib-samples", type=int, default=d.calib_samples, metavar="N",
+                        help=f"calibration samples, each with its own noise: the labels cycled to N (default: "
+                             f"{CALIB_SAMPLES}, the released batch; with --calib-labels, their number)")
     parser.add_argument("--preview-labels", type=int, nargs="+", default=None,
                         help="preview class labels (default: the first 8 calibration labels)")
     parser.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True,

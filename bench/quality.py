@@ -52,6 +52,7 @@ from bench.quality_rows import (backend_table, bits_name, components_table, figu
                                 parse_extra, study_rows)
 from bench.study import METHODS, PSNR_CAP_DB, QUICK, Bench, log, machine, mean_psnr, parse_bits
 from bundled.digits import BUNDLED_CKPT
+from config import CALIB_SAMPLES
 
 FULL = dict(num_samples=1000, steps=10)
 DEFAULT_BITS = ["W4A8", "W4A6", "W4A4", "W3A8"]
@@ -236,7 +237,8 @@ def main(argv=None):
         f"Command: `{command}`", "",
         f"Model: `{args.ckpt}` (sha256 {Bench(args.ckpt).digest}…), {n} samples per row and draw, {steps} DDPM "
         f"steps, cfg {args.cfg_scale}; draws (calibration seed, sampling seed): "
-        f"{', '.join(f'({c}, {s})' for c, s in draws)}; calibration: QuantDiT.py defaults (16 labels, cfg 1.5) "
+        f"{', '.join(f'({c}, {s})' for c, s in draws)}; calibration: QuantDiT.py defaults ("
+        f"{CALIB_SAMPLES} samples, cfg 1.5) "
         f"at {calib} steps. Machine: {machine()}, {args.jobs} process(es). Wall time {wall / 60:.1f} min "
         f"(cached cells excluded).", "",
         "Each cell: mean ± standard deviation over the draws (each draw its own calibration noise and "

@@ -39,8 +39,8 @@ import time
 from ditas import threads  # noqa: F401  first: sets OpenMP's wait policy, read when torch loads
 import torch
 from bench.common import ROOT, cpu_name, stolen_seconds, stolen_share, write_report
-from bench.scale_memory import (CALIB_ROWS, PROJECT, activation_bytes, meta_model, probe_child, project, projection,
-                                quant_config, random_model, state_parts_lines)
+from bench.scale_memory import (CALIB_ROWS, PROJECT, activation_bytes, calib_batch, meta_model, probe_child, project,
+                                projection, quant_config, random_model, state_parts_lines)
 from bench.scale_report import (PROJECTION_COLUMNS, PROJECTION_NOTE, compare, compare_table, document, load_layers,
                                 md_table, projection_cells)
 from ditas import cli
@@ -181,14 +181,17 @@ def write_projection(args, qargs):
     for scheme, q in qargs.items():
         for px, latent in PROJECT.items():
             for steps in args.project_steps:
+                batch, chunks = calib_batch(q)
                 row = project(args.model, quant_config(q), device_type, px, latent, steps,
-                              round(q.calib_memory_gb * BUDGET_GIB), q.calib_chunks)
-                rows.append({**row, "scheme": scheme})
+                              round(q.calib_memory_gb * BUDGET_GIB), chunks, batch)
+                rows.append({**row, "scheme": scheme, "batch": batch, "chunks": chunks})
     flags = f" {args.extra}" if args.extra else ""
     doc = [f"# Projected peak memory of calibration: {args.model} on {device_type}", "",
            f"Command: `{shlex.join(['python', 'bench/scale.py', *sys.argv[1:]])}`: QuantDiT.py's defaults{flags} "
-           f"(--calib-memory-gb {qargs[next(iter(qargs))].calib_memory_gb:g}), batch {CALIB_ROWS} (16 labels x 2 for "
-           f"guidance), one process; from the formulas alone (no run).", "",
+           f"(--calib-memory-gb {qargs[next(iter(qargs))].calib_memory_gb:g}), calibration batch per "
+           f"scheme (samples x 2 for guidance, in chunks): "
+           + ", ".join(sorted({f"{r['scheme']} {r['batch']} rows in {r['chunks']}" for r in rows})) +
+           "; one process; from the formulas alone (no run).", "",
            *md_table(PROJECTION_COLUMNS, [projection_cells(r) for r in rows]), "", PROJECTION_NOTE]
     write_report(args.out, doc)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:

@@ -10,6 +10,7 @@ import time
 
 from ditas import threads  # first: sets OpenMP's wait policy, read when torch loads
 import torch
+from config import calib_set
 from models import DiT_models, get_2d_sincos_pos_embed
 from quant.calibration.budget import GIB as BUDGET_GIB, by_memory, layer_state_parts, plan_groups, transient_bytes
 from quant.calibration.budget import workspace_bytes
@@ -77,13 +78,20 @@ def planned_state(model, cfg, device_type, loop, budget_bytes, chunks=1):
     return max(held)
 
 
-def project(model_name, cfg, device_type, px, latent, steps, budget_bytes, chunks=1):
-    """One projected row: FP model, the planned search state (device, host), activations, the device's peak."""
+def calib_batch(q):
+    """(rows, chunks) of QuantDiT's calibration batch for its parsed flags q (config.calib_set: its defaults;
+    ImageNet classes), rows = samples x 2 for guidance."""
+    return 2 * len(calib_set(1000, q.calib_labels, q.calib_samples)), q.calib_chunks
+
+
+def project(model_name, cfg, device_type, px, latent, steps, budget_bytes, chunks=1, rows=CALIB_ROWS):
+    """One projected row: FP model, the planned search state (device, host), activations (one chunk's forward),
+    the device's peak."""
     model = meta_model(model_name, latent)
     tokens = (latent // model.patch_size) ** 2
-    loop = LoopShape(steps, CALIB_ROWS // chunks, tokens)
+    loop = LoopShape(steps, rows // chunks, tokens)
     state, host = planned_state(model, cfg, device_type, loop, budget_bytes, chunks)
-    act, where = activation_bytes(model, CALIB_ROWS * tokens, cfg, device_type)
+    act, where = activation_bytes(model, rows // chunks * tokens, cfg, device_type)
     fp = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return {"px": px, "tokens": tokens, "steps": steps, "model": fp, "state": state, "host": host,
             "activations": act, "where": where, "load": 2 * fp, "projected": fp + state + act}
@@ -98,8 +106,9 @@ def projection(args, runs, qargs, run_latent):
         cuda = str(cal.get("device", args.device)).startswith("cuda")
         q = qargs[scheme]
         for px, latent in [(args.image_size, run_latent), *PROJECT.items()]:
+            rows_, chunks = calib_batch(q)
             row = project(args.model, quant_config(q), "cuda" if cuda else "cpu", px, latent, args.steps,
-                          round(q.calib_memory_gb * BUDGET_GIB), q.calib_chunks)
+                          round(q.calib_memory_gb * BUDGET_GIB), chunks, rows_)
             here = latent == run_latent
             row.update(scheme=scheme, measured_as="CUDA max allocated" if cuda else "peak RSS",
                        measured=(cal.get("peak_cuda_bytes") if cuda else run["peak_rss_bytes"]) if here else None)

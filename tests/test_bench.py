@@ -348,3 +348,36 @@ def test_bench_passes_its_threads_to_the_scripts(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert seen == {"quantize": 1, "sample": 1}
+
+
+def test_calib_spread_swaps_whole_layers_between_seeds(tmp_path):
+    """bench/calib_spread.py: a swapped checkpoint holds seed B's quantized layers of the swapped part (alpha in
+    the meta too) and seed A's elsewhere, and loads back; alpha_changes lists exactly the layers that differ."""
+    import torch
+    import QuantDiT
+    from models import DiT_models
+    from quant.io.checkpoint import load_quantized
+    spread = _bench_module("calib_spread")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "xs.pt"
+    torch.save(DiT_models["DiT-XS/2"](input_size=8, in_channels=3, num_classes=10).state_dict(), ckpt)
+    dirs = {}
+    for seed in (1, 2):
+        dirs[seed] = QuantDiT.main(QuantDiT.build_parser().parse_args(
+            ["--model", "DiT-XS/2", "--image-size", "8", "--num-classes", "10", "--vae", "none", "--ckpt", str(ckpt),
+             "--num-sampling-steps", "2", "--calib-samples", "4", "--group-size", "32", "--lora-rank", "2",
+             "--lora-iters", "2", "--alpha-step", "0.25", "--no-preview", "--threads", "1", "--seed", str(seed),
+             "--out", str(tmp_path / f"s{seed}")]))
+    out = spread.swapped_checkpoint(dirs[1], dirs[2], "mlp.fc2", str(tmp_path))
+    (m, meta), (a, meta_a), (b, meta_b) = (load_quantized(d) for d in (out, dirs[1], dirs[2]))
+    for name in meta["alphas"]:
+        src, src_meta = (b, meta_b) if name.endswith("mlp.fc2") else (a, meta_a)
+        assert meta["alphas"][name] == src_meta["alphas"][name]
+        got, want = m.get_submodule(name).state_dict(), src.get_submodule(name).state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), name
+    per = {s: {"alphas": json.loads(open(os.path.join(d, "quant_config.json")).read())["alphas"]}
+           for s, d in dirs.items()}
+    changed = spread.alpha_changes(per)
+    assert changed == {k: [per[1]["alphas"][k], per[2]["alphas"][k]] for k in per[1]["alphas"]
+                       if per[1]["alphas"][k] != per[2]["alphas"][k]}
+    assert spread.cycle_labels(12) == list(range(10)) + [0, 1]

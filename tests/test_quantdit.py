@@ -142,6 +142,8 @@ def test_quantdit_cli_writes_complete_directory(tiny_ckpt, tmp_path):
     (["--model", "DiT-Q/2"], "unknown model"),
     (["--image-size", "16"], "has shape"),
     (["--calib-labels", "10"], "labels must lie in"),
+    (["--calib-samples", "0"], "--calib-samples must be a positive integer"),
+    (["--calib-samples", "6", "--calib-chunks", "4"], "--calib-chunks 4: must divide the 6"),
     (["--search-row-stride", "0"], "row stride must be a positive integer"),
     (["--search-row-stride", "2", "--search", "approx"], "applies to the scoring pass"),
     (["--search-shortlist", "3", "--search", "exact"], "applies to --search shortlist only"),
@@ -248,3 +250,46 @@ def test_default_out_dir_names_the_svd():
     assert out_dir("--calib-clip", "off") == os.path.join("results", "DiT-XL-2-256-W4A8-ditas-clipoff")
     assert out_dir("--scheme", "reference", "--calib-clip", "off") == os.path.join("results",
                                                                                   "DiT-XL-2-256-W4A8-reference")
+
+
+def test_calib_labels_cycle_to_the_sample_count():
+    from config import IMAGENET_CALIB_LABELS, calib_labels
+    assert calib_labels(10) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4, 5]  # the former default, unchanged
+    assert calib_labels(10, 24)[16:] == [6, 7, 8, 9, 0, 1, 2, 3]
+    assert calib_labels(1000) == list(IMAGENET_CALIB_LABELS)
+    assert calib_labels(1000, 64) == 4 * list(IMAGENET_CALIB_LABELS)  # each released class with 4 noise draws
+    assert calib_labels(10, 5, given=[3, 7]) == [3, 7, 3, 7, 3]
+
+
+def without_calib_labels(flags):
+    i = flags.index("--calib-labels")
+    return flags[:i] + flags[i + 5:]
+
+
+@pytest.mark.parametrize("flags,labels,chunks", [
+    ([], [i % 10 for i in range(16)], 1),                          # the released batch's size
+    (["--calib-samples", "64"], [i % 10 for i in range(64)], 1),   # one chunk unless --calib-chunks
+    (["--calib-labels", "3", "5"], [3, 5], 1),                      # given labels: as given
+    (["--calib-labels", "3", "5", "--calib-samples", "6", "--calib-chunks", "3"], [3, 5] * 3, 3),
+])
+def test_calibration_set_defaults_per_scheme(tiny_ckpt, tmp_path, flags, labels, chunks):
+    base = without_calib_labels(TINY)
+    out = tmp_path / "q"
+    code, err = call_main(QuantDiT, *base, "--ckpt", tiny_ckpt, "--out", out, "--no-preview", "--num-sampling-steps",
+                          "2", "--alpha", "0.5", *flags)
+    assert code == 0, err
+    meta = json.loads((out / "quant_config.json").read_text())
+    assert (meta["calib_labels"], meta["calib_chunks"]) == (labels, chunks)
+
+
+def test_calib_samples_16_is_the_former_default(tiny_ckpt, tmp_path):
+    """--calib-samples 16 writes the bytes of the former default (16 labels cycled over the classes, one chunk
+    given explicitly): the new option costs nothing at its default."""
+    base = without_calib_labels(TINY)
+    old = [str(i % 10) for i in range(16)]
+    for name, flags in (("new", ["--calib-samples", "16"]), ("old", ["--calib-labels", *old, "--calib-chunks", "1"])):
+        code, err = call_main(QuantDiT, *base, "--ckpt", tiny_ckpt, "--out", tmp_path / name, "--no-preview",
+                              "--num-sampling-steps", "2", *flags)
+        assert code == 0, err
+    new, old = ((tmp_path / d / "model.safetensors").read_bytes() for d in ("new", "old"))
+    assert new == old
