@@ -75,7 +75,7 @@ def _random_basis(w, p, seed=0):
     return torch.randn(*w.shape[:-2], w.shape[-1], p, generator=gen, device=w.device, dtype=w.dtype)
 
 
-def _lowrank_svd(a, q, niter=2, seed=0):
+def lowrank_svd(a, q, niter=2, seed=0):
     """Randomized truncated SVD (Halko et al.) from a fresh seeded basis."""
     basis = lapack.qr(a @ _random_basis(a, q, seed)).Q
     for _ in range(niter):
@@ -119,7 +119,7 @@ def _rayleigh_ritz(a, y):
     return u, s.to(a.dtype), vh.to(a.dtype)
 
 
-def _split(u, s, vh, rank):
+def split_svd(u, s, vh, rank):
     root = s[..., :rank].sqrt()
     return u[..., :rank] * root.unsqueeze(-2), root.unsqueeze(-1) * vh[..., :rank, :]
 
@@ -127,9 +127,9 @@ def _split(u, s, vh, rank):
 def low_rank_factors(e, rank, svd="full"):
     """Best rank-r factorisation E ~ L R with sqrt(S) on both sides (full or randomized SVD)."""
     if svd == "full":
-        return _split(*lapack.svd(e, full_matrices=False), rank)
+        return split_svd(*lapack.svd(e, full_matrices=False), rank)
     if svd == "lowrank":
-        return _split(*_lowrank_svd(e, min(rank + OVERSAMPLE, *e.shape[-2:])), rank)
+        return split_svd(*lowrank_svd(e, min(rank + OVERSAMPLE, *e.shape[-2:])), rank)
     raise ValueError(f"svd must be 'full' or 'lowrank' here, got {svd!r}")
 
 
@@ -141,7 +141,7 @@ def _fused(w, lr, cfg):
             and w.shape[-1] % (cfg.group_size or w.shape[-1]) == 0 and kernels.available())
 
 
-def _quantize_residual(w, lr, quantize):
+def quantize_residual(w, lr, quantize):
     """(QWeight of w - lr, E = w - its dequantized value): one step of the loop. quantize: a
     WeightQuantConfig (round-to-nearest; in one C pass where it applies, the same bits) or a callable."""
     if _fused(w, lr, quantize):
@@ -182,13 +182,13 @@ def fit_lora(w, quantize_fn, rank=32, iters=10, svd="full", basis=None):
         basis = _random_basis(w, p) if basis is None else basis.to(w)
     errors, svds = [], 0
     for _ in range(iters if rank else 1):
-        qweight, e = _quantize_residual(w, lr, quantize_fn)
+        qweight, e = quantize_residual(w, lr, quantize_fn)
         if not errors:
             rtn_error = torch.linalg.matrix_norm(e)
         if rank:
             if svd == "subspace":
                 u, s, vh = _subspace_svd(e, basis, steps)
-                L, R = _split(u, s, vh, rank)
+                L, R = split_svd(u, s, vh, rank)
                 basis, steps = vh.transpose(-1, -2), 0
             else:
                 L, R = low_rank_factors(e, rank, svd)

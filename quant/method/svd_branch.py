@@ -21,9 +21,9 @@ kernel with no LoRA and adds the branch in float on x/s (quant/nn/int_linear.py)
 import torch
 
 from quant.method import lapack
-from quant.method.lora import OVERSAMPLE, LoraFit, _lowrank_svd, _quantize_residual, _split
+from quant.method.lora import OVERSAMPLE, LoraFit, lowrank_svd, quantize_residual, split_svd
 from quant.method.quantizer import dequantize_weight
-from quant.quant_config import LORA_INPUTS, LORA_ORDERS
+from quant.quant_config import LORA_ORDERS
 POWER_STEPS = 4  # randomized SVD: one fit per alpha, nothing to warm-start from, so more steps than quant/method/lora.py's
 
 
@@ -43,8 +43,8 @@ def top_singular(w, rank, svd="full"):
     if svd == "full":
         u, s, vh = lapack.svd(w, full_matrices=False)
     else:
-        u, s, vh = _lowrank_svd(w, min(rank + OVERSAMPLE, *w.shape[-2:]), niter=POWER_STEPS)
-    return _split(u, s, vh, rank)
+        u, s, vh = lowrank_svd(w, min(rank + OVERSAMPLE, *w.shape[-2:]), niter=POWER_STEPS)
+    return split_svd(u, s, vh, rank)
 
 
 def fit_svd_first(w, quantize_fn, rank=32, svd="full"):
@@ -58,14 +58,14 @@ def fit_svd_first(w, quantize_fn, rank=32, svd="full"):
     if not 0 <= rank <= min(out, inp):
         raise ValueError(f"LoRA rank must be in 0..min(out, in) = {min(out, inp)}, got {rank}")
     lead = w.shape[:-2]
-    rtn_q, rtn_e = _quantize_residual(w, None, quantize_fn)
+    rtn_q, rtn_e = quantize_residual(w, None, quantize_fn)
     rtn_error = torch.linalg.matrix_norm(rtn_e)
     if rank == 0:
         return LoraFit(dequantize_weight(rtn_q).to(w.dtype), rtn_q, w.new_zeros(*lead, out, 0), w.new_zeros(*lead, 0, inp), rtn_error[None],
                        rtn_error, 0, None)
     L, R = top_singular(w, rank, svd)
     lr = (L @ R).contiguous()
-    qweight, e = _quantize_residual(w, lr, quantize_fn)  # e = w - dequant(Q); Q quantizes w - L R
+    qweight, e = quantize_residual(w, lr, quantize_fn)  # e = w - dequant(Q); Q quantizes w - L R
     e = e - lr
     n = 1
     for d in lead:
