@@ -60,8 +60,17 @@ SETTINGS = {
     "search-nolora": ("16 labels, searched alpha, no LoRA", 10, N16 + ["--lora-rank", "0"]),
     "rtn-lora": ("no smoothing + LoRA r32 (nothing depends on the calibration draw)", 10,
                  N16 + ["--smoothing", "none"]),
+    "svd": ("16 labels, SVD branch first (--lora-order svd_first, r32)", 10, N16 + ["--lora-order", "svd_first"]),
+    "svd-token": ("16 labels, SVD branch first + per-token activations", 10,
+                  N16 + ["--lora-order", "svd_first", "--act-granularity", "token"]),
+    "token": ("16 labels, per-token activations (residual LoRA r32)", 10, N16 + ["--act-granularity", "token"]),
+    "r4": ("16 labels, residual LoRA r4 (DiT-XL/2's r32 share of the width)", 10, N16 + ["--lora-rank", "4"]),
+    "svd-r4": ("16 labels, SVD branch first, r4", 10, N16 + ["--lora-order", "svd_first", "--lora-rank", "4"]),
+    "rtn-r4": ("no smoothing + LoRA r4 (nothing depends on the calibration draw)", 10,
+               N16 + ["--smoothing", "none", "--lora-rank", "4"]),
 }
-DEFAULT_SETTINGS = ["n16", "n32", "n64", "n128", "s20", "fixed", "fixed64", "n32-approx"]
+DEFAULT_SETTINGS = ["n16", "n32", "n64", "n128", "s20", "fixed", "fixed64", "n32-approx", "svd", "svd-token", "token",
+                    "rtn-lora", "r4", "svd-r4", "rtn-r4"]
 
 
 class SpreadBench(Bench):

@@ -381,3 +381,30 @@ def test_calib_spread_swaps_whole_layers_between_seeds(tmp_path):
     assert changed == {k: [per[1]["alphas"][k], per[2]["alphas"][k]] for k in per[1]["alphas"]
                        if per[1]["alphas"][k] != per[2]["alphas"][k]}
     assert spread.cycle_labels(12) == list(range(10)) + [0, 1]
+
+
+def test_calib_spread_settings_are_quantdit_configs():
+    """bench/calib_spread.py: every SETTINGS row's flags parse with QuantDiT.py on top of the bench's W4A8 ditas
+    argv (a misspelled flag or choice fails here, not after an hour of cells), and the lower-error rows (issue 30)
+    set exactly the QuantConfig fields they name, the rest staying the n16 row's."""
+    import dataclasses
+    import QuantDiT
+    from ditas.quant_args import quant_config_from_args
+    spread = _bench_module("calib_spread")
+    bench = spread.SpreadBench.__new__(spread.SpreadBench)  # quant_argv needs only ckpt, calib_steps and extra
+    bench.ckpt, bench.calib_steps = spread.BUNDLED_CKPT, None
+    cfgs = {}
+    for name, (_, steps, extra) in spread.SETTINGS.items():
+        bench.extra = list(extra)
+        args = QuantDiT.build_parser().parse_args(bench.quant_argv((4, 8), "ditas", "ditas", steps, calib_seed=1))
+        cfgs[name] = dataclasses.asdict(quant_config_from_args(args))
+        assert (args.weight_bit, args.act_bit, args.scheme, args.seed) == (4, 8, "ditas", 1), name
+    base = cfgs["n16"]
+    no_search = {"search": "exact", "search_shortlist": None}  # no alpha search: the shortlist default is not set
+    want = {"svd": {"lora_order": "svd_first"},
+            "svd-token": {"lora_order": "svd_first", "act_granularity": "token"},
+            "token": {"act_granularity": "token"}, "r4": {"lora_rank": 4},
+            "svd-r4": {"lora_order": "svd_first", "lora_rank": 4}, "rtn-lora": {"smoothing": "none", **no_search},
+            "rtn-r4": {"smoothing": "none", "lora_rank": 4, **no_search}}
+    for name, fields in want.items():
+        assert {k: v for k, v in cfgs[name].items() if base[k] != v} == fields, name
