@@ -141,7 +141,8 @@ def figure(rows, path):
     axes_def = [("weight bits (A8)", [(w, 8) for w in (3, 4, 8)]), ("activation bits (W4)", [(4, a) for a in (4, 6, 8)])]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharey="row")
     methods = sorted({k[2] for k in table}, key=list(METHODS).index)
-    colors = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {m: cycle[i % len(cycle)] for i, m in enumerate(methods)}  # more methods than colors: they repeat
     for col, (xlabel, points) in enumerate(axes_def):
         for row, (metric, ylabel) in enumerate((("fid", "FID-digits ↓"), ("psnr", "PSNR vs FP (dB) ↑"))):
             ax = axes[row, col]
