@@ -12,7 +12,7 @@ import tempfile
 import torch
 
 from config import DEFAULTS
-from diffusion.sampling import MAX_SEED, MODEL_DTYPES, check_seed  # noqa: F401  (the scripts' seed check)
+from diffusion.sampling import MODEL_DTYPES, check_seed  # noqa: F401  (check_seed: the scripts' seed check)
 from download import PRETRAINED_MODELS
 from models import DiT_models
 from quant.errors import UserError

@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from quant.errors import UserError
-from ditas.cli import MAX_SEED, check_seed
-from diffusion.sampling import SampleRNG, sample_inputs, sample_labels
+from diffusion.sampling import MAX_SEED, SampleRNG, check_seed, sample_inputs, sample_labels
 
 
 def test_global_seed_changes_every_sample():

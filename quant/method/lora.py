@@ -124,12 +124,12 @@ def split_svd(u, s, vh, rank):
     return u[..., :rank] * root.unsqueeze(-2), root.unsqueeze(-1) * vh[..., :rank, :]
 
 
-def low_rank_factors(e, rank, svd="full"):
-    """Best rank-r factorisation E ~ L R with sqrt(S) on both sides (full or randomized SVD)."""
+def low_rank_factors(e, rank, svd="full", niter=2):
+    """Best rank-r factorisation E ~ L R with sqrt(S) on both sides (full or randomized SVD, niter power steps)."""
     if svd == "full":
         return split_svd(*lapack.svd(e, full_matrices=False), rank)
     if svd == "lowrank":
-        return split_svd(*lowrank_svd(e, min(rank + OVERSAMPLE, *e.shape[-2:])), rank)
+        return split_svd(*lowrank_svd(e, min(rank + OVERSAMPLE, *e.shape[-2:]), niter=niter), rank)
     raise ValueError(f"svd must be 'full' or 'lowrank' here, got {svd!r}")
 
 

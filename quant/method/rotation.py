@@ -100,7 +100,7 @@ def _rotate_columns(linear, block):
 
 
 @torch.no_grad()
-def _rotate_v_rows(qkv, head_dim, block):
+def _rotate_v_rows(qkv, block):
     """qkv's V rows W_v -> H W_v, b_v -> H b_v (H per head, block | head_dim): V comes out as V H."""
     c = qkv.in_features
     rows = slice(2 * c, 3 * c)
@@ -122,7 +122,7 @@ def rotate_dit(model, cap=MAX_BLOCK):
         if not isinstance(mlp.act, nn.GELU) or mlp.act.approximate != "tanh":
             raise ValueError(f"blocks.{i}.mlp.act is {mlp.act}, expected DiT's GELU(tanh) (rotated twice?)")
         b = block_size(attn.head_dim, cap)
-        _rotate_v_rows(attn.qkv, attn.head_dim, b)
+        _rotate_v_rows(attn.qkv, b)
         _rotate_columns(attn.proj, b)
         b2 = block_size(mlp.fc2.in_features, cap)
         _rotate_columns(mlp.fc2, b2)

@@ -18,12 +18,14 @@ The stored state is the same (codes, scales, zero points, L, R); a layer records
 branch (`lora_input`: "quantized" or "smoothed", LORA_INPUTS). The integer backend runs Q on the integer
 kernel with no LoRA and adds the branch in float on x/s (quant/nn/int_linear.py).
 """
+import math
+
 import torch
 
-from quant.method import lapack
-from quant.method.lora import OVERSAMPLE, LoraFit, lowrank_svd, quantize_residual, split_svd
+from quant.method.lora import LoraFit, fit_lora, low_rank_factors, quantize_residual
 from quant.method.quantizer import dequantize_weight
 from quant.quant_config import LORA_ORDERS
+
 POWER_STEPS = 4  # randomized SVD: one fit per alpha, nothing to warm-start from, so more steps than quant/method/lora.py's
 
 
@@ -40,11 +42,7 @@ def top_singular(w, rank, svd="full"):
     rank + OVERSAMPLE; one factorisation has no neighbour to warm-start from). At DiT-XL/2's fc1 (4608 x 1152) the
     full SVD takes ~8 s on one CPU core, the randomized one ~0.3 s, with ||w - L R||_F within ~1e-4 of the optimum
     on a flat-spectrum test weight (tests/test_w4a4.py)."""
-    if svd == "full":
-        u, s, vh = lapack.svd(w, full_matrices=False)
-    else:
-        u, s, vh = lowrank_svd(w, min(rank + OVERSAMPLE, *w.shape[-2:]), niter=POWER_STEPS)
-    return split_svd(u, s, vh, rank)
+    return low_rank_factors(w, rank, "full" if svd == "full" else "lowrank", niter=POWER_STEPS)
 
 
 def fit_svd_first(w, quantize_fn, rank=32, svd="full"):
@@ -52,25 +50,19 @@ def fit_svd_first(w, quantize_fn, rank=32, svd="full"):
 
     Returns a LoraFit: q, qweight (Q), L, R; errors: one entry, ||w - Q - L R||_F; rtn_error: ||w - quantize(w)||_F
     (plain round-to-nearest, for the report). rank 0 is round-to-nearest."""
+    if rank == 0:  # plain round-to-nearest, as fit_lora's
+        return fit_lora(w, quantize_fn, rank=0, iters=1)
     w = w.detach()
     w = w if w.dtype in (torch.float32, torch.float64) else w.float()
     out, inp = w.shape[-2:]
     if not 0 <= rank <= min(out, inp):
         raise ValueError(f"LoRA rank must be in 0..min(out, in) = {min(out, inp)}, got {rank}")
-    lead = w.shape[:-2]
-    rtn_q, rtn_e = quantize_residual(w, None, quantize_fn)
-    rtn_error = torch.linalg.matrix_norm(rtn_e)
-    if rank == 0:
-        return LoraFit(dequantize_weight(rtn_q).to(w.dtype), rtn_q, w.new_zeros(*lead, out, 0), w.new_zeros(*lead, 0, inp), rtn_error[None],
-                       rtn_error, 0, None)
+    rtn_error = torch.linalg.matrix_norm(quantize_residual(w, None, quantize_fn)[1])
     L, R = top_singular(w, rank, svd)
     lr = (L @ R).contiguous()
     qweight, e = quantize_residual(w, lr, quantize_fn)  # e = w - dequant(Q); Q quantizes w - L R
-    e = e - lr
-    n = 1
-    for d in lead:
-        n *= d
-    return LoraFit(dequantize_weight(qweight).to(w.dtype), qweight, L, R, torch.linalg.matrix_norm(e)[None], rtn_error, n, None)
+    return LoraFit(dequantize_weight(qweight).to(w.dtype), qweight, L, R, torch.linalg.matrix_norm(e - lr)[None],
+                   rtn_error, math.prod(w.shape[:-2]), None)
 
 
 def branch(x, L, R):
