@@ -38,15 +38,16 @@ def labels_flags(n, chunks):
     return ["--calib-labels", *map(str, cycle_labels(n)), "--calib-chunks", str(chunks)]
 
 
-# name -> (description, calibration steps, QuantDiT.py flags on top of the W4A8 ditas defaults); the 16-sample rows
-# pin --calib-samples 16 (QuantDiT's default, so that they keep their batch if it changes)
+# name -> (description, calibration steps, QuantDiT.py flags on top of bench/study.py's "ditas" row: W4A8 ditas with the
+# paper's alpha search, no bias correction); the 16-sample rows pin --calib-samples 16 (QuantDiT's default, so that
+# they keep their batch if it changes). fixed-bc is QuantDiT's ditas default since issue 30.
 N16 = ["--calib-samples", "16"]
 SETTINGS = {
-    "n16": ("16 labels (the default), 10 calib steps", 10, N16),
+    "n16": ("16 labels, searched alpha (the paper; QuantDiT's default before bias correction), 10 calib steps", 10,
+            N16),
     "n32": ("32 labels (2 chunks), 10 calib steps", 10, labels_flags(32, 2)),
     "n64": ("64 labels (4 chunks), 10 calib steps", 10, labels_flags(64, 4)),
     "n128": ("128 labels (8 chunks), 10 calib steps", 10, labels_flags(128, 8)),
-    "default": ("QuantDiT's default (16 samples, 1 chunk: n16's batch)", 10, []),
     "n32-approx": ("32 labels (2 chunks), approximate search (one FP loop)", 10,
                    labels_flags(32, 2) + ["--search", "approx"]),
     "n64-approx": ("64 labels (4 chunks), approximate search (one FP loop)", 10,
@@ -68,6 +69,32 @@ SETTINGS = {
     "svd-r4": ("16 labels, SVD branch first, r4", 10, N16 + ["--lora-order", "svd_first", "--lora-rank", "4"]),
     "rtn-r4": ("no smoothing + LoRA r4 (nothing depends on the calibration draw)", 10,
                N16 + ["--smoothing", "none", "--lora-rank", "4"]),
+    "n16-bc": ("16 labels, searched alpha + bias correction (--bias-correction)", 10, N16 + ["--bias-correction"]),
+    "fixed-bc": ("16 labels, fixed alpha 0.5 + LoRA r32 + bias correction (QuantDiT's default)", 10,
+                 N16 + ["--smoothing", "fixed", "--alpha", "0.5", "--bias-correction"]),
+    "rtn-bc": ("no smoothing + LoRA r32 + bias correction (only the mean error depends on the draw)", 10,
+               N16 + ["--smoothing", "none", "--bias-correction"]),
+    # W4A4 (--act-bit 4 overrides the base's 8): the measured W4A4 best (bench/results/w4a4.md) against the defaults
+    "a4-search": ("W4A4: searched alpha + LoRA r32 (the paper)", 10, N16 + ["--act-bit", "4"]),
+    "a4-default": ("W4A4: alpha 0.5 + LoRA r32 + bias correction (QuantDiT's default)", 10,
+                   N16 + ["--act-bit", "4", "--smoothing", "fixed", "--alpha", "0.5", "--bias-correction"]),
+    "a4-svd-token": ("W4A4: searched alpha + SVD-first r32 + per-token (the best of bench/results/w4a4.md)", 10,
+                     N16 + ["--act-bit", "4", "--lora-order", "svd_first", "--act-granularity", "token"]),
+    "a4-default-svd-token": ("W4A4: alpha 0.5 + bias correction + SVD-first r32 + per-token", 10,
+                             N16 + ["--act-bit", "4", "--smoothing", "fixed", "--alpha", "0.5", "--bias-correction",
+                                    "--lora-order", "svd_first", "--act-granularity", "token"]),
+    "rtn-it6": ("no smoothing + LoRA r32, 6 LoRA iterations (a draw-free realization)", 10,
+                N16 + ["--smoothing", "none", "--lora-iters", "6"]),
+    "rtn-it7": ("no smoothing + LoRA r32, 7 LoRA iterations (a draw-free realization)", 10,
+                N16 + ["--smoothing", "none", "--lora-iters", "7"]),
+    "rtn-it8": ("no smoothing + LoRA r32, 8 LoRA iterations (a draw-free realization)", 10,
+                N16 + ["--smoothing", "none", "--lora-iters", "8"]),
+    "rtn-it9": ("no smoothing + LoRA r32, 9 LoRA iterations (a draw-free realization)", 10,
+                N16 + ["--smoothing", "none", "--lora-iters", "9"]),
+    "rtn-it11": ("no smoothing + LoRA r32, 11 LoRA iterations (a draw-free realization)", 10,
+                N16 + ["--smoothing", "none", "--lora-iters", "11"]),
+    "rtn-it12": ("no smoothing + LoRA r32, 12 LoRA iterations (a draw-free realization)", 10,
+                N16 + ["--smoothing", "none", "--lora-iters", "12"]),
 }
 DEFAULT_SETTINGS = ["n16", "n32", "n64", "n128", "s20", "fixed", "fixed64", "n32-approx", "svd", "svd-token", "token",
                     "rtn-lora", "r4", "svd-r4", "rtn-r4"]

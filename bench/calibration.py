@@ -13,7 +13,8 @@ default), each in its own subprocess (so peak memory is its own), single-threade
   products in float32 (`ours-fp32`) and in bfloat16 (`ours-bf16`, QuantConfig.search_dtype), and
   with bf16 products scoring every 2nd (or 4th) token row only (`ours-bf16-rows2`, an approximation:
   QuantConfig.search_row_stride).
-* ours-defaults: QuantDiT.py's defaults, the ditas scheme (--scheme is the others'): pass 1 gathers the
+* ours-defaults: QuantDiT.py's ditas scheme with --smoothing search --no-bias-correction (its default until the
+  default became alpha 0.5 with bias correction, docs/METHOD.md §15; --scheme is the others'): pass 1 gathers the
   approximate search's statistics, every alpha's candidate is fitted (subspace SVD) and ranked by its
   predicted loss, the pass 2 scores the 2 best exactly (on the fused integer kernel on x86 CPUs).
 * released (docs/METHOD.md §9, emulated): one TAS loop, then for EACH layer one full FP sampling
@@ -69,13 +70,15 @@ def build_model(args):
 
 # our methods: (search dtype, search row stride)
 def quant_config(args, search_dtype="fp32", row_stride=1, scheme=None):
-    """QuantDiT's config for the bench's flags (the scheme's defaults from quant/quant_config.py)."""
+    """QuantDiT's config for the bench's flags (the scheme's defaults from quant/quant_config.py), with the paper's
+    alpha search and no bias correction: the procedure the released one is timed against."""
     return QuantConfig(scheme=scheme or args.scheme, weight_bit=args.weight_bit, act_bit=args.act_bit,
                        group_size=args.group_size, lora_rank=args.lora_rank, lora_iters=args.lora_iters,
-                       search_dtype=search_dtype, search_row_stride=row_stride)
+                       search_dtype=search_dtype, search_row_stride=row_stride, smoothing="search",
+                       bias_correction=False)
 
 
-OURS = {"ours-defaults": lambda args: quant_config(args, scheme="ditas"),  # QuantDiT.py's defaults (ditas)
+OURS = {"ours-defaults": lambda args: quant_config(args, scheme="ditas"),  # the ditas scheme's search settings
         "ours-fp32": quant_config, "ours-bf16": lambda args: quant_config(args, "bf16"),
         "ours-bf16-rows2": lambda args: quant_config(args, "bf16", 2),
         "ours-bf16-rows4": lambda args: quant_config(args, "bf16", 4)}

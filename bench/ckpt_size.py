@@ -149,7 +149,8 @@ def measured_table(steps, out_root):
     x = torch.randn(2, 3, 16, 16)
     t, y = torch.tensor([10, 900]), torch.tensor([1, 7])
     for label, cfg, storage in settings(128, 32):
-        cfg = QuantConfig(**{**cfg.to_dict(), "alpha_step": 0.5, "lora_iters": 2})  # layout does not depend on these
+        cheap = {"lora_iters": 2, **({"alpha_step": 0.5} if cfg.smoothing == "search" else {})}
+        cfg = QuantConfig.from_dict({**cfg.to_dict(), **cheap})  # the layout does not depend on these
         model = fp_model(meta, device="cpu")
         model.load_state_dict(base.state_dict())
         model.eval()

@@ -45,12 +45,19 @@ METHODS = {
     "had-svd-token": ("searched alpha + SVD-first r32 + Hadamard + per-token",
                       ["--smoothing", "search", "--lora-order", "svd_first", "--hadamard", "--act-granularity", "token"]),
     # rank 4: r (in + out) is 4.2 % of the bundled model's quantized weights, as rank 32 is of DiT-XL/2's (3.7 %)
+    # issue 30: QuantDiT's ditas default since then (fixed alpha, bias correction), and the paper's search with it
+    "default": ("TAS alpha 0.5 + LoRA r32 + bias correction (QuantDiT's default)",
+                ["--smoothing", "fixed", "--alpha", "0.5", "--bias-correction"]),
+    "ditas-bc": ("DiTAS (searched alpha + LoRA r32) + bias correction", ["--smoothing", "search", "--bias-correction"]),
     "r4": ("DiTAS with LoRA r4", ["--smoothing", "search", "--lora-rank", "4"]),
     "svd-r4": ("searched alpha + SVD-first r4", ["--smoothing", "search", "--lora-order", "svd_first", "--lora-rank", "4"]),
     "had-svd-token-r4": ("searched alpha + SVD-first r4 + Hadamard + per-token",
                          ["--smoothing", "search", "--lora-order", "svd_first", "--lora-rank", "4", "--hadamard",
                           "--act-granularity", "token"]),
 }
+# Every checkpoint cached before QuantDiT's ditas default took bias correction (issue 30) was computed without it: a
+# row that does not ask for it pins this flag, which its cache key leaves out, so those caches keep their keys.
+NO_BIAS_CORRECTION = "--no-bias-correction"
 DEFAULT_METHODS = ["rtn", "fixed", "search", "ditas", "token"]
 FULL = dict(num_samples=1000, steps=50)
 QUICK = dict(num_samples=100, steps=10)
@@ -115,16 +122,19 @@ class Bench:
         w, a = bits
         calib = self.calib_steps or steps
         seed = [] if calib_seed is None else ["--seed", str(calib_seed)]
+        flags = METHODS[method][1]
+        pin = [] if "--bias-correction" in flags else [NO_BIAS_CORRECTION]
         return (model_flags(self.ckpt) + ["--weight-bit", str(w), "--act-bit", str(a), "--scheme", scheme,
                                           "--num-sampling-steps", str(calib), "--no-preview", "--device", "cpu"]
-                + seed + METHODS[method][1])
+                + seed + flags + pin)
 
     def checkpoint(self, bits, scheme, method, steps, calib_seed=None):
         """The quantized checkpoint directory (made by QuantDiT.main unless cached)."""
         import QuantDiT
         from quant.io.checkpoint import is_quantized_checkpoint
         argv = self.quant_argv(bits, scheme, method, steps, calib_seed)
-        key = hashlib.sha256(json.dumps([self.digest, argv]).encode()).hexdigest()[:10]
+        keyed = [a for a in argv if a != NO_BIAS_CORRECTION]  # the computation of every key cached before it existed
+        key = hashlib.sha256(json.dumps([self.digest, keyed]).encode()).hexdigest()[:10]
         cs = "" if calib_seed is None else f"-cs{calib_seed}"
         name = f"W{bits[0]}A{bits[1]}-{scheme}-{method}-c{self.calib_steps or steps}{cs}-{key}"
         out = os.path.join(self.results_dir, "ckpt", name)

@@ -1,12 +1,13 @@
 """QuantDiT.py's quantization flags: QuantConfig's fields on the command line (their defaults and help come from
 quant/quant_config.py), the QuantConfig a command line builds, and the output directory named after it."""
+import argparse
 import os
 from dataclasses import fields
 
 from quant.errors import UserError
 from quant.io.storage import DEFAULT_STORAGE_DTYPE
 from quant.quant_config import (CALIB_CLIPS, DEFAULT_SHORTLIST, LORA_ORDERS, SCHEME_DEFAULT, SEARCHES, QuantConfig,
-                                field_default)
+                                alpha_grid, field_default)
 
 
 def add_quant_args(parser):
@@ -23,12 +24,15 @@ def add_quant_args(parser):
                         help=f"dynamic activation ranges (default: {q('act_granularity', 'ditas')} for ditas, "
                              f"{q('act_granularity', 'reference')} for reference)")
     parser.add_argument("--smoothing", choices=("search", "fixed", "none"), default=None,
-                        help="search: layer-wise alpha grid search (default); fixed: --alpha (the default when "
-                             "--alpha is given); none: plain round-to-nearest")
+                        help=f"search: the paper's layer-wise alpha grid search; fixed: TAS at --alpha (implied by "
+                             f"--alpha); none: no smoothing (default: {q('smoothing', 'ditas')} for ditas, with bias "
+                             f"correction: robust to the calibration draw, docs/METHOD.md §15; "
+                             f"{q('smoothing', 'reference')} for reference)")
     parser.add_argument("--alpha", type=float, default=None,
                         help=f"fixed smoothing exponent in [0, 1] (implies --smoothing fixed; "
                              f"default {q('alpha', 'ditas')})")
-    parser.add_argument("--alpha-step", type=float, default=q("alpha_step"), help="alpha grid spacing")
+    parser.add_argument("--alpha-step", type=float, default=q("alpha_step"),
+                        help="--smoothing search: the alpha grid's spacing")
     parser.add_argument("--lora-rank", type=int, default=q("lora_rank"), help="0 disables the LoRA branch")
     parser.add_argument("--lora-iters", type=int, default=q("lora_iters"),
                         help="alternating quantize / low-rank fit iterations")
@@ -40,6 +44,11 @@ def add_quant_args(parser):
     parser.add_argument("--hadamard", action="store_true", default=q("hadamard"),
                         help="rotate the inputs of attn.proj (folded into qkv's V rows) and mlp.fc2 (online, after "
                              "the GELU) by a block Walsh-Hadamard matrix before calibration (quant/method/rotation.py)")
+    parser.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"one more FP calibration loop after the search moves every quantized layer's mean "
+                             f"output error into its bias (quant/calibration/bias.py; docs/METHOD.md §15) (default: "
+                             f"{'on' if q('bias_correction', 'ditas') else 'off'} for ditas, "
+                             f"{'on' if q('bias_correction', 'reference') else 'off'} for reference)")
     parser.add_argument("--svd", choices=("full", "lowrank", "subspace"), default=None,
                         help=f"truncated SVD of the LoRA fit: full (LAPACK), lowrank (randomized, fresh every "
                              f"iteration) or subspace (warm-started through the alternating loop and from the "
@@ -56,7 +65,7 @@ def add_quant_args(parser):
                              f"ditas, {q('search', 'reference')} for reference; exact with one alpha)")
     parser.add_argument("--search-shortlist", type=int, default=None, metavar="K",
                         help=f"--search shortlist: candidates per layer scored exactly (default "
-                             f"{DEFAULT_SHORTLIST}; {len(QuantConfig().alphas())} = every alpha of the default grid)")
+                             f"{DEFAULT_SHORTLIST}; {len(alpha_grid())} = every alpha of the default grid)")
     parser.add_argument("--search-dtype", choices=("fp32", "bf16"), default=q("search_dtype"),
                         help="reference scheme: dtype of the alpha search's candidate products (bf16: 1.6-1.7x "
                              "faster calibration, losses within ~1e-5 relative; see bench/results/calibration.md)")
@@ -80,7 +89,8 @@ def quant_config_from_args(args):
         if not 2 <= given[flag] <= 8:
             raise UserError(f"--{flag.replace('_', '-')} {given[flag]}: bits must be an integer in 2..8")
     given["group_size"] = given["group_size"] or None  # 0 = per output channel
-    for name in ("act_granularity", "search_steps", "svd", "search", "search_shortlist", "calib_clip"):  # None: default
+    for name in ("act_granularity", "search_steps", "svd", "search", "search_shortlist", "calib_clip",
+                 "bias_correction"):  # None: default
         if given[name] is None:
             given[name] = SCHEME_DEFAULT
     try:
@@ -96,14 +106,18 @@ def default_out_dir(args, cfg):
     parts = [args.model.replace("/", "-"), str(args.image_size), f"W{cfg.weight_bit}A{cfg.act_bit}", cfg.scheme]
     if cfg.smoothing == "none":
         parts.append("rtn")
-    elif cfg.smoothing == "fixed":
+    elif cfg.smoothing == "fixed" and ("smoothing" in changed or "alpha" in changed):
         parts.append(f"alpha{cfg.alpha:g}")
+    elif "smoothing" in changed:
+        parts.append(cfg.smoothing)
     if "lora_rank" in changed:
         parts.append(f"r{cfg.lora_rank}")
     if "lora_order" in changed:
         parts.append(cfg.lora_order.replace("_", ""))
     if cfg.hadamard:
         parts.append("hadamard")
+    if "bias_correction" in changed:
+        parts.append("biascorr" if cfg.bias_correction else "nobiascorr")
     if "act_granularity" in changed:
         parts.append(cfg.act_granularity)
     if cfg.quantize_adaln:

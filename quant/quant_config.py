@@ -7,6 +7,9 @@ the fields whose default depends on the scheme are resolved here, not in the CLI
 Scheme-dependent defaults (docs/METHOD.md §8):
 
     field             ditas    reference
+    smoothing         fixed    search      (ditas: TAS at alpha 0.5 and bias correction, robust to the calibration
+    bias_correction   True     False        draw; the layer-wise search is --smoothing search: docs/METHOD.md §15;
+                                            reference: the released code's search, no bias correction)
     act_granularity   row      tensor      (per batch row: a sample never depends on its neighbours)
     search_steps      None     50          (None = every calibration step; the released search
                                             scores the first 50, noisiest, steps only)
@@ -20,8 +23,8 @@ Scheme-dependent defaults (docs/METHOD.md §8):
                                             for pixel-space models only, as the sampling scripts sample them;
                                             off: the released code's clip_denoised=False; clips_x0())
 
-`smoothing` defaults to "fixed" when an `alpha` is given and to "search" otherwise; `alpha`
-itself then defaults to 0.5 (SmoothQuant's value).
+`smoothing` is "fixed" when an `alpha` is given and the scheme's otherwise; `alpha` itself defaults to
+0.5 (SmoothQuant's value).
 """
 from dataclasses import asdict, dataclass, fields
 
@@ -90,10 +93,10 @@ def alpha_grid(step=0.05):
 
 
 SCHEME_DEFAULT = "scheme default"  # sentinel of the fields resolved per scheme
-_SCHEME_DEFAULTS = {"ditas": {"act_granularity": "row", "search_steps": None, "svd": "subspace", "search": "shortlist",
-                              "calib_clip": "auto"},
-                    "reference": {"act_granularity": "tensor", "search_steps": 50, "svd": "full", "search": "exact",
-                                  "calib_clip": "off"}}
+_SCHEME_DEFAULTS = {"ditas": {"smoothing": "fixed", "act_granularity": "row", "search_steps": None, "svd": "subspace",
+                              "search": "shortlist", "calib_clip": "auto", "bias_correction": True},
+                    "reference": {"smoothing": "search", "act_granularity": "tensor", "search_steps": 50, "svd": "full",
+                                  "search": "exact", "calib_clip": "off", "bias_correction": False}}
 MATMUL_DTYPES = ("fp32", "bf16")
 SEARCHES = ("exact", "shortlist", "approx")
 DEFAULT_SHORTLIST = 2
@@ -104,7 +107,7 @@ LORA_ORDERS = ("residual", "svd_first")  # the low-rank branch: fitted on the re
 LORA_INPUTS = ("quantized", "smoothed")  # what feeds a layer's branch: fq(x/s) (residual) or x/s (svd_first)
 # fields added after checkpoints existed: to_dict records them only where they differ from this value, so a
 # checkpoint of an existing setting is written byte for byte as before
-RECORDED_WHEN_SET = {"lora_order": "residual", "hadamard": False}
+RECORDED_WHEN_SET = {"lora_order": "residual", "hadamard": False, "bias_correction": False}
 DEFAULT_ALPHA = 0.5
 
 
@@ -117,7 +120,7 @@ class QuantConfig:
     act_bit: int = 8
     group_size: int | None = 128      # ditas: input columns per weight group; None = per output channel
     act_granularity: str = SCHEME_DEFAULT  # tensor | row | token dynamic activation ranges
-    smoothing: str | None = None      # search | fixed | none (None: fixed if alpha is given, else search)
+    smoothing: str | None = None      # search | fixed | none (None: fixed if alpha is given, else the scheme's)
     alpha: float | None = None        # the fixed alpha (None: 0.5)
     alpha_step: float = 0.05          # the searched grid {0, step, ..., 1}
     lora_rank: int = 32               # 0 = no LoRA branch
@@ -136,12 +139,15 @@ class QuantConfig:
                                       # 16-bit (SVDQuant's order, quant/svd_branch.py; ditas scheme)
     hadamard: bool = False            # rotate the inputs of proj (folded into qkv's V rows) and fc2 (online) by a
                                       # block Hadamard before calibration (quant/rotation.py)
+    bias_correction: bool | str = SCHEME_DEFAULT  # one more FP loop after the search: every layer's mean output
+                                      # error over the calibration loop moves into its bias (quant/calibration/bias.py)
 
     def __post_init__(self):
         if self.scheme not in _SCHEME_DEFAULTS:
             raise ValueError(f"scheme must be one of {tuple(_SCHEME_DEFAULTS)}, got {self.scheme!r}")
         if self.smoothing is None:
-            object.__setattr__(self, "smoothing", "search" if self.alpha is None else "fixed")
+            object.__setattr__(self, "smoothing", _SCHEME_DEFAULTS[self.scheme]["smoothing"] if self.alpha is None
+                               else "fixed")
         if self.search == SCHEME_DEFAULT:  # resolved before the scheme's table: one alpha has nothing to rank
             object.__setattr__(self, "search", _SCHEME_DEFAULTS[self.scheme]["search"]
                                if self.smoothing == "search" else "exact")
@@ -172,6 +178,9 @@ class QuantConfig:
             raise ValueError(f"the search shortlist applies to --search shortlist only (this is --search {self.search})")
         if self.smoothing not in SMOOTHINGS:
             raise ValueError(f"smoothing must be search, fixed or none, got {self.smoothing!r}")
+        if self.alpha_step != field_default("alpha_step") and self.smoothing != "search":
+            raise ValueError(f"--alpha-step sets the searched alpha grid: it needs --smoothing search (this is "
+                             f"--smoothing {self.smoothing})")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"the fixed alpha must be in [0, 1], got {self.alpha}")
         if self.search_dtype not in MATMUL_DTYPES:
@@ -189,6 +198,8 @@ class QuantConfig:
                                  "takes one SVD before quantization")
         if not isinstance(self.hadamard, bool):
             raise ValueError(f"hadamard must be True or False, got {self.hadamard!r}")
+        if not isinstance(self.bias_correction, bool):
+            raise ValueError(f"bias correction must be True or False, got {self.bias_correction!r}")
         if self.svd not in SVDS:
             raise ValueError(f"svd must be one of {SVDS}, got {self.svd!r}")
         if self.lora_rank < 0 or self.lora_iters < 1:
@@ -224,11 +235,17 @@ class QuantConfig:
         """The fields as a dict (what a checkpoint records); RECORDED_WHEN_SET fields only where set."""
         return {k: v for k, v in asdict(self).items() if RECORDED_WHEN_SET.get(k, object()) != v}
 
+    @classmethod
+    def from_dict(cls, recorded):
+        """The config a to_dict() (a checkpoint's record) describes: the RECORDED_WHEN_SET fields it omits take the
+        value they are omitted at."""
+        return cls(**{**RECORDED_WHEN_SET, **recorded})
+
     def changed(self):
         """{field: value} where this config differs from its scheme's defaults (names an output dir); the
         search fields against the defaults of its smoothing (one alpha: the exact search)."""
         base = QuantConfig(scheme=self.scheme)
-        search_base = base if self.smoothing == "search" else QuantConfig(scheme=self.scheme, smoothing=self.smoothing)
+        search_base = QuantConfig(scheme=self.scheme, smoothing=self.smoothing)
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if getattr(self, f.name) != getattr(search_base if f.name.startswith("search") else base, f.name)}
 

@@ -116,8 +116,8 @@ def test_quantize_dit_approx_uses_one_loop():
         gens, y, z = sample_inputs(1, range(4), 10, (3, 8, 8), [0, 1, 2, 3])
         sampler(z, y, gens)
 
-    cfg = QuantConfig(weight_bit=4, act_bit=8, group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25,
-                      search="approx")
+    cfg = QuantConfig(weight_bit=4, act_bit=8, group_size=32, lora_rank=4, lora_iters=2, smoothing="search",
+                      alpha_step=0.25, search="approx", bias_correction=False)  # its one loop (correction: +1)
     report = quantize_dit(model, cfg, loop, progress=False)
     assert len(calls) == 1 and report["calibration"]["fp_passes"] == 1 and report["calibration"]["search"] == "approx"
     for name in quantizable_layers(model):
@@ -130,8 +130,10 @@ def test_quantize_dit_approx_uses_one_loop():
 def test_quantize_dit_dispatches_on_search():
     with pytest.raises(ValueError):
         QuantConfig(search="fast")
-    # the ditas scheme ranks by the prediction and scores a shortlist; the reference scheme and one alpha: exact
-    assert (QuantConfig().search, QuantConfig().search_shortlist) == ("shortlist", 2)
+    # the ditas search ranks by the prediction and scores a shortlist; the reference scheme and one alpha: exact
+    assert (QuantConfig().search, QuantConfig().search_shortlist) == ("exact", None)  # ditas: one alpha by default
+    searched = QuantConfig(smoothing="search")
+    assert (searched.search, searched.search_shortlist) == ("shortlist", 2)
     assert (QuantConfig(scheme="reference").search, QuantConfig(scheme="reference").search_shortlist) == ("exact", None)
     assert QuantConfig(alpha=0.5).search == QuantConfig(smoothing="none").search == "exact"
 
@@ -149,10 +151,10 @@ def test_quantdit_search_flag(tmp_path):
     torch.save(m.state_dict(), ckpt)
     argv = ["--model", "DiT-XS/2", "--ckpt", str(ckpt), "--image-size", "8", "--num-classes", "10", "--vae", "none",
             "--num-sampling-steps", "2", "--calib-labels", "0", "1", "--group-size", "32", "--lora-rank", "2",
-            "--lora-iters", "1", "--alpha-step", "0.5", "--no-preview", "--results-dir", str(tmp_path),
-            "--search", "approx"]
+            "--lora-iters", "1", "--smoothing", "search", "--alpha-step", "0.5", "--no-preview", "--results-dir",
+            str(tmp_path), "--no-bias-correction", "--search", "approx"]
     out = QuantDiT.main(QuantDiT.build_parser().parse_args(argv))
-    assert os.path.basename(out).endswith("-approxsearch")
+    assert os.path.basename(out).endswith("-search-r2-nobiascorr-approxsearch")
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     assert report["calibration"]["search"] == "approx" and report["calibration"]["fp_passes"] == 1
@@ -186,7 +188,7 @@ def test_shortlist_search_scores_the_best_predicted_exactly():
     the K best scored exactly; K = every alpha is the exact search bit for bit (same alphas, same losses),
     K = 1 takes the predicted winner; two FP loops either way, every layer reported."""
     from helpers import calib_loop, random_dit
-    base = dict(group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25)
+    base = dict(group_size=32, lora_rank=4, lora_iters=2, smoothing="search", alpha_step=0.25)
     reports = {}
     for key, cfg in (("exact", QuantConfig(**base, search="exact")), ("all", QuantConfig(**base, search_shortlist=5)),
                      ("one", QuantConfig(**base, search_shortlist=1)), ("two", QuantConfig(**base)),
@@ -207,7 +209,8 @@ def test_shortlist_search_scores_the_best_predicted_exactly():
         for a, v in two["search_losses"].items():  # the shortlisted candidates' exact scores
             assert v == pytest.approx(ex["search_losses"][a], rel=1e-6)
     for key in ("all", "one", "two"):
-        assert reports[key]["calibration"]["fp_passes"] == 2 and reports[key]["calibration"]["search"] == "shortlist"
+        # statistics and scoring, and the bias correction's loop (the ditas default)
+        assert reports[key]["calibration"]["fp_passes"] == 3 and reports[key]["calibration"]["search"] == "shortlist"
 
 
 def test_step_stack_is_the_sequence_appended():

@@ -56,7 +56,7 @@ def test_busy_bench_smoke(tmp_path):
     """bench/studies/busy.py: a quiet and a busy calibration, CPU and wall seconds, the ratio column."""
     out = tmp_path / "busy.md"
     proc = run_script("bench/studies/busy.py", "--steps", "2", "--busy", "1", "--settings", "default", "--out", out,
-                      "--quantdit-flags=--lora-rank 0 --alpha-step 0.5", timeout=300)
+                      "--quantdit-flags=--lora-rank 0 --smoothing search --alpha-step 0.5", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = [line for line in out.read_text().splitlines() if line.startswith("| default |")]
     assert len(row) == 1
@@ -164,20 +164,21 @@ def test_state_parts_bench_sums_the_budget_of_every_layer():
     from quant.quant_config import QuantConfig
     from quant.method.layers import quantizable_layers
     proc = run_script("bench/scale.py", "--state-parts", "--model", "DiT-XS/2", "--extra",
-                      "--search exact --weight-bit 8")
+                      "--smoothing search --search exact --weight-bit 8")
     assert "search exact, MiB" in proc.stdout, proc.stdout
     assert proc.returncode == 0, proc.stderr
     rows = {r[0]: [float(c) for c in r[1:]] for r in
             ([c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
              if line.startswith("| cpu") or line.startswith("| cuda"))}
-    cfg = QuantConfig(scheme="ditas", search="exact", weight_bit=8)
+    cfg = QuantConfig(scheme="ditas", smoothing="search", search="exact", weight_bit=8)
     layers = quantizable_layers(DiT_models["DiT-XS/2"](input_size=4, in_channels=4, num_classes=1000))
     for device, cells in rows.items():
         want = sum(layer_state_bytes(*lin.weight.shape, cfg, device) for lin in layers.values()) / 2 ** 20
         assert want > 1 and cells[-2] == round(want, 3) and abs(sum(cells[:-2]) - cells[-2]) <= 0.003, (device, cells)
         assert cells[-1] == 0  # of which host: the exact search keeps no per-step ranges
     assert set(rows) == {"cpu", "cuda"}
-    proc = run_script("bench/scale.py", "--state-parts", "--model", "DiT-XS/2", "--steps", "20", "--image-size", "32")
+    proc = run_script("bench/scale.py", "--state-parts", "--model", "DiT-XS/2", "--steps", "20", "--image-size", "32",
+                      "--extra", "--smoothing search")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| c")]
     # the shortlist's ranges: 2 x 32 x C floats a step, in 16-step blocks
     host = {r[0]: [float(c) for c in r[1:]] for r in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
@@ -366,7 +367,8 @@ def test_calib_spread_swaps_whole_layers_between_seeds(tmp_path):
         dirs[seed] = QuantDiT.main(QuantDiT.build_parser().parse_args(
             ["--model", "DiT-XS/2", "--image-size", "8", "--num-classes", "10", "--vae", "none", "--ckpt", str(ckpt),
              "--num-sampling-steps", "2", "--calib-samples", "4", "--group-size", "32", "--lora-rank", "2",
-             "--lora-iters", "2", "--alpha-step", "0.25", "--no-preview", "--threads", "1", "--seed", str(seed),
+             "--lora-iters", "2", "--smoothing", "search", "--alpha-step", "0.25", "--no-preview", "--threads", "1",
+             "--seed", str(seed),
              "--out", str(tmp_path / f"s{seed}")]))
     out = spread.swapped_checkpoint(dirs[1], dirs[2], "mlp.fc2", str(tmp_path))
     (m, meta), (a, meta_a), (b, meta_b) = (load_quantized(d) for d in (out, dirs[1], dirs[2]))

@@ -16,16 +16,17 @@ from quant.method.layers import quantizable_layers
 from quant.search.candidates import Candidates
 from quant.quant_config import WeightQuantConfig
 
-SMALL = dict(group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25)
+BASE = dict(group_size=32, lora_rank=4, lora_iters=2)
+SMALL = dict(BASE, smoothing="search", alpha_step=0.25)
 CONFIGS = [
     QuantConfig(**SMALL),                                            # ditas W4: packed codes, the shortlist
     QuantConfig(**SMALL, search="exact"),                            # every candidate through the scoring
     QuantConfig(**SMALL, weight_bit=8, act_granularity="token"),      # ditas W8: one byte a code
-    QuantConfig(**{**SMALL, "group_size": None}, smoothing="none"),  # one candidate, per channel
+    QuantConfig(**{**BASE, "group_size": None}, smoothing="none"),  # one candidate, per channel
     QuantConfig(**{**SMALL, "group_size": None}, scheme="reference"),  # shared-weight operands
     QuantConfig(**{**SMALL, "group_size": None}, scheme="reference", search_dtype="bf16"),
     QuantConfig(**SMALL, search="approx"),                           # X^T X statistics
-    QuantConfig(**SMALL, alpha=0.5),                                 # fixed alpha: one candidate
+    QuantConfig(**BASE, alpha=0.5),                                  # fixed alpha: one candidate
     QuantConfig(**SMALL, act_granularity="tensor"),                  # one range per step
     QuantConfig(**SMALL, search="approx", act_granularity="token", search_steps=1),  # token samples, capped
 ]
@@ -50,7 +51,7 @@ def test_state_formula_equals_the_bytes_held(cfg):
     cal = report["calibration"]
     assert cal["state_bytes_total"] == cal["state_bytes_estimated"] == cal["state_bytes_max"]
     assert cal["groups"] == 1 and cal["ranks"] == 1 and cal["peak_rss_bytes"] > 0
-    assert cal["fp_passes"] == (1 if cfg.search == "approx" or cfg.smoothing == "none" else 2)
+    assert cal["fp_passes"] == (1 if cfg.search == "approx" or cfg.smoothing == "none" else 2) + cfg.bias_correction
 
 
 def test_candidates_hold_codes_not_dense_weights():
@@ -116,6 +117,7 @@ def test_grouped_passes_give_the_same_model(search):
     one, grouped = reports[0]["calibration"], reports[1]["calibration"]
     # exact: one TAS pass, then a scoring pass per group; approx: a statistics pass per group; shortlist: both
     pass1, per_group = {"exact": (1, 1), "approx": (0, 1), "shortlist": (0, 2)}[search]
+    pass1 += cfg.bias_correction  # and the bias correction's loop, once
     assert one["groups"] == 1 and one["fp_passes"] == pass1 + per_group
     assert grouped["groups"] == len(plan_groups(shapes, cfg, size)[0])  # as planned (the largest layer sets the size)
     assert grouped["groups"] > 1 and grouped["fp_passes"] == pass1 + per_group * grouped["groups"]

@@ -78,7 +78,8 @@ def test_w8a8_output_stays_close_to_fp():
         gens, yy, z = sample_inputs(1, range(8), 10, (3, 16, 16), list(range(8)))
         sampler(z, yy, gens)
 
-    cfg = QuantConfig(weight_bit=8, act_bit=8, group_size=128, lora_rank=8, lora_iters=3, alpha_step=0.25)
+    cfg = QuantConfig(weight_bit=8, act_bit=8, group_size=128, lora_rank=8, lora_iters=3, smoothing="search",
+    alpha_step=0.25)
     quantize_dit(model, cfg, loop, progress=False)
     out = model(x, t, y)
     rel = float((out - ref).norm() / ref.norm())

@@ -165,7 +165,7 @@ def test_whole_calibration_pays_a_constant_per_layer_and_step(monkeypatch, kerne
     if kernel == "torch":
         _without_kernels(monkeypatch)
     steps, labels = 3, 16
-    cfg = QuantConfig(group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25, **flags)
+    cfg = QuantConfig(group_size=32, lora_rank=4, lora_iters=2, smoothing="search", alpha_step=0.25, **flags)
     counts = []
     for elements in (search_losses._CHUNK_ELEMENTS, 64):
         monkeypatch.setattr(search_losses, "_CHUNK_ELEMENTS", elements)

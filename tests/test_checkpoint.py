@@ -34,7 +34,8 @@ def _inputs(n=4, seed=2):
             torch.randint(0, 10, (n,), generator=g))
 
 
-CFG = QuantConfig(weight_bit=4, act_bit=8, group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25,
+CFG = QuantConfig(weight_bit=4, act_bit=8, group_size=32, lora_rank=4, lora_iters=2, smoothing="search",
+                  alpha_step=0.25,
                   quantize_adaln=True)
 
 
@@ -251,10 +252,10 @@ def tiny_ckpt(tmp_path_factory):
 def test_quantdit_cli_quantize_adaln_and_storage_dtype(tiny_ckpt, tmp_path):
     flags = ["--model", "DiT-XS/2", "--image-size", "8", "--num-classes", "10", "--vae", "none",
              "--num-sampling-steps", "2", "--calib-labels", "0", "1", "--group-size", "32", "--lora-rank", "2",
-             "--lora-iters", "1", "--alpha-step", "0.5", "--no-preview", "--ckpt", tiny_ckpt, "--results-dir",
-             str(tmp_path)]
+             "--lora-iters", "1", "--smoothing", "search", "--alpha-step", "0.5", "--no-preview", "--ckpt", tiny_ckpt,
+             "--results-dir", str(tmp_path)]
     out = QuantDiT.main(QuantDiT.build_parser().parse_args(flags + ["--quantize-adaln", "--storage-dtype", "fp32"]))
-    assert os.path.basename(out) == "DiT-XS-2-8-W4A8-ditas-r2-adaln8-fp32"
+    assert os.path.basename(out) == "DiT-XS-2-8-W4A8-ditas-search-r2-adaln8-fp32"
     meta = json.loads(open(os.path.join(out, "quant_config.json")).read())
     assert meta["quantize_adaln"] is True and meta["storage_dtype"] == "fp32" and len(meta["layers"]) == 10
     report = json.loads(open(os.path.join(out, "report.json")).read())

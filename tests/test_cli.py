@@ -98,12 +98,12 @@ def test_quantdit_progress_names_its_phases(tmp_path):
     ckpt = tmp_path / "xs.pt"
     torch.save(random_dit(std=0.05).state_dict(), ckpt)
     proc = run_script("QuantDiT.py", *XS, "--ckpt", ckpt, "--num-sampling-steps", "2", "--calib-labels", "0", "1",
-                      "--group-size", "32", "--lora-rank", "2", "--lora-iters", "1", "--alpha-step", "0.5",
-                      "--no-preview", "--out", tmp_path / "q", cwd=ROOT)
+                      "--group-size", "32", "--lora-rank", "2", "--lora-iters", "1", "--smoothing", "search",
+                      "--alpha-step", "0.5", "--no-preview", "--out", tmp_path / "q", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for phase in ("calibration 1/3, TAS and loss statistics", "calibration 2/3, candidate preparation",
-                  "the 2 best predicted kept", "calibration 3/3, alpha search: one more FP sampling loop scores the "
-                  "shortlisted candidates", "FP sampling loop (calibration)",
+    for phase in ("calibration 1/4, TAS and loss statistics", "calibration 2/4, candidate preparation",
+                  "the 2 best predicted kept", "calibration 3/4, alpha search: one more FP sampling loop scores the "
+                  "shortlisted candidates", "calibration 4/4, bias correction", "FP sampling loop (calibration)",
                   "candidates (smoothing, quantization, LoRA fits)"):
         assert phase in proc.stdout + proc.stderr, phase
 
@@ -187,7 +187,7 @@ def test_collect_table_output_that_cannot_be_made(tmp_path, capsys):
     ("sample", [*ABS_FLAGS, "--cfg-scale", "inf"], "--cfg-scale must be a finite number >= 1"),
     ("QuantDiT", [*BUNDLED_Q, "--calib-cfg-scale", "nan"], "--calib-cfg-scale must be a finite number >= 1"),
     ("QuantDiT", [*BUNDLED_Q, "--calib-memory-gb", "nan"], "--calib-memory-gb must be positive"),
-    ("QuantDiT", [*BUNDLED_Q, "--alpha-step", "0"], "alpha step must divide 1, got 0.0"),
+    ("QuantDiT", [*BUNDLED_Q, "--smoothing", "search", "--alpha-step", "0"], "alpha step must divide 1, got 0.0"),
     ("QuantDiT", [*BUNDLED_Q, "--upscale", "0"], "--upscale must be a positive integer, got 0"),
     ("sample", [*ABS_FLAGS, "--nrow", "0"], "--nrow must be a positive integer, got 0"),
     ("sample", [*ABS_FLAGS, "--upscale", "-2"], "--upscale must be a positive integer, got -2"),

@@ -97,7 +97,7 @@ def test_search_slots_add_in_order_and_travel():
 def test_chunked_calibration_matches_the_whole_batch():
     """Equal chunks: the losses are means per update, so the calibration of 2 chunks is the whole batch's
     up to the FP model's rounding on smaller GEMMs."""
-    cfg = QuantConfig(group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25)
+    cfg = QuantConfig(group_size=32, lora_rank=4, lora_iters=2, smoothing="search", alpha_step=0.25)
     reports = {}
     for chunks in (1, 2):
         model = random_dit()
@@ -113,7 +113,7 @@ def test_chunked_calibration_matches_the_whole_batch():
 
 def test_chunks_need_per_row_ranges():
     model = random_dit()
-    cfg = QuantConfig(scheme="reference", group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.5)
+    cfg = QuantConfig(scheme="reference", group_size=32, lora_rank=4, lora_iters=2, smoothing="search", alpha_step=0.5)
     with pytest.raises(ValueError, match="needs activation ranges per row or token"):
         quantize_dit(model, cfg, chunked_loop(model, 2, 4, 2), progress=False)
     with pytest.raises(ValueError, match="positive integer"):

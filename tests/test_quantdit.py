@@ -43,7 +43,7 @@ def test_every_layer_gets_an_alpha_and_checkpoint_roundtrips(tmp_path):
     x = torch.randn(4, 3, 8, 8)
     t = torch.tensor([1, 200, 500, 999])
     y = torch.tensor([0, 1, 2, 10])
-    cfg = QuantConfig(weight_bit=4, act_bit=8, group_size=32, lora_rank=4, lora_iters=3)
+    cfg = QuantConfig(weight_bit=4, act_bit=8, group_size=32, lora_rank=4, lora_iters=3, smoothing="search")
     report = quantize_dit(model, cfg, calib_loop(model, 3, 4), progress=False)
     names = [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
     assert list(report["layers"]) == names
@@ -147,7 +147,7 @@ def test_quantdit_cli_writes_complete_directory(tiny_ckpt, tmp_path):
     (["--search-row-stride", "0"], "row stride must be a positive integer"),
     (["--search-row-stride", "2", "--search", "approx"], "applies to the scoring pass"),
     (["--search-shortlist", "3", "--search", "exact"], "applies to --search shortlist only"),
-    (["--search-shortlist", "0"], "positive number of candidates"),
+    (["--search-shortlist", "0", "--smoothing", "search"], "positive number of candidates"),
     (["--search", "shortlist", "--alpha", "0.5"], "needs --smoothing search"),
     (["--calib-clip", "yes"], "invalid choice"),
 ])
@@ -180,8 +180,8 @@ def test_quantdit_missing_checkpoint(tmp_path):
     (["--scheme", "reference", "--search", "approx"], {"scheme": "reference", "search": "approx"}),
     (["--scheme", "reference", "--search-dtype", "bf16", "--search-row-stride", "2"],
      {"scheme": "reference", "search_dtype": "bf16", "search_row_stride": 2}),
-    (["--quantize-adaln", "--svd", "lowrank", "--lora-iters", "3", "--alpha-step", "0.1"],
-     {"quantize_adaln": True, "svd": "lowrank", "lora_iters": 3, "alpha_step": 0.1}),
+    (["--quantize-adaln", "--svd", "lowrank", "--lora-iters", "3", "--smoothing", "search", "--alpha-step", "0.1"],
+     {"quantize_adaln": True, "svd": "lowrank", "lora_iters": 3, "smoothing": "search", "alpha_step": 0.1}),
     (["--svd", "full"], {"svd": "full"}),
     (["--scheme", "reference", "--svd", "subspace"], {"scheme": "reference", "svd": "subspace"}),
     (["--calib-clip", "off"], {"calib_clip": "off"}),

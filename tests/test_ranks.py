@@ -15,7 +15,7 @@ from quant.calibration.ranks import RankFailed, Ranks
 
 FLAGS = ["--model", "DiT-XS/2", "--image-size", "8", "--num-classes", "10", "--vae", "none",
          "--num-sampling-steps", "3", "--group-size", "32", "--lora-rank", "4", "--lora-iters", "2",
-         "--alpha-step", "0.25", "--no-preview", "--threads", "1"]
+         "--smoothing", "search", "--alpha-step", "0.25", "--no-preview", "--threads", "1"]
 # what a chunk of FLAGS' FP loop feeds a layer per step (the budget's per-step ranges): 16 labels x 2 (guidance), 4x4
 LOOP, HALF_LOOP = LoopShape(steps=3, rows=32, tokens=16), LoopShape(steps=3, rows=16, tokens=16)
 
@@ -41,7 +41,7 @@ def test_share_balances_and_covers_every_layer():
 
 def test_layers_are_shared_by_their_calibration_work():
     shapes = {n: tuple(lin.weight.shape) for n, lin in quantizable_layers(random_dit()).items()}
-    costs = {n: layer_cost(o, i, QuantConfig()) for n, (o, i) in shapes.items()}
+    costs = {n: layer_cost(o, i, QuantConfig(smoothing="search")) for n, (o, i) in shapes.items()}
     shares = [Ranks(r, 2).share(costs) for r in range(2)]
     # fc1 and fc2 weigh the same, but fc2's X^T X (shortlist statistics) is 16x fc1's: one fc2 per rank
     assert [sum(n.endswith("mlp.fc2") for n in s) for s in shares] == [1, 1], shares
@@ -58,7 +58,7 @@ def test_two_processes_write_the_single_process_checkpoint(ckpt, tmp_path):
     one = run_script("QuantDiT.py", *FLAGS, "--ckpt", ckpt, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
     # the parallel run also in groups: a budget of the largest layer's search state (with its transient candidates)
-    cfg = QuantConfig(group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25)
+    cfg = QuantConfig(group_size=32, lora_rank=4, lora_iters=2, smoothing="search", alpha_step=0.25)
     shapes = [tuple(lin.weight.shape) for lin in quantizable_layers(random_dit()).values()]
     budget = max(layer_state_bytes(o, i, cfg, loop=LOOP) + transient_bytes(o, i, cfg) for o, i in shapes) / 2 ** 30
     two = _launch(tmp_path, *FLAGS, "--ckpt", ckpt, "--out", tmp_path / "two", "--calib-memory-gb", f"{budget:.9f}")
@@ -83,7 +83,7 @@ def test_two_processes_dividing_the_chunks_write_the_single_process_checkpoint(c
     flags = [*FLAGS, "--ckpt", ckpt, "--calib-chunks", "2", "--search", search]
     one = run_script("QuantDiT.py", *flags, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
-    cfg = QuantConfig(group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.25, search=search)
+    cfg = QuantConfig(group_size=32, lora_rank=4, lora_iters=2, smoothing="search", alpha_step=0.25, search=search)
     shapes = {n: tuple(lin.weight.shape) for n, lin in quantizable_layers(random_dit()).items()}
     shares = [Ranks(r, 2).share({n: layer_cost(o, i, cfg) for n, (o, i) in shapes.items()}) for r in range(2)]
     largest = max(layer_state_bytes(o, i, cfg, loop=HALF_LOOP) + transient_bytes(o, i, cfg) for o, i in shapes.values())

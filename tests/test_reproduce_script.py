@@ -107,7 +107,8 @@ def test_smoke_runs_every_stage(tmp_path, tiny_ckpt):
     out = tmp_path / "smoke"
     args = ["--smoke", "--smoke-model", "DiT-XS/2", "--smoke-ckpt", tiny_ckpt, "--out", out, "--bits", "W4A8",
             "--steps", "2", "--num-samples", "8", "--batch", "4",
-            "--quant-extra", "--alpha-step 0.5 --lora-rank 2 --lora-iters 1 --no-preview --group-size 32"]
+            "--quant-extra",
+            "--smoothing search --alpha-step 0.5 --lora-rank 2 --lora-iters 1 --no-preview --group-size 32"]
     proc = sh(*args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(os.listdir(out / "metrics")) == ["16px-2steps-W4A8-ditas.json", "16px-2steps-W4A8-reference.json",

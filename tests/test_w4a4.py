@@ -31,7 +31,8 @@ KERNELS = ["torch", pytest.param("fused", marks=pytest.mark.skipif(
     pytest.param("triton", marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                                     reason="triton not installed (tests run its CPU interpreter)"))]
 META = {"model": "DiT-XS/2", "image_size": 8, "num_classes": 10, "vae": "none", "in_channels": 3}
-CFG = QuantConfig(weight_bit=4, act_bit=4, group_size=32, lora_rank=4, alpha_step=0.25, lora_order="svd_first")
+CFG = QuantConfig(weight_bit=4, act_bit=4, group_size=32, lora_rank=4, smoothing="search", alpha_step=0.25,
+                  lora_order="svd_first")
 
 
 def _weight(out=96, inp=64, seed=0):
@@ -192,7 +193,8 @@ def test_checkpoint_round_trip(quantized, tmp_path):
 def test_off_by_default_writes_what_it_wrote_before(tmp_path):
     """The default order records nothing new: the config dict, the layer layout and the files are those of a
     config that never heard of it."""
-    base = QuantConfig(weight_bit=4, act_bit=4, group_size=32, lora_rank=4, lora_iters=2, alpha_step=0.5)
+    base = QuantConfig(weight_bit=4, act_bit=4, group_size=32, lora_rank=4, lora_iters=2, smoothing="search",
+                       alpha_step=0.5)
     assert "lora_order" not in base.to_dict() and "hadamard" not in base.to_dict()
     assert base == QuantConfig(**base.to_dict(), lora_order="residual", hadamard=False)
     dirs = []
@@ -275,7 +277,8 @@ def test_rotation_keeps_the_fp_model_and_rotates_the_layer_inputs():
         rotate_dit(rotated)
 
 
-HCFG = QuantConfig(weight_bit=4, act_bit=4, group_size=32, lora_rank=4, alpha_step=0.25, lora_order="svd_first",
+HCFG = QuantConfig(weight_bit=4, act_bit=4, group_size=32, lora_rank=4, smoothing="search", alpha_step=0.25,
+                   lora_order="svd_first",
                    hadamard=True, act_granularity="token")
 
 
@@ -308,7 +311,8 @@ def test_hadamard_checkpoint_round_trip_and_int_backend(rotated_quantized, tmp_p
 
 def test_hadamard_fc1_gelu_fusion_keeps_the_rotation():
     """With the residual LoRA fc1's GELU moves into its integer epilogue and the rotation stays as the act."""
-    cfg = QuantConfig(weight_bit=4, act_bit=8, group_size=32, lora_rank=2, lora_iters=1, alpha_step=0.5,
+    cfg = QuantConfig(weight_bit=4, act_bit=8, group_size=32, lora_rank=2, lora_iters=1, smoothing="search",
+                      alpha_step=0.5,
                       hadamard=True)
     model = random_dit()
     quantize_dit(model, cfg, calib_loop(model, 2, 2), progress=False)

@@ -46,9 +46,9 @@ from bench.studies.fits import SEED, build_model, fmt_cost, fmt_quality, fmt_ref
 from quant.quant_config import alpha_grid
 
 CONFIGS = {  # the defaults; the same candidate fits scored exhaustively; the exhaustive search (full SVD, exact)
-    "new": lambda step: QuantConfig(alpha_step=step),
-    "exact": lambda step: QuantConfig(alpha_step=step, search="exact"),
-    "full": lambda step: QuantConfig(alpha_step=step, svd="full", search="exact")}
+    "new": lambda step: QuantConfig(smoothing="search", alpha_step=step),
+    "exact": lambda step: QuantConfig(smoothing="search", alpha_step=step, search="exact"),
+    "full": lambda step: QuantConfig(smoothing="search", alpha_step=step, svd="full", search="exact")}
 
 
 def quality(kind, steps, n_labels, alpha_step=0.05):

@@ -13,7 +13,9 @@ activations are kept. The phases of quantize_dit, each named after the paper's s
                             input through every candidate (quant/search/candidates.py); shortlist (the ditas
                             default) = the same pass over the kept candidates; approx = predicted from the
                             statistics (quant/search/approx.py; shortlist and approx are beyond the paper)
-    4. layers and report    each layer becomes the QuantLinear of its best alpha
+    4. layers and report    each layer becomes the QuantLinear of its best alpha; with bias_correction (beyond
+                            the paper, quant/calibration/bias.py) one more FP loop first moves every chosen
+                            layer's mean output error into its bias (on rank 0)
 
 Phases 2 and 3 run per group of layers whose search state fits the memory budget
 (quant/calibration/budget.py), each group over its own FP loop of the same fixed noise, so the result does
@@ -33,6 +35,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from quant.calibration.bias import corrected, mean_output_errors
 from quant.calibration.budget import human, layer_cost, plan_groups
 from quant.calibration.feed import ChunkedLoop, Feed, by_chunks, collect_statistics
 from quant.method.layers import ADALN_WEIGHT_CFG, adaln_layers, check_layers, quantizable_layers
@@ -56,12 +59,13 @@ class Run:
     say: Callable
     progress: bool = True
     prefix: str = ""
+    phases: int = 3  # numbered in the progress lines (4 with the bias correction)
     timings: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     _open: list = field(default_factory=list, repr=False)
 
     def line(self, phase, text):
-        """Print the progress line of phase 1..3."""
-        self.say(f"calibration {phase}/3, {self.prefix}{text}")
+        """Print the progress line of phase 1..phases."""
+        self.say(f"calibration {phase}/{self.phases}, {self.prefix}{text}")
 
     @contextmanager
     def phase(self, name):
@@ -170,7 +174,8 @@ def calibrate_group(part, cfg, scoring, stats, feed, run):
     with run.phase("prepare_candidates_s"):  # 2. smoothing, quantized weights, LoRA per alpha
         candidates, baselines = prepare_candidates(part, cfg, absmax, run.progress, prune)
 
-    what = {"exact": "one more FP sampling loop scores every candidate",
+    what = {"exact": "one more FP sampling loop scores every candidate" if len(cfg.alphas()) > 1 else
+                     "one alpha, nothing to search: one more FP sampling loop measures its output error",
             "shortlist": f"one more FP sampling loop scores the shortlisted candidates ({cfg.search_shortlist} "
                          "per layer)",
             "approx": "losses predicted from the statistics (no FP loop)"}[cfg.search]
@@ -224,7 +229,7 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
     layers = quantizable_layers(model)
     scoring = SCORINGS[cfg.search](cfg)
     device = next(model.parameters()).device
-    run = Run(tqdm.write if progress else (lambda msg: None), progress)
+    run = Run(tqdm.write if progress else (lambda msg: None), progress, phases=3 + cfg.bias_correction)
     mine, groups, estimates = plan_calibration(model, cfg, memory_budget, ranks, chunks=loop.chunks,
                                                loop_shape=loop.shape)
     rank_groups = ranks.all(groups)  # every rank's groups: who observes which layer in each round
@@ -266,16 +271,28 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
         return None
     chosen = {n: r for part in every for n, r in part["layers"].items()}
 
-    report, timings = {}, run.timings
+    report, timings = {name: chosen[name][1] for name in layers}, run.timings
+    best = {name: chosen[name][0].to(device) for name in layers}
+    if cfg.bias_correction:  # 4a. one more FP loop: every layer's mean output error goes into its bias
+        run.line(4, "bias correction: one more FP sampling loop measures every quantized layer's mean output error")
+        timings["bias_correction_s"] = 0.0
+        with run.phase("bias_correction_s"):
+            built = {name: QuantLinear.from_search(lq, cfg.act_cfg()) for name, lq in best.items()}
+            errors = mean_output_errors(layers, built, loop)
+            del built
+            for name, mu in errors.items():
+                best[name] = corrected(best[name], mu)
+                report[name]["bias_correction"] = {"mean_error_rms": mu.pow(2).mean().sqrt().item(),
+                                                   "mean_error_max": mu.abs().max().item()}
     with run.phase("build_layers_s"):  # 4. the best candidate of every layer, and the report
         for name in layers:
-            best, report[name] = chosen[name]
-            model.set_submodule(name, QuantLinear.from_search(best.to(device), cfg.act_cfg()))
+            model.set_submodule(name, QuantLinear.from_search(best.pop(name), cfg.act_cfg()))
     ranks_mem = [part["memory"] for part in every]
     out = {"layers": report, "timings": timings, "calibration": {
         "ranks": ranks.world, "device": str(device), "budget_bytes": memory_budget, "svd": cfg.svd,
         "svds": sum(r["svds"] for r in report.values()),
-        "fp_passes": max(m["fp_passes"] for m in ranks_mem), "groups": max(m["groups"] for m in ranks_mem),
+        "fp_passes": max(m["fp_passes"] for m in ranks_mem) + cfg.bias_correction,  # rank 0's correction loop
+        "groups": max(m["groups"] for m in ranks_mem),
         "state_bytes_max": max(m["state_bytes_max"] for m in ranks_mem),
         "state_bytes_total": sum(r["state_bytes"] for r in report.values()),
         "state_bytes_estimated": sum(m["state_bytes_estimated"] for m in ranks_mem),

@@ -119,7 +119,7 @@ def planned_layers(model, cfg):
     out = {}
     for name, lin in quantizable_layers(model).items():
         out[name] = {"in": lin.in_features, "out": lin.out_features, "rank": cfg.lora_rank,
-                     "smooth": cfg.smoothing != "none", "bias": lin.bias is not None,
+                     "smooth": cfg.smoothing != "none", "bias": lin.bias is not None or cfg.bias_correction,
                      "weight_bit": wcfg.bits, "group_size": wcfg.group_size, "symmetric": wcfg.symmetric,
                      "scheme": wcfg.scheme,
                      "act": {"bits": acfg.bits, "granularity": acfg.granularity, "scheme": acfg.scheme}}
