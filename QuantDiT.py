@@ -1,4 +1,4 @@
-"""Quantize a pretrained DiT with DiTAS (data-free): calibrate, search alphas, fit LoRA, save.
+"""Quantize a pretrained DiT with DiTAS (data-free): calibrate, smooth (TAS), fit LoRA, correct biases, save.
 
     python QuantDiT.py --image-size 256 --seed 1 --model DiT-XL/2 --act-bit 8 --weight-bit 4 \
         --num-sampling-steps 100
@@ -131,7 +131,8 @@ def _main(args):
     save_quantized(model, meta, report, out_dir, overwrite=args.overwrite, extra_files=extra,
                    storage_dtype=args.storage_dtype)
     errs = [r["output_error"] / max(r["output_error_rtn"], 1e-30) for r in report["layers"].values()]
-    print(f"saved {out_dir} in {report['timings']['total_s']:.0f}s; mean output error vs round-to-nearest: "
+    before = " before bias correction" if cfg.bias_correction else ""
+    print(f"saved {out_dir} in {report['timings']['total_s']:.0f}s; mean output error vs round-to-nearest{before}: "
           f"{sum(errs) / len(errs):.3f}x")
     return out_dir
 

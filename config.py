@@ -1,7 +1,7 @@
 """QuantDiT.py's model and calibration defaults, as one dataclass. The command line wins: every field is a flag.
 
 The released code read its bit widths from here and ignored the CLI. Here the quantization
-defaults (bits, scheme, group size, alpha grid, LoRA, search) live in quant/quant_config.py's
+defaults (bits, scheme, smoothing, alpha grid, LoRA, search, bias correction) live in quant/quant_config.py's
 QuantConfig, the one source for Python and the command line alike; this file holds the rest.
 """
 from dataclasses import dataclass

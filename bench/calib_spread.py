@@ -1,9 +1,10 @@
-"""Where the calibration-seed spread of W4A8 DiTAS comes from (issue 30), on the bundled digits DiT.
+"""Where the W4A8 calibration-seed spread comes from and what removes it (issue 30), on the bundled digits DiT.
 
     OMP_NUM_THREADS=1 python bench/calib_spread.py --threads 1 --swap 1 2        # the committed table
     OMP_NUM_THREADS=1 python bench/calib_spread.py --settings n16 n64 --calib-seeds 1 2
 
-Every row is one calibration setting (QuantDiT.py flags on top of the W4A8 ditas defaults), calibrated at
+Every row is one calibration setting (QuantDiT.py flags on top of W4A8 ditas with the paper's search and no bias
+correction; fixed-bc is QuantDiT's default, docs/METHOD.md §15), calibrated at
 each --calib-seeds (QuantDiT.py --seed: the calibration noise batch) and sampled with ONE sampling seed
 (--seed) and --num-samples samples at --steps DDPM steps, so the calibration draw is the only thing that
 differs between the columns. Each cell: mean PSNR of every sample against the FP sample from the same
@@ -97,7 +98,7 @@ SETTINGS = {
                 N16 + ["--smoothing", "none", "--lora-iters", "12"]),
 }
 DEFAULT_SETTINGS = ["n16", "n32", "n64", "n128", "s20", "fixed", "fixed64", "n32-approx", "svd", "svd-token", "token",
-                    "rtn-lora", "r4", "svd-r4", "rtn-r4"]
+                    "rtn-lora", "r4", "svd-r4", "rtn-r4", "n16-bc", "fixed-bc", "rtn-bc"]
 
 
 class SpreadBench(Bench):
@@ -226,7 +227,8 @@ def main(args):
     cmd = "python bench/calib_spread.py " + " ".join(sys.argv[1:])
     md = ["# Calibration-seed spread of W4A8 DiTAS (bundled digits DiT-T/2)", "",
           f"Command: `OMP_NUM_THREADS=1 {cmd.strip()}`", "",
-          f"W4A8 ditas, QuantDiT.py defaults plus each setting's flags; calibration seeds {seeds}; one sampling "
+          f"W4A8 ditas with the paper's alpha search and no bias correction (bench/study.py's \"ditas\" row), plus "
+          f"each setting's flags; calibration seeds {seeds}; one sampling "
           f"seed ({args.seed}), {args.num_samples} samples, {args.steps} DDPM steps, cfg 1.5. PSNR: mean over "
           f"samples vs the FP sample from the same noise. Machine: {machine()}. Wall time "
           f"{(time.time() - t0) / 60:.1f} min (cached cells excluded).", ""]

@@ -26,7 +26,7 @@ def add_quant_args(parser):
     parser.add_argument("--smoothing", choices=("search", "fixed", "none"), default=None,
                         help=f"search: the paper's layer-wise alpha grid search; fixed: TAS at --alpha (implied by "
                              f"--alpha); none: no smoothing (default: {q('smoothing', 'ditas')} for ditas, with bias "
-                             f"correction: robust to the calibration draw, docs/METHOD.md §15; "
+                             f"correction: steadier over calibration draws, docs/METHOD.md §15; "
                              f"{q('smoothing', 'reference')} for reference)")
     parser.add_argument("--alpha", type=float, default=None,
                         help=f"fixed smoothing exponent in [0, 1] (implies --smoothing fixed; "

@@ -7,8 +7,8 @@ the fields whose default depends on the scheme are resolved here, not in the CLI
 Scheme-dependent defaults (docs/METHOD.md §8):
 
     field             ditas    reference
-    smoothing         fixed    search      (ditas: TAS at alpha 0.5 and bias correction, robust to the calibration
-    bias_correction   True     False        draw; the layer-wise search is --smoothing search: docs/METHOD.md §15;
+    smoothing         fixed    search      (ditas: TAS at alpha 0.5 and bias correction, steadier over calibration
+    bias_correction   True     False        draws; the layer-wise search is --smoothing search: docs/METHOD.md §15;
                                             reference: the released code's search, no bias correction)
     act_granularity   row      tensor      (per batch row: a sample never depends on its neighbours)
     search_steps      None     50          (None = every calibration step; the released search

@@ -16,7 +16,7 @@
 #       [--steps "50 100"] [--bits "W4A8 W8A8"] [--schemes "ditas reference"] [--batch 32] [--dry-run]
 #   scripts/reproduce_paper.sh --smoke      # the same code path on CPU in about a minute: the bundled
 #                                           # digits DiT (or --smoke-ckpt/--smoke-model), 16 px, tiny N
-#                                           # and steps, digits features, reduced search grid and LoRA
+#                                           # and steps, digits features, reduced LoRA
 # Every stage is skipped when its output exists (quantized checkpoint dir, .npz, metrics JSON), so
 # an interrupted run resumes; sample_merge_TAS.py also resumes inside a run from its shards.
 set -euo pipefail
@@ -78,7 +78,7 @@ if [[ $SMOKE == 1 ]]; then
   NPROC="${NPROC:-1}"
   FEATURES="digits"
   VAE="none"
-  [[ ${#QUANT_EXTRA[@]} -eq 0 ]] && QUANT_EXTRA=(--alpha-step 0.25 --lora-rank 4 --lora-iters 2 --no-preview)
+  [[ ${#QUANT_EXTRA[@]} -eq 0 ]] && QUANT_EXTRA=(--lora-rank 4 --lora-iters 2 --no-preview)
   DEVICE=(--device cpu)
 else
   FEATURES="inception"

@@ -392,6 +392,7 @@ def test_calib_spread_settings_are_quantdit_configs():
     import dataclasses
     import QuantDiT
     from ditas.quant_args import quant_config_from_args
+    from quant import QuantConfig
     spread = _bench_module("calib_spread")
     bench = spread.SpreadBench.__new__(spread.SpreadBench)  # quant_argv needs only ckpt, calib_steps and extra
     bench.ckpt, bench.calib_steps = spread.BUNDLED_CKPT, None
@@ -400,13 +401,22 @@ def test_calib_spread_settings_are_quantdit_configs():
         bench.extra = list(extra)
         args = QuantDiT.build_parser().parse_args(bench.quant_argv((4, 8), "ditas", "ditas", steps, calib_seed=1))
         cfgs[name] = dataclasses.asdict(quant_config_from_args(args))
-        assert (args.weight_bit, args.act_bit, args.scheme, args.seed) == (4, 8, "ditas", 1), name
+        bits = 4 if name.startswith("a4-") else 8  # the W4A4 rows override the bench's act bits
+        assert (args.weight_bit, args.act_bit, args.scheme, args.seed) == (4, bits, "ditas", 1), name
     base = cfgs["n16"]
     no_search = {"search": "exact", "search_shortlist": None}  # no alpha search: the shortlist default is not set
     want = {"svd": {"lora_order": "svd_first"},
             "svd-token": {"lora_order": "svd_first", "act_granularity": "token"},
             "token": {"act_granularity": "token"}, "r4": {"lora_rank": 4},
             "svd-r4": {"lora_order": "svd_first", "lora_rank": 4}, "rtn-lora": {"smoothing": "none", **no_search},
-            "rtn-r4": {"smoothing": "none", "lora_rank": 4, **no_search}}
+            "rtn-r4": {"smoothing": "none", "lora_rank": 4, **no_search},
+            "n16-bc": {"bias_correction": True},
+            "fixed-bc": {"smoothing": "fixed", "bias_correction": True, **no_search},
+            "rtn-bc": {"smoothing": "none", "bias_correction": True, **no_search},
+            "a4-search": {"act_bit": 4},
+            "a4-default": {"act_bit": 4, "smoothing": "fixed", "bias_correction": True, **no_search}}
     for name, fields in want.items():
         assert {k: v for k, v in cfgs[name].items() if base[k] != v} == fields, name
+    # the base row is the paper's search without the correction; fixed-bc is QuantDiT's default
+    assert (base["smoothing"], base["bias_correction"]) == ("search", False)
+    assert cfgs["fixed-bc"] == dataclasses.asdict(QuantConfig())

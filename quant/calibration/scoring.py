@@ -3,7 +3,7 @@ and scores each layer's candidates (docs/METHOD.md §4, §5), behind one protoco
 
     exact      (the paper's search) pass 1 gathers the TAS maxima once for every layer; one more FP loop per group
                streams every step's FP input through every candidate (quant/search/candidates.py AlphaSearch)
-    shortlist  (the ditas default) pass 1, per group, gathers the approximate search's statistics; each layer's
+    shortlist  (the ditas search's) pass 1, per group, gathers the approximate search's statistics; each layer's
                candidates are ranked by the predicted loss and the `search_shortlist` best kept; one more FP loop
                scores those exactly
     approx     pass 1, per group, gathers the same statistics; every loss is predicted from them
