@@ -414,7 +414,12 @@ def test_calib_spread_settings_are_quantdit_configs():
             "fixed-bc": {"smoothing": "fixed", "bias_correction": True, **no_search},
             "rtn-bc": {"smoothing": "none", "bias_correction": True, **no_search},
             "a4-search": {"act_bit": 4},
-            "a4-default": {"act_bit": 4, "smoothing": "fixed", "bias_correction": True, **no_search}}
+            "a4-default": {"act_bit": 4, "smoothing": "fixed", "bias_correction": True, **no_search},
+            "a4-svd-token": {"act_bit": 4, "lora_order": "svd_first", "act_granularity": "token"},
+            "a4-svd-token-bc": {"act_bit": 4, "lora_order": "svd_first", "act_granularity": "token",
+                                "bias_correction": True},
+            "a4-default-svd-token": {"act_bit": 4, "smoothing": "fixed", "bias_correction": True,
+                                     "lora_order": "svd_first", "act_granularity": "token", **no_search}}
     for name, fields in want.items():
         assert {k: v for k, v in cfgs[name].items() if base[k] != v} == fields, name
     # the base row is the paper's search without the correction; fixed-bc is QuantDiT's default
