@@ -44,11 +44,11 @@ METHODS = {
                 ["--smoothing", "search", "--lora-order", "svd_first", "--hadamard"]),
     "had-svd-token": ("searched alpha + SVD-first r32 + Hadamard + per-token",
                       ["--smoothing", "search", "--lora-order", "svd_first", "--hadamard", "--act-granularity", "token"]),
-    # rank 4: r (in + out) is 4.2 % of the bundled model's quantized weights, as rank 32 is of DiT-XL/2's (3.7 %)
     # issue 30: QuantDiT's ditas default since then (fixed alpha, bias correction), and the paper's search with it
     "default": ("TAS alpha 0.5 + LoRA r32 + bias correction (QuantDiT's default)",
                 ["--smoothing", "fixed", "--alpha", "0.5", "--bias-correction"]),
     "ditas-bc": ("DiTAS (searched alpha + LoRA r32) + bias correction", ["--smoothing", "search", "--bias-correction"]),
+    # rank 4: r (in + out) is 4.2 % of the bundled model's quantized weights, as rank 32 is of DiT-XL/2's (3.7 %)
     "r4": ("DiTAS with LoRA r4", ["--smoothing", "search", "--lora-rank", "4"]),
     "svd-r4": ("searched alpha + SVD-first r4", ["--smoothing", "search", "--lora-order", "svd_first", "--lora-rank", "4"]),
     "had-svd-token-r4": ("searched alpha + SVD-first r4 + Hadamard + per-token",
