@@ -7,15 +7,14 @@ import torch
 
 import QuantDiT
 from helpers import HostSyncs, calib_loop, random_dit, run_script
-from quant.calibration.bias import MeanError, corrected, mean_output_errors
+from quant.calibration.bias import MeanError, mean_output_errors
 from quant.calibration.driver import collect_tas, quantize_dit
 from quant.calibration.feed import run_hooked
 from quant.calibration.loop import fp_calibration_loop
 from quant.io.checkpoint import load_quantized
 from quant.method.layers import quantizable_layers
-from quant.nn.qlinear import QuantLinear
 from quant.quant_config import QuantConfig
-from quant.search.candidates import Candidates
+from quant.search.candidates import quantize_linear
 
 CFG = dict(group_size=32, lora_rank=4, lora_iters=2)
 SEARCH = dict(CFG, smoothing="search", alpha_step=0.25)
@@ -24,12 +23,12 @@ TINY = ["--model", "DiT-XS/2", "--image-size", "8", "--num-classes", "10", "--va
         "--lora-rank", "4", "--lora-iters", "2", "--no-preview", "--threads", "1"]
 
 
-def _chosen(model, loop, alpha=0.5, bits=3):
-    """{name: LayerQuant} of every layer at a fixed alpha (3-bit weights: a visible mean error)."""
+def _quantized(model, loop, alpha=0.5, bits=3):
+    """{name: QuantLinear} of every layer at a fixed alpha (3-bit weights: a visible mean error)."""
     cfg = QuantConfig(weight_bit=bits, alpha=alpha, **CFG)
     absmax = collect_tas(quantizable_layers(model), loop)
-    return {n: Candidates(lin.weight, lin.bias, absmax[n], [alpha], cfg.weight_cfg(), 4, 2).layer(0)
-            for n, lin in quantizable_layers(model).items()}, cfg.act_cfg()
+    return {n: quantize_linear(lin, alpha, absmax[n], cfg.weight_cfg(), cfg.act_cfg(), 4, 2)
+            for n, lin in quantizable_layers(model).items()}
 
 
 def _errors(layers, quantized, loop):
@@ -52,16 +51,17 @@ def test_mean_error_is_the_mean_over_every_row_of_every_update():
 
 
 def test_correction_zeroes_the_mean_error_and_removes_its_square():
-    """mean_output_errors equals the brute-force mean of Y_q - Y_fp over the loop; after corrected(), the mean
+    """mean_output_errors equals the brute-force mean of Y_q - Y_fp over the loop; after lower_bias(mu), the mean
     error is ~0 and the mean squared error has dropped by exactly mean(mu^2)."""
     model = random_dit()
     loop = calib_loop(model, 3, 8)
     layers = quantizable_layers(model)
-    chosen, act_cfg = _chosen(model, loop)
-    before = {n: QuantLinear.from_search(lq, act_cfg) for n, lq in chosen.items()}
+    before = _quantized(model, loop)
     mu = mean_output_errors(layers, before, loop)
     brute = _errors(layers, before, loop)
-    after = {n: QuantLinear.from_search(corrected(lq, mu[n]), act_cfg) for n, lq in chosen.items()}
+    after = copy.deepcopy(before)
+    for n, q in after.items():
+        q.lower_bias(mu[n])
     fixed = _errors(layers, after, loop)
     for n in layers:
         torch.testing.assert_close(mu[n], brute[n].mean(0).float(), rtol=1e-5, atol=1e-7)
@@ -76,10 +76,11 @@ def test_correction_zeroes_the_mean_error_and_removes_its_square():
 
 def test_a_layer_without_bias_gets_one():
     lin = torch.nn.Linear(64, 32, bias=False)
-    cands = Candidates(lin.weight, None, None, [None], QuantConfig(**CFG).weight_cfg(), 0)
-    lq = cands.layer(0)
+    q = quantize_linear(lin, None, None, QuantConfig(**CFG).weight_cfg(), None, lora_rank=0)
     mu = torch.randn(32)
-    assert lq.bias is None and torch.equal(corrected(lq, mu).bias, -mu)
+    assert q.bias is None
+    q.lower_bias(mu)
+    assert torch.equal(q.bias, -mu) and "bias" in dict(q.named_buffers())
 
 
 def _fp_and_quantized(bias_correction, chunks=1, labels=8):
@@ -121,8 +122,7 @@ def test_bias_correction_pass_has_no_host_sync_per_step():
     for steps in (2, 4):
         model = random_dit()
         loop = calib_loop(model, steps, 4)
-        chosen, act_cfg = _chosen(model, loop)
-        quantized = {n: QuantLinear.from_search(lq, act_cfg) for n, lq in chosen.items()}
+        quantized = _quantized(model, loop)
         with HostSyncs() as fp_only:
             loop()
         with HostSyncs() as syncs:

@@ -24,9 +24,8 @@ from quant.calibration.bias import mean_output_errors
 from quant.calibration.driver import collect_tas
 from quant.calibration.loop import fp_calibration_loop
 from quant.method.layers import quantizable_layers
-from quant.nn.qlinear import QuantLinear
 from quant.quant_config import QuantConfig
-from quant.search.candidates import Candidates
+from quant.search.candidates import quantize_linear
 
 
 def nbytes(module):
@@ -51,8 +50,7 @@ def main(argv=None):
     cfg = QuantConfig(alpha=0.5)
     t0 = time.perf_counter()
     absmax = collect_tas(layers, loop)
-    quantized = {n: QuantLinear.from_search(Candidates(lin.weight, lin.bias, absmax[n], [0.5], cfg.weight_cfg(),
-                                                       cfg.lora_rank, 1).layer(0), cfg.act_cfg())
+    quantized = {n: quantize_linear(lin, 0.5, absmax[n], cfg.weight_cfg(), cfg.act_cfg(), cfg.lora_rank, 1)
                  for n, lin in layers.items()}
     print(f"# {args.model}, {args.latent}x{args.latent} latent, {args.labels} labels x 2, {args.steps} steps, "
           f"{torch.get_num_threads()} thread(s); {len(layers)} layers quantized in {time.perf_counter() - t0:.0f} s")

@@ -10,8 +10,6 @@ bias vector; folded like any bias). mu comes from one FP loop after the search, 
 through its chosen quantized layer; it is a mean, so it settles with few calibration samples (a channel maximum,
 like TAS's a_j, does not).
 """
-from dataclasses import replace
-
 import torch
 
 from quant.calibration.feed import ChunkedLoop, run_hooked
@@ -43,15 +41,10 @@ def mean_output_errors(fp_layers, quantized, loop):
     """{name: float32 (out,) mean over every step and row of quantized[name](X) - fp_layers[name](X)}.
 
     fp_layers: {name: nn.Linear} of the FP model that `loop` runs (a callable or ChunkedLoop: every chunk runs
-    here); quantized: {name: module} taking the same input, e.g. the QuantLinear of the layer's chosen candidate."""
+    here); quantized: {name: module} taking the same input, e.g. the QuantLinear of the layer's chosen candidate,
+    which QuantLinear.lower_bias then corrects."""
     errors = {name: MeanError() for name in fp_layers}
     run_hooked(fp_layers, lambda name, x, y: errors[name].update(quantized[name](x) - y), ChunkedLoop.of(loop),
                outputs=True)
     return {name: e.value for name, e in errors.items()}
 
-
-def corrected(layer_quant, mean_error):
-    """The LayerQuant (quant/search/candidates.py) whose bias is lowered by mean_error (a bias-free layer gets
-    -mean_error as its bias)."""
-    bias = -mean_error if layer_quant.bias is None else layer_quant.bias - mean_error.to(layer_quant.bias)
-    return replace(layer_quant, bias=bias)

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from quant.calibration.bias import corrected, mean_output_errors
+from quant.calibration.bias import mean_output_errors
 from quant.calibration.budget import human, layer_cost, plan_groups
 from quant.calibration.feed import ChunkedLoop, Feed, by_chunks, collect_statistics
 from quant.method.layers import ADALN_WEIGHT_CFG, adaln_layers, check_layers, quantizable_layers
@@ -272,21 +272,18 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
     chosen = {n: r for part in every for n, r in part["layers"].items()}
 
     report, timings = {name: chosen[name][1] for name in layers}, run.timings
-    best = {name: chosen[name][0].to(device) for name in layers}
-    if cfg.bias_correction:  # 4a. one more FP loop: every layer's mean output error goes into its bias
+    with run.phase("build_layers_s"):  # 4. the best candidate of every layer
+        built = {name: QuantLinear.from_search(chosen[name][0].to(device), cfg.act_cfg()) for name in layers}
+    if cfg.bias_correction:  # 4a. one more FP loop (the FP layers still in place): mean output errors into the biases
         run.line(4, "bias correction: one more FP sampling loop measures every quantized layer's mean output error")
         timings["bias_correction_s"] = 0.0
         with run.phase("bias_correction_s"):
-            built = {name: QuantLinear.from_search(lq, cfg.act_cfg()) for name, lq in best.items()}
-            errors = mean_output_errors(layers, built, loop)
-            del built
-            for name, mu in errors.items():
-                best[name] = corrected(best[name], mu)
+            for name, mu in mean_output_errors(layers, built, loop).items():
+                built[name].lower_bias(mu)
                 report[name]["bias_correction"] = {"mean_error_rms": mu.pow(2).mean().sqrt().item(),
                                                    "mean_error_max": mu.abs().max().item()}
-    with run.phase("build_layers_s"):  # 4. the best candidate of every layer, and the report
-        for name in layers:
-            model.set_submodule(name, QuantLinear.from_search(best.pop(name), cfg.act_cfg()))
+    for name in layers:
+        model.set_submodule(name, built.pop(name))
     ranks_mem = [part["memory"] for part in every]
     out = {"layers": report, "timings": timings, "calibration": {
         "ranks": ranks.world, "device": str(device), "budget_bytes": memory_budget, "svd": cfg.svd,

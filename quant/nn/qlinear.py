@@ -75,6 +75,12 @@ class QuantLinear(nn.Module):
             y = y + F.linear(F.linear(xs if self.lora_input == "smoothed" else x, self.lora_R), self.lora_L)
         return y
 
+    def lower_bias(self, delta):
+        """bias -= delta (out,), e.g. the layer's mean output error (quant/calibration/bias.py); a bias-free layer
+        gets -delta as its bias."""
+        delta = delta.detach().to(self.weight)
+        self.bias = -delta if self.bias is None else self.bias - delta
+
     @classmethod
     def from_search(cls, layer_quant, act_cfg):
         """Build from an AlphaSearch candidate (search.best() or search.candidate(k))."""
