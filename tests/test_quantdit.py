@@ -150,6 +150,7 @@ def test_quantdit_cli_writes_complete_directory(tiny_ckpt, tmp_path):
     (["--search-shortlist", "0", "--smoothing", "search"], "positive number of candidates"),
     (["--search", "shortlist", "--alpha", "0.5"], "needs --smoothing search"),
     (["--calib-clip", "yes"], "invalid choice"),
+    (["--alpha-step", "0.1"], "--alpha-step sets the searched alpha grid: it needs --smoothing search"),
 ])
 def test_quantdit_bad_input(tiny_ckpt, tmp_path, flags, fragment):
     out = tmp_path / "q"
