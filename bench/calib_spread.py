@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python bench/calib_spread.py --settings n16 n64 --calib-seeds 1 2
 
 Every row is one calibration setting (QuantDiT.py flags on top of W4A8 ditas with the paper's search and no bias
-correction; fixed-bc is QuantDiT's default, docs/METHOD.md §15), calibrated at
+correction; select is QuantDiT's default, docs/METHOD.md §16, and fixed-bc was before it, §15), calibrated at
 each --calib-seeds (QuantDiT.py --seed: the calibration noise batch) and sampled with ONE sampling seed
 (--seed) and --num-samples samples at --steps DDPM steps, so the calibration draw is the only thing that
 differs between the columns. Each cell: mean PSNR of every sample against the FP sample from the same
@@ -41,7 +41,7 @@ def labels_flags(n, chunks):
 
 # name -> (description, calibration steps, QuantDiT.py flags on top of bench/study.py's "ditas" row: W4A8 ditas with the
 # paper's alpha search, no bias correction); the 16-sample rows pin --calib-samples 16 (QuantDiT's default, so that
-# they keep their batch if it changes). fixed-bc is QuantDiT's ditas default since issue 30.
+# they keep their batch if it changes). select is QuantDiT's ditas default (fixed-bc before it).
 N16 = ["--calib-samples", "16"]
 SETTINGS = {
     "n16": ("16 labels, searched alpha (the paper; QuantDiT's default before bias correction), 10 calib steps", 10,
@@ -71,8 +71,17 @@ SETTINGS = {
     "rtn-r4": ("no smoothing + LoRA r4 (nothing depends on the calibration draw)", 10,
                N16 + ["--smoothing", "none", "--lora-rank", "4"]),
     "n16-bc": ("16 labels, searched alpha + bias correction (--bias-correction)", 10, N16 + ["--bias-correction"]),
-    "fixed-bc": ("16 labels, fixed alpha 0.5 + LoRA r32 + bias correction (QuantDiT's default)", 10,
-                 N16 + ["--smoothing", "fixed", "--alpha", "0.5", "--bias-correction"]),
+    "fixed-bc": ("16 labels, fixed alpha 0.5 + LoRA r32 + bias correction (QuantDiT's default before smoothing "
+                 "select)", 10, N16 + ["--smoothing", "fixed", "--alpha", "0.5", "--bias-correction"]),
+    "a0.3-bc": ("16 labels, fixed alpha 0.3 + LoRA r32 + bias correction", 10,
+                 N16 + ["--smoothing", "fixed", "--alpha", "0.3", "--bias-correction"]),
+    "a0.4-bc": ("16 labels, fixed alpha 0.4 + LoRA r32 + bias correction", 10,
+                 N16 + ["--smoothing", "fixed", "--alpha", "0.4", "--bias-correction"]),
+    "a0.6-bc": ("16 labels, fixed alpha 0.6 + LoRA r32 + bias correction", 10,
+                 N16 + ["--smoothing", "fixed", "--alpha", "0.6", "--bias-correction"]),
+    "select": ("16 labels, smoothing select (QuantDiT's default): no smoothing or alpha 0.5 (LoRA r32 + bias "
+               "correction each), the one nearer FP end to end on the calibration batch kept", 10,
+               N16 + ["--smoothing", "select", "--select-from", "none", "0.5", "--bias-correction"]),
     "rtn-bc": ("no smoothing + LoRA r32 + bias correction (only the mean error depends on the draw)", 10,
                N16 + ["--smoothing", "none", "--bias-correction"]),
     # W4A4 (--act-bit 4 overrides the base's 8): the measured W4A4 best (bench/results/w4a4.md) against the defaults

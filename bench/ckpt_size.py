@@ -33,15 +33,17 @@ MB = 1e6
 
 
 def settings(group_size=128, rank=32):
-    """(label, QuantConfig, storage dtype) rows of the table."""
+    """(label, QuantConfig, storage dtype) rows of the table. The ditas rows smooth at a fixed alpha: the layout of
+    QuantDiT's default (smoothing select) when it keeps TAS; keeping no smoothing drops the smoothing factors only
+    (one float16 value per input channel a layer)."""
     rows = []
     for w in (4, 8):
         for adaln in (False, True):
             rows.append((f"W{w}A8 ditas g{group_size} r{rank}{' + adaLN W8' if adaln else ''}",
                          QuantConfig(weight_bit=w, act_bit=8, group_size=group_size, lora_rank=rank,
-                                     quantize_adaln=adaln), "fp16"))
+                                     quantize_adaln=adaln, smoothing="fixed"), "fp16"))
     rows.append((f"W4A8 ditas g{group_size} r{rank}, --storage-dtype fp32",
-                 QuantConfig(weight_bit=4, group_size=group_size, lora_rank=rank), "fp32"))
+                 QuantConfig(weight_bit=4, group_size=group_size, lora_rank=rank, smoothing="fixed"), "fp32"))
     rows.append((f"W4A8 reference r{rank} (groups of 32 rows per column)",
                  QuantConfig(scheme="reference", weight_bit=4, lora_rank=rank), "fp16"))
     rows.append((f"W4A8 reference r{rank} + adaLN W8",

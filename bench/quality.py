@@ -64,7 +64,7 @@ DEFAULT_EXTRA = ["W4A8:ditas:approx", "W4A4:ditas:token"] + [f"W4A8:reference:{m
 # calibration cost order (the dearest cells start first)
 COST = {"ditas": 4, "token": 4, "adaln": 4, "approx": 3, "approx-token": 3, "search": 3, "fixed": 1, "rtn": 1,
         "svd": 3, "svd-token": 3, "had": 4, "had-token": 4, "had-svd": 3, "had-svd-token": 3, "r4": 4, "svd-r4": 3,
-        "had-svd-token-r4": 3, "default": 2, "ditas-bc": 4}
+        "had-svd-token-r4": 3, "default": 2, "ditas-bc": 4, "select": 4}
 
 
 # ---------------------------------------------------------------------------------------------- cells

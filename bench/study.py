@@ -44,8 +44,11 @@ METHODS = {
                 ["--smoothing", "search", "--lora-order", "svd_first", "--hadamard"]),
     "had-svd-token": ("searched alpha + SVD-first r32 + Hadamard + per-token",
                       ["--smoothing", "search", "--lora-order", "svd_first", "--hadamard", "--act-granularity", "token"]),
-    # issue 30: QuantDiT's ditas default since then (fixed alpha, bias correction), and the paper's search with it
-    "default": ("TAS alpha 0.5 + LoRA r32 + bias correction (QuantDiT's default)",
+    # issue 30: QuantDiT's ditas defaults (smoothing select; fixed alpha with bias correction before it), and the
+    # paper's search with the correction
+    "select": ("smoothing select: none or TAS alpha 0.5, each + LoRA r32 + bias correction (QuantDiT's default)",
+               ["--smoothing", "select", "--select-from", "none", "0.5", "--bias-correction"]),
+    "default": ("TAS alpha 0.5 + LoRA r32 + bias correction (QuantDiT's default before smoothing select)",
                 ["--smoothing", "fixed", "--alpha", "0.5", "--bias-correction"]),
     "ditas-bc": ("DiTAS (searched alpha + LoRA r32) + bias correction", ["--smoothing", "search", "--bias-correction"]),
     # rank 4: r (in + out) is 4.2 % of the bundled model's quantized weights, as rank 32 is of DiT-XL/2's (3.7 %)

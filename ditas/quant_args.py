@@ -6,8 +6,8 @@ from dataclasses import fields
 
 from quant.errors import UserError
 from quant.io.storage import DEFAULT_STORAGE_DTYPE
-from quant.quant_config import (CALIB_CLIPS, DEFAULT_SHORTLIST, LORA_ORDERS, SCHEME_DEFAULT, SEARCHES, QuantConfig,
-                                alpha_grid, field_default)
+from quant.quant_config import (CALIB_CLIPS, DEFAULT_SHORTLIST, LORA_ORDERS, SCHEME_DEFAULT, SEARCHES, SMOOTHINGS,
+                                QuantConfig, alpha_grid, field_default)
 
 
 def add_quant_args(parser):
@@ -23,14 +23,19 @@ def add_quant_args(parser):
     parser.add_argument("--act-granularity", choices=("tensor", "row", "token"), default=None,
                         help=f"dynamic activation ranges (default: {q('act_granularity', 'ditas')} for ditas, "
                              f"{q('act_granularity', 'reference')} for reference)")
-    parser.add_argument("--smoothing", choices=("search", "fixed", "none"), default=None,
+    parser.add_argument("--smoothing", choices=SMOOTHINGS, default=None,
                         help=f"search: the paper's layer-wise alpha grid search; fixed: TAS at --alpha (implied by "
-                             f"--alpha); none: no smoothing (default: {q('smoothing', 'ditas')} for ditas, with bias "
-                             f"correction: steadier over calibration draws, docs/METHOD.md §15; "
-                             f"{q('smoothing', 'reference')} for reference)")
+                             f"--alpha); none: no smoothing; select: each of --select-from calibrated in turn, the "
+                             f"one whose quantized calibration loop ends nearest the FP one kept (docs/METHOD.md "
+                             f"§16) (default: {q('smoothing', 'ditas')} for ditas, with bias correction: steadier "
+                             f"over calibration draws, docs/METHOD.md §15; {q('smoothing', 'reference')} for "
+                             f"reference)")
     parser.add_argument("--alpha", type=float, default=None,
                         help=f"fixed smoothing exponent in [0, 1] (implies --smoothing fixed; "
                              f"default {q('alpha', 'ditas')})")
+    parser.add_argument("--select-from", nargs="+", type=select_option, default=list(q("select_from")),
+                        metavar="OPTION", help=f"--smoothing select: the options, each 'none' or a fixed alpha "
+                                               f"(default: {' '.join(map(str, q('select_from')))})")
     parser.add_argument("--alpha-step", type=float, default=q("alpha_step"),
                         help="--smoothing search: the alpha grid's spacing")
     parser.add_argument("--lora-rank", type=int, default=q("lora_rank"), help="0 disables the LoRA branch")
@@ -82,6 +87,16 @@ def add_quant_args(parser):
                         help="also quantize every block's adaLN linear: weight-only 8-bit per output channel")
 
 
+def select_option(text):
+    """One --select-from option: 'none' or a float (range checked by QuantConfig)."""
+    if text == "none":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an option is 'none' or an alpha in [0, 1], got {text!r}") from None
+
+
 def quant_config_from_args(args):
     """The QuantConfig of the command line: flags left unset take QuantConfig's (scheme) defaults."""
     given = {f.name: getattr(args, f.name) for f in fields(QuantConfig)}
@@ -89,6 +104,9 @@ def quant_config_from_args(args):
         if not 2 <= given[flag] <= 8:
             raise UserError(f"--{flag.replace('_', '-')} {given[flag]}: bits must be an integer in 2..8")
     given["group_size"] = given["group_size"] or None  # 0 = per output channel
+    given["select_from"] = tuple(given["select_from"])
+    if given["smoothing"] == "select" and given["alpha"] is not None:
+        raise UserError("--alpha fixes one alpha; --smoothing select takes its options from --select-from")
     for name in ("act_granularity", "search_steps", "svd", "search", "search_shortlist", "calib_clip",
                  "bias_correction"):  # None: default
         if given[name] is None:
@@ -110,6 +128,8 @@ def default_out_dir(args, cfg):
         parts.append(f"alpha{cfg.alpha:g}")
     elif "smoothing" in changed:
         parts.append(cfg.smoothing)
+    if "select_from" in changed:
+        parts.append("from" + "-".join(o if o == "none" else f"{o:g}" for o in cfg.select_from))
     if "lora_rank" in changed:
         parts.append(f"r{cfg.lora_rank}")
     if "lora_order" in changed:

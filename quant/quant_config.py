@@ -7,9 +7,10 @@ the fields whose default depends on the scheme are resolved here, not in the CLI
 Scheme-dependent defaults (docs/METHOD.md §8):
 
     field             ditas    reference
-    smoothing         fixed    search      (ditas: TAS at alpha 0.5 and bias correction, steadier over calibration
-    bias_correction   True     False        draws; the layer-wise search is --smoothing search: docs/METHOD.md §15;
-                                            reference: the released code's search, no bias correction)
+    smoothing         select   search      (ditas: no smoothing and TAS at alpha 0.5 calibrated in turn, each with
+    bias_correction   True     False        bias correction, the one nearer FP end to end kept: docs/METHOD.md §15,
+                                            §16; the layer-wise search is --smoothing search; reference: the
+                                            released code's search, no bias correction)
     act_granularity   row      tensor      (per batch row: a sample never depends on its neighbours)
     search_steps      None     50          (None = every calibration step; the released search
                                             scores the first 50, noisiest, steps only)
@@ -26,7 +27,7 @@ Scheme-dependent defaults (docs/METHOD.md §8):
 `smoothing` is "fixed" when an `alpha` is given and the scheme's otherwise; `alpha` itself defaults to
 0.5 (SmoothQuant's value).
 """
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 SCHEMES = ("ditas", "reference")
 GRANULARITIES = ("tensor", "row", "token")
@@ -93,21 +94,22 @@ def alpha_grid(step=0.05):
 
 
 SCHEME_DEFAULT = "scheme default"  # sentinel of the fields resolved per scheme
-_SCHEME_DEFAULTS = {"ditas": {"smoothing": "fixed", "act_granularity": "row", "search_steps": None, "svd": "subspace",
+_SCHEME_DEFAULTS = {"ditas": {"smoothing": "select", "act_granularity": "row", "search_steps": None, "svd": "subspace",
                               "search": "shortlist", "calib_clip": "auto", "bias_correction": True},
                     "reference": {"smoothing": "search", "act_granularity": "tensor", "search_steps": 50, "svd": "full",
                                   "search": "exact", "calib_clip": "off", "bias_correction": False}}
 MATMUL_DTYPES = ("fp32", "bf16")
 SEARCHES = ("exact", "shortlist", "approx")
 DEFAULT_SHORTLIST = 2
-SMOOTHINGS = ("search", "fixed", "none")
+SMOOTHINGS = ("search", "fixed", "none", "select")
 SVDS = ("full", "lowrank", "subspace")
 CALIB_CLIPS = ("auto", "on", "off")
 LORA_ORDERS = ("residual", "svd_first")  # the low-rank branch: fitted on the residual, or taken out first (svd_branch)
 LORA_INPUTS = ("quantized", "smoothed")  # what feeds a layer's branch: fq(x/s) (residual) or x/s (svd_first)
 # fields added after checkpoints existed: to_dict records them only where they differ from this value, so a
 # checkpoint of an existing setting is written byte for byte as before
-RECORDED_WHEN_SET = {"lora_order": "residual", "hadamard": False, "bias_correction": False}
+RECORDED_WHEN_SET = {"lora_order": "residual", "hadamard": False, "bias_correction": False,
+                     "select_from": ("none", 0.5)}
 DEFAULT_ALPHA = 0.5
 
 
@@ -120,7 +122,8 @@ class QuantConfig:
     act_bit: int = 8
     group_size: int | None = 128      # ditas: input columns per weight group; None = per output channel
     act_granularity: str = SCHEME_DEFAULT  # tensor | row | token dynamic activation ranges
-    smoothing: str | None = None      # search | fixed | none (None: fixed if alpha is given, else the scheme's)
+    smoothing: str | None = None      # search | fixed | none | select (None: fixed if alpha is given, else the
+                                      # scheme's)
     alpha: float | None = None        # the fixed alpha (None: 0.5)
     alpha_step: float = 0.05          # the searched grid {0, step, ..., 1}
     lora_rank: int = 32               # 0 = no LoRA branch
@@ -141,6 +144,9 @@ class QuantConfig:
                                       # block Hadamard before calibration (quant/rotation.py)
     bias_correction: bool | str = SCHEME_DEFAULT  # one more FP loop after the search: every layer's mean output
                                       # error over the calibration loop moves into its bias (quant/calibration/bias.py)
+    select_from: tuple = ("none", 0.5)  # smoothing select: the options calibrated in turn ("none" or a fixed
+                                      # alpha); the one whose quantized calibration loop ends nearest the FP
+                                      # loop's samples is kept (quant/calibration/select.py)
 
     def __post_init__(self):
         if self.scheme not in _SCHEME_DEFAULTS:
@@ -158,6 +164,8 @@ class QuantConfig:
             object.__setattr__(self, "search_shortlist", DEFAULT_SHORTLIST if self.search == "shortlist" else None)
         if self.alpha is None:
             object.__setattr__(self, "alpha", DEFAULT_ALPHA)
+        if isinstance(self.select_from, list):  # (a checkpoint's JSON record)
+            object.__setattr__(self, "select_from", tuple(self.select_from))
         self._validate()
 
     def _validate(self):
@@ -177,7 +185,8 @@ class QuantConfig:
         elif self.search_shortlist is not None:
             raise ValueError(f"the search shortlist applies to --search shortlist only (this is --search {self.search})")
         if self.smoothing not in SMOOTHINGS:
-            raise ValueError(f"smoothing must be search, fixed or none, got {self.smoothing!r}")
+            raise ValueError(f"smoothing must be search, fixed, none or select, got {self.smoothing!r}")
+        self._validate_select()
         if self.alpha_step != field_default("alpha_step") and self.smoothing != "search":
             raise ValueError(f"--alpha-step sets the searched alpha grid: it needs --smoothing search (this is "
                              f"--smoothing {self.smoothing})")
@@ -210,6 +219,27 @@ class QuantConfig:
         self.weight_cfg()  # validates bits, scheme, group size
         self.act_cfg()
 
+    def _validate_select(self):
+        opts = self.select_from
+        if not isinstance(opts, tuple) or not opts or any(
+                o != "none" and (isinstance(o, (bool, str)) or not isinstance(o, (int, float)) or not 0 <= o <= 1)
+                for o in opts):
+            raise ValueError(f"the selected options must be 'none' or alphas in [0, 1], got {opts!r}")
+        if len(set(opts)) != len(opts):
+            raise ValueError(f"the selected options repeat one: {opts!r}")
+        if opts != RECORDED_WHEN_SET["select_from"] and self.smoothing != "select":
+            raise ValueError(f"--select-from lists the options of --smoothing select (this is --smoothing "
+                             f"{self.smoothing})")
+
+    def options(self):
+        """The configs that calibrate in turn: this one, or with smoothing select one per select_from entry (no
+        smoothing, or TAS at that fixed alpha; quant/calibration/select.py keeps one)."""
+        if self.smoothing != "select":
+            return [self]
+        base = RECORDED_WHEN_SET["select_from"]
+        return [replace(self, smoothing="none", select_from=base) if o == "none" else
+                replace(self, smoothing="fixed", alpha=float(o), select_from=base) for o in self.select_from]
+
     def weight_cfg(self):
         return WeightQuantConfig(bits=self.weight_bit, group_size=self.group_size, scheme=self.scheme)
 
@@ -217,9 +247,12 @@ class QuantConfig:
         return ActQuantConfig(bits=self.act_bit, granularity=self.act_granularity, scheme=self.scheme)
 
     def alphas(self):
-        """The candidate alphas: the grid, the fixed one, or [None] (no smoothing)."""
+        """The candidate alphas: the grid, the fixed one, or [None] (no smoothing); smoothing select calibrates
+        one option (options()) at a time, each with one."""
         if self.smoothing == "none":
             return [None]
+        if self.smoothing == "select":
+            return [self.alpha]
         if self.smoothing == "fixed":
             return [self.alpha]
         return alpha_grid(self.alpha_step)

@@ -413,6 +413,9 @@ def test_calib_spread_settings_are_quantdit_configs():
             "n16-bc": {"bias_correction": True},
             "fixed-bc": {"smoothing": "fixed", "bias_correction": True, **no_search},
             "rtn-bc": {"smoothing": "none", "bias_correction": True, **no_search},
+            **{f"a{a}-bc": {"smoothing": "fixed", "alpha": a, "bias_correction": True, **no_search}
+               for a in (0.3, 0.4, 0.6)},
+            "select": {"smoothing": "select", "bias_correction": True, **no_search},
             "a4-search": {"act_bit": 4},
             "a4-default": {"act_bit": 4, "smoothing": "fixed", "bias_correction": True, **no_search},
             "a4-svd-token": {"act_bit": 4, "lora_order": "svd_first", "act_granularity": "token"},
@@ -422,6 +425,34 @@ def test_calib_spread_settings_are_quantdit_configs():
                                      "lora_order": "svd_first", "act_granularity": "token", **no_search}}
     for name, fields in want.items():
         assert {k: v for k, v in cfgs[name].items() if base[k] != v} == fields, name
-    # the base row is the paper's search without the correction; fixed-bc is QuantDiT's default
+    # the base row is the paper's search without the correction; select is QuantDiT's default, fixed-bc was before
     assert (base["smoothing"], base["bias_correction"]) == ("search", False)
-    assert cfgs["fixed-bc"] == dataclasses.asdict(QuantConfig())
+    assert cfgs["select"] == dataclasses.asdict(QuantConfig())
+    assert cfgs["fixed-bc"] == dataclasses.asdict(QuantConfig(smoothing="fixed"))
+
+
+def test_rounding_lottery_jitters_only_the_smoothing_factors(tmp_path):
+    """bench/studies/rounding_lottery.py: eps 0 writes QuantDiT's fixed-bc checkpoint byte for byte; eps 0.01 moves
+    every layer's smoothing factors by about 1 % (relative standard deviation) and re-rounds the weights."""
+    import torch
+    from bench.calib_spread import SETTINGS
+    from bench.studies.rounding_lottery import JitterBench
+    from quant.io.checkpoint import load_quantized
+    from quant.method.layers import quantizable_layers
+    bench = JitterBench("assets/dit_t2_digits16.safetensors", str(tmp_path))
+    flags = SETTINGS["fixed-bc"][2] + ["--num-sampling-steps", "3", "--lora-iters", "2"]
+    grad = torch.is_grad_enabled()  # (QuantDiT.main, run in-process, turns autograd off)
+    try:
+        plain, jittered = [bench.jittered(eps, 1, 1, flags) for eps in (0.0, 0.01)]
+    finally:
+        torch.set_grad_enabled(grad)
+    proc = run_script("QuantDiT.py", *bench.quant_flags(1), *flags, "--threads", "1", "--out", tmp_path / "direct")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(os.path.join(plain, "model.safetensors"), "rb") as a, open(tmp_path / "direct" / "model.safetensors",
+                                                                          "rb") as b:
+        assert a.read() == b.read()
+    a, b = (quantizable_layers(load_quantized(d)[0]) for d in (plain, jittered))
+    for name, q in a.items():
+        ratio = b[name].smooth / q.smooth - 1
+        assert 0.003 < float(ratio.std()) < 0.03, name
+        assert not torch.equal(q.codes, b[name].codes), name

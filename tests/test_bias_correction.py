@@ -134,15 +134,15 @@ def test_bias_correction_pass_has_no_host_sync_per_step():
 def test_cli_flag_records_names_and_roundtrips(tmp_path):
     ckpt = tmp_path / "xs.pt"
     torch.save(random_dit().state_dict(), ckpt)
-    args = QuantDiT.build_parser().parse_args(TINY + ["--bias-correction"])
-    assert QuantDiT.quant_config_from_args(args) == QuantConfig(bias_correction=True, **CFG)
+    args = QuantDiT.build_parser().parse_args(TINY + ["--smoothing", "fixed", "--bias-correction"])
+    assert QuantDiT.quant_config_from_args(args) == QuantConfig(smoothing="fixed", bias_correction=True, **CFG)
     assert QuantDiT.default_out_dir(args, QuantConfig(bias_correction=False)).endswith("-nobiascorr")
     assert QuantDiT.default_out_dir(args, QuantConfig(scheme="reference", bias_correction=True)).endswith("-biascorr")
     assert QuantDiT.default_out_dir(args, QuantConfig()).endswith("-W4A8-ditas")  # the defaults: no suffix
     on, off = tmp_path / "on", tmp_path / "off"
     said = {}
     for out, flag in ((on, "--bias-correction"), (off, "--no-bias-correction")):
-        proc = run_script("QuantDiT.py", *TINY, "--ckpt", ckpt, "--out", out, flag)
+        proc = run_script("QuantDiT.py", *TINY, "--ckpt", ckpt, "--out", out, "--smoothing", "fixed", flag)
         assert proc.returncode == 0, proc.stderr[-3000:]
         said[flag] = proc.stdout + proc.stderr
     assert "calibration 4/4, bias correction: one more FP sampling loop" in said["--bias-correction"]
@@ -175,15 +175,17 @@ def test_two_processes_write_the_single_process_checkpoint(tmp_path):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
 
-def test_ditas_default_is_tas_at_half_with_bias_correction_and_reference_is_the_released_search():
+def test_ditas_default_selects_with_bias_correction_and_reference_is_the_released_search():
     d, r = QuantConfig(), QuantConfig(scheme="reference")
-    assert (d.smoothing, d.alpha, d.bias_correction, d.search, d.alphas()) == ("fixed", 0.5, True, "exact", [0.5])
+    assert (d.smoothing, d.select_from, d.bias_correction, d.search) == ("select", ("none", 0.5), True, "exact")
+    assert [(o.smoothing, o.alpha, o.bias_correction) for o in d.options()] == [("none", 0.5, True),
+                                                                                ("fixed", 0.5, True)]
     assert (r.smoothing, r.bias_correction, r.search, len(r.alphas())) == ("search", False, "exact", 21)
     s = QuantConfig(smoothing="search")
     assert (s.search, s.search_shortlist, s.bias_correction) == ("shortlist", 2, True)
     with pytest.raises(ValueError, match="--alpha-step sets the searched alpha grid: it needs --smoothing search"):
         QuantConfig(alpha_step=0.1)
-    for cfg in (d, r, s, QuantConfig(bias_correction=False), QuantConfig(scheme="reference", bias_correction=True),
+    for cfg in (d, r, s, QuantConfig(bias_correction=False), QuantConfig(smoothing="fixed"), QuantConfig(scheme="reference", bias_correction=True),
                 QuantConfig(smoothing="none", lora_order="svd_first")):
         assert QuantConfig.from_dict(cfg.to_dict()) == cfg
     assert "bias_correction" not in QuantConfig(bias_correction=False).to_dict()  # recorded as before it existed

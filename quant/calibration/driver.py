@@ -16,6 +16,10 @@ activations are kept. The phases of quantize_dit, each named after the paper's s
     4. layers and report    each layer becomes the QuantLinear of its best alpha; with bias_correction (beyond
                             the paper, quant/calibration/bias.py) one more FP loop first moves every chosen
                             layer's mean output error into its bias (on rank 0)
+    5. smoothing select     (beyond the paper, quant/calibration/select.py) phases 2-4 once per option of
+                            cfg.options() (no smoothing, fixed alphas), each option's quantized model run
+                            through the calibration loop on rank 0; the option ending nearest the FP loop's
+                            samples is kept
 
 Phases 2 and 3 run per group of layers whose search state fits the memory budget
 (quant/calibration/budget.py), each group over its own FP loop of the same fixed noise, so the result does
@@ -43,6 +47,7 @@ from quant.nn.qlinear import QuantLinear
 from quant.method.quantizer import dequantize_weight
 from quant.calibration.ranks import Ranks
 from quant.calibration.scoring import SCORINGS
+from quant.calibration.select import end_to_end_psnr, final_samples, option_label, swapped
 from quant.search.candidates import Candidates, quantize_linear, select_alpha
 from quant.method.smoothing import RunningAbsMax
 from quant.method.rotation import rotate_dit
@@ -208,6 +213,58 @@ def plan_calibration(model, cfg, memory_budget=None, ranks=None, device_type=Non
     return mine, groups, estimates
 
 
+def calibrate_layers(layers, cfg, stats, loop, ranks, rank_groups, passes, estimated, run):
+    """Phases 2 and 3 of this rank's share, group by group, every rank taking part in every round: ({name:
+    (LayerQuant, report entry)}, this rank's memory record). passes: the FP loops run so far (pass 1);
+    estimated: the share's planned state bytes."""
+    scoring = SCORINGS[cfg.search](cfg)
+    groups = rank_groups[ranks.rank]
+    n_groups = max(len(gs) for gs in rank_groups)
+    divided = by_chunks(ranks.world, loop.chunks)
+    chosen, state_max = {}, 0
+    for g in range(n_groups):
+        part = {n: layers[n] for n in (groups[g] if g < len(groups) else [])}
+        group = replace(run, prefix=run.prefix + (f"group {g + 1}/{n_groups}, " if n_groups > 1 else ""))
+        feed = Feed(loop, ranks, layers, [gs[g] if g < len(gs) else [] for gs in rank_groups])
+        results = ranks.together(lambda: calibrate_group(part, cfg, scoring, stats, feed, group))
+        chosen.update(results)
+        passes += feed.runs
+        held = sum(entry["state_bytes"] for _, entry in results.values())
+        if divided:  # every rank held the whole round's statistics and candidates
+            held = sum(ranks.all(held))
+        state_max = max(state_max, held)
+    device = next(iter(layers.values())).weight.device
+    return chosen, {"rank": ranks.rank, "fp_passes": passes, "fp_chunks": loop.chunks, "fp_by_chunks": divided,
+                    "groups": len(groups), "state_bytes_max": state_max,
+                    "state_bytes_estimated": estimated,
+                    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                    "peak_cuda_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                    "timings": dict(run.timings)}
+
+
+def build_layers(layers, cfg, every, loop, device, run):
+    """Rank 0, phase 4: ({name: QuantLinear of the layer's best candidate}, the per-layer report, the FP loop's final
+    samples or None) from every rank's calibrate_layers result; with bias_correction one more FP loop (the FP layers
+    still in place) first moves every layer's mean output error into its bias, and its final samples come back."""
+    chosen = {n: r for part in every for n, r in part["layers"].items()}
+    report = {name: chosen[name][1] for name in layers}
+    with run.phase("build_layers_s"):  # 4. the best candidate of every layer
+        built = {name: QuantLinear.from_search(chosen[name][0].to(device), cfg.act_cfg()) for name in layers}
+    if cfg.bias_correction:  # 4a. mean output errors into the biases
+        run.line(4, "bias correction: one more FP sampling loop measures every quantized layer's mean output error")
+        run.timings.setdefault("bias_correction_s", 0.0)
+        samples = []  # the loop's own final samples, kept (smoothing select compares with them)
+        recorded = ChunkedLoop(lambda indices: samples.append(loop.run(indices)) or samples[-1], loop.chunks,
+                               loop.shape)
+        with run.phase("bias_correction_s"):
+            for name, mu in mean_output_errors(layers, built, recorded).items():
+                built[name].lower_bias(mu)
+                report[name]["bias_correction"] = {"mean_error_rms": mu.pow(2).mean().sqrt().item(),
+                                                   "mean_error_max": mu.abs().max().item()}
+        return built, report, samples[0]
+    return built, report, None
+
+
 def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None):
     """Calibrate on `loop` (a callable running one FP sampling loop of model, or a quant.calibration.feed.ChunkedLoop)
     and swap in QuantLinears.
@@ -220,20 +277,24 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
     report, the others return None. The report: per layer alpha, search losses, weight errors
     before/after LoRA, output errors (mean squared error per step, and plain round-to-nearest's for
     reference), SVDs and state bytes; wall time per phase; the calibration's passes, groups, state
-    and peak memory (`calibration`).
+    and peak memory (`calibration`). With smoothing select (quant/calibration/select.py) phases 2-4 run once per
+    option (cfg.options()), the loop must return its final samples, and `selection` reports each option's
+    end-to-end PSNR and the one kept, whose layers the report describes.
     """
     ranks = ranks or Ranks()
     loop = ChunkedLoop.of(loop)
     if cfg.hadamard:  # the FP model rotated in place (the same function): calibration sees the rotated inputs
         rotate_dit(model)
     layers = quantizable_layers(model)
-    scoring = SCORINGS[cfg.search](cfg)
+    options = cfg.options()
+    selecting = cfg.smoothing == "select"
+    lead = next((o for o in options if o.smoothing != "none"), options[0])  # the statistics the options need
     device = next(model.parameters()).device
-    run = Run(tqdm.write if progress else (lambda msg: None), progress, phases=3 + cfg.bias_correction)
-    mine, groups, estimates = plan_calibration(model, cfg, memory_budget, ranks, chunks=loop.chunks,
+    run = Run(tqdm.write if progress else (lambda msg: None), progress,
+              phases=3 + cfg.bias_correction + selecting)
+    mine, groups, estimates = plan_calibration(model, lead, memory_budget, ranks, chunks=loop.chunks,
                                                loop_shape=loop.shape)
     rank_groups = ranks.all(groups)  # every rank's groups: who observes which layer in each round
-    n_groups = max(len(gs) for gs in rank_groups)
     divided = by_chunks(ranks.world, loop.chunks)  # the FP loops divided by chunks (quant/calibration/feed.py)
     where = f" on rank {ranks.rank} of {ranks.world}" if ranks.world > 1 else ""
     budget = "no memory budget" if memory_budget is None else f"a budget of {memory_budget / 2 ** 30:g} GiB"
@@ -241,62 +302,70 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
     how = f", {'divided among' if divided else 'each run by'} the processes" if ranks.world > 1 else ""
     fp = "" if loop.chunks == 1 else f"; FP loops in {loop.chunks} chunks{how}"
     held = ", each process holding every rank's in a round" if divided else ""
+    chose = f"; smoothing select: {len(options)} options in turn" if selecting else ""
     run.say(f"calibration: {len(mine)} layers{where} in {len(groups)} group(s) ({budget}; estimated search state "
-        f"{human(sum(estimates.values()))} in all{held}{fp})")
+            f"{human(sum(estimates.values()))} in all{held}{fp}{chose})")
     with run.phase("tas_statistics_s"):  # 1. TAS statistics before the groups, where the scoring gathers them so
-        stats = ranks.together(lambda: scoring.statistics({n: layers[n] for n in mine}, feed, partial(run.line, 1)))
+        stats = ranks.together(lambda: SCORINGS[lead.search](lead).statistics({n: layers[n] for n in mine}, feed,
+                                                                              partial(run.line, 1)))
     passes = feed.runs
+    if selecting:
+        run.timings["selection_s"] = 0.0
 
-    chosen, state_max = {}, 0
-    for g in range(n_groups):  # 2. and 3. per group; every rank takes part in every round
-        part = {n: layers[n] for n in (groups[g] if g < len(groups) else [])}
-        group = replace(run, prefix=f"group {g + 1}/{n_groups}, " if n_groups > 1 else "")
-        feed = Feed(loop, ranks, layers, [gs[g] if g < len(gs) else [] for gs in rank_groups])
-        results = ranks.together(lambda: calibrate_group(part, cfg, scoring, stats, feed, group))
-        chosen.update(results)
-        passes += feed.runs
-        held = sum(entry["state_bytes"] for _, entry in results.values())
-        if divided:  # every rank held the whole round's statistics and candidates
-            held = sum(ranks.all(held))
-        state_max = max(state_max, held)
-
-    mem = {"rank": ranks.rank, "fp_passes": passes, "fp_chunks": loop.chunks, "fp_by_chunks": divided,
-           "groups": len(groups), "state_bytes_max": state_max,
-           "state_bytes_estimated": sum(estimates.values()),
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "peak_cuda_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-           "timings": dict(run.timings)}
-    every = ranks.gather({"layers": chosen, "memory": mem}, device=device)  # rank 0 builds the model
-    if every is None:
+    kept, scored, mems, fp_passes, reference = None, [], [], passes, None
+    for i, option in enumerate(options):  # 2.-4. per option (one, unless smoothing select)
+        orun = replace(run, prefix=f"option {i + 1}/{len(options)} ({option_label(option)}), ") if selecting else run
+        chosen, mem = calibrate_layers(layers, option, stats, loop, ranks, rank_groups, passes,
+                                       sum(estimates.values()), orun)
+        every = ranks.gather({"layers": chosen, "memory": mem}, device=device)  # rank 0 builds the model
+        if every is None:
+            continue
+        built, report, fp_samples = build_layers(layers, option, every, loop, device, orun)
+        mems.append([part["memory"] for part in every])
+        fp_passes += max(m["fp_passes"] for m in mems[-1]) - passes + option.bias_correction  # rank 0's correction
+        psnr = None
+        if selecting:  # 5. the option's quantized calibration loop against the FP loop's samples
+            run.line(run.phases, f"{orun.prefix}end to end: its quantized calibration loop against the FP loop")
+            if reference is None:  # the FP loop's final samples: the bias correction's loop's, or one more loop
+                reference = fp_samples
+                if reference is None:
+                    with run.phase("selection_s"):
+                        reference = final_samples(loop)
+                    fp_passes += 1
+                reference = [x.detach().float() for x in reference]
+            with run.phase("selection_s"), swapped(model, built):
+                psnr = end_to_end_psnr(final_samples(loop), reference)
+            scored.append({"smoothing": option.smoothing, "alpha": None if option.smoothing == "none"
+                           else option.alpha, "end_to_end_psnr_db": psnr})
+            if kept is not None and psnr <= kept[3]:
+                continue
+            if device.type == "cuda" and i + 1 < len(options):  # one option's layers on the device at a time
+                built = {n: m.cpu() for n, m in built.items()}
+        kept = (option, built, report, psnr, mems[-1])
+    if kept is None:
         return None
-    chosen = {n: r for part in every for n, r in part["layers"].items()}
-
-    report, timings = {name: chosen[name][1] for name in layers}, run.timings
-    with run.phase("build_layers_s"):  # 4. the best candidate of every layer
-        built = {name: QuantLinear.from_search(chosen[name][0].to(device), cfg.act_cfg()) for name in layers}
-    if cfg.bias_correction:  # 4a. one more FP loop (the FP layers still in place): mean output errors into the biases
-        run.line(4, "bias correction: one more FP sampling loop measures every quantized layer's mean output error")
-        timings["bias_correction_s"] = 0.0
-        with run.phase("bias_correction_s"):
-            for name, mu in mean_output_errors(layers, built, loop).items():
-                built[name].lower_bias(mu)
-                report[name]["bias_correction"] = {"mean_error_rms": mu.pow(2).mean().sqrt().item(),
-                                                   "mean_error_max": mu.abs().max().item()}
+    option, built, report, _, ranks_mem = kept
     for name in layers:
-        model.set_submodule(name, built.pop(name))
-    ranks_mem = [part["memory"] for part in every]
+        model.set_submodule(name, built.pop(name).to(device))
+    every_mem = [m for ms in mems for m in ms]
+    timings = run.timings
     out = {"layers": report, "timings": timings, "calibration": {
         "ranks": ranks.world, "device": str(device), "budget_bytes": memory_budget, "svd": cfg.svd,
         "svds": sum(r["svds"] for r in report.values()),
-        "fp_passes": max(m["fp_passes"] for m in ranks_mem) + cfg.bias_correction,  # rank 0's correction loop
+        "fp_passes": fp_passes,
         "groups": max(m["groups"] for m in ranks_mem),
-        "state_bytes_max": max(m["state_bytes_max"] for m in ranks_mem),
+        "state_bytes_max": max(m["state_bytes_max"] for m in every_mem),
         "state_bytes_total": sum(r["state_bytes"] for r in report.values()),
         "state_bytes_estimated": sum(m["state_bytes_estimated"] for m in ranks_mem),
-        "peak_rss_bytes": max(m["peak_rss_bytes"] for m in ranks_mem),
-        "peak_cuda_bytes": None if device.type != "cuda" else max(m["peak_cuda_bytes"] for m in ranks_mem),
+        "peak_rss_bytes": max(m["peak_rss_bytes"] for m in every_mem),
+        "peak_cuda_bytes": None if device.type != "cuda" else max(m["peak_cuda_bytes"] for m in every_mem),
         "per_rank": ranks_mem}}
     out["calibration"].update(search=cfg.search, fp_chunks=loop.chunks, fp_by_chunks=divided)
+    if selecting:
+        out["selection"] = {"options": scored, "kept": options.index(option)}
+        psnrs = ", ".join(f"{option_label(o)} {s['end_to_end_psnr_db']:.2f} dB" for o, s in zip(options, scored))
+        run.say(f"smoothing select: kept {'no smoothing' if option.smoothing == 'none' else option_label(option)} "
+                f"(the calibration loop's end-to-end PSNR against FP: {psnrs})")
     if cfg.quantize_adaln:  # 5. adaLN, weight-only
         run.say("adaLN linears: weight-only 8-bit")
         timings["quantize_adaln_s"] = 0.0

@@ -54,8 +54,8 @@ class ChunkedLoop:
             raise ValueError(f"calibration chunks must be a positive integer, got {self.chunks!r}")
 
     def __call__(self):
-        """The whole loop: every chunk."""
-        self.run(range(self.chunks))
+        """The whole loop: every chunk (returns what run returns: fp_calibration_loop's final samples)."""
+        return self.run(range(self.chunks))
 
     @classmethod
     def of(cls, loop):

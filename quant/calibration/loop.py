@@ -11,7 +11,8 @@ def fp_calibration_loop(model, labels, *, seed=1, steps=100, cfg_scale=1.5, clip
     """quantize_dit's `loop`: one DDPM sampling loop of `model` (FP, classifier-free guidance `cfg_scale`) over
     the fixed noise of samples 0..len(labels)-1 of `seed` (diffusion/sampling.py SampleRNG: every pass sees
     the same trajectory), in `chunks` equal chunks advanced in lockstep (the batch streamed: memory flat in
-    the number of labels, quant/calibration/feed.py). clip_denoised: QuantConfig.clips_x0 (QuantDiT.py)."""
+    the number of labels, quant/calibration/feed.py). clip_denoised: QuantConfig.clips_x0 (QuantDiT.py). A call
+    returns the loop's final samples, one (size, C, H, W) tensor per chunk (smoothing select compares them)."""
     labels = [int(y) for y in labels]
     if chunks < 1 or not labels or len(labels) % chunks:
         raise ValueError(f"calibration chunks {chunks}: must divide the {len(labels)} calibration labels into "
@@ -23,7 +24,7 @@ def fp_calibration_loop(model, labels, *, seed=1, steps=100, cfg_scale=1.5, clip
     def run(indices):
         batches = [sample_inputs(seed, range(c * size, (c + 1) * size), model.num_classes, shape,
                                  labels[c * size:(c + 1) * size]) for c in indices]
-        sampler([(z, y, gens) for gens, y, z in batches], progress=PROGRESS if progress else False)
+        return sampler([(z, y, gens) for gens, y, z in batches], progress=PROGRESS if progress else False)
 
     rows = size * (2 if cfg_scale > 1 else 1)  # guidance doubles the rows each layer sees
     return ChunkedLoop(run, chunks, LoopShape(steps, rows, model.x_embedder.num_patches))

@@ -114,7 +114,11 @@ def _meta_dit(meta):
 
 
 def planned_layers(model, cfg):
-    """{name: layer info} that quantize_dit(model, cfg) produces (QuantConfig cfg), from shapes only."""
+    """{name: layer info} that quantize_dit(model, cfg) produces (QuantConfig cfg), from shapes only. With smoothing
+    select the layout is the kept option's (smoothing factors or none): plan one of cfg.options()."""
+    if cfg.smoothing == "select":
+        raise ValueError("a smoothing select checkpoint has the layout of the option it keeps: plan one of "
+                         "cfg.options()")
     wcfg, acfg = cfg.weight_cfg(), cfg.act_cfg()
     out = {}
     for name, lin in quantizable_layers(model).items():
