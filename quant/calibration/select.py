@@ -3,10 +3,10 @@ one whose quantized model ends the calibration loop nearest the FP model's sampl
 
 Why: on the bundled model a W4 checkpoint's quality depends on its exact rounding. Smoothing factors from another
 calibration draw, or the same ones jittered by 1 %, change every weight's rounding and move the PSNR against FP by
-+-1.5 dB; no per-layer statistic sees which rounding the trajectory favours. The whole sampling loop does: the
-quantized calibration loop's end-to-end error ranks checkpoints as 200 fresh samples do (bench/results/
-calib_select.md). An option that does not depend on the draw at all (no smoothing, "none") bounds how badly a draw
-can go; TAS is kept where it ends nearer FP, which is where activation outliers make it pay.
++-1.5 dB (bench/results/rounding_lottery.md); no per-layer error sees which rounding the trajectory favours. The
+whole sampling loop does: the quantized calibration loop's end-to-end error ranks checkpoints much as 200 fresh
+samples do (bench/results/select_proxy.md). An option that does not depend on the draw at all (no smoothing, "none")
+bounds how badly a draw can go; TAS is kept where it ends nearer FP, which is where activation outliers make it pay.
 
 The criterion is the mean over the calibration samples of 10 log10(4 / MSE_i) between the quantized and the FP
 final samples (the PSNR of data in [-1, 1]; for latents only the ranking matters): a mean of logs, so one
