@@ -108,9 +108,10 @@ LORA_ORDERS = ("residual", "svd_first")  # the low-rank branch: fitted on the re
 LORA_INPUTS = ("quantized", "smoothed")  # what feeds a layer's branch: fq(x/s) (residual) or x/s (svd_first)
 # fields added after checkpoints existed: to_dict records them only where they differ from this value, so a
 # checkpoint of an existing setting is written byte for byte as before
-RECORDED_WHEN_SET = {"lora_order": "residual", "hadamard": False, "bias_correction": False,
-                     "select_from": ("none", 0.5)}
 DEFAULT_ALPHA = 0.5
+DEFAULT_SELECT_FROM = ("none", DEFAULT_ALPHA)  # smoothing select's options: no smoothing, TAS at the default alpha
+RECORDED_WHEN_SET = {"lora_order": "residual", "hadamard": False, "bias_correction": False,
+                     "select_from": DEFAULT_SELECT_FROM}
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ class QuantConfig:
                                       # block Hadamard before calibration (quant/rotation.py)
     bias_correction: bool | str = SCHEME_DEFAULT  # one more FP loop after the search: every layer's mean output
                                       # error over the calibration loop moves into its bias (quant/calibration/bias.py)
-    select_from: tuple = ("none", 0.5)  # smoothing select: the options calibrated in turn ("none" or a fixed
+    select_from: tuple = DEFAULT_SELECT_FROM  # smoothing select: the options calibrated in turn ("none" or a fixed
                                       # alpha); the one whose quantized calibration loop ends nearest the FP
                                       # loop's samples is kept (quant/calibration/select.py)
 
@@ -227,7 +228,7 @@ class QuantConfig:
             raise ValueError(f"the selected options must be 'none' or alphas in [0, 1], got {opts!r}")
         if len(set(opts)) != len(opts):
             raise ValueError(f"the selected options repeat one: {opts!r}")
-        if opts != RECORDED_WHEN_SET["select_from"] and self.smoothing != "select":
+        if opts != DEFAULT_SELECT_FROM and self.smoothing != "select":
             raise ValueError(f"--select-from lists the options of --smoothing select (this is --smoothing "
                              f"{self.smoothing})")
 
@@ -236,7 +237,7 @@ class QuantConfig:
         smoothing, or TAS at that fixed alpha; quant/calibration/select.py keeps one)."""
         if self.smoothing != "select":
             return [self]
-        base = RECORDED_WHEN_SET["select_from"]
+        base = DEFAULT_SELECT_FROM
         return [replace(self, smoothing="none", select_from=base) if o == "none" else
                 replace(self, smoothing="fixed", alpha=float(o), select_from=base) for o in self.select_from]
 
