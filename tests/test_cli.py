@@ -103,7 +103,7 @@ def test_quantdit_progress_names_its_phases(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for phase in ("calibration 1/4, TAS and loss statistics", "calibration 2/4, candidate preparation",
                   "the 2 best predicted kept", "calibration 3/4, alpha search: one more FP sampling loop scores the "
-                  "shortlisted candidates", "calibration 4/4, bias correction", "FP sampling loop (calibration)",
+                  "shortlisted candidates", "calibration 4/4, bias correction", "calibration sampling loop",
                   "candidates (smoothing, quantization, LoRA fits)"):
         assert phase in proc.stdout + proc.stderr, phase
 

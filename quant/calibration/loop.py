@@ -3,7 +3,7 @@ model's own DDPM trajectories from a fixed noise batch (docs/METHOD.md §2)."""
 from diffusion.sampling import make_lockstep_sampler, sample_inputs
 from quant.calibration.feed import ChunkedLoop, LoopShape
 
-PROGRESS = "FP sampling loop (calibration)"
+PROGRESS = "calibration sampling loop"  # (the FP model, or with smoothing select a quantized one)
 
 
 def fp_calibration_loop(model, labels, *, seed=1, steps=100, cfg_scale=1.5, clip_denoised=False, chunks=1,
