@@ -47,7 +47,7 @@ from quant.nn.qlinear import QuantLinear
 from quant.method.quantizer import dequantize_weight
 from quant.calibration.ranks import Ranks
 from quant.calibration.scoring import SCORINGS
-from quant.calibration.select import end_to_end_psnr, final_samples, option_label, swapped
+from quant.calibration.select import as_samples, end_to_end_psnr, final_samples, option_label, swapped
 from quant.search.candidates import Candidates, quantize_linear, select_alpha
 from quant.method.smoothing import RunningAbsMax
 from quant.method.rotation import rotate_dit
@@ -257,10 +257,13 @@ def build_layers(layers, cfg, every, loop, device, run):
         recorded = ChunkedLoop(lambda indices: samples.append(loop.run(indices)) or samples[-1], loop.chunks,
                                loop.shape)
         with run.phase("bias_correction_s"):
-            for name, mu in mean_output_errors(layers, built, recorded).items():
+            mus = mean_output_errors(layers, built, recorded)
+            for name, mu in mus.items():
                 built[name].lower_bias(mu)
-                report[name]["bias_correction"] = {"mean_error_rms": mu.pow(2).mean().sqrt().item(),
-                                                   "mean_error_max": mu.abs().max().item()}
+            # the report's two numbers per layer, read back in one transfer (no host sync per layer)
+            summary = torch.stack([torch.stack([mu.pow(2).mean().sqrt(), mu.abs().max()]) for mu in mus.values()])
+            for name, (rms, peak) in zip(mus, summary.tolist()):
+                report[name]["bias_correction"] = {"mean_error_rms": rms, "mean_error_max": peak}
         return built, report, samples[0]
     return built, report, None
 
@@ -326,13 +329,12 @@ def quantize_dit(model, cfg, loop, progress=True, memory_budget=None, ranks=None
         psnr = None
         if selecting:  # 5. the option's quantized calibration loop against the FP loop's samples
             run.line(run.phases, f"{orun.prefix}end to end: its quantized calibration loop against the FP loop")
-            if reference is None:  # the FP loop's final samples: the bias correction's loop's, or one more loop
-                reference = fp_samples
-                if reference is None:
-                    with run.phase("selection_s"):
-                        reference = final_samples(loop)
-                    fp_passes += 1
-                reference = [x.detach().float() for x in reference]
+            if reference is None and fp_samples is not None:  # the FP loop's final samples: the correction's
+                reference = as_samples(fp_samples)
+            elif reference is None:  # or, without it, one more FP loop
+                with run.phase("selection_s"):
+                    reference = final_samples(loop)
+                fp_passes += 1
             with run.phase("selection_s"), swapped(model, built):
                 psnr = end_to_end_psnr(final_samples(loop), reference)
             scored.append({"smoothing": option.smoothing, "alpha": None if option.smoothing == "none"

@@ -19,15 +19,19 @@ import torch
 PEAK = 4.0  # (max - min)^2 of data in [-1, 1]
 
 
-@torch.no_grad()
-def final_samples(loop):
-    """[float32 (n, C, H, W) per chunk]: the final samples of one run of `loop` (a ChunkedLoop whose run returns
-    them, as quant.fp_calibration_loop's does)."""
-    out = loop()
+def as_samples(out):
+    """[float32 (n, C, H, W) per chunk] from what one run of a calibration loop returned (ValueError for None)."""
     if out is None:
         raise ValueError("smoothing select compares the calibration loop's final samples: the loop must return "
                          "them (quant.fp_calibration_loop does)")
     return [x.detach().float() for x in out]
+
+
+@torch.no_grad()
+def final_samples(loop):
+    """as_samples of one run of `loop` (a ChunkedLoop whose run returns its final samples, as
+    quant.fp_calibration_loop's does)."""
+    return as_samples(loop())
 
 
 @contextmanager
